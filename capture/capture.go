@@ -1,0 +1,279 @@
+// Package capture is the boundary with libpcap: it opens live captures on
+// network interfaces with a tight BPF filter, and reads frames from them
+// without copying. It also finds the interfaces and local addresses to
+// capture on. Everything cgo is here (through gopacket/pcap); callers see
+// plain Go types.
+//
+// A Handle's Read must be called from one goroutine; Stats and Close may be
+// called from any goroutine, at any time.
+package capture
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/gopacket/pcap"
+
+	"github.com/m-lab/packet-headers/packet"
+)
+
+// ErrTimeout is returned by Read when no packet arrived within the read
+// timeout; the caller may do housekeeping and read again.
+var ErrTimeout = errors.New("capture: read timeout")
+
+// ErrClosed is returned by Read once the handle is closed.
+var ErrClosed = errors.New("capture: handle closed")
+
+// Options configures a live capture. The zero value asks for the defaults.
+type Options struct {
+	Snaplen     int           // bytes captured per frame; default 256
+	BufferSize  int           // kernel ring size in bytes; default 8 MiB
+	ReadTimeout time.Duration // longest a Read blocks without a packet; default 100ms
+	Filter      string        // BPF filter expression; empty captures everything
+}
+
+func (o *Options) withDefaults() Options {
+	r := Options{Snaplen: 256, BufferSize: 8 << 20, ReadTimeout: 100 * time.Millisecond}
+	if o == nil {
+		return r
+	}
+	if o.Snaplen > 0 {
+		r.Snaplen = o.Snaplen
+	}
+	if o.BufferSize > 0 {
+		r.BufferSize = o.BufferSize
+	}
+	if o.ReadTimeout > 0 {
+		r.ReadTimeout = o.ReadTimeout
+	}
+	r.Filter = o.Filter
+	return r
+}
+
+// Stats are libpcap's counters for one handle.
+type Stats struct {
+	Received       uint64 // frames that passed the filter
+	Dropped        uint64 // frames dropped by the kernel because the buffer was full
+	IfaceDropped   uint64 // frames dropped by the interface or its driver
+	InterfaceIndex int
+}
+
+// Handle is a live capture on one interface.
+type Handle struct {
+	name     string
+	linkType packet.LinkType
+	h        *pcap.Handle
+
+	mu     sync.Mutex // guards closed and h against use after Close by Stats
+	closed bool
+}
+
+// Open starts a live capture on the named interface. Frames are captured
+// with nanosecond timestamps, truncated to opts.Snaplen bytes, and filtered
+// in the kernel by opts.Filter.
+func Open(iface string, opts *Options) (*Handle, error) {
+	o := opts.withDefaults()
+	in, err := pcap.NewInactiveHandle(iface)
+	if err != nil {
+		return nil, fmt.Errorf("capture on %s: %w", iface, err)
+	}
+	defer in.CleanUp()
+	for _, set := range []func() error{
+		func() error { return in.SetSnapLen(o.Snaplen) },
+		func() error { return in.SetPromisc(false) },
+		func() error { return in.SetTimeout(o.ReadTimeout) },
+		func() error { return in.SetBufferSize(o.BufferSize) },
+	} {
+		if err := set(); err != nil {
+			return nil, fmt.Errorf("capture on %s: %w", iface, err)
+		}
+	}
+	h, err := in.Activate()
+	if err != nil {
+		return nil, fmt.Errorf("capture on %s: %w", iface, err)
+	}
+	if o.Filter != "" {
+		if err := h.SetBPFFilter(o.Filter); err != nil {
+			h.Close()
+			return nil, fmt.Errorf("capture on %s: filter %q: %w", iface, o.Filter, err)
+		}
+	}
+	return &Handle{name: iface, linkType: packet.LinkType(h.LinkType()), h: h}, nil
+}
+
+// Name returns the interface's name.
+func (c *Handle) Name() string { return c.name }
+
+// LinkType returns the link type of the frames Read returns.
+func (c *Handle) LinkType() packet.LinkType { return c.linkType }
+
+// Read returns the next frame. The returned bytes are owned by the handle and
+// are valid only until the next call to Read: copy what must outlive it.
+// origLen is the frame's length on the wire. Read returns ErrTimeout when no
+// frame came within the read timeout, and ErrClosed after Close.
+func (c *Handle) Read() (data []byte, ts time.Time, origLen int, err error) {
+	data, ci, err := c.h.ZeroCopyReadPacketData()
+	switch {
+	case err == nil:
+		return data, ci.Timestamp, ci.Length, nil
+	case errors.Is(err, pcap.NextErrorTimeoutExpired):
+		return nil, time.Time{}, 0, ErrTimeout
+	case errors.Is(err, io.EOF):
+		return nil, time.Time{}, 0, ErrClosed
+	}
+	return nil, time.Time{}, 0, fmt.Errorf("read from %s: %w", c.name, err)
+}
+
+// Stats returns libpcap's counters, or an error once the handle is closed.
+func (c *Handle) Stats() (Stats, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return Stats{}, ErrClosed
+	}
+	s, err := c.h.Stats()
+	if err != nil {
+		return Stats{}, fmt.Errorf("stats of %s: %w", c.name, err)
+	}
+	return Stats{Received: uint64(s.PacketsReceived), Dropped: uint64(s.PacketsDropped), IfaceDropped: uint64(s.PacketsIfDropped)}, nil
+}
+
+// Close stops the capture. A Read in progress returns ErrClosed within the
+// read timeout. Close may be called more than once.
+func (c *Handle) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closed {
+		c.closed = true
+		c.h.Close()
+	}
+}
+
+// Interface is a network interface to capture on.
+type Interface struct {
+	Name  string
+	Addrs []netip.Addr
+}
+
+// Interfaces returns the interfaces that are up and have at least one
+// address, loopback excluded, or, when names is not empty, exactly the
+// named interfaces (which must exist and be up). An interface without an
+// address (a bridge port, a bond member) would only show again the traffic
+// of the interface that holds the address, so it is not picked by default.
+func Interfaces(names []string) ([]Interface, error) {
+	all, err := net.Interfaces()
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
+	}
+	byName := map[string]net.Interface{}
+	for _, ifc := range all {
+		byName[ifc.Name] = ifc
+	}
+	var out []Interface
+	if len(names) > 0 {
+		for _, n := range names {
+			ifc, ok := byName[n]
+			if !ok {
+				return nil, fmt.Errorf("unknown interface %q", n)
+			}
+			if ifc.Flags&net.FlagUp == 0 {
+				return nil, fmt.Errorf("interface %q is down", n)
+			}
+			addrs, err := addrsOf(ifc)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, Interface{Name: n, Addrs: addrs})
+		}
+		return out, nil
+	}
+	for _, ifc := range all {
+		if ifc.Flags&net.FlagUp == 0 || ifc.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		addrs, err := addrsOf(ifc)
+		if err != nil {
+			return nil, err
+		}
+		if len(addrs) > 0 {
+			out = append(out, Interface{Name: ifc.Name, Addrs: addrs})
+		}
+	}
+	return out, nil
+}
+
+func addrsOf(ifc net.Interface) ([]netip.Addr, error) {
+	as, err := ifc.Addrs()
+	if err != nil {
+		return nil, fmt.Errorf("addresses of %s: %w", ifc.Name, err)
+	}
+	var out []netip.Addr
+	for _, a := range as {
+		ipn, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		addr, ok := netip.AddrFromSlice(ipn.IP)
+		if !ok {
+			continue
+		}
+		addr = addr.Unmap()
+		if addr.IsLoopback() {
+			continue
+		}
+		out = append(out, addr.WithZone(""))
+	}
+	return out, nil
+}
+
+// LocalAddrs returns every non-loopback address of every interface, up or
+// down: the addresses that may be at the local end of a connection.
+func LocalAddrs() ([]netip.Addr, error) {
+	all, err := net.Interfaces()
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
+	}
+	var out []netip.Addr
+	for _, ifc := range all {
+		addrs, err := addrsOf(ifc)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, addrs...)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Less(out[j]) })
+	return out, nil
+}
+
+// Filter returns the BPF filter that keeps only TCP segments to or from one
+// of the local addresses. IPv6 packets whose TCP header follows extension
+// headers are kept too (the classic BPF "tcp" primitive misses them); the
+// decoder sorts them out. With no local address the filter matches nothing.
+func Filter(local []netip.Addr) string {
+	var v4, v6 []string
+	for _, a := range local {
+		if a.Is4() {
+			v4 = append(v4, "host "+a.String())
+		} else {
+			v6 = append(v6, "host "+a.String())
+		}
+	}
+	var parts []string
+	if len(v4) > 0 {
+		parts = append(parts, "(ip and tcp and ("+strings.Join(v4, " or ")+"))")
+	}
+	if len(v6) > 0 {
+		parts = append(parts, "(ip6 and (ip6 proto 6 or ip6 proto 0 or ip6 proto 43 or ip6 proto 44 or ip6 proto 60 or ip6 proto 51) and ("+strings.Join(v6, " or ")+"))")
+	}
+	if len(parts) == 0 {
+		return "less 0" // matches no frame
+	}
+	return strings.Join(parts, " or ")
+}

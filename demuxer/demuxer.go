@@ -1,0 +1,449 @@
+// Package demuxer splits the packets of one capture into flows (TCP
+// connections, keyed by their direction-independent 4-tuple) and drives each
+// flow through its lifecycle until its headers are handed to the saver.
+//
+// # Flow lifecycle
+//
+//   - A flow starts at its first captured packet (unless -maxflows or
+//     -maxheap is reached: then the packet is counted and dropped, and its
+//     flow is not tracked). Its headers are copied once into the flow's
+//     chunked buffer, anonymized there, and never contain a payload byte.
+//   - The flow claims its UUID from the names table: at its first packet,
+//     then at every tick (100 ms) until it has one. The announcement may
+//     have come before or after the first packet. If no UUID comes within
+//     -uuidwaitduration of the first packet, the buffered headers are
+//     dropped and later packets of the flow are discarded cheaply (counted
+//     as no_uuid).
+//   - Packets later than -captureduration after the first packet are not
+//     saved (counted as after_captureduration); the file is finished at once.
+//   - A flow ends when no packet arrived for -flowtimeout, or a short linger
+//     after both FINs or an RST, or after the UUID source announced the
+//     connection closed. An unnamed flow is kept until its UUID deadline, in
+//     case the announcement is late. When a flow with a UUID ends, its file
+//     is finished: in buffer mode it is written in one go now; in stream mode
+//     (-stream) chunks were handed to the saver as they filled since the
+//     flow was named, and the last ones are handed now.
+//   - A pure SYN on the 4-tuple of a tracked flow that does not repeat that
+//     flow's SYN (another initial sequence number) ends the old flow at once
+//     and starts a new one, so nothing of one connection lands in the
+//     other's file.
+//
+// # Cost model and concurrency
+//
+// A Demuxer belongs to the goroutine that reads its capture: Packet and
+// Tick must be called from that goroutine only. Packet decodes into a reused
+// struct, looks the flow up in a map keyed by a comparable value, copies the
+// headers once and counts outcomes in local fields: it allocates only when
+// a flow starts or a chunk fills, takes no lock and makes no syscall. Tick
+// does the per-flow work (naming, timeouts) and publishes the counters. The
+// only state shared with other goroutines is the names table (locked per
+// flow, not per packet), the Limits (atomics, per flow) and the saver's
+// flows (locked per chunk).
+package demuxer
+
+import (
+	"errors"
+	"sync/atomic"
+	"time"
+
+	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/capture"
+	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/names"
+	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/saver"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// TickInterval is how often, in packet or wall-clock time, Run calls Tick.
+const TickInterval = 100 * time.Millisecond
+
+// Namer gives flows their UUIDs. *names.Table implements it.
+type Namer interface {
+	Claim(k packet.Key, first time.Time) *names.Entry
+	Release(e *names.Entry)
+}
+
+// Writer starts the writer of a named flow. *saver.Saver implements it
+// through SaverWriter.
+type Writer interface {
+	Start(uuid string, lt packet.LinkType, first time.Time) FlowWriter
+}
+
+// FlowWriter takes a flow's chunks; *saver.Flow implements it.
+type FlowWriter interface {
+	Push(buf *saver.Buffer, final bool)
+}
+
+// SaverWriter adapts a *saver.Saver to Writer.
+type SaverWriter struct{ *saver.Saver }
+
+// Start implements Writer.
+func (s SaverWriter) Start(uuid string, lt packet.LinkType, first time.Time) FlowWriter {
+	return s.Saver.Start(uuid, lt, first)
+}
+
+// Limits bounds the number of flows tracked across all demuxers. The zero
+// value sets no limit. It is safe for concurrent use.
+type Limits struct {
+	MaxFlows   int64 // 0 means unlimited
+	active     atomic.Int64
+	overMemory atomic.Bool
+}
+
+// Active returns the number of flows tracked.
+func (l *Limits) Active() int64 { return l.active.Load() }
+
+// SetOverMemory says whether the heap is above its limit; while it is, no
+// new flow is tracked.
+func (l *Limits) SetOverMemory(over bool) { l.overMemory.Store(over) }
+
+// Options configures a Demuxer.
+type Options struct {
+	Interface       string          // for metric labels
+	LinkType        packet.LinkType // of the capture
+	MaxHeaderSize   int             // longest record kept per packet
+	CaptureDuration time.Duration
+	FlowTimeout     time.Duration
+	UUIDWait        time.Duration
+	Linger          time.Duration // after FINs, RST or a Close announcement; default min(1s, FlowTimeout)
+	Stream          bool
+	Names           Namer
+	Writer          Writer
+	Anonymizer      *anonymize.Anonymizer // nil masks nothing
+	Limits          *Limits               // nil sets no limit
+}
+
+type state uint8
+
+const (
+	waiting   state = iota // collecting headers, no UUID yet
+	named                  // collecting headers, UUID known
+	finished               // file handed to the saver; later packets are dropped
+	discarded              // no UUID in time; later packets are dropped
+)
+
+type flow struct {
+	key          packet.Key
+	st           state
+	maskA, maskB bool
+	syn          bool // the flow began with a pure SYN; synSeq is its sequence number
+	finA, finB   bool
+	synSeq       uint32
+	first, last  int64 // unix nanoseconds
+	endAt        int64 // when non-zero, the flow ends at this time
+	entry        *names.Entry
+	out          FlowWriter // stream mode, once named
+	buf          saver.Buffer
+}
+
+// counters are counted per packet in plain fields and published by Tick.
+type counters struct {
+	captured, afterDur, noUUID, flowLimit, memLimit uint64
+	undecodable                                     [packet.NumKinds]uint64
+	started, refusedFlows, refusedMem, uuidTimeout  uint64
+}
+
+// Demuxer demultiplexes one capture into flows.
+type Demuxer struct {
+	o     Options
+	p     packet.Parsed
+	flows map[packet.Key]*flow
+	c     counters
+	pub   counters // what was published already
+	m     resolvedMetrics
+}
+
+type resolvedMetrics struct {
+	captured, afterDur, noUUID, flowLimit, memLimit, shutdown prometheus.Counter
+	undecodable                                               [packet.NumKinds]prometheus.Counter
+	undecodableAll                                            prometheus.Counter
+	refusedFlows, refusedMem, uuidTimeout, endedShutdown      prometheus.Counter
+	uuids                                                     prometheus.Counter
+}
+
+// New returns a demuxer with no flows.
+func New(o Options) *Demuxer {
+	if o.Linger <= 0 {
+		o.Linger = min(time.Second, o.FlowTimeout)
+	}
+	if o.Limits == nil {
+		o.Limits = &Limits{}
+	}
+	if o.MaxHeaderSize <= 0 {
+		o.MaxHeaderSize = 256
+	}
+	d := &Demuxer{o: o, flows: map[packet.Key]*flow{}}
+	d.m = resolvedMetrics{
+		captured:       metrics.PacketsCaptured.WithLabelValues(o.Interface),
+		afterDur:       metrics.PacketsTotal.WithLabelValues(metrics.OutcomeAfterCaptureDur),
+		noUUID:         metrics.PacketsTotal.WithLabelValues(metrics.OutcomeNoUUID),
+		flowLimit:      metrics.PacketsTotal.WithLabelValues(metrics.OutcomeFlowLimit),
+		memLimit:       metrics.PacketsTotal.WithLabelValues(metrics.OutcomeMemoryLimit),
+		shutdown:       metrics.PacketsTotal.WithLabelValues(metrics.OutcomeShutdownWithoutUUID),
+		undecodableAll: metrics.PacketsTotal.WithLabelValues(metrics.OutcomeUndecodable),
+		refusedFlows:   metrics.FlowsRefused.WithLabelValues(metrics.OutcomeFlowLimit),
+		refusedMem:     metrics.FlowsRefused.WithLabelValues(metrics.OutcomeMemoryLimit),
+		uuidTimeout:    metrics.FlowsEnded.WithLabelValues(metrics.FlowUUIDTimeout),
+		endedShutdown:  metrics.FlowsEnded.WithLabelValues(metrics.FlowShutdown),
+		uuids:          metrics.UUIDs.WithLabelValues("eventsocket"),
+	}
+	for k := packet.Kind(1); k < packet.NumKinds; k++ {
+		d.m.undecodable[k] = metrics.Undecodable.WithLabelValues(k.String())
+	}
+	return d
+}
+
+// Flows returns the number of flows tracked by this demuxer.
+func (d *Demuxer) Flows() int { return len(d.flows) }
+
+// Packet processes one captured frame. data is borrowed: it is read, and
+// the bytes to keep are copied, before Packet returns.
+func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
+	d.c.captured++
+	kind := d.p.Decode(d.o.LinkType, data)
+	if kind != packet.TCP {
+		d.c.undecodable[kind]++
+		return
+	}
+	p := &d.p
+	k, srcIsA := p.Key()
+	tsn := ts.UnixNano()
+	pureSYN := p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
+	f := d.flows[k]
+	if f != nil && pureSYN && (!f.syn || f.synSeq != p.Seq) {
+		d.remove(f) // a new connection on the 4-tuple of an old one
+		f = nil
+	}
+	if f == nil {
+		if f = d.start(k, tsn, pureSYN, p.Seq); f == nil {
+			return
+		}
+	}
+	f.last = tsn
+	if p.Flags&packet.FlagFIN != 0 {
+		if srcIsA {
+			f.finA = true
+		} else {
+			f.finB = true
+		}
+	}
+	if f.endAt == 0 && (p.Flags&packet.FlagRST != 0 || f.finA && f.finB) {
+		f.endAt = tsn + int64(d.o.Linger)
+	}
+	switch f.st {
+	case finished:
+		d.c.afterDur++
+		return
+	case discarded:
+		d.c.noUUID++
+		return
+	}
+	if tsn-f.first > int64(d.o.CaptureDuration) {
+		d.c.afterDur++
+		if f.st == named {
+			d.finish(f)
+		}
+		return
+	}
+	end := min(p.HeaderEnd, len(data), d.o.MaxHeaderSize)
+	rec := f.buf.Append(ts, origLen, data[:end])
+	if f.maskA || f.maskB {
+		maskSrc, maskDst := f.maskA, f.maskB
+		if !srcIsA {
+			maskSrc, maskDst = maskDst, maskSrc
+		}
+		d.o.Anonymizer.Apply(rec, p, maskSrc, maskDst)
+	}
+	if f.out != nil && f.buf.Full() {
+		f.out.Push(&f.buf, false)
+	}
+}
+
+// start begins tracking a flow, unless a limit refuses it.
+func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow {
+	l := d.o.Limits
+	switch {
+	case l.MaxFlows > 0 && l.active.Load() >= l.MaxFlows:
+		d.c.flowLimit++
+		if pureSYN {
+			d.c.refusedFlows++
+		}
+		return nil
+	case l.overMemory.Load():
+		d.c.memLimit++
+		if pureSYN {
+			d.c.refusedMem++
+		}
+		return nil
+	}
+	l.active.Add(1)
+	d.c.started++
+	f := &flow{key: k, first: tsn, syn: pureSYN, synSeq: seq}
+	f.maskA = d.o.Anonymizer.ShouldMask(&k.A)
+	f.maskB = d.o.Anonymizer.ShouldMask(&k.B)
+	d.flows[k] = f
+	if e := d.o.Names.Claim(k, time.Unix(0, tsn)); e != nil {
+		d.name(f, e)
+	}
+	return f
+}
+
+func (d *Demuxer) name(f *flow, e *names.Entry) {
+	f.entry = e
+	f.st = named
+	metrics.UUIDWait.Observe(max(0, e.OpenedAt.Sub(time.Unix(0, f.first)).Seconds()))
+	d.m.uuids.Inc()
+	if d.o.Stream {
+		f.out = d.o.Writer.Start(e.UUID, d.o.LinkType, time.Unix(0, f.first))
+		if f.buf.Full() {
+			f.out.Push(&f.buf, false)
+		}
+	}
+}
+
+// finish hands the whole file of a named flow to the saver.
+func (d *Demuxer) finish(f *flow) {
+	if f.out == nil {
+		f.out = d.o.Writer.Start(f.entry.UUID, d.o.LinkType, time.Unix(0, f.first))
+	}
+	f.out.Push(&f.buf, true)
+	f.out = nil
+	f.buf = saver.Buffer{}
+	f.st = finished
+}
+
+// discard drops the headers of a flow that got no UUID.
+func (d *Demuxer) discard(f *flow, shutdown bool) {
+	if shutdown {
+		d.m.shutdown.Add(float64(f.buf.Packets()))
+		d.m.endedShutdown.Inc()
+	} else {
+		d.c.noUUID += uint64(f.buf.Packets())
+		d.c.uuidTimeout++
+	}
+	f.buf.Reset()
+	f.buf = saver.Buffer{}
+	f.st = discarded
+}
+
+// remove ends a flow: its file is finished if it has a UUID, and it is
+// forgotten.
+func (d *Demuxer) remove(f *flow) {
+	switch f.st {
+	case named:
+		d.finish(f)
+	case waiting:
+		d.discard(f, false)
+	}
+	if f.entry != nil {
+		d.o.Names.Release(f.entry)
+	}
+	delete(d.flows, f.key)
+	d.o.Limits.active.Add(-1)
+}
+
+// Tick names waiting flows, applies the timeouts at time now, and publishes
+// the counters. It is called by Run every TickInterval.
+func (d *Demuxer) Tick(now time.Time) {
+	nowN := now.UnixNano()
+	for _, f := range d.flows {
+		if f.st == waiting {
+			if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
+				d.name(f, e)
+			} else if nowN-f.first >= int64(d.o.UUIDWait) {
+				d.discard(f, false)
+			} else {
+				continue // an unnamed flow waits for its UUID deadline
+			}
+		}
+		if f.st == named {
+			if closed, ok := f.entry.Closed(); ok && f.endAt == 0 {
+				f.endAt = max(closed.UnixNano(), nowN) + int64(d.o.Linger)
+			}
+			if nowN-f.first > int64(d.o.CaptureDuration) {
+				d.finish(f)
+			}
+		}
+		if nowN-f.last >= int64(d.o.FlowTimeout) || f.endAt != 0 && nowN >= f.endAt {
+			d.remove(f)
+		}
+	}
+	d.publish()
+}
+
+// Close ends every flow at shutdown: flows with a UUID (one last claim is
+// tried) are handed to the saver, the others are dropped and counted.
+func (d *Demuxer) Close() {
+	for _, f := range d.flows {
+		if f.st == waiting {
+			if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
+				d.name(f, e)
+			} else {
+				d.discard(f, true)
+			}
+		}
+		d.remove(f)
+	}
+	d.publish()
+}
+
+func (d *Demuxer) publish() {
+	add := func(c prometheus.Counter, now uint64, was *uint64) {
+		if now != *was {
+			c.Add(float64(now - *was))
+			*was = now
+		}
+	}
+	add(d.m.captured, d.c.captured, &d.pub.captured)
+	add(d.m.afterDur, d.c.afterDur, &d.pub.afterDur)
+	add(d.m.noUUID, d.c.noUUID, &d.pub.noUUID)
+	add(d.m.flowLimit, d.c.flowLimit, &d.pub.flowLimit)
+	add(d.m.memLimit, d.c.memLimit, &d.pub.memLimit)
+	add(d.m.refusedFlows, d.c.refusedFlows, &d.pub.refusedFlows)
+	add(d.m.refusedMem, d.c.refusedMem, &d.pub.refusedMem)
+	add(d.m.uuidTimeout, d.c.uuidTimeout, &d.pub.uuidTimeout)
+	add(metrics.FlowsStarted, d.c.started, &d.pub.started)
+	var undecodable uint64
+	for k := packet.Kind(1); k < packet.NumKinds; k++ {
+		undecodable += d.c.undecodable[k] - d.pub.undecodable[k]
+		add(d.m.undecodable[k], d.c.undecodable[k], &d.pub.undecodable[k])
+	}
+	d.m.undecodableAll.Add(float64(undecodable))
+}
+
+// Source is a capture: *capture.Handle implements it.
+type Source interface {
+	Read() (data []byte, ts time.Time, origLen int, err error)
+}
+
+// Run reads src until it is closed, feeding the demuxer and calling Tick
+// every TickInterval (by packet time, or by clock when no packet comes).
+// At the end it closes the demuxer, handing every named flow to the saver.
+// Read errors other than timeouts are passed to onError and reading goes on;
+// Run returns nil when src reports capture.ErrClosed.
+func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
+	defer d.Close()
+	var lastTick time.Time
+	for {
+		data, ts, origLen, err := src.Read()
+		switch {
+		case err == nil:
+			d.Packet(data, ts, origLen)
+			if ts.Sub(lastTick) < TickInterval {
+				continue
+			}
+		case errors.Is(err, capture.ErrTimeout):
+		case errors.Is(err, capture.ErrClosed):
+			return nil
+		default:
+			onError(err)
+			time.Sleep(TickInterval) // a failing capture must not spin
+		}
+		now := clock()
+		if now.Sub(lastTick) >= TickInterval {
+			d.Tick(now)
+			lastTick = now
+		}
+	}
+}

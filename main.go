@@ -1,0 +1,300 @@
+// Command packet-headers captures the headers of every TCP connection that
+// terminates on this server and saves each connection into its own pcap
+// file, <datadir>/YYYY/MM/DD/<uuid>.pcap, named by the UUID that tcp-info
+// gives the connection.
+//
+// Data flow: capture (libpcap, one handle per interface) -> demuxer (one per
+// capture, flows keyed by 4-tuple) -> saver (one writer goroutine per named
+// flow) -> file. UUIDs come from tcp-info's eventsocket (tcpeventsocket)
+// through the names table; anonymize masks remote addresses on the way.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"log"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"runtime/metrics"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/m-lab/go/bytecount"
+	"github.com/m-lab/go/flagx"
+
+	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/capture"
+	"github.com/m-lab/packet-headers/demuxer"
+	pm "github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/names"
+	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/tcpeventsocket"
+)
+
+// config holds every flag.
+type config struct {
+	anonymize       flagx.Enum
+	captureDuration time.Duration
+	dataDir         string
+	flowTimeout     time.Duration
+	interfaces      flagx.StringArray
+	maxHeaderSize   int
+	maxIdleRAM      bytecount.ByteCount
+	listenAddr      string
+	sigtermWait     time.Duration
+	stream          bool
+	eventSocket     string
+	uuidWait        time.Duration
+	maxFlows        int64
+	maxHeap         bytecount.ByteCount
+}
+
+func newFlagSet(c *config) *flag.FlagSet {
+	fs := flag.NewFlagSet("packet-headers", flag.ContinueOnError)
+	c.anonymize = flagx.Enum{Options: anonymize.Modes, Value: "none"}
+	c.maxIdleRAM = 3 * bytecount.Gigabyte
+	c.maxHeap = 8 * bytecount.Gigabyte
+	fs.Var(&c.anonymize, "anonymize.ip", "How to anonymize remote IP addresses in saved headers: none, or netblock (IPv4 to /24, IPv6 to /48; the server's own addresses are kept)")
+	fs.DurationVar(&c.captureDuration, "captureduration", 30*time.Second, "Save a flow's packets for at most this long after its first packet")
+	fs.StringVar(&c.dataDir, "datadir", ".", "Directory under which YYYY/MM/DD/<uuid>.pcap files are written")
+	fs.DurationVar(&c.flowTimeout, "flowtimeout", 30*time.Second, "A flow with no packet for this long has ended")
+	fs.Var(&c.interfaces, "interface", "Interface to capture on (repeatable); unset: every interface that is up and has an address, loopback excluded")
+	fs.IntVar(&c.maxHeaderSize, "maxheadersize", 256, "Longest prefix of a packet that is saved (also the capture snaplen); headers are cut at the end of the TCP header in any case")
+	fs.Var(&c.maxIdleRAM, "maxidleram", "When idle heap memory exceeds this, return it to the OS (e.g. 1500MB)")
+	fs.StringVar(&c.listenAddr, "prometheusx.listen-address", ":9990", "Address on which /metrics and /debug/pprof/ are served")
+	fs.DurationVar(&c.sigtermWait, "sigtermwait", time.Second, "On SIGTERM or SIGINT, keep capturing this long before saving every named flow and exiting")
+	fs.BoolVar(&c.stream, "stream", false, "Write each flow's file incrementally once its UUID is known, instead of all at once when the flow ends")
+	fs.StringVar(&c.eventSocket, "tcpinfo.eventsocket", "", "Path of tcp-info's eventsocket, the source of the flows' UUIDs (required)")
+	fs.DurationVar(&c.uuidWait, "uuidwaitduration", 5*time.Second, "Drop a flow's headers if no UUID arrived this long after its first packet")
+	fs.Int64Var(&c.maxFlows, "maxflows", 0, "Track at most this many concurrent flows; beyond it new flows are not tracked (0: unlimited)")
+	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks")
+	return fs
+}
+
+// parse parses and checks the arguments and the environment (FLAG_NAME for
+// -flag.name). It returns flag.ErrHelp for -help and a one-line error for
+// anything invalid.
+func parse(args []string, c *config, stderr io.Writer) error {
+	fs := newFlagSet(c)
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(stderr)
+			fmt.Fprintf(stderr, "Usage: packet-headers [flags]\n\nSaves the headers of every TCP connection to this server in <datadir>/YYYY/MM/DD/<uuid>.pcap.\nEvery flag can also be set by an environment variable: -flowtimeout as FLOWTIMEOUT, -anonymize.ip as ANONYMIZE_IP.\n\n")
+			fs.PrintDefaults()
+		}
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if err := flagx.ArgsFromEnvWithLog(fs, false); err != nil {
+		return err
+	}
+	switch {
+	case c.captureDuration <= 0:
+		return fmt.Errorf("-captureduration must be positive, not %v", c.captureDuration)
+	case c.flowTimeout <= 0:
+		return fmt.Errorf("-flowtimeout must be positive, not %v", c.flowTimeout)
+	case c.uuidWait <= 0:
+		return fmt.Errorf("-uuidwaitduration must be positive, not %v", c.uuidWait)
+	case c.sigtermWait < 0:
+		return fmt.Errorf("-sigtermwait must not be negative, not %v", c.sigtermWait)
+	case c.uuidWait > c.captureDuration:
+		return fmt.Errorf("-uuidwaitduration (%v) must not exceed -captureduration (%v)", c.uuidWait, c.captureDuration)
+	case c.maxHeaderSize < 64 || c.maxHeaderSize > 65535:
+		return fmt.Errorf("-maxheadersize must be between 64 and 65535, not %d", c.maxHeaderSize)
+	case c.maxFlows < 0:
+		return fmt.Errorf("-maxflows must not be negative, not %d", c.maxFlows)
+	case c.maxHeap <= 0:
+		return fmt.Errorf("-maxheap must be positive")
+	case c.maxIdleRAM <= 0:
+		return fmt.Errorf("-maxidleram must be positive")
+	case c.eventSocket == "":
+		return errors.New("-tcpinfo.eventsocket is required: without tcp-info's eventsocket no flow can be named (run tcp-info with -tcpinfo.eventsocket PATH and give the same PATH here)")
+	}
+	return nil
+}
+
+func main() {
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
+	var c config
+	if err := parse(os.Args[1:], &c, os.Stderr); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintf(os.Stderr, "packet-headers: %v\n", err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	code, err := run(ctx, &c)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "packet-headers: %v\n", err)
+	}
+	os.Exit(code)
+}
+
+
+// run runs the daemon until ctx is done and returns the exit code.
+func run(ctx context.Context, c *config) (int, error) {
+	mode, err := anonymize.ParseMode(c.anonymize.Value)
+	if err != nil {
+		return 2, err
+	}
+	ifaces, err := capture.Interfaces(c.interfaces)
+	if err != nil {
+		return 2, err
+	}
+	if len(ifaces) == 0 {
+		return 2, errors.New("no interface to capture on: none is up with an address (name one with -interface)")
+	}
+	local, err := capture.LocalAddrs()
+	if err != nil {
+		return 1, err
+	}
+	sv, err := saver.New(saver.Options{Dir: c.dataDir, Snaplen: c.maxHeaderSize})
+	if err != nil {
+		return 2, err
+	}
+	srv, err := pm.Listen(c.listenAddr)
+	if err != nil {
+		return 1, err
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+
+	filter := capture.Filter(local)
+	var handles []*capture.Handle
+	for _, ifc := range ifaces {
+		h, err := capture.Open(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize, Filter: filter})
+		if err != nil {
+			for _, h := range handles {
+				h.Close()
+			}
+			return 1, err
+		}
+		handles = append(handles, h)
+	}
+	names := make([]string, len(handles))
+	for i, h := range handles {
+		names[i] = h.Name()
+	}
+	log.Printf("packet-headers: capturing on %s, %d local addresses, writing to %s (anonymize=%s, stream=%v)",
+		strings.Join(names, ","), len(local), sv.Dir(), mode, c.stream)
+
+	table := newNames(c)
+	limits := &demuxer.Limits{MaxFlows: c.maxFlows}
+	pm.RegisterGaugeFunc("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(limits.Active()) })
+	pm.RegisterGaugeFunc("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(table.Len()) })
+	pm.RegisterGaugeFunc("pcap_saver_active", "Flow files being written.", func() float64 { return float64(sv.Active()) })
+
+	anon := anonymize.New(mode, local)
+	var wg sync.WaitGroup // owns the capture loops
+	for _, h := range handles {
+		h := h
+		unregister := pm.RegisterCapture(h.Name(), func() (uint64, uint64, uint64, error) {
+			s, err := h.Stats()
+			return s.Received, s.Dropped, s.IfaceDropped, err
+		})
+		defer unregister()
+		d := demuxer.New(demuxer.Options{
+			Interface: h.Name(), LinkType: h.LinkType(), MaxHeaderSize: c.maxHeaderSize,
+			CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout, UUIDWait: c.uuidWait,
+			Stream: c.stream, Names: table, Writer: demuxer.SaverWriter{Saver: sv},
+			Anonymizer: anon, Limits: limits,
+		})
+		errs := pm.CaptureErrors.WithLabelValues(h.Name())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d.Run(h, time.Now, func(err error) {
+				errs.Inc()
+				log.Printf("capture: %v", err)
+			})
+		}()
+	}
+
+	// Background work that ends with bg.
+	bg, cancelBG := context.WithCancel(context.Background())
+	var bgWG sync.WaitGroup
+	bgWG.Add(2)
+	go func() {
+		defer bgWG.Done()
+		tcpeventsocket.New(c.eventSocket, eventHandler{table}, nil).Run(bg)
+	}()
+	go func() {
+		defer bgWG.Done()
+		housekeeping(bg, c, limits, table)
+	}()
+
+	<-ctx.Done()
+	log.Printf("packet-headers: signal received, capturing %v more", c.sigtermWait)
+	time.Sleep(c.sigtermWait)
+	for _, h := range handles {
+		h.Close()
+	}
+	wg.Wait() // the demuxers hand every named flow to the saver
+	sv.Wait()
+	cancelBG()
+	bgWG.Wait()
+	log.Printf("packet-headers: every named flow saved; exiting")
+	return 0, nil
+}
+
+func newNames(c *config) *names.Table {
+	// An announcement that no flow claimed within this long never will be.
+	ttl := max(c.captureDuration, c.flowTimeout) + c.uuidWait
+	return names.New(&names.Options{TTL: ttl})
+}
+
+// eventHandler feeds eventsocket events into the names table.
+type eventHandler struct{ t *names.Table }
+
+func (h eventHandler) Open(ts time.Time, uuid string, local, remote netip.AddrPort) {
+	h.t.Open(ts, uuid, packet.KeyFromAddrPorts(local, remote), "eventsocket")
+}
+
+func (h eventHandler) Close(ts time.Time, uuid string) { h.t.Close(ts, uuid) }
+
+// housekeeping enforces -maxheap and -maxidleram and sweeps the names table
+// until ctx is done.
+func housekeeping(ctx context.Context, c *config, limits *demuxer.Limits, table *names.Table) {
+	samples := []metrics.Sample{
+		{Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/memory/classes/heap/free:bytes"},
+	}
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	var lastRelease, lastSweep time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			metrics.Read(samples)
+			heap, idle := samples[0].Value.Uint64(), samples[1].Value.Uint64()
+			limits.SetOverMemory(heap > uint64(c.maxHeap))
+			if idle > uint64(c.maxIdleRAM) && now.Sub(lastRelease) > 10*time.Second {
+				debug.FreeOSMemory()
+				pm.MemoryReleases.Inc()
+				lastRelease = now
+			}
+			if now.Sub(lastSweep) >= time.Second {
+				table.Sweep()
+				lastSweep = now
+			}
+		}
+	}
+}

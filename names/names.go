@@ -1,0 +1,191 @@
+// Package names holds the UUIDs announced for TCP connections and hands each
+// one to exactly one captured flow.
+//
+// Announcements (Open, Close) come from UUID sources such as tcp-info's
+// eventsocket; flows claim them from the demuxers. An announcement may come
+// before or after a flow's first packet. Each announcement is claimed at most
+// once, so two flows never get the same UUID (a connection seen on two
+// interfaces, or a flow that restarts after an idle timeout, stays unnamed
+// rather than overwrite a file). A repeated Open for a UUID already known
+// changes nothing, which makes a tcp-info restart harmless.
+//
+// Memory is bounded: announcements that no flow claimed are forgotten after
+// the table's TTL, closed ones after a grace period, and the table holds at
+// most MaxEntries of them (extra Opens are counted and dropped).
+//
+// A Table is safe for concurrent use. Its methods take one mutex for a map
+// operation; they are called per flow and per event, never per packet.
+package names
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/m-lab/packet-headers/packet"
+)
+
+// Entry is one announced connection.
+type Entry struct {
+	UUID     string
+	Key      packet.Key
+	Source   string    // who announced it
+	OpenedAt time.Time // the announcement's timestamp
+
+	closedAt atomic.Int64 // unix nanoseconds of the Close, 0 while open
+
+	// Guarded by Table.mu.
+	claimed bool
+	seen    time.Time // when the table learnt of it or last changed it (table clock)
+}
+
+// Closed returns when the connection was announced closed, or false while it
+// is open. It is safe to call without the table's lock.
+func (e *Entry) Closed() (time.Time, bool) {
+	ns := e.closedAt.Load()
+	if ns == 0 {
+		return time.Time{}, false
+	}
+	return time.Unix(0, ns), true
+}
+
+// Options configures a Table. The zero value asks for the defaults.
+type Options struct {
+	// TTL is how long an unclaimed announcement is kept; default 1 minute.
+	TTL time.Duration
+	// MaxEntries bounds the number of announcements held; default 1<<20.
+	MaxEntries int
+	// Now is the table's clock; default time.Now.
+	Now func() time.Time
+}
+
+// Table maps connections to their announced UUIDs.
+type Table struct {
+	ttl     time.Duration
+	max     int
+	now     func() time.Time
+	mu      sync.Mutex
+	byKey   map[packet.Key]*Entry // the newest announcement for a connection
+	byUUID  map[string]*Entry     // every open announcement, for Close
+	dropped atomic.Uint64
+}
+
+// New returns an empty table.
+func New(opts *Options) *Table {
+	t := &Table{ttl: time.Minute, max: 1 << 20, now: time.Now,
+		byKey: map[packet.Key]*Entry{}, byUUID: map[string]*Entry{}}
+	if opts != nil {
+		if opts.TTL > 0 {
+			t.ttl = opts.TTL
+		}
+		if opts.MaxEntries > 0 {
+			t.max = opts.MaxEntries
+		}
+		if opts.Now != nil {
+			t.now = opts.Now
+		}
+	}
+	return t
+}
+
+// Open records that the connection k was opened with the given UUID at ts.
+// It reports whether the announcement was new.
+func (t *Table) Open(ts time.Time, uuid string, k packet.Key, source string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if _, ok := t.byUUID[uuid]; ok {
+		return false
+	}
+	if old, ok := t.byKey[k]; ok && old.UUID == uuid {
+		return false // already closed; a late repeat
+	}
+	if len(t.byUUID) >= t.max || len(t.byKey) >= t.max {
+		t.dropped.Add(1)
+		return false
+	}
+	e := &Entry{UUID: uuid, Key: k, Source: source, OpenedAt: ts, seen: t.now()}
+	t.byUUID[uuid] = e
+	t.byKey[k] = e
+	return true
+}
+
+// Close records that the connection with the given UUID closed at ts. It
+// reports whether the UUID was known.
+func (t *Table) Close(ts time.Time, uuid string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e, ok := t.byUUID[uuid]
+	if !ok {
+		return false
+	}
+	delete(t.byUUID, uuid)
+	ns := ts.UnixNano()
+	if ns == 0 {
+		ns = 1
+	}
+	e.closedAt.Store(ns)
+	e.seen = t.now()
+	return true
+}
+
+// Claim hands the announcement for connection k to a flow whose first packet
+// was at first, if there is one that no other flow claimed and that did not
+// close before the flow began (an earlier connection on the same 4-tuple).
+func (t *Table) Claim(k packet.Key, first time.Time) *Entry {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e, ok := t.byKey[k]
+	if !ok || e.claimed {
+		return nil
+	}
+	if closed, ok := e.Closed(); ok && closed.Before(first) {
+		return nil
+	}
+	e.claimed = true
+	return e
+}
+
+// Release says that the flow that claimed e has ended. The announcement is
+// kept while the connection is open, so that a repeated Open cannot name a
+// second flow, and forgotten after the TTL once closed.
+func (t *Table) Release(e *Entry) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e.seen = t.now()
+}
+
+// Sweep forgets announcements that can no longer be claimed: closed ones
+// and unclaimed ones older than the TTL. Claimed open announcements are kept
+// for four TTLs, in case their Close never comes. It returns how many
+// entries remain.
+func (t *Table) Sweep() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := t.now()
+	for k, e := range t.byKey {
+		_, closed := e.Closed()
+		age := now.Sub(e.seen)
+		if (closed || !e.claimed) && age > t.ttl || age > 4*t.ttl {
+			delete(t.byKey, k)
+			if t.byUUID[e.UUID] == e {
+				delete(t.byUUID, e.UUID)
+			}
+		}
+	}
+	for u, e := range t.byUUID {
+		if t.byKey[e.Key] != e && now.Sub(e.seen) > 4*t.ttl {
+			delete(t.byUUID, u) // replaced for its key and never closed
+		}
+	}
+	return len(t.byKey)
+}
+
+// Len returns the number of connections with an announcement.
+func (t *Table) Len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.byKey)
+}
+
+// Dropped returns how many Opens were dropped because the table was full.
+func (t *Table) Dropped() uint64 { return t.dropped.Load() }

@@ -1,0 +1,271 @@
+// Package packet decodes the link, IP and TCP headers of one captured frame
+// into a caller-owned Parsed value, without allocating.
+//
+// The decoder only finds what the rest of the daemon needs: the addresses
+// and ports (the flow key), the TCP flags and sequence number (the flow
+// lifecycle), where the TCP header ends (nothing past it is ever kept), and
+// the offsets of the fields the anonymizer rewrites. It never reads payload
+// bytes. Bad input is not an error: it is a Kind of packet, which the caller
+// counts.
+//
+// Decode is safe for concurrent use on different Parsed values; a Parsed
+// value belongs to one goroutine.
+package packet
+
+import (
+	"encoding/binary"
+	"net/netip"
+)
+
+// LinkType is a libpcap LINKTYPE_ value, as written in a pcap file header.
+type LinkType uint32
+
+// The link types the decoder understands.
+const (
+	LinkTypeEthernet  LinkType = 1
+	LinkTypeRaw       LinkType = 101
+	LinkTypeLinuxSLL  LinkType = 113
+	LinkTypeIPv4      LinkType = 228
+	LinkTypeIPv6      LinkType = 229
+	LinkTypeLinuxSLL2 LinkType = 276
+)
+
+// Kind says what a frame turned out to be. Only TCP is kept; every other
+// kind is counted under its name.
+type Kind uint8
+
+// The kinds of frame.
+const (
+	TCP           Kind = iota // an IPv4 or IPv6 TCP segment with a complete fixed TCP header
+	Truncated                 // the frame ends before the headers it announces
+	UnknownLink               // a link type or ethertype that carries no IP
+	BadIP                     // an IP header that is inconsistent (version, IHL, lengths)
+	NotTCP                    // a valid IP packet of another protocol
+	Fragment                  // a non-first IP fragment: no TCP header in it
+	BadTCP                    // a TCP data offset below 5 or past the end of the IP packet
+	TooManyHeaders            // VLAN tags or IPv6 extension headers beyond the decoder's limit
+	NumKinds                  // the number of kinds, for arrays indexed by Kind
+)
+
+var kindNames = [NumKinds]string{"tcp", "truncated", "unknown_link", "bad_ip", "not_tcp", "fragment", "bad_tcp", "too_many_headers"}
+
+// String returns the kind's name as used in metric labels.
+func (k Kind) String() string {
+	if k < NumKinds {
+		return kindNames[k]
+	}
+	return "invalid"
+}
+
+// TCP flag bits.
+const (
+	FlagFIN = 0x01
+	FlagSYN = 0x02
+	FlagRST = 0x04
+	FlagACK = 0x10
+)
+
+const (
+	maxLen            = 1 << 30
+	maxVLANTags       = 4
+	maxIPv6ExtHeaders = 8
+)
+
+// Parsed is the decoded view of one frame. Its fields are valid only when
+// Decode returned TCP. Offsets are from the start of the frame.
+type Parsed struct {
+	IPv4     bool     // IPv4 (else IPv6)
+	Src, Dst [16]byte // addresses; IPv4 as IPv4-mapped IPv6
+	SrcPort  uint16
+	DstPort  uint16
+	Flags    uint8  // TCP flags byte
+	Seq      uint32 // TCP sequence number
+
+	IPOffset  int // start of the IP header
+	SrcOffset int // start of the source address (4 or 16 bytes)
+	DstOffset int // start of the destination address
+	TCPOffset int // start of the TCP header
+	// HeaderEnd is where the TCP header (options included) ends. It may be
+	// past the end of the captured bytes when the capture was truncated
+	// inside the TCP options.
+	HeaderEnd int
+}
+
+// SrcAddr returns the source address, unmapped for IPv4.
+func (p *Parsed) SrcAddr() netip.Addr { return addr(p.IPv4, &p.Src) }
+
+// DstAddr returns the destination address, unmapped for IPv4.
+func (p *Parsed) DstAddr() netip.Addr { return addr(p.IPv4, &p.Dst) }
+
+func addr(v4 bool, a *[16]byte) netip.Addr {
+	if v4 {
+		return netip.AddrFrom4([4]byte(a[12:16]))
+	}
+	return netip.AddrFrom16(*a)
+}
+
+// Decode decodes frame b of the given link type into p and says what kind of
+// frame it is. It reads only headers and never allocates.
+func (p *Parsed) Decode(lt LinkType, b []byte) Kind {
+	off := 0
+	var etype uint16
+	switch lt {
+	case LinkTypeEthernet:
+		if len(b) < 14 {
+			return Truncated
+		}
+		etype = binary.BigEndian.Uint16(b[12:14])
+		off = 14
+		for tags := 0; etype == 0x8100 || etype == 0x88a8 || etype == 0x9100; tags++ {
+			if tags == maxVLANTags {
+				return TooManyHeaders
+			}
+			if len(b) < off+4 {
+				return Truncated
+			}
+			etype = binary.BigEndian.Uint16(b[off+2 : off+4])
+			off += 4
+		}
+	case LinkTypeLinuxSLL:
+		if len(b) < 16 {
+			return Truncated
+		}
+		etype = binary.BigEndian.Uint16(b[14:16])
+		off = 16
+	case LinkTypeLinuxSLL2:
+		if len(b) < 20 {
+			return Truncated
+		}
+		etype = binary.BigEndian.Uint16(b[0:2])
+		off = 20
+	case LinkTypeRaw, LinkTypeIPv4, LinkTypeIPv6:
+		if len(b) < 1 {
+			return Truncated
+		}
+		switch b[0] >> 4 {
+		case 4:
+			etype = 0x0800
+		case 6:
+			etype = 0x86dd
+		default:
+			return BadIP
+		}
+	default:
+		return UnknownLink
+	}
+	p.IPOffset = off
+	switch etype {
+	case 0x0800:
+		return p.decodeIPv4(b, off)
+	case 0x86dd:
+		return p.decodeIPv6(b, off)
+	}
+	return UnknownLink
+}
+
+func (p *Parsed) decodeIPv4(b []byte, off int) Kind {
+	if len(b) < off+20 {
+		return Truncated
+	}
+	ip := b[off:]
+	ihl := int(ip[0]&0x0f) * 4
+	if ip[0]>>4 != 4 || ihl < 20 {
+		return BadIP
+	}
+	total := int(binary.BigEndian.Uint16(ip[2:4]))
+	if total == 0 {
+		total = maxLen // a GSO/BIG TCP super-packet: the length is unknown
+	} else if total < ihl {
+		return BadIP
+	}
+	if binary.BigEndian.Uint16(ip[6:8])&0x1fff != 0 {
+		return Fragment
+	}
+	if ip[9] != 6 {
+		return NotTCP
+	}
+	p.IPv4 = true
+	p.Src = [16]byte{10: 0xff, 11: 0xff}
+	p.Dst = p.Src
+	copy(p.Src[12:], ip[12:16])
+	copy(p.Dst[12:], ip[16:20])
+	p.SrcOffset = off + 12
+	p.DstOffset = off + 16
+	return p.decodeTCP(b, off+ihl, off+total)
+}
+
+func (p *Parsed) decodeIPv6(b []byte, off int) Kind {
+	if len(b) < off+40 {
+		return Truncated
+	}
+	ip := b[off:]
+	if ip[0]>>4 != 6 {
+		return BadIP
+	}
+	end := off + 40 + int(binary.BigEndian.Uint16(ip[4:6]))
+	if end == off+40 {
+		end = maxLen // a jumbogram or GSO super-packet: the length is unknown
+	}
+	next := ip[6]
+	p.IPv4 = false
+	p.Src = [16]byte(ip[8:24])
+	p.Dst = [16]byte(ip[24:40])
+	p.SrcOffset = off + 8
+	p.DstOffset = off + 24
+	off += 40
+	for n := 0; ; n++ {
+		switch next {
+		case 6:
+			return p.decodeTCP(b, off, end)
+		case 0, 43, 60, 44, 51: // hop-by-hop, routing, destination options, fragment, AH
+		default:
+			return NotTCP
+		}
+		if n == maxIPv6ExtHeaders {
+			return TooManyHeaders
+		}
+		if len(b) < off+8 {
+			return Truncated
+		}
+		var hlen int
+		switch next {
+		case 44:
+			if binary.BigEndian.Uint16(b[off+2:off+4])&0xfff8 != 0 {
+				return Fragment
+			}
+			hlen = 8
+		case 51:
+			hlen = (int(b[off+1]) + 2) * 4
+		default:
+			hlen = (int(b[off+1]) + 1) * 8
+		}
+		next = b[off]
+		off += hlen
+		if off > end {
+			return BadIP
+		}
+	}
+}
+
+// decodeTCP decodes the TCP header at off; ipEnd is where the IP packet ends
+// according to its length field.
+func (p *Parsed) decodeTCP(b []byte, off, ipEnd int) Kind {
+	if len(b) < off+20 {
+		if ipEnd < off+20 {
+			return BadTCP
+		}
+		return Truncated
+	}
+	t := b[off : off+20]
+	doff := int(t[12]>>4) * 4
+	if doff < 20 || off+doff > ipEnd {
+		return BadTCP
+	}
+	p.SrcPort = binary.BigEndian.Uint16(t[0:2])
+	p.DstPort = binary.BigEndian.Uint16(t[2:4])
+	p.Seq = binary.BigEndian.Uint32(t[4:8])
+	p.Flags = t[13]
+	p.TCPOffset = off
+	p.HeaderEnd = off + doff
+	return TCP
+}

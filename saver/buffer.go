@@ -1,0 +1,139 @@
+package saver
+
+import (
+	"encoding/binary"
+	"sync"
+	"time"
+)
+
+// RecordHeaderLen is the size of a pcap record header.
+const RecordHeaderLen = 16
+
+// Chunk sizes: a flow starts small (a SYN-only flow costs one small chunk)
+// and grows in larger steps, so that memory tracks header bytes closely for
+// short flows and per-chunk overhead stays low for long ones.
+const (
+	firstChunk = 512
+	nextChunk  = 8 << 10
+)
+
+// chunk is a block of whole pcap records. Chunks are pooled by capacity.
+type chunk struct {
+	b []byte
+}
+
+var (
+	smallPool = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, firstChunk)} }}
+	largePool = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, nextChunk)} }}
+)
+
+func getChunk(first bool, need int) *chunk {
+	switch {
+	case first && need <= firstChunk:
+		return smallPool.Get().(*chunk)
+	case need <= nextChunk:
+		return largePool.Get().(*chunk)
+	}
+	return &chunk{b: make([]byte, 0, need)} // a -maxheadersize larger than a chunk
+}
+
+func putChunk(c *chunk) {
+	c.b = c.b[:0] // keep no stale length; bytes are overwritten before reuse
+	switch cap(c.b) {
+	case firstChunk:
+		smallPool.Put(c)
+	case nextChunk:
+		largePool.Put(c)
+	}
+}
+
+// Buffer holds a flow's pcap records in chunks. The zero value is an empty
+// buffer. A Buffer belongs to one goroutine at a time; handing its chunks to
+// a Flow transfers them.
+type Buffer struct {
+	chunks  []*chunk
+	packets int
+	bytes   int
+}
+
+// Append adds one record for a frame captured at ts whose length on the wire
+// was origLen, holding a copy of hdr, and returns the copy so that the
+// caller may rewrite it in place (anonymization). It copies hdr once and
+// allocates only when a chunk is full.
+func (b *Buffer) Append(ts time.Time, origLen int, hdr []byte) []byte {
+	need := RecordHeaderLen + len(hdr)
+	var c *chunk
+	if n := len(b.chunks); n > 0 && cap(b.chunks[n-1].b)-len(b.chunks[n-1].b) >= need {
+		c = b.chunks[n-1]
+	} else {
+		c = getChunk(len(b.chunks) == 0, need)
+		b.chunks = append(b.chunks, c)
+	}
+	start := len(c.b)
+	c.b = c.b[:start+need]
+	r := c.b[start:]
+	ns := ts.UnixNano()
+	binary.LittleEndian.PutUint32(r[0:], uint32(ns/1e9))
+	binary.LittleEndian.PutUint32(r[4:], uint32(ns%1e9))
+	binary.LittleEndian.PutUint32(r[8:], uint32(len(hdr)))
+	binary.LittleEndian.PutUint32(r[12:], uint32(origLen))
+	copy(r[RecordHeaderLen:], hdr)
+	b.packets++
+	b.bytes += need
+	return r[RecordHeaderLen:]
+}
+
+// Packets returns the number of records held.
+func (b *Buffer) Packets() int { return b.packets }
+
+// Bytes returns the number of record bytes held.
+func (b *Buffer) Bytes() int { return b.bytes }
+
+// Full reports whether the buffer holds chunks that can take no more
+// records: all but the last one.
+func (b *Buffer) Full() bool { return len(b.chunks) > 1 }
+
+// Reset empties the buffer and returns its chunks to their pools.
+func (b *Buffer) Reset() {
+	for i, c := range b.chunks {
+		putChunk(c)
+		b.chunks[i] = nil
+	}
+	b.chunks = b.chunks[:0]
+	b.packets, b.bytes = 0, 0
+}
+
+// take removes and returns the chunks, all of them when all is set, else all
+// but the last (the one still being filled), with their packet count.
+func (b *Buffer) take(all bool) (cs []*chunk, packets int) {
+	n := len(b.chunks)
+	if !all {
+		n--
+	}
+	if n <= 0 {
+		return nil, 0
+	}
+	cs = make([]*chunk, n)
+	copy(cs, b.chunks[:n])
+	rest := copy(b.chunks, b.chunks[n:])
+	clear(b.chunks[rest:])
+	b.chunks = b.chunks[:rest]
+	for _, c := range cs {
+		packets += countRecords(c.b)
+	}
+	b.packets -= packets
+	for _, c := range cs {
+		b.bytes -= len(c.b)
+	}
+	return cs, packets
+}
+
+func countRecords(b []byte) int {
+	n := 0
+	for len(b) >= RecordHeaderLen {
+		l := int(binary.LittleEndian.Uint32(b[8:12]))
+		b = b[RecordHeaderLen+l:]
+		n++
+	}
+	return n
+}

@@ -1,0 +1,263 @@
+// Package saver writes each flow's headers into its own pcap file,
+// <dir>/YYYY/MM/DD/<uuid>.pcap, dated by the flow's first packet (UTC).
+//
+// The demuxer appends records to a flow's Buffer (chunks of ready-made pcap
+// records, so writing is a plain copy). Once the flow has a UUID it hands
+// whole chunks to a Flow: a goroutine that owns the file. In buffer mode the
+// Flow is started when the flow ends, with every chunk at once; in stream
+// mode it is started when the flow is named and gets chunks as they fill.
+// Handing chunks over takes the Flow's own mutex once per chunk (thousands
+// of packets), never per packet, and never blocks the caller.
+//
+// A file is written under <dir>/.partial/ and renamed to its final name only
+// when complete (without replacing an existing file), so a pusher that
+// uploads <uuid>.pcap files never sees a partial one, even after a crash;
+// New removes what a crash left in .partial/. On a write error the partial
+// file is removed, the error counted and the flow's data dropped; other
+// flows are unaffected.
+//
+// The file format is classic pcap with nanosecond timestamps (magic
+// 0xa1b23c4d), little-endian, with the snaplen and link type given.
+package saver
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/packet"
+)
+
+// PartialDir is the subdirectory of the data directory that holds files
+// being written.
+const PartialDir = ".partial"
+
+// FileHeaderLen is the size of a pcap file header.
+const FileHeaderLen = 24
+
+// Options configures a Saver.
+type Options struct {
+	Dir     string // data directory; created if missing
+	Snaplen int    // the snaplen written in file headers; default 256
+}
+
+// Saver starts and owns the per-flow writer goroutines.
+type Saver struct {
+	dir, partial string
+	snaplen      int
+	wg           sync.WaitGroup
+	active       atomic.Int64
+}
+
+// New prepares the data directory: it creates it and its partial directory,
+// removes files a crash left there, and checks that it is writable.
+func New(opts Options) (*Saver, error) {
+	if opts.Snaplen <= 0 {
+		opts.Snaplen = 256
+	}
+	dir, err := filepath.Abs(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("datadir %s: %w", opts.Dir, err)
+	}
+	s := &Saver{dir: dir, partial: filepath.Join(dir, PartialDir), snaplen: opts.Snaplen}
+	if err := os.MkdirAll(s.partial, 0o755); err != nil {
+		return nil, fmt.Errorf("datadir: %w", err)
+	}
+	leftovers, err := os.ReadDir(s.partial)
+	if err != nil {
+		return nil, fmt.Errorf("datadir: %w", err)
+	}
+	for _, e := range leftovers {
+		os.Remove(filepath.Join(s.partial, e.Name()))
+	}
+	probe, err := os.CreateTemp(s.partial, "probe-*")
+	if err != nil {
+		return nil, fmt.Errorf("datadir %s is not writable: %w", dir, err)
+	}
+	probe.Close()
+	os.Remove(probe.Name())
+	return s, nil
+}
+
+// Dir returns the absolute data directory.
+func (s *Saver) Dir() string { return s.dir }
+
+// Path returns the final path of the file for a flow named uuid whose first
+// packet was at first.
+func (s *Saver) Path(uuid string, first time.Time) string {
+	return filepath.Join(s.dir, first.UTC().Format("2006/01/02"), uuid+".pcap")
+}
+
+// Active returns the number of flows being written.
+func (s *Saver) Active() int64 { return s.active.Load() }
+
+// Wait waits until every started Flow has finished. Flows finish once they
+// have been pushed their final chunks.
+func (s *Saver) Wait() { s.wg.Wait() }
+
+// Flow writes one flow's file. Its methods may be called from any one
+// goroutine while the flow's writer runs in its own.
+type Flow struct {
+	s        *Saver
+	uuid     string
+	linkType packet.LinkType
+	first    time.Time
+
+	mu    sync.Mutex
+	queue []*chunk
+	final bool
+	wake  chan struct{}
+}
+
+// Start starts the writer of the flow named uuid, captured on a link of type
+// lt, whose first packet was at first. It returns at once.
+func (s *Saver) Start(uuid string, lt packet.LinkType, first time.Time) *Flow {
+	f := &Flow{s: s, uuid: uuid, linkType: lt, first: first, wake: make(chan struct{}, 1)}
+	s.wg.Add(1)
+	s.active.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer s.active.Add(-1)
+		f.run()
+	}()
+	return f
+}
+
+// Push hands the writer buf's full chunks, or, when final is set, all of
+// them and the end of the flow. It never blocks on I/O. After a final Push
+// the Flow must not be used again.
+func (f *Flow) Push(buf *Buffer, final bool) {
+	cs, _ := buf.take(final)
+	if len(cs) == 0 && !final {
+		return
+	}
+	f.mu.Lock()
+	f.queue = append(f.queue, cs...)
+	f.final = f.final || final
+	f.mu.Unlock()
+	select {
+	case f.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (f *Flow) next() (cs []*chunk, final bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	cs, f.queue = f.queue, nil
+	return cs, f.final
+}
+
+// run is the writer goroutine.
+func (f *Flow) run() {
+	tmp := filepath.Join(f.s.partial, f.uuid+".pcap")
+	var (
+		file    *os.File
+		err     error
+		op      string
+		packets int // records written
+		total   int // records received
+		written int
+	)
+	fail := func(o string, e error) {
+		if err == nil {
+			op, err = o, e
+			if file != nil {
+				file.Close()
+				file = nil
+			}
+			os.Remove(tmp)
+		}
+	}
+	for {
+		<-f.wake
+		cs, final := f.next()
+		if err == nil && file == nil {
+			file, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+			if err != nil {
+				file = nil
+				op = "create"
+			} else if _, werr := file.Write(fileHeader(f.s.snaplen, f.linkType)); werr != nil {
+				fail("write", werr)
+			} else {
+				written += FileHeaderLen
+			}
+		}
+		for _, c := range cs {
+			total += countRecords(c.b)
+			if err == nil {
+				if _, werr := file.Write(c.b); werr != nil {
+					fail("write", werr)
+				} else {
+					written += len(c.b)
+					packets += countRecords(c.b)
+				}
+			}
+			putChunk(c)
+		}
+		if final {
+			break
+		}
+	}
+	if err == nil {
+		if cerr := file.Close(); cerr != nil {
+			file = nil
+			fail("close", cerr)
+		}
+	}
+	if err == nil {
+		final := f.s.Path(f.uuid, f.first)
+		if merr := os.MkdirAll(filepath.Dir(final), 0o755); merr != nil {
+			fail("mkdir", merr)
+		} else if rerr := renameNoReplace(tmp, final); rerr != nil {
+			fail("rename", rerr)
+		}
+	}
+	if err != nil {
+		metrics.WriteErrors.WithLabelValues(op).Inc()
+		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeWriteError).Add(float64(total))
+		metrics.FlowsEnded.WithLabelValues(metrics.FlowWriteError).Inc()
+		log.Printf("saver: flow %s: %s: %v", f.uuid, op, err)
+		return
+	}
+	metrics.FilesWritten.Inc()
+	metrics.BytesWritten.Add(float64(written))
+	metrics.PacketsTotal.WithLabelValues(metrics.OutcomeSaved).Add(float64(packets))
+	metrics.FlowsEnded.WithLabelValues(metrics.FlowSaved).Inc()
+}
+
+// renameNoReplace renames without replacing an existing file, so that a
+// UUID named twice can never overwrite a finished file.
+func renameNoReplace(from, to string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+		// A filesystem without RENAME_NOREPLACE: check, then rename.
+		if _, serr := os.Lstat(to); serr == nil {
+			return fmt.Errorf("rename %s: %w", to, os.ErrExist)
+		}
+		return os.Rename(from, to)
+	}
+	if err != nil {
+		return fmt.Errorf("rename %s: %w", to, err)
+	}
+	return nil
+}
+
+func fileHeader(snaplen int, lt packet.LinkType) []byte {
+	h := make([]byte, FileHeaderLen)
+	binary.LittleEndian.PutUint32(h[0:], 0xa1b23c4d) // nanosecond timestamps
+	binary.LittleEndian.PutUint16(h[4:], 2)
+	binary.LittleEndian.PutUint16(h[6:], 4)
+	binary.LittleEndian.PutUint32(h[16:], uint32(snaplen))
+	binary.LittleEndian.PutUint32(h[20:], uint32(lt))
+	return h
+}
