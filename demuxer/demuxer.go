@@ -58,6 +58,12 @@ import (
 // TickInterval is how often, in packet or wall-clock time, Run calls Tick.
 const TickInterval = 100 * time.Millisecond
 
+// LateAllowance is how much later than its capture timestamp a packet may
+// reach the demuxer (libpcap hands packets over in blocks, retired at the
+// latest after the read timeout). Clock-driven deadlines that would drop
+// packets wait this much longer.
+const LateAllowance = time.Second
+
 // Namer gives flows their UUIDs. *names.Table implements it.
 type Namer interface {
 	Claim(k packet.Key, first time.Time) *names.Entry
@@ -361,7 +367,11 @@ func (d *Demuxer) Tick(now time.Time) {
 			if closed, ok := f.entry.Closed(); ok && f.endAt == 0 {
 				f.endAt = max(closed.UnixNano(), nowN) + int64(d.o.Linger)
 			}
-			if nowN-f.first > int64(d.o.CaptureDuration) {
+			// Packets are stamped when captured but may reach the demuxer a
+			// ring-block timeout later: a quiet flow is finished by the clock
+			// only once its late packets must have come. (A busy flow is
+			// finished by its first packet past the duration, in Packet.)
+			if nowN-f.first > int64(d.o.CaptureDuration+LateAllowance) {
 				d.finish(f)
 			}
 		}

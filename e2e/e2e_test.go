@@ -1,0 +1,544 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
+	"github.com/google/gopacket/pcapgo"
+	"github.com/m-lab/tcp-info/eventsocket"
+)
+
+// daemon is one packet-headers run in the lab.
+type daemon struct {
+	name      string
+	dataDir   string
+	metrics   string
+	args      []string
+	stoppedAt time.Time // when SIGTERM was sent
+	capDur    time.Duration
+	netblock  bool
+}
+
+// record is one packet as read back from a pcap file.
+type record struct {
+	ts      time.Time
+	data    []byte
+	origLen int
+}
+
+// TestEndToEnd runs tcp-info, a reference tcpdump and three packet-headers
+// (buffer mode; stream mode; netblock anonymization with a short
+// -captureduration) side by side in a server namespace, drives real IPv4
+// and IPv6 traffic into it, stops the daemons with SIGTERM and checks their
+// files against the reference capture.
+func TestEndToEnd(t *testing.T) {
+	l := newLab(t, 1)
+	l.startTCPInfo()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events := l.recordEvents(ctx)
+
+	refFile := filepath.Join(l.dir, "reference.pcap")
+	tcpdump := l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-U", "-n",
+		"--time-stamp-precision=nano", "-w", refFile, "tcp")
+
+	daemons := []*daemon{
+		{name: "buffer", args: nil, capDur: 30 * time.Second},
+		{name: "stream", args: []string{"-stream"}, capDur: 30 * time.Second},
+		{name: "netblock", args: []string{"-anonymize.ip=netblock", "-captureduration=2s", "-uuidwaitduration=1s"}, capDur: 2 * time.Second, netblock: true},
+	}
+	cmds := map[string]*exec.Cmd{}
+	for i, d := range daemons {
+		d.dataDir = filepath.Join(l.dir, "data-"+d.name)
+		d.metrics = fmt.Sprintf("%s:%d", l.srv4, 9990+i)
+		args := append([]string{"-datadir", d.dataDir, "-tcpinfo.eventsocket", l.tcpinfoSock,
+			"-prometheusx.listen-address", fmt.Sprintf(":%d", 9990+i), "-interface", l.nsIf}, d.args...)
+		cmds[d.name] = l.start("daemon-"+d.name+".log", filepath.Join(l.bin, "packet-headers"), args...)
+	}
+	for _, d := range daemons {
+		waitFor(t, 10*time.Second, d.name+" daemon's metrics", func() bool { return scrape(d.metrics) != "" })
+		waitFor(t, 10*time.Second, d.name+" daemon's eventsocket connection", func() bool {
+			return strings.Contains(scrape(d.metrics), "pcap_eventsocket_connected 1")
+		})
+	}
+	for _, d := range daemons {
+		waitFor(t, 10*time.Second, d.name+" daemon to capture", func() bool {
+			return strings.Contains(l.log("daemon-"+d.name+".log"), "capturing on")
+		})
+	}
+	waitFor(t, 10*time.Second, "tcpdump to start", func() bool { return strings.Contains(l.log("tcpdump.log"), "listening") })
+	captureStart := time.Now() // flows that began earlier (readiness checks) are not expected in full
+
+	l.echoServer(8081)
+	traffic(t, l, 8081)
+	time.Sleep(2500 * time.Millisecond) // FIN linger (1 s) and a tick, so most files are written before SIGTERM
+
+	metricsText := map[string]string{}
+	for _, d := range daemons {
+		metricsText[d.name] = scrape(d.metrics)
+	}
+	for _, d := range daemons {
+		d.stoppedAt = time.Now()
+		took, err := stop(t, cmds[d.name], syscall.SIGTERM, 6*time.Second)
+		if err != nil {
+			t.Errorf("%s daemon: %v after SIGTERM (took %v)\n%s", d.name, err, took, l.log("daemon-"+d.name+".log"))
+		}
+		t.Logf("%s daemon exited 0 after SIGTERM in %v (sigtermwait 1s)", d.name, took.Round(time.Millisecond))
+	}
+	time.Sleep(200 * time.Millisecond)
+	stop(t, tcpdump, syscall.SIGINT, 5*time.Second)
+	cancel()
+
+	ref := readReference(t, refFile)
+	events.mu.Lock()
+	opens := events.opens
+	events.mu.Unlock()
+	announced := 0
+	for _, e := range opens {
+		if e.ID.DstIP != "" && !netip.MustParseAddr(e.ID.DstIP).IsUnspecified() {
+			announced++
+		}
+	}
+	if announced < 100 {
+		t.Fatalf("tcp-info announced only %d flows; the lab did not work", announced)
+	}
+	for _, d := range daemons {
+		checkDaemon(t, l, d, opens, ref, captureStart)
+		checkMetrics(t, d, metricsText[d.name])
+	}
+}
+
+// traffic drives many short flows and a few long ones over IPv4 and IPv6.
+func traffic(t *testing.T, l *lab, port int) {
+	var wg sync.WaitGroup
+	errs := make(chan error, 1000)
+	long := func(a netip.Addr) {
+		defer wg.Done()
+		c, err := net.Dial("tcp", netip.AddrPortFrom(a, uint16(port)).String())
+		if err != nil {
+			errs <- err
+			return
+		}
+		defer c.Close()
+		go io.Copy(io.Discard, c)
+		buf := bytes.Repeat([]byte("x"), 64<<10)
+		for i := 0; i < 30; i++ {
+			if _, err := c.Write(buf); err != nil {
+				errs <- err
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	for _, a := range []netip.Addr{l.srv4, l.srv6, l.srv4} {
+		wg.Add(1)
+		go long(a)
+	}
+	short := func(a netip.Addr, i int) {
+		defer wg.Done()
+		c, err := net.Dial("tcp", netip.AddrPortFrom(a, uint16(port)).String())
+		if err != nil {
+			errs <- err
+			return
+		}
+		defer c.Close()
+		time.Sleep(40 * time.Millisecond) // long enough for tcp-info's 10 ms polls to see it
+		msg := []byte(fmt.Sprintf("hello %d\n", i))
+		if _, err := c.Write(msg); err != nil {
+			errs <- err
+			return
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, got); err != nil {
+			errs <- err
+		}
+	}
+	for batch := 0; batch < 10; batch++ {
+		for i := 0; i < 20; i++ {
+			a := l.srv4
+			if i%2 == 1 {
+				a = l.srv6
+			}
+			wg.Add(1)
+			go short(a, batch*20+i)
+		}
+		time.Sleep(60 * time.Millisecond)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("traffic: %v", err)
+	}
+}
+
+func scrape(addr string) string {
+	// No keep-alive: a scrape's connection is a flow of the lab too, and it
+	// should end long before the daemon does.
+	c := http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+func metricValue(text, name string) (float64, bool) {
+	for _, line := range strings.Split(text, "\n") {
+		if strings.HasPrefix(line, name+" ") {
+			var v float64
+			fmt.Sscanf(strings.TrimPrefix(line, name+" "), "%g", &v)
+			return v, true
+		}
+	}
+	return 0, false
+}
+
+func checkMetrics(t *testing.T, d *daemon, text string) {
+	for _, m := range []string{"pcap_packets_captured_total{interface=", "pcap_kernel_dropped_total{interface=", "pcap_eventsocket_connected 1", "pcap_uuid_wait_seconds_count"} {
+		if !strings.Contains(text, m) {
+			t.Errorf("%s daemon: metric %s not served", d.name, m)
+		}
+	}
+	if v, _ := metricValue(text, "pcap_files_written_total"); v < 100 {
+		t.Errorf("%s daemon: pcap_files_written_total = %v before SIGTERM, want >= 100", d.name, v)
+	}
+}
+
+// flowKey is a direction-independent 4-tuple.
+type flowKey struct{ a, b netip.AddrPort }
+
+func keyOf(x, y netip.AddrPort) flowKey {
+	if x.Addr().Less(y.Addr()) || x.Addr() == y.Addr() && x.Port() < y.Port() {
+		return flowKey{x, y}
+	}
+	return flowKey{y, x}
+}
+
+// refPacket is a packet of the reference capture, decoded by gopacket.
+type refPacket struct {
+	record
+	key       flowKey
+	hdrEnd    int // end of the TCP header
+	syn       bool
+	payload   int
+	ip4       bool
+	addrOff   [2]int // offsets of the source and destination addresses
+	ipCsumOff int
+	tcpOff    int
+}
+
+func decode(t *testing.T, r record) (refPacket, bool) {
+	p := gopacket.NewPacket(r.data, layers.LayerTypeEthernet, gopacket.DecodeOptions{Lazy: false, NoCopy: true})
+	tl, ok := p.Layer(layers.LayerTypeTCP).(*layers.TCP)
+	if !ok {
+		return refPacket{}, false
+	}
+	rp := refPacket{record: r, syn: tl.SYN && !tl.ACK}
+	var src, dst netip.Addr
+	ipOff := 14
+	switch ip := p.NetworkLayer().(type) {
+	case *layers.IPv4:
+		src, _ = netip.AddrFromSlice(ip.SrcIP.To4())
+		dst, _ = netip.AddrFromSlice(ip.DstIP.To4())
+		rp.ip4 = true
+		rp.addrOff = [2]int{ipOff + 12, ipOff + 16}
+		rp.ipCsumOff = ipOff + 10
+		rp.tcpOff = ipOff + len(ip.Contents)
+		rp.payload = int(ip.Length) - len(ip.Contents) - int(tl.DataOffset)*4
+	case *layers.IPv6:
+		src, _ = netip.AddrFromSlice(ip.SrcIP)
+		dst, _ = netip.AddrFromSlice(ip.DstIP)
+		rp.addrOff = [2]int{ipOff + 8, ipOff + 24}
+		rp.tcpOff = ipOff + len(ip.Contents)
+		rp.payload = int(ip.Length) - int(tl.DataOffset)*4
+	default:
+		return refPacket{}, false
+	}
+	rp.hdrEnd = rp.tcpOff + int(tl.DataOffset)*4
+	rp.key = keyOf(netip.AddrPortFrom(src, uint16(tl.SrcPort)), netip.AddrPortFrom(dst, uint16(tl.DstPort)))
+	return rp, true
+}
+
+func readPcap(t *testing.T, path string) ([]record, *pcapgo.Reader) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	r, err := pcapgo.NewReader(f)
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	var out []record
+	for {
+		data, ci, err := r.ReadPacketData()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		out = append(out, record{ts: ci.Timestamp, data: data, origLen: ci.Length})
+	}
+	return out, r
+}
+
+// readReference returns the reference packets by flow, each flow's
+// connections split at a SYN with a new sequence number.
+func readReference(t *testing.T, path string) map[flowKey][]refPacket {
+	recs, _ := readPcap(t, path)
+	if !nanosecondMagic(path) {
+		t.Fatalf("reference capture is not in nanoseconds")
+	}
+	out := map[flowKey][]refPacket{}
+	for _, rec := range recs {
+		if p, ok := decode(t, rec); ok {
+			out[p.key] = append(out[p.key], p)
+		}
+	}
+	return out
+}
+
+func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]refPacket, captureStart time.Time) {
+	files := map[string]string{}
+	filepath.Walk(d.dataDir, func(path string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			if strings.Contains(path, "/.partial/") {
+				t.Errorf("%s: partial file left behind: %s", d.name, path)
+			}
+			files[strings.TrimSuffix(filepath.Base(path), ".pcap")] = path
+		}
+		return nil
+	})
+	checked, packets := 0, 0
+	var uuids []string
+	for u := range opens {
+		uuids = append(uuids, u)
+	}
+	sort.Strings(uuids)
+	for _, u := range uuids {
+		e := opens[u]
+		local := netip.AddrPortFrom(netip.MustParseAddr(e.ID.SrcIP).Unmap(), e.ID.SPort)
+		remote := netip.AddrPortFrom(netip.MustParseAddr(e.ID.DstIP).Unmap(), e.ID.DPort)
+		if remote.Addr().IsUnspecified() {
+			continue // a listening socket
+		}
+		want := ref[keyOf(local, remote)]
+		if len(want) == 0 || want[0].ts.Before(captureStart) {
+			continue // not in the reference capture, or begun before the daemons captured
+		}
+		path, ok := files[u]
+		if !ok {
+			t.Errorf("%s: no file for announced flow %s (%v -> %v, %d reference packets)", d.name, u, local, remote, len(want))
+			continue
+		}
+		if want[0].ts.UTC().Format("2006/01/02") != filepath.Dir(strings.TrimPrefix(path, d.dataDir+"/")) {
+			t.Errorf("%s: %s is not in the directory of its first packet's date", d.name, path)
+		}
+		got, r := readPcap(t, path)
+		if !nanosecondMagic(path) || r.LinkType() != layers.LinkTypeEthernet || r.Snaplen() != 256 {
+			t.Errorf("%s: %s: header: nanosecond magic %v, link type %v, snaplen %d", d.name, u, nanosecondMagic(path), r.LinkType(), r.Snaplen())
+		}
+		if msg := compareFlow(t, got, want, d, l); msg != "" {
+			t.Errorf("%s: %s (%v -> %v): %s", d.name, u, local, remote, msg)
+			continue
+		}
+		checked++
+		packets += len(got)
+	}
+	t.Logf("%s daemon: %d announced flows checked packet by packet (%d packets), %d files in all", d.name, checked, packets, len(files))
+	if checked < 100 {
+		t.Errorf("%s: only %d flows checked", d.name, checked)
+	}
+}
+
+const timestampTolerance = 2 * time.Millisecond
+
+// compareFlow checks a flow's saved records against its reference
+// packets. Every reference packet up to -captureduration after the first
+// (and before the daemon was stopped) must be in the file, and nothing else:
+// same headers byte for byte (but for masked addresses and their checksums
+// in netblock runs), same original length, same timestamp within
+// timestampTolerance, and not one byte past the TCP header.
+//
+// Packets are matched, not compared in file order: the two capture sockets
+// are fed by both CPUs, so packets of the two directions that cross in
+// flight may be queued to them in different orders.
+func compareFlow(t *testing.T, got []record, want []refPacket, d *daemon, l *lab) string {
+	first := want[0].ts
+	type cand struct {
+		p         refPacket
+		mandatory bool
+		used      bool
+	}
+	byKey := map[string][]*cand{}
+	for _, p := range want {
+		age := p.ts.Sub(first)
+		if age > d.capDur+timestampTolerance {
+			continue
+		}
+		c := &cand{p: p, mandatory: age <= d.capDur-timestampTolerance && p.ts.Before(d.stoppedAt)}
+		k := matchKey(p.data[:p.hdrEnd], p, d.netblock, p.origLen)
+		byKey[k] = append(byKey[k], c)
+	}
+	for i, g := range got {
+		gp, ok := decode(t, g)
+		if !ok {
+			return fmt.Sprintf("packet %d is not TCP/IP", i)
+		}
+		if len(g.data) != gp.hdrEnd {
+			return fmt.Sprintf("packet %d: %d bytes saved, its headers end at %d: bytes past the TCP header", i, len(g.data), gp.hdrEnd)
+		}
+		if d.netblock {
+			if msg := checkMasked(gp, l); msg != "" {
+				return fmt.Sprintf("packet %d: %s", i, msg)
+			}
+		}
+		var best *cand
+		for _, c := range byKey[matchKey(g.data, gp, d.netblock, g.origLen)] {
+			if !c.used && (best == nil || absDur(c.p.ts.Sub(g.ts)) < absDur(best.p.ts.Sub(g.ts))) {
+				best = c
+			}
+		}
+		if best == nil {
+			return fmt.Sprintf("packet %d (%x, length %d) is not in the reference capture", i, g.data, g.origLen)
+		}
+		// Each capture socket reads the clock itself for packets that carry
+		// no receive timestamp (TCP's departure times on a veth are not one),
+		// so two captures of one packet differ by the microseconds between
+		// the two sockets' turns. Anything more is a wrong timestamp.
+		if dt := absDur(best.p.ts.Sub(g.ts)); dt > timestampTolerance {
+			return fmt.Sprintf("packet %d: timestamp %v, reference %v", i, g.ts.Format(time.RFC3339Nano), best.p.ts.Format(time.RFC3339Nano))
+		}
+		best.used = true
+	}
+	missing := 0
+	for _, cs := range byKey {
+		for _, c := range cs {
+			if c.mandatory && !c.used {
+				missing++
+			}
+		}
+	}
+	if missing > 0 {
+		return fmt.Sprintf("%d reference packets missing from the file (%d saved, %d in the reference)", missing, len(got), len(want))
+	}
+	return ""
+}
+
+func absDur(d time.Duration) time.Duration {
+	if d < 0 {
+		return -d
+	}
+	return d
+}
+
+// matchKey is what must be equal between a saved packet and its reference:
+// the headers and the original length; in netblock runs, with the address
+// and checksum fields left out (checkMasked checks those).
+func matchKey(b []byte, p refPacket, netblock bool, origLen int) string {
+	b = bytes.Clone(b[:min(len(b), p.hdrEnd)])
+	if netblock {
+		alen := 16
+		if p.ip4 {
+			alen = 4
+			clear(b[p.ipCsumOff : p.ipCsumOff+2])
+		}
+		clear(b[p.addrOff[0] : p.addrOff[0]+alen])
+		clear(b[p.addrOff[1] : p.addrOff[1]+alen])
+		clear(b[p.tcpOff+16 : p.tcpOff+18])
+	}
+	return fmt.Sprintf("%x/%d", b, origLen)
+}
+
+// checkMasked checks a saved netblock packet on its own: the server's
+// addresses kept, the client's masked to /24 or /48, and valid checksums
+// (the lab has no checksum offload, so every original checksum was valid).
+// The TCP checksum can be checked only for segments without payload, whose
+// checksummed bytes are all in the file.
+func checkMasked(p refPacket, l *lab) string {
+	alen := 16
+	if p.ip4 {
+		alen = 4
+	}
+	for side, off := range p.addrOff {
+		a, _ := netip.AddrFromSlice(p.data[off : off+alen])
+		switch {
+		case a == l.srv4 || a == l.srv6:
+		case a == l.cli4 || a == l.cli6:
+			return fmt.Sprintf("address %d is the client's, unmasked: %v", side, a)
+		case p.ip4 && a.As4()[3] == 0 && netip.PrefixFrom(l.cli4, 24).Contains(a):
+		case !p.ip4 && a == netip.PrefixFrom(l.cli6, 48).Masked().Addr():
+		default:
+			return fmt.Sprintf("address %d is %v: neither the server's nor a masked client's", side, a)
+		}
+	}
+	if p.ip4 && checksum(p.data[14:p.tcpOff], 0) != 0xffff {
+		return "IPv4 header checksum is not valid after masking"
+	}
+	if p.payload == 0 && !tcpChecksumValid(p.data, p) {
+		return "TCP checksum is not valid after masking"
+	}
+	return ""
+}
+
+// nanosecondMagic reports whether a pcap file declares nanosecond
+// timestamps. (gopacket v1.1.19's Reader.Resolution has it backwards.)
+func nanosecondMagic(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	var m [4]byte
+	io.ReadFull(f, m[:])
+	return binary.LittleEndian.Uint32(m[:]) == 0xa1b23c4d || binary.BigEndian.Uint32(m[:]) == 0xa1b23c4d
+}
+
+func checksum(b []byte, sum uint32) uint16 {
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(b[i:]))
+	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
+	}
+	for sum>>16 != 0 {
+		sum = sum&0xffff + sum>>16
+	}
+	return uint16(sum)
+}
+
+func tcpChecksumValid(b []byte, ref refPacket) bool {
+	seg := b[ref.tcpOff:ref.hdrEnd]
+	var pseudo []byte
+	if ref.ip4 {
+		pseudo = append(pseudo, b[ref.addrOff[0]:ref.addrOff[0]+4]...)
+		pseudo = append(pseudo, b[ref.addrOff[1]:ref.addrOff[1]+4]...)
+		pseudo = append(pseudo, 0, 6, byte(len(seg)>>8), byte(len(seg)))
+	} else {
+		pseudo = append(pseudo, b[ref.addrOff[0]:ref.addrOff[0]+16]...)
+		pseudo = append(pseudo, b[ref.addrOff[1]:ref.addrOff[1]+16]...)
+		pseudo = append(pseudo, 0, 0, byte(len(seg)>>8), byte(len(seg)), 0, 0, 0, 6)
+	}
+	return checksum(append(pseudo, seg...), 0) == 0xffff
+}
