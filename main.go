@@ -15,8 +15,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/netip"
 	"log"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -142,7 +142,6 @@ func main() {
 	}
 	os.Exit(code)
 }
-
 
 // run runs the daemon until ctx is done and returns the exit code.
 func run(ctx context.Context, c *config) (int, error) {

@@ -36,15 +36,15 @@ type Kind uint8
 
 // The kinds of frame.
 const (
-	TCP           Kind = iota // an IPv4 or IPv6 TCP segment with a complete fixed TCP header
-	Truncated                 // the frame ends before the headers it announces
-	UnknownLink               // a link type or ethertype that carries no IP
-	BadIP                     // an IP header that is inconsistent (version, IHL, lengths)
-	NotTCP                    // a valid IP packet of another protocol
-	Fragment                  // a non-first IP fragment: no TCP header in it
-	BadTCP                    // a TCP data offset below 5 or past the end of the IP packet
-	TooManyHeaders            // VLAN tags or IPv6 extension headers beyond the decoder's limit
-	NumKinds                  // the number of kinds, for arrays indexed by Kind
+	TCP            Kind = iota // an IPv4 or IPv6 TCP segment with a complete fixed TCP header
+	Truncated                  // the frame ends before the headers it announces
+	UnknownLink                // a link type or ethertype that carries no IP
+	BadIP                      // an IP header that is inconsistent (version, IHL, lengths)
+	NotTCP                     // a valid IP packet of another protocol
+	Fragment                   // a non-first IP fragment: no TCP header in it
+	BadTCP                     // a TCP data offset below 5 or past the end of the IP packet
+	TooManyHeaders             // VLAN tags or IPv6 extension headers beyond the decoder's limit
+	NumKinds                   // the number of kinds, for arrays indexed by Kind
 )
 
 var kindNames = [NumKinds]string{"tcp", "truncated", "unknown_link", "bad_ip", "not_tcp", "fragment", "bad_tcp", "too_many_headers"}
