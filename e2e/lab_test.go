@@ -25,17 +25,16 @@ import (
 // lab is a server network namespace joined to the test's namespace by a
 // veth pair with wire-sized packets (no TSO/GSO/GRO, no checksum offload).
 type lab struct {
-	t              *testing.T
-	ns             string
-	hostIf, nsIf   string
-	cli4, srv4     netip.Addr
-	cli6, srv6     netip.Addr
-	dir, bin       string
-	procs          []*exec.Cmd
-	procsMu        sync.Mutex
-	modRoot        string
-	tcpinfoSock    string
-	tcpinfoStarted bool
+	t            *testing.T
+	ns           string
+	hostIf, nsIf string
+	cli4, srv4   netip.Addr
+	cli6, srv6   netip.Addr
+	dir, bin     string
+	procs        []*exec.Cmd
+	procsMu      sync.Mutex
+	modRoot      string
+	tcpinfoSock  string
 }
 
 func requireRoot(t *testing.T) {

@@ -177,7 +177,7 @@ func (c *Client) read(ctx context.Context, conn net.Conn) int {
 }
 
 // Serve reads event lines from r until it ends, hands them to h, and returns
-// the number of lines read.
+// the number of non-empty lines read.
 func Serve(r io.Reader, h Handler) int {
 	br := bufio.NewReaderSize(r, MaxLineBytes)
 	n := 0
@@ -194,7 +194,7 @@ func Serve(r io.Reader, h Handler) int {
 			}
 			continue
 		}
-		if len(line) > 0 && (err == nil || len(bytesTrim(line)) > 0) {
+		if line = bytesTrim(line); len(line) > 0 {
 			n++
 			dispatch(line, h)
 		}
@@ -212,10 +212,6 @@ func bytesTrim(b []byte) []byte {
 }
 
 func dispatch(line []byte, h Handler) {
-	line = bytesTrim(line)
-	if len(line) == 0 {
-		return
-	}
 	ev, err := ParseLine(line)
 	switch {
 	case errors.Is(err, ErrUnknownType):
