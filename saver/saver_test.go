@@ -1,0 +1,207 @@
+package saver
+
+import (
+	"bytes"
+	"flag"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/gopacket/layers"
+	"github.com/google/gopacket/pcapgo"
+
+	"github.com/m-lab/packet-headers/packet"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+
+var t0 = time.Date(2026, 11, 25, 23, 59, 59, 999999999, time.UTC)
+
+// fill appends n records of varying sizes, as a flow would.
+func fill(b *Buffer, n int) {
+	for i := 0; i < n; i++ {
+		hdr := bytes.Repeat([]byte{byte(i)}, 54+i%40)
+		b.Append(t0.Add(time.Duration(i)*time.Millisecond), 1514, hdr)
+	}
+}
+
+func TestBufferChunks(t *testing.T) {
+	var b Buffer
+	fill(&b, 1)
+	if b.Full() || len(b.chunks) != 1 || cap(b.chunks[0].b) != firstChunk {
+		t.Fatalf("one record: %d chunks, first of cap %d", len(b.chunks), cap(b.chunks[0].b))
+	}
+	fill(&b, 300)
+	if !b.Full() || b.Packets() != 301 {
+		t.Fatalf("Full %v, Packets %d", b.Full(), b.Packets())
+	}
+	total := b.Bytes()
+	cs, n := b.take(false)
+	if len(b.chunks) != 1 || n+b.Packets() != 301 || len(cs) == 0 {
+		t.Errorf("take(false) took %d chunks, %d packets; %d chunks and %d packets left", len(cs), n, len(b.chunks), b.Packets())
+	}
+	sum := b.Bytes()
+	for _, c := range cs {
+		sum += len(c.b)
+	}
+	if sum != total {
+		t.Errorf("bytes %d after take, want %d", sum, total)
+	}
+	b.Reset()
+	if b.Packets() != 0 || b.Bytes() != 0 || len(b.chunks) != 0 {
+		t.Error("Reset left records")
+	}
+}
+
+func TestAppendSteadyStateDoesNotAllocate(t *testing.T) {
+	var b Buffer
+	hdr := make([]byte, 66)
+	allocs := testing.AllocsPerRun(10000, func() {
+		b.Append(t0, 1514, hdr)
+		if b.Full() {
+			cs, _ := b.take(false)
+			for _, c := range cs {
+				putChunk(c)
+			}
+		}
+	})
+	// A chunk holds ~100 such records: handing it over costs one small
+	// slice, amortized to well under one allocation per packet.
+	if allocs > 0.05 {
+		t.Errorf("%v allocations per appended packet", allocs)
+	}
+}
+
+func newSaver(t *testing.T) *Saver {
+	s, err := New(Options{Dir: t.TempDir(), Snaplen: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestGoldenFile writes a flow in three pushes (stream mode) and checks the
+// file byte for byte against testdata/golden.pcap (go test -update rewrites
+// it), and that gopacket reads it back as written.
+func TestGoldenFile(t *testing.T) {
+	s := newSaver(t)
+	var b Buffer
+	fill(&b, 150)
+	f := s.Start("host_1_000000000000ABCD", packet.LinkTypeEthernet, t0)
+	f.Push(&b, false)
+	fill(&b, 50)
+	f.Push(&b, false)
+	f.Push(&b, true)
+	s.Wait()
+	path := filepath.Join(s.Dir(), "2026/11/25/host_1_000000000000ABCD.pcap")
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden := filepath.Join("testdata", "golden.pcap")
+	if *update {
+		os.WriteFile(golden, got, 0o644)
+	}
+	want, err := os.ReadFile(golden)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s differs from %s", path, golden)
+	}
+	r, err := pcapgo.NewReader(bytes.NewReader(got))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.LinkType() != layers.LinkTypeEthernet || r.Snaplen() != 256 {
+		t.Errorf("link type %v snaplen %d", r.LinkType(), r.Snaplen())
+	}
+	for i := 0; ; i++ {
+		data, ci, err := r.ReadPacketData()
+		if err == io.EOF {
+			if i != 200 {
+				t.Errorf("%d records, want 200", i)
+			}
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		j := i % 150
+		if !ci.Timestamp.Equal(t0.Add(time.Duration(j)*time.Millisecond)) || ci.Length != 1514 || len(data) != 54+j%40 || data[0] != byte(j) {
+			t.Fatalf("record %d: %v %d %d", i, ci.Timestamp, ci.Length, len(data))
+		}
+	}
+	if entries, _ := os.ReadDir(filepath.Join(s.Dir(), PartialDir)); len(entries) != 0 {
+		t.Errorf("%d files left in %s", len(entries), PartialDir)
+	}
+}
+
+func TestNeverOverwrites(t *testing.T) {
+	s := newSaver(t)
+	for i, n := range []int{3, 5} {
+		var b Buffer
+		fill(&b, n)
+		s.Start("same-uuid", packet.LinkTypeEthernet, t0).Push(&b, true)
+		s.Wait()
+		st, err := os.Stat(s.Path("same-uuid", t0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := int64(FileHeaderLen + 3*RecordHeaderLen + 54 + 55 + 56); st.Size() != want {
+			t.Errorf("after flow %d the file has %d bytes, want the first flow's %d", i, st.Size(), want)
+		}
+	}
+	if entries, _ := os.ReadDir(filepath.Join(s.Dir(), PartialDir)); len(entries) != 0 {
+		t.Errorf("the refused file was left in %s", PartialDir)
+	}
+}
+
+func TestNewCleansLeftoversAndChecksDir(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, PartialDir), 0o755)
+	left := filepath.Join(dir, PartialDir, "crashed.pcap")
+	os.WriteFile(left, []byte("partial"), 0o644)
+	if _, err := New(Options{Dir: dir}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(left); !os.IsNotExist(err) {
+		t.Error("a partial file from an earlier run was not removed")
+	}
+	file := filepath.Join(dir, "a-file")
+	os.WriteFile(file, nil, 0o644)
+	if _, err := New(Options{Dir: filepath.Join(file, "sub")}); err == nil {
+		t.Error("New accepted a data directory that cannot be created")
+	}
+}
+
+func TestRelativeDir(t *testing.T) {
+	wd, _ := os.Getwd()
+	t.Cleanup(func() { os.Chdir(wd) })
+	dir := t.TempDir()
+	os.Chdir(dir)
+	s, err := New(Options{Dir: "data"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Dir() != filepath.Join(dir, "data") {
+		t.Errorf("Dir() = %s", s.Dir())
+	}
+}
+
+func BenchmarkAppend(b *testing.B) {
+	var buf Buffer
+	hdr := make([]byte, 66)
+	b.ReportAllocs()
+	for b.Loop() {
+		buf.Append(t0, 1514, hdr)
+		if buf.Full() {
+			cs, _ := buf.take(false)
+			for _, c := range cs {
+				putChunk(c)
+			}
+		}
+	}
+}
