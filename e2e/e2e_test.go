@@ -56,7 +56,7 @@ func TestEndToEnd(t *testing.T) {
 	events := l.recordEvents(ctx)
 
 	refFile := filepath.Join(l.dir, "reference.pcap")
-	tcpdump := l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-U", "-n",
+	tcpdump := l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-U", "-n", "--immediate-mode",
 		"--time-stamp-precision=nano", "-w", refFile, "tcp")
 
 	daemons := []*daemon{
