@@ -25,9 +25,8 @@ var t0 = time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 
 // conn makes the frames of one TCP connection, as gopacket encodes them.
 type conn struct {
-	cli, srv   netip.AddrPort
-	isn        uint32
-	clientSent uint32
+	cli, srv netip.AddrPort
+	isn      uint32
 }
 
 func newConn(cliPort uint16, isn uint32) *conn {
@@ -56,7 +55,9 @@ func (c *conn) frame(t testing.TB, fromClient bool, f func(*layers.TCP), payload
 	return buf.Bytes()
 }
 
-func (c *conn) syn(t testing.TB) []byte { return c.frame(t, true, func(p *layers.TCP) { p.SYN = true }, 0) }
+func (c *conn) syn(t testing.TB) []byte {
+	return c.frame(t, true, func(p *layers.TCP) { p.SYN = true }, 0)
+}
 func (c *conn) synack(t testing.TB) []byte {
 	return c.frame(t, false, func(p *layers.TCP) { p.SYN, p.ACK = true, true }, 0)
 }

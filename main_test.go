@@ -1,0 +1,119 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParse(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(file, nil, 0o644)
+	ok := []string{"-tcpinfo.eventsocket", "/run/x.sock"}
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		wantErr string
+	}{
+		{"defaults", ok, nil, ""},
+		{"help", []string{"-help"}, nil, "help requested"},
+		{"unknown anonymize mode", append([]string{"-anonymize.ip", "sha1"}, ok...), nil, "anonymize.ip"},
+		{"uuidwait beyond captureduration", append([]string{"-uuidwaitduration", "10s", "-captureduration", "5s"}, ok...), nil, "must not exceed"},
+		{"negative flowtimeout", append([]string{"-flowtimeout", "-1s"}, ok...), nil, "flowtimeout must be positive"},
+		{"negative sigtermwait", append([]string{"-sigtermwait", "-1s"}, ok...), nil, "sigtermwait"},
+		{"tiny maxheadersize", append([]string{"-maxheadersize", "20"}, ok...), nil, "maxheadersize"},
+		{"negative maxflows", append([]string{"-maxflows", "-3"}, ok...), nil, "maxflows"},
+		{"bad byte count", append([]string{"-maxheap", "lots"}, ok...), nil, "maxheap"},
+		{"no eventsocket", nil, nil, "tcpinfo.eventsocket is required"},
+		{"stray argument", append(ok, "extra"), nil, "unexpected argument"},
+		{"from the environment", nil, map[string]string{"TCPINFO_EVENTSOCKET": "/run/x.sock", "ANONYMIZE_IP": "netblock"}, ""},
+		{"bad value from the environment", ok, map[string]string{"FLOWTIMEOUT": "soon"}, "FLOWTIMEOUT"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			var c config
+			var stderr bytes.Buffer
+			err := parse(tt.args, &c, &stderr)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatalf("parse: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("parse = %v, want an error about %q", err, tt.wantErr)
+			}
+			if strings.Contains(err.Error(), "\n") {
+				t.Errorf("the reason is not one line: %q", err)
+			}
+		})
+	}
+	var c config
+	if err := parse([]string{"-tcpinfo.eventsocket=x", "-interface=a", "-interface=b"}, &c, nil); err != nil || len(c.interfaces) != 2 {
+		t.Errorf("-interface is not repeatable: %v %v", c.interfaces, err)
+	}
+	if err := parse([]string{"-help"}, &c, &bytes.Buffer{}); !errors.Is(err, flag.ErrHelp) {
+		t.Errorf("-help: %v", err)
+	}
+}
+
+// TestExitCodes runs the built binary: invalid configurations exit 2 with
+// a one-line reason, before capturing anything.
+func TestExitCodes(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "packet-headers")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	file := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(file, nil, 0o644)
+	sock := "-tcpinfo.eventsocket=/nonexistent.sock"
+	for _, tt := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"-help"}, 0, "-maxheadersize"},
+		{[]string{"-anonymize.ip=md5", sock}, 2, "anonymize.ip"},
+		{[]string{"-interface=no-such-interface0", sock}, 2, "unknown interface"},
+		{[]string{"-uuidwaitduration=1m", sock}, 2, "must not exceed"},
+		{[]string{"-datadir", filepath.Join(file, "sub"), "-interface=lo", sock}, 2, "datadir"},
+		{[]string{"-captureduration=-5s", sock}, 2, "captureduration"},
+		{[]string{}, 2, "tcpinfo.eventsocket is required"},
+	} {
+		cmd := exec.Command(bin, tt.args...)
+		cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		done := make(chan error, 1)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() { done <- cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			t.Fatalf("%v: did not exit", tt.args)
+		}
+		if code := cmd.ProcessState.ExitCode(); code != tt.code {
+			t.Errorf("%v: exit %d, want %d (%s)", tt.args, code, tt.code, stderr.String())
+		}
+		out := strings.TrimSpace(stderr.String())
+		if !strings.Contains(out, tt.want) {
+			t.Errorf("%v: stderr %q, want it to mention %q", tt.args, out, tt.want)
+		}
+		if tt.code == 2 && strings.Count(out, "\n") != 0 {
+			t.Errorf("%v: reason is not one line: %q", tt.args, out)
+		}
+	}
+}

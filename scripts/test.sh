@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Debian packages; Go modules come through the
+# module proxy), checks formatting and static analysis, and runs every test,
+# end-to-end tests included (they need root: network namespaces and libpcap).
+# Usage, as root on Debian: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH 2>/dev/null || echo /root/go)/bin"
+
+packages=(libpcap-dev tcpdump tshark iproute2 iperf3 ethtool gcc)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+command -v go >/dev/null || { echo "Go 1.26 or newer is required (https://go.dev/dl/)"; exit 1; }
+
+echo "== gofmt"
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$unformatted" ]; then echo "not gofmt'ed: $unformatted"; exit 1; fi
+echo "== go vet"
+go vet ./...
+echo "== staticcheck"
+go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+
+echo "== go test -race (unit, fuzz seeds, end-to-end)"
+go test -race -count=1 -timeout 30m ./...
+
+fuzztime="${FUZZTIME:-10s}"
+echo "== fuzzing each target for $fuzztime"
+for target in packet:FuzzDecode anonymize:FuzzApply tcpeventsocket:FuzzParseLine; do
+  go test -run '^$' -fuzz "^${target#*:}\$" -fuzztime "$fuzztime" "./${target%%:*}/"
+done
+echo "== all tests passed"
