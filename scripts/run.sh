@@ -24,5 +24,9 @@ bin/tcp-info -tcpinfo.eventsocket "$sock" -output "$run/tcpinfo" -prometheusx.li
 tcpinfo=$!
 trap 'kill $tcpinfo 2>/dev/null; wait $tcpinfo 2>/dev/null; rm -rf "$run"' EXIT
 for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
-echo "tcp-info runs (log: $run/tcp-info.log); packet-headers writes to ${DATADIR:-./data} unless -datadir says otherwise"
-DATADIR="${DATADIR:-./data}" bin/packet-headers -tcpinfo.eventsocket "$sock" "$@"
+case " $* " in
+  *" -datadir"* | *" --datadir"*) ;;
+  *) set -- -datadir ./data "$@" ;;
+esac
+echo "tcp-info runs (log: $run/tcp-info.log); packet-headers starts with: $*"
+bin/packet-headers -tcpinfo.eventsocket "$sock" "$@"
