@@ -28,6 +28,7 @@ import (
 
 	"github.com/m-lab/go/bytecount"
 	"github.com/m-lab/go/flagx"
+	"github.com/m-lab/uuid"
 
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
@@ -36,6 +37,7 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/sockdiag"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
 
@@ -55,6 +57,8 @@ type config struct {
 	uuidWait        time.Duration
 	maxFlows        int64
 	maxHeap         bytecount.ByteCount
+	uuidPrefixFile  string
+	kernelUUIDs     bool
 }
 
 func newFlagSet(c *config) *flag.FlagSet {
@@ -72,7 +76,9 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.StringVar(&c.listenAddr, "prometheusx.listen-address", ":9990", "Address on which /metrics and /debug/pprof/ are served")
 	fs.DurationVar(&c.sigtermWait, "sigtermwait", time.Second, "On SIGTERM or SIGINT, keep capturing this long before saving every named flow and exiting")
 	fs.BoolVar(&c.stream, "stream", false, "Write each flow's file incrementally once its UUID is known, instead of all at once when the flow ends")
-	fs.StringVar(&c.eventSocket, "tcpinfo.eventsocket", "", "Path of tcp-info's eventsocket, the source of the flows' UUIDs (required)")
+	fs.StringVar(&c.eventSocket, "tcpinfo.eventsocket", "", "Path of tcp-info's eventsocket; when set, tcp-info's UUIDs are authoritative")
+	fs.StringVar(&c.uuidPrefixFile, "uuid-prefix-file", "", "File holding the UUID prefix (<hostname>_<boot time>), the one tcp-info is given, so that both name a socket alike; unset: a made-up prefix containing _unsafe")
+	fs.BoolVar(&c.kernelUUIDs, "uuid.kernel", true, "Name flows from the kernel's socket cookies (sock_diag): all flows without -tcpinfo.eventsocket, those tcp-info never announced with it")
 	fs.DurationVar(&c.uuidWait, "uuidwaitduration", 5*time.Second, "Drop a flow's headers if no UUID arrived this long after its first packet")
 	fs.Int64Var(&c.maxFlows, "maxflows", 0, "Track at most this many concurrent flows; beyond it new flows are not tracked (0: unlimited)")
 	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks")
@@ -118,8 +124,13 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return fmt.Errorf("-maxheap must be positive")
 	case c.maxIdleRAM <= 0:
 		return fmt.Errorf("-maxidleram must be positive")
-	case c.eventSocket == "":
-		return errors.New("-tcpinfo.eventsocket is required: without tcp-info's eventsocket no flow can be named (run tcp-info with -tcpinfo.eventsocket PATH and give the same PATH here)")
+	case c.eventSocket == "" && !c.kernelUUIDs:
+		return errors.New("no UUID source: with -uuid.kernel=false, -tcpinfo.eventsocket is required")
+	}
+	if c.uuidPrefixFile != "" {
+		if err := uuid.SetUUIDPrefixFile(c.uuidPrefixFile); err != nil {
+			return fmt.Errorf("-uuid-prefix-file: %w", err)
+		}
 	}
 	return nil
 }
@@ -174,6 +185,27 @@ func run(ctx context.Context, c *config) (int, error) {
 		srv.Shutdown(sctx)
 	}()
 
+	table := newNames(c)
+	var kernel *sockdiag.Source
+	var lookupConn, destroyConn sockdiag.Conn
+	if c.kernelUUIDs {
+		if destroyConn, err = sockdiag.ListenDestroy(); err != nil {
+			if errors.Is(err, sockdiag.ErrNeedNetAdmin) {
+				err = fmt.Errorf("%w: grant it (setcap cap_net_raw,cap_net_admin+ep, or the container's capabilities), or run with -uuid.kernel=false and -tcpinfo.eventsocket", err)
+			}
+			return 1, err
+		}
+		if lookupConn, err = sockdiag.Dial(); err != nil {
+			destroyConn.Close()
+			return 1, err
+		}
+		delay := time.Duration(0)
+		if c.eventSocket != "" {
+			delay = 100 * time.Millisecond // tcp-info (polling every 10 ms) names its flows first
+		}
+		kernel = sockdiag.NewSource(table, sockdiag.Options{Local: local, UUID: uuid.FromCookie, Delay: delay, GiveUp: c.uuidWait})
+	}
+
 	filter := capture.Filter(local)
 	var handles []*capture.Handle
 	for _, ifc := range ifaces {
@@ -190,10 +222,16 @@ func run(ctx context.Context, c *config) (int, error) {
 	for i, h := range handles {
 		names[i] = h.Name()
 	}
-	log.Printf("packet-headers: capturing on %s, %d local addresses, writing to %s (anonymize=%s, stream=%v)",
-		strings.Join(names, ","), len(local), sv.Dir(), mode, c.stream)
+	sources := []string{}
+	if c.eventSocket != "" {
+		sources = append(sources, "tcp-info eventsocket")
+	}
+	if kernel != nil {
+		sources = append(sources, "kernel socket cookies")
+	}
+	log.Printf("packet-headers: capturing on %s, %d local addresses, writing to %s (anonymize=%s, stream=%v, UUIDs from %s)",
+		strings.Join(names, ","), len(local), sv.Dir(), mode, c.stream, strings.Join(sources, " and "))
 
-	table := newNames(c)
 	limits := &demuxer.Limits{MaxFlows: c.maxFlows}
 	pm.RegisterGaugeFunc("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(limits.Active()) })
 	pm.RegisterGaugeFunc("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(table.Len()) })
@@ -208,12 +246,16 @@ func run(ctx context.Context, c *config) (int, error) {
 			return s.Received, s.Dropped, s.IfaceDropped, err
 		})
 		defer unregister()
-		d := demuxer.New(demuxer.Options{
+		opts := demuxer.Options{
 			Interface: h.Name(), LinkType: h.LinkType(), MaxHeaderSize: c.maxHeaderSize,
 			CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout, UUIDWait: c.uuidWait,
 			Stream: c.stream, Names: table, Writer: demuxer.SaverWriter{Saver: sv},
 			Anonymizer: anon, Limits: limits,
-		})
+		}
+		if kernel != nil {
+			opts.Lookup = kernel.Request
+		}
+		d := demuxer.New(opts)
 		errs := pm.CaptureErrors.WithLabelValues(h.Name())
 		wg.Add(1)
 		go func() {
@@ -228,11 +270,25 @@ func run(ctx context.Context, c *config) (int, error) {
 	// Background work that ends with bg.
 	bg, cancelBG := context.WithCancel(context.Background())
 	var bgWG sync.WaitGroup
-	bgWG.Add(2)
-	go func() {
-		defer bgWG.Done()
-		tcpeventsocket.New(c.eventSocket, eventHandler{table}, nil).Run(bg)
-	}()
+	if c.eventSocket != "" {
+		bgWG.Add(1)
+		go func() {
+			defer bgWG.Done()
+			tcpeventsocket.New(c.eventSocket, &eventHandler{t: table, checkPrefix: kernel != nil}, nil).Run(bg)
+		}()
+	}
+	if kernel != nil {
+		bgWG.Add(2)
+		go func() {
+			defer bgWG.Done()
+			kernel.RunLookups(bg, lookupConn)
+		}()
+		go func() {
+			defer bgWG.Done()
+			kernel.RunDestroy(bg, destroyConn)
+		}()
+	}
+	bgWG.Add(1)
 	go func() {
 		defer bgWG.Done()
 		housekeeping(bg, c, limits, table)
@@ -259,13 +315,21 @@ func newNames(c *config) *names.Table {
 }
 
 // eventHandler feeds eventsocket events into the names table.
-type eventHandler struct{ t *names.Table }
-
-func (h eventHandler) Open(ts time.Time, uuid string, local, remote netip.AddrPort) {
-	h.t.Open(ts, uuid, packet.KeyFromAddrPorts(local, remote), "eventsocket")
+type eventHandler struct {
+	t           *names.Table
+	checkPrefix bool // warn once if tcp-info's prefix differs from ours
+	warned      bool
 }
 
-func (h eventHandler) Close(ts time.Time, uuid string) { h.t.Close(ts, uuid) }
+func (h *eventHandler) Open(ts time.Time, id string, local, remote netip.AddrPort, cookie uint64) {
+	if h.checkPrefix && !h.warned && cookie != 0 && uuid.FromCookie(cookie) != id {
+		h.warned = true
+		log.Printf("WARNING: tcp-info's UUIDs have another prefix than this daemon's (%s, not %s): give both the same -uuid-prefix-file, or flows named from kernel cookies will not match tcp-info's", id, uuid.FromCookie(cookie))
+	}
+	h.t.Open(ts, id, packet.KeyFromAddrPorts(local, remote), "eventsocket", cookie)
+}
+
+func (h *eventHandler) Close(ts time.Time, id string) { h.t.Close(ts, id) }
 
 // housekeeping enforces -maxheap and -maxidleram and sweeps the names table
 // until ctx is done.

@@ -31,7 +31,9 @@ func TestParse(t *testing.T) {
 		{"tiny maxheadersize", append([]string{"-maxheadersize", "20"}, ok...), nil, "maxheadersize"},
 		{"negative maxflows", append([]string{"-maxflows", "-3"}, ok...), nil, "maxflows"},
 		{"bad byte count", append([]string{"-maxheap", "lots"}, ok...), nil, "maxheap"},
-		{"no eventsocket", nil, nil, "tcpinfo.eventsocket is required"},
+		{"no UUID source", []string{"-uuid.kernel=false"}, nil, "no UUID source"},
+		{"kernel source alone", nil, nil, ""},
+		{"missing prefix file", []string{"-uuid-prefix-file", "/nonexistent"}, nil, "uuid-prefix-file"},
 		{"stray argument", append(ok, "extra"), nil, "unexpected argument"},
 		{"from the environment", nil, map[string]string{"TCPINFO_EVENTSOCKET": "/run/x.sock", "ANONYMIZE_IP": "netblock"}, ""},
 		{"bad value from the environment", ok, map[string]string{"FLOWTIMEOUT": "soon"}, "FLOWTIMEOUT"},
@@ -88,7 +90,7 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-uuidwaitduration=1m", sock}, 2, "must not exceed"},
 		{[]string{"-datadir", filepath.Join(file, "sub"), "-interface=lo", sock}, 2, "datadir"},
 		{[]string{"-captureduration=-5s", sock}, 2, "captureduration"},
-		{[]string{}, 2, "tcpinfo.eventsocket is required"},
+		{[]string{"-uuid.kernel=false"}, 2, "no UUID source"},
 	} {
 		cmd := exec.Command(bin, tt.args...)
 		cmd.Env = []string{"PATH=" + os.Getenv("PATH")}

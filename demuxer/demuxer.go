@@ -118,6 +118,10 @@ type Options struct {
 	Writer          Writer
 	Anonymizer      *anonymize.Anonymizer // nil masks nothing
 	Limits          *Limits               // nil sets no limit
+	// Lookup, when set, is asked once per unnamed flow, at its first packet
+	// with an ACK (a connection past its SYN), to find the flow's UUID
+	// elsewhere (the kernel). It must not block.
+	Lookup func(packet.Key)
 }
 
 type state uint8
@@ -135,6 +139,7 @@ type flow struct {
 	maskA, maskB bool
 	syn          bool // the flow began with a pure SYN; synSeq is its sequence number
 	finA, finB   bool
+	lookedUp     bool // Options.Lookup was asked
 	synSeq       uint32
 	first, last  int64 // unix nanoseconds
 	endAt        int64 // when non-zero, the flow ends at this time
@@ -165,7 +170,7 @@ type resolvedMetrics struct {
 	undecodable                                               [packet.NumKinds]prometheus.Counter
 	undecodableAll                                            prometheus.Counter
 	refusedFlows, refusedMem, uuidTimeout, endedShutdown      prometheus.Counter
-	uuids                                                     prometheus.Counter
+	uuids                                                     map[string]prometheus.Counter
 }
 
 // New returns a demuxer with no flows.
@@ -192,7 +197,7 @@ func New(o Options) *Demuxer {
 		refusedMem:     metrics.FlowsRefused.WithLabelValues(metrics.OutcomeMemoryLimit),
 		uuidTimeout:    metrics.FlowsEnded.WithLabelValues(metrics.FlowUUIDTimeout),
 		endedShutdown:  metrics.FlowsEnded.WithLabelValues(metrics.FlowShutdown),
-		uuids:          metrics.UUIDs.WithLabelValues("eventsocket"),
+		uuids:          map[string]prometheus.Counter{},
 	}
 	for k := packet.Kind(1); k < packet.NumKinds; k++ {
 		d.m.undecodable[k] = metrics.Undecodable.WithLabelValues(k.String())
@@ -236,6 +241,10 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	if f.endAt == 0 && (p.Flags&packet.FlagRST != 0 || f.finA && f.finB) {
 		f.endAt = tsn + int64(d.o.Linger)
+	}
+	if f.st == waiting && !f.lookedUp && p.Flags&packet.FlagACK != 0 && d.o.Lookup != nil {
+		f.lookedUp = true
+		d.o.Lookup(k)
 	}
 	switch f.st {
 	case finished:
@@ -299,7 +308,12 @@ func (d *Demuxer) name(f *flow, e *names.Entry) {
 	f.entry = e
 	f.st = named
 	metrics.UUIDWait.Observe(max(0, e.OpenedAt.Sub(time.Unix(0, f.first)).Seconds()))
-	d.m.uuids.Inc()
+	c, ok := d.m.uuids[e.Source]
+	if !ok {
+		c = metrics.UUIDs.WithLabelValues(e.Source)
+		d.m.uuids[e.Source] = c
+	}
+	c.Inc()
 	if d.o.Stream {
 		f.out = d.o.Writer.Start(e.UUID, d.o.LinkType, time.Unix(0, f.first))
 		if f.buf.Full() {

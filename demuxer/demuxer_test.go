@@ -101,7 +101,7 @@ func newHarness(t *testing.T, mod func(*Options)) *harness {
 func (h *harness) packet(at time.Duration, b []byte) { h.d.Packet(b, t0.Add(at), len(b)) }
 func (h *harness) tick(at time.Duration)             { h.d.Tick(t0.Add(at)) }
 func (h *harness) open(at time.Duration, uuid string, c *conn) {
-	h.names.Open(t0.Add(at), uuid, c.key(), "test")
+	h.names.Open(t0.Add(at), uuid, c.key(), "test", 0)
 }
 
 // file reads a saved flow back with gopacket; nil if there is none.
@@ -421,7 +421,7 @@ func BenchmarkPacket(b *testing.B) {
 	var frames [][]byte
 	for i := 0; i < 1000; i++ {
 		c := newConn(uint16(10000+i), uint32(i))
-		tbl.Open(t0, "u"+c.cli.String(), c.key(), "bench")
+		tbl.Open(t0, "u"+c.cli.String(), c.key(), "bench", 0)
 		frames = append(frames, c.data(b, i%2 == 0, 1400))
 	}
 	at := t0

@@ -114,7 +114,7 @@ func replay(t *testing.T, out string, mode anonymize.Mode, stream bool) {
 
 func apply(tbl *names.Table, ev tcpeventsocket.Parsed) {
 	if ev.Open {
-		tbl.Open(ev.Timestamp, ev.UUID, packet.KeyFromAddrPorts(ev.Local, ev.Remote), "eventsocket")
+		tbl.Open(ev.Timestamp, ev.UUID, packet.KeyFromAddrPorts(ev.Local, ev.Remote), "eventsocket", ev.Cookie)
 	} else {
 		tbl.Close(ev.Timestamp, ev.UUID)
 	}

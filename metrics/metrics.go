@@ -133,7 +133,7 @@ var (
 	// UUIDs counts UUIDs given to flows, by source.
 	UUIDs = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "pcap_uuids_total",
-		Help: "Flows named, by the source of the UUID (eventsocket).",
+		Help: "Flows named, by the source of the UUID (eventsocket: tcp-info; kernel: sock_diag socket cookies).",
 	}, []string{"source"})
 
 	// CaptureErrors counts read errors from libpcap other than timeouts.
@@ -141,6 +141,25 @@ var (
 		Name: "pcap_capture_errors_total",
 		Help: "Errors reading from libpcap, per interface.",
 	}, []string{"interface"})
+
+	// KernelLookups counts look-ups of connections' socket cookies in the
+	// kernel, by result.
+	KernelLookups = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "pcap_kernel_uuid_lookups_total",
+		Help: "Look-ups of socket cookies through sock_diag, by result (found, not_found, not_established, already_named, not_local, gave_up, queue_full, error, malformed).",
+	}, []string{"result"})
+
+	// KernelNetlinkCalls counts netlink system calls of the look-ups.
+	KernelNetlinkCalls = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "pcap_kernel_uuid_netlink_calls_total",
+		Help: "System calls made for sock_diag look-ups, by operation (send, recv).",
+	}, []string{"op"})
+
+	// KernelDestroyEvents counts the kernel's TCP socket destroy broadcasts.
+	KernelDestroyEvents = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "pcap_kernel_destroy_events_total",
+		Help: "TCP socket destroy broadcasts from sock_diag, by result (named, ignored, lost, malformed).",
+	}, []string{"result"})
 
 	// MemoryReleases counts times idle heap was returned to the OS.
 	MemoryReleases = promauto.NewCounter(prometheus.CounterOpts{

@@ -30,6 +30,7 @@ type Entry struct {
 	UUID     string
 	Key      packet.Key
 	Source   string    // who announced it
+	Cookie   uint64    // the kernel's socket cookie, 0 if unknown
 	OpenedAt time.Time // the announcement's timestamp
 
 	closedAt atomic.Int64 // unix nanoseconds of the Close, 0 while open
@@ -89,21 +90,23 @@ func New(opts *Options) *Table {
 }
 
 // Open records that the connection k was opened with the given UUID at ts.
-// It reports whether the announcement was new.
-func (t *Table) Open(ts time.Time, uuid string, k packet.Key, source string) bool {
+// A connection already announced with the same UUID, or with the same
+// non-zero socket cookie (the same socket named by another source), is not
+// announced again. It reports whether the announcement was new.
+func (t *Table) Open(ts time.Time, uuid string, k packet.Key, source string, cookie uint64) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if _, ok := t.byUUID[uuid]; ok {
 		return false
 	}
-	if old, ok := t.byKey[k]; ok && old.UUID == uuid {
-		return false // already closed; a late repeat
+	if old, ok := t.byKey[k]; ok && (old.UUID == uuid || cookie != 0 && old.Cookie == cookie) {
+		return false // a repeat, late or from another source
 	}
 	if len(t.byUUID) >= t.max || len(t.byKey) >= t.max {
 		t.dropped.Add(1)
 		return false
 	}
-	e := &Entry{UUID: uuid, Key: k, Source: source, OpenedAt: ts, seen: t.now()}
+	e := &Entry{UUID: uuid, Key: k, Source: source, Cookie: cookie, OpenedAt: ts, seen: t.now()}
 	t.byUUID[uuid] = e
 	t.byKey[k] = e
 	return true
@@ -178,6 +181,18 @@ func (t *Table) Sweep() int {
 		}
 	}
 	return len(t.byKey)
+}
+
+// Has reports whether connection k has an announcement that is still open.
+func (t *Table) Has(k packet.Key) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e, ok := t.byKey[k]
+	if !ok {
+		return false
+	}
+	_, closed := e.Closed()
+	return !closed
 }
 
 // Len returns the number of connections with an announcement.

@@ -28,45 +28,45 @@ func TestClaimOrderAndOnce(t *testing.T) {
 		want string // UUID claimed, "" for none
 	}{
 		{"open before first packet", func(tb *Table) *Entry {
-			tb.Open(t0, "u1", key(1), "test")
+			tb.Open(t0, "u1", key(1), "test", 0)
 			return tb.Claim(key(1), t0.Add(time.Millisecond))
 		}, "u1"},
 		{"open after first packet", func(tb *Table) *Entry {
-			tb.Open(t0.Add(time.Second), "u1", key(1), "test")
+			tb.Open(t0.Add(time.Second), "u1", key(1), "test", 0)
 			return tb.Claim(key(1), t0)
 		}, "u1"},
 		{"no open", func(tb *Table) *Entry { return tb.Claim(key(1), t0) }, ""},
 		{"other connection", func(tb *Table) *Entry {
-			tb.Open(t0, "u1", key(2), "test")
+			tb.Open(t0, "u1", key(2), "test", 0)
 			return tb.Claim(key(1), t0)
 		}, ""},
 		{"claimed once only", func(tb *Table) *Entry {
-			tb.Open(t0, "u1", key(1), "test")
+			tb.Open(t0, "u1", key(1), "test", 0)
 			tb.Claim(key(1), t0)
 			return tb.Claim(key(1), t0.Add(time.Second))
 		}, ""},
 		{"repeated open does not rename", func(tb *Table) *Entry {
-			tb.Open(t0, "u1", key(1), "test")
+			tb.Open(t0, "u1", key(1), "test", 0)
 			tb.Claim(key(1), t0)
-			if tb.Open(t0.Add(time.Minute), "u1", key(1), "test") {
+			if tb.Open(t0.Add(time.Minute), "u1", key(1), "test", 0) {
 				panic("repeated Open reported as new")
 			}
 			return tb.Claim(key(1), t0.Add(time.Second))
 		}, ""},
 		{"closed before the flow began: an earlier connection", func(tb *Table) *Entry {
-			tb.Open(t0, "old", key(1), "test")
+			tb.Open(t0, "old", key(1), "test", 0)
 			tb.Close(t0.Add(time.Second), "old")
 			return tb.Claim(key(1), t0.Add(2*time.Second))
 		}, ""},
 		{"closed after the flow began: a short connection", func(tb *Table) *Entry {
-			tb.Open(t0, "u1", key(1), "test")
+			tb.Open(t0, "u1", key(1), "test", 0)
 			tb.Close(t0.Add(time.Second), "u1")
 			return tb.Claim(key(1), t0.Add(time.Millisecond))
 		}, "u1"},
 		{"port reuse: new open replaces", func(tb *Table) *Entry {
-			tb.Open(t0, "old", key(1), "test")
+			tb.Open(t0, "old", key(1), "test", 0)
 			tb.Claim(key(1), t0)
-			tb.Open(t0.Add(time.Minute), "new", key(1), "test")
+			tb.Open(t0.Add(time.Minute), "new", key(1), "test", 0)
 			return tb.Claim(key(1), t0.Add(time.Minute))
 		}, "new"},
 	}
@@ -86,12 +86,12 @@ func TestClaimOrderAndOnce(t *testing.T) {
 
 func TestCloseReachesClaimedEntry(t *testing.T) {
 	tb := New(nil)
-	tb.Open(t0, "u1", key(1), "test")
+	tb.Open(t0, "u1", key(1), "test", 0)
 	e := tb.Claim(key(1), t0)
 	if _, closed := e.Closed(); closed {
 		t.Fatal("closed before Close")
 	}
-	tb.Open(t0.Add(time.Second), "u2", key(1), "test") // replaced for its key
+	tb.Open(t0.Add(time.Second), "u2", key(1), "test", 0) // replaced for its key
 	if !tb.Close(t0.Add(2*time.Second), "u1") {
 		t.Fatal("Close of a claimed, replaced entry not found")
 	}
@@ -107,7 +107,7 @@ func TestSweepBoundsMemory(t *testing.T) {
 	c := &clock{now: t0}
 	tb := New(&Options{TTL: time.Minute, MaxEntries: 1000, Now: c.Now})
 	for i := 0; i < 2000; i++ {
-		tb.Open(t0, fmt.Sprint("flood", i), key(uint16(i)), "test")
+		tb.Open(t0, fmt.Sprint("flood", i), key(uint16(i)), "test", 0)
 	}
 	if tb.Len() != 1000 || tb.Dropped() != 1000 {
 		t.Fatalf("Len %d Dropped %d, want 1000 1000", tb.Len(), tb.Dropped())
@@ -121,7 +121,7 @@ func TestSweepBoundsMemory(t *testing.T) {
 	if n := tb.Sweep(); n != 0 {
 		t.Errorf("after four TTLs %d entries remain, want 0", n)
 	}
-	if tb.Open(t0, "new", key(5000), "test"); tb.Len() != 1 {
+	if tb.Open(t0, "new", key(5000), "test", 0); tb.Len() != 1 {
 		t.Error("the table does not take new entries after a sweep")
 	}
 }
@@ -136,7 +136,7 @@ func TestConcurrentUse(t *testing.T) {
 			for i := 0; i < 500; i++ {
 				u := fmt.Sprint(g, "-", i)
 				k := key(uint16(g*1000 + i))
-				tb.Open(t0, u, k, "test")
+				tb.Open(t0, u, k, "test", 0)
 				if e := tb.Claim(k, t0); e != nil {
 					e.Closed()
 					tb.Release(e)

@@ -30,8 +30,8 @@ import (
 // goroutine, one at a time, and must not block.
 type Handler interface {
 	// Open is called for a connection that tcp-info saw open; local is the
-	// server's end.
-	Open(ts time.Time, uuid string, local, remote netip.AddrPort)
+	// server's end; cookie is the kernel's socket cookie (0 if not sent).
+	Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64)
 	// Close is called for a connection that tcp-info saw close.
 	Close(ts time.Time, uuid string)
 }
@@ -53,6 +53,7 @@ type event struct {
 	ID        *struct {
 		SPort, DPort uint16
 		SrcIP, DstIP string
+		Cookie       int64 // the kernel's uint64 socket cookie, as tcp-info sends it
 	}
 }
 
@@ -68,6 +69,7 @@ type Parsed struct {
 	Timestamp     time.Time
 	UUID          string
 	Local, Remote netip.AddrPort // for Open events
+	Cookie        uint64         // for Open events; 0 if tcp-info did not send it
 }
 
 // ParseLine decodes one event line. An unknown event type is an error
@@ -95,7 +97,8 @@ func ParseLine(line []byte) (Parsed, error) {
 		}
 		return Parsed{Open: true, Timestamp: ev.Timestamp, UUID: ev.UUID,
 			Local:  netip.AddrPortFrom(src.Unmap().WithZone(""), ev.ID.SPort),
-			Remote: netip.AddrPortFrom(dst.Unmap().WithZone(""), ev.ID.DPort)}, nil
+			Remote: netip.AddrPortFrom(dst.Unmap().WithZone(""), ev.ID.DPort),
+			Cookie: uint64(ev.ID.Cookie)}, nil
 	}
 	return Parsed{}, fmt.Errorf("%w %d", ErrUnknownType, *ev.Event)
 }
@@ -223,7 +226,7 @@ func dispatch(line []byte, h Handler) {
 	}
 	if ev.Open {
 		metrics.EventSocketEvents.WithLabelValues("open").Inc()
-		h.Open(ev.Timestamp, ev.UUID, ev.Local, ev.Remote)
+		h.Open(ev.Timestamp, ev.UUID, ev.Local, ev.Remote, ev.Cookie)
 	} else {
 		metrics.EventSocketEvents.WithLabelValues("close").Inc()
 		h.Close(ev.Timestamp, ev.UUID)

@@ -25,7 +25,7 @@ type recorder struct {
 	locals []netip.AddrPort
 }
 
-func (r *recorder) Open(ts time.Time, uuid string, local, remote netip.AddrPort) {
+func (r *recorder) Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.opens = append(r.opens, uuid)

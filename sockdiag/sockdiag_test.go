@@ -1,0 +1,452 @@
+package sockdiag
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/m-lab/uuid"
+	"golang.org/x/sys/unix"
+
+	"github.com/m-lab/packet-headers/names"
+	"github.com/m-lab/packet-headers/packet"
+)
+
+var record = flag.Bool("record", false, "record real netlink replies into testdata/ (needs root)")
+
+// pair opens a TCP connection on loopback and returns both ends.
+func pair(t *testing.T, network, addr string) (client, server *net.TCPConn) {
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		t.Skipf("no %s loopback: %v", network, err)
+	}
+	defer ln.Close()
+	c, err := net.Dial(network, ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+func addrPort(a net.Addr) netip.AddrPort { return a.(*net.TCPAddr).AddrPort() }
+
+// rawLookup sends one request on a real socket and returns the reply bytes.
+func rawLookup(t *testing.T, local, remote netip.AddrPort) []byte {
+	c, err := Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Send(AppendRequest(nil, 42, local, remote)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64<<10)
+	n, err := c.Receive(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return buf[:n]
+}
+
+// TestKernelLookup asks the real kernel for the cookie of live sockets and
+// checks the UUID against m-lab/uuid's own, from getsockopt(SO_COOKIE).
+func TestKernelLookup(t *testing.T) {
+	for _, tt := range []struct{ name, network, addr string }{
+		{"ipv4", "tcp4", "127.0.0.1:0"},
+		{"ipv6", "tcp6", "[::1]:0"},
+		{"ipv4-mapped on a dual-stack socket", "tcp", "[::ffff:127.0.0.1]:0"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			client, server := pair(t, tt.network, tt.addr)
+			want, err := uuid.FromTCPConn(server)
+			if err != nil {
+				t.Fatal(err)
+			}
+			reply := rawLookup(t, addrPort(server.LocalAddr()), addrPort(server.RemoteAddr()))
+			msgs, err := ParseMessages(reply)
+			if err != nil || len(msgs) != 1 || msgs[0].Err != nil {
+				t.Fatalf("ParseMessages = %+v, %v", msgs, err)
+			}
+			m := msgs[0]
+			if got := uuid.FromCookie(m.Socket.Cookie); got != want || m.Seq != 42 || m.Socket.State != StateEstablished {
+				t.Errorf("lookup named %s (seq %d, state %d), SO_COOKIE names %s", got, m.Seq, m.Socket.State, want)
+			}
+			if m.Socket.Local != addrPort(server.LocalAddr()) {
+				t.Errorf("local end %v, want %v", m.Socket.Local, server.LocalAddr())
+			}
+			if *record && tt.network == "tcp4" {
+				os.WriteFile("testdata/found-ipv4.bin", reply, 0o644)
+			}
+			if *record && tt.network == "tcp6" {
+				os.WriteFile("testdata/found-ipv6.bin", reply, 0o644)
+			}
+			client.Close()
+		})
+	}
+	// A 4-tuple without socket.
+	reply := rawLookup(t, netip.MustParseAddrPort("127.0.0.1:1"), netip.MustParseAddrPort("127.0.0.1:2"))
+	msgs, err := ParseMessages(reply)
+	if err != nil || len(msgs) != 1 || !errors.Is(msgs[0].Err, ErrNotFound) {
+		t.Errorf("lookup of no socket: %+v, %v", msgs, err)
+	}
+	if *record {
+		os.WriteFile("testdata/not-found.bin", reply, 0o644)
+	}
+}
+
+// TestKernelDestroyBroadcast closes a real connection and checks that its
+// destroy broadcast names it as SO_COOKIE does.
+func TestKernelDestroyBroadcast(t *testing.T) {
+	c, err := ListenDestroy()
+	if errors.Is(err, ErrNeedNetAdmin) {
+		t.Skip("destroy broadcasts need CAP_NET_ADMIN: run as root")
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	client, server := pair(t, "tcp4", "127.0.0.1:0")
+	want, _ := uuid.FromTCPConn(server)
+	local, remote := addrPort(server.LocalAddr()), addrPort(server.RemoteAddr())
+	// The client resets the connection; the server's socket is destroyed
+	// when the server closes it. (A socket closed with SO_LINGER 0 by its
+	// own application is disconnected first: its broadcast has no remote
+	// port, and only a look-up made before can name it.)
+	client.SetLinger(0)
+	client.Close()
+	time.Sleep(10 * time.Millisecond)
+	server.Close()
+	buf := make([]byte, 64<<10)
+	deadline := time.Now().Add(5 * time.Second)
+	c.(*netlinkConn).SetReadDeadline(deadline)
+	for {
+		n, err := c.Receive(buf)
+		if err != nil {
+			t.Fatalf("no destroy broadcast for %s: %v", want, err)
+		}
+		msgs, err := ParseMessages(buf[:n])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range msgs {
+			if m.Socket.Local == local && m.Socket.Remote == remote && uuid.FromCookie(m.Socket.Cookie) == want {
+				if *record {
+					os.WriteFile("testdata/destroy.bin", buf[:n], 0o644)
+				}
+				return
+			}
+		}
+	}
+}
+
+// TestParseRecorded parses replies recorded from a real kernel.
+func TestParseRecorded(t *testing.T) {
+	tests := []struct {
+		file    string
+		err     error
+		family4 bool
+	}{
+		{"found-ipv4.bin", nil, true},
+		{"found-ipv6.bin", nil, false},
+		{"not-found.bin", ErrNotFound, false},
+		{"destroy.bin", nil, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.file, func(t *testing.T) {
+			b, err := os.ReadFile(filepath.Join("testdata", tt.file))
+			if err != nil {
+				t.Fatal(err)
+			}
+			msgs, err := ParseMessages(b)
+			if err != nil || len(msgs) != 1 {
+				t.Fatalf("ParseMessages = %+v, %v", msgs, err)
+			}
+			m := msgs[0]
+			if !errors.Is(m.Err, tt.err) {
+				t.Fatalf("error %v, want %v", m.Err, tt.err)
+			}
+			if tt.err != nil {
+				return
+			}
+			if m.Socket.Cookie == 0 || !m.Socket.Local.Addr().IsLoopback() || m.Socket.Local.Addr().Is4() != tt.family4 || m.Socket.Remote.Port() == 0 {
+				t.Errorf("socket %+v", m.Socket)
+			}
+		})
+	}
+	if _, err := ParseMessages([]byte{1, 2, 3}); err == nil {
+		t.Error("a truncated datagram parsed")
+	}
+}
+
+func FuzzParseMessages(f *testing.F) {
+	for _, name := range []string{"found-ipv4.bin", "found-ipv6.bin", "not-found.bin", "destroy.bin"} {
+		if b, err := os.ReadFile(filepath.Join("testdata", name)); err == nil {
+			f.Add(b)
+		}
+	}
+	f.Add(AppendRequest(nil, 1, netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:2")))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		msgs, _ := ParseMessages(b)
+		for _, m := range msgs {
+			if m.Err == nil && (!m.Socket.Local.IsValid() || !m.Socket.Remote.IsValid()) {
+				t.Fatalf("a socket without valid addresses: %+v", m)
+			}
+		}
+	})
+}
+
+// fakeConn answers look-ups from a table of sockets, like the kernel, and
+// lets a test change the table (close a socket) at any time.
+type fakeConn struct {
+	mu      sync.Mutex
+	sockets map[[2]netip.AddrPort]Socket
+	replies [][]byte
+	wake    chan struct{}
+	closed  chan struct{}
+	sends   int
+	onSend  func() // called after each Send, before the replies are made
+}
+
+func newFake() *fakeConn {
+	return &fakeConn{sockets: map[[2]netip.AddrPort]Socket{}, wake: make(chan struct{}, 1000), closed: make(chan struct{})}
+}
+
+func (f *fakeConn) set(s Socket) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.sockets[[2]netip.AddrPort{s.Local, s.Remote}] = s
+}
+
+func (f *fakeConn) remove(s Socket) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.sockets, [2]netip.AddrPort{s.Local, s.Remote})
+}
+
+// Send parses the requests (with the same layout the kernel reads) and
+// queues a reply per request, one datagram each.
+func (f *fakeConn) Send(b []byte) error {
+	if f.onSend != nil {
+		f.onSend()
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.sends++
+	for len(b) >= nlmsgHdrLen+reqV2Len {
+		seq := uint32(b[8]) | uint32(b[9])<<8 | uint32(b[10])<<16 | uint32(b[11])<<24
+		r := b[nlmsgHdrLen:]
+		id := r[8:]
+		var la, ra netip.Addr
+		if r[0] == unix.AF_INET {
+			la, ra = netip.AddrFrom4([4]byte(id[4:8])), netip.AddrFrom4([4]byte(id[20:24]))
+		} else {
+			la, ra = netip.AddrFrom16([16]byte(id[4:20])).Unmap(), netip.AddrFrom16([16]byte(id[20:36])).Unmap()
+		}
+		lp, rp := uint16(id[0])<<8|uint16(id[1]), uint16(id[2])<<8|uint16(id[3])
+		s, ok := f.sockets[[2]netip.AddrPort{netip.AddrPortFrom(la, lp), netip.AddrPortFrom(ra, rp)}]
+		if ok {
+			f.replies = append(f.replies, diagReply(seq, s))
+		} else {
+			f.replies = append(f.replies, errReply(seq, unix.ENOENT))
+		}
+		f.wake <- struct{}{}
+		b = b[nlmsgHdrLen+reqV2Len:]
+	}
+	return nil
+}
+
+func (f *fakeConn) Receive(buf []byte) (int, error) {
+	select {
+	case <-f.wake:
+	case <-f.closed:
+		return 0, os.ErrClosed
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	r := f.replies[0]
+	f.replies = f.replies[1:]
+	return copy(buf, r), nil
+}
+
+func (f *fakeConn) Close() error {
+	select {
+	case <-f.closed:
+	default:
+		close(f.closed)
+	}
+	return nil
+}
+
+// push queues a datagram to be received (a destroy broadcast).
+func (f *fakeConn) push(b []byte) {
+	f.mu.Lock()
+	f.replies = append(f.replies, b)
+	f.mu.Unlock()
+	f.wake <- struct{}{}
+}
+
+func diagReply(seq uint32, s Socket) []byte {
+	b := make([]byte, nlmsgHdrLen+diagMsgLen)
+	putU32 := func(o int, v uint32) { b[o], b[o+1], b[o+2], b[o+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24) }
+	putU32(0, uint32(len(b)))
+	b[4] = sockDiagByFamily
+	putU32(8, seq)
+	m := b[nlmsgHdrLen:]
+	m[0] = unix.AF_INET
+	la, ra := s.Local.Addr(), s.Remote.Addr()
+	if !la.Is4() {
+		m[0] = unix.AF_INET6
+	}
+	m[1] = s.State
+	putSockID(m[4:], la, s.Local.Port(), ra, s.Remote.Port())
+	putU32(nlmsgHdrLen+4+40, uint32(s.Cookie))
+	putU32(nlmsgHdrLen+4+44, uint32(s.Cookie>>32))
+	return b
+}
+
+func errReply(seq uint32, errno unix.Errno) []byte {
+	b := make([]byte, nlmsgHdrLen+4+nlmsgHdrLen)
+	b[0] = byte(len(b))
+	b[4] = unix.NLMSG_ERROR
+	b[8], b[9], b[10], b[11] = byte(seq), byte(seq>>8), byte(seq>>16), byte(seq>>24)
+	e := uint32(-int32(errno))
+	b[16], b[17], b[18], b[19] = byte(e), byte(e>>8), byte(e>>16), byte(e>>24)
+	return b
+}
+
+var (
+	server = netip.MustParseAddr("192.0.2.1")
+	local  = []netip.Addr{server}
+)
+
+func sock(port uint16, cookie uint64, state uint8) Socket {
+	return Socket{Local: netip.AddrPortFrom(server, 443), Remote: netip.AddrPortFrom(netip.MustParseAddr("203.0.113.9"), port), Cookie: cookie, State: state}
+}
+
+func keyOf(s Socket) packet.Key { return packet.KeyFromAddrPorts(s.Local, s.Remote) }
+
+func startSource(t *testing.T, tbl *names.Table, lookups, destroys Conn) *Source {
+	s := NewSource(tbl, Options{Local: local, UUID: uuid.FromCookie, Delay: time.Millisecond, GiveUp: 2 * time.Second})
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); s.RunLookups(ctx, lookups) }()
+	go func() { defer wg.Done(); s.RunDestroy(ctx, destroys) }()
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return s
+}
+
+func waitClaim(t *testing.T, tbl *names.Table, k packet.Key) *names.Entry {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if e := tbl.Claim(k, time.Unix(0, 1)); e != nil {
+			return e
+		}
+	}
+	t.Fatalf("connection %v never named", k)
+	return nil
+}
+
+func TestSourceNamesEstablished(t *testing.T) {
+	tbl := names.New(nil)
+	lk, ds := newFake(), newFake()
+	src := startSource(t, tbl, lk, ds)
+	var socks []Socket
+	for i := 0; i < 100; i++ {
+		s := sock(uint16(1000+i), uint64(5000+i), StateEstablished)
+		lk.set(s)
+		socks = append(socks, s)
+		src.Request(keyOf(s))
+	}
+	for _, s := range socks {
+		if e := waitClaim(t, tbl, keyOf(s)); e.UUID != uuid.FromCookie(s.Cookie) || e.Source != SourceName {
+			t.Errorf("named %s by %s, want %s", e.UUID, e.Source, uuid.FromCookie(s.Cookie))
+		}
+	}
+	if sends := src.Sends.Load(); sends > 10 {
+		t.Errorf("%d sends for 100 look-ups: not batched", sends)
+	}
+}
+
+// TestSourceWaitsForEstablishment answers with a request socket first (its
+// cookie is not the connection's), then with the established socket.
+func TestSourceWaitsForEstablishment(t *testing.T) {
+	tbl := names.New(nil)
+	lk, ds := newFake(), newFake()
+	src := startSource(t, tbl, lk, ds)
+	s := sock(1000, 77, StateNewSynRecv)
+	lk.set(s)
+	src.Request(keyOf(s))
+	time.Sleep(30 * time.Millisecond)
+	if tbl.Has(keyOf(s)) {
+		t.Fatal("named from a request socket's cookie")
+	}
+	s.Cookie, s.State = 78, StateEstablished
+	lk.set(s)
+	if e := waitClaim(t, tbl, keyOf(s)); e.Cookie != 78 {
+		t.Errorf("named from cookie %d, want 78", e.Cookie)
+	}
+}
+
+// TestCloseBeforeLookup is the race between a connection's close and its
+// look-up: the socket is gone when the look-up runs, and its destroy
+// broadcast names it; a second look-up after that is skipped.
+func TestCloseBeforeLookup(t *testing.T) {
+	tbl := names.New(nil)
+	lk, ds := newFake(), newFake()
+	s := sock(1000, 99, StateEstablished)
+	gone := s
+	lk.onSend = func() { lk.remove(gone) } // closed between request and look-up
+	lk.set(s)
+	src := startSource(t, tbl, lk, ds)
+	src.Request(keyOf(s))
+	time.Sleep(20 * time.Millisecond) // not found, retried
+	s.State = 7                       // TCP_CLOSE
+	ds.push(diagReply(0, s))
+	e := waitClaim(t, tbl, keyOf(s))
+	if e.UUID != uuid.FromCookie(99) {
+		t.Errorf("named %s", e.UUID)
+	}
+	if _, closed := e.Closed(); !closed {
+		t.Error("a destroyed socket must be announced closed")
+	}
+}
+
+func TestDestroyIgnoresListenersAndUnconnected(t *testing.T) {
+	tbl := names.New(nil)
+	lk, ds := newFake(), newFake()
+	startSource(t, tbl, lk, ds)
+	listener := Socket{Local: netip.AddrPortFrom(server, 443), Remote: netip.AddrPortFrom(netip.IPv4Unspecified(), 0), Cookie: 5, State: StateListen}
+	ds.push(diagReply(0, listener))
+	real := sock(1234, 6, 7)
+	ds.push(diagReply(0, real))
+	waitClaim(t, tbl, keyOf(real))
+	if tbl.Len() != 1 {
+		t.Errorf("%d announcements, want 1", tbl.Len())
+	}
+}
+
+func TestNotLocalIsNotLookedUp(t *testing.T) {
+	tbl := names.New(nil)
+	lk, ds := newFake(), newFake()
+	src := startSource(t, tbl, lk, ds)
+	src.Request(packet.KeyFromAddrPorts(netip.MustParseAddrPort("198.51.100.1:1"), netip.MustParseAddrPort("198.51.100.2:2")))
+	time.Sleep(20 * time.Millisecond)
+	lk.mu.Lock()
+	defer lk.mu.Unlock()
+	if lk.sends != 0 {
+		t.Error("a flow with no local end was looked up")
+	}
+}

@@ -1,0 +1,269 @@
+package sockdiag
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/packet"
+)
+
+// SourceName is the source recorded for the names this package finds.
+const SourceName = "kernel"
+
+// Sink takes the names found. *names.Table implements it.
+type Sink interface {
+	Open(ts time.Time, uuid string, k packet.Key, source string, cookie uint64) bool
+	Close(ts time.Time, uuid string) bool
+	// Has reports whether connection k is announced and open already.
+	Has(k packet.Key) bool
+}
+
+// Options configures a Source.
+type Options struct {
+	// Local are the addresses a connection's local end may have.
+	Local []netip.Addr
+	// UUID names a cookie; uuid.FromCookie in the daemon.
+	UUID func(cookie uint64) string
+	// Delay is how long after a request the first look-up is made; default
+	// none. With tcp-info running, a delay lets tcp-info name the connection
+	// first. (A look-up that finds the request socket of a connection whose
+	// handshake the kernel has not finished yet is retried.)
+	Delay time.Duration
+	// GiveUp is how long look-ups are retried (for a socket not yet
+	// established, or not found yet); default 5s.
+	GiveUp time.Duration
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+// Source names connections from the kernel's socket cookies.
+type Source struct {
+	o    Options
+	sink Sink
+	reqs chan packet.Key
+
+	// Counters, published as metrics and read by tests and benchmarks.
+	Sends, Receives atomic.Uint64
+}
+
+const (
+	batchMax   = 64
+	queueLen   = 1 << 14
+	retryFirst = 2 * time.Millisecond
+	retryMax   = 500 * time.Millisecond
+)
+
+// NewSource returns a source that puts the names it finds into sink.
+func NewSource(sink Sink, o Options) *Source {
+	if o.GiveUp <= 0 {
+		o.GiveUp = 5 * time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Source{o: o, sink: sink, reqs: make(chan packet.Key, queueLen)}
+}
+
+// Request asks for connection k to be named. It never blocks: when the
+// queue is full the request is dropped, counted, and the connection may
+// still be named by its destroy broadcast. It is safe for concurrent use.
+func (s *Source) Request(k packet.Key) {
+	select {
+	case s.reqs <- k:
+	default:
+		metrics.KernelLookups.WithLabelValues("queue_full").Inc()
+	}
+}
+
+type pending struct {
+	key           packet.Key
+	local, remote netip.AddrPort
+	due, giveUp   time.Time
+	wait          time.Duration
+}
+
+// localEnds orders k's endpoints as (local, remote), or reports that
+// neither end is a local address.
+func (s *Source) localEnds(k packet.Key) (local, remote netip.AddrPort, ok bool) {
+	a := netip.AddrPortFrom(netip.AddrFrom16(k.A).Unmap(), k.APort)
+	b := netip.AddrPortFrom(netip.AddrFrom16(k.B).Unmap(), k.BPort)
+	for _, l := range s.o.Local {
+		if l == a.Addr() {
+			return a, b, true
+		}
+		if l == b.Addr() {
+			return b, a, true
+		}
+	}
+	return a, b, false
+}
+
+// RunLookups serves requests with look-ups on conn until ctx is done, then
+// closes conn.
+func (s *Source) RunLookups(ctx context.Context, conn Conn) error {
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	defer conn.Close()
+	var queue []*pending
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	var seq uint32
+	buf := make([]byte, 64<<10)
+	for {
+		next := time.Hour
+		now := s.o.Now()
+		for _, p := range queue {
+			next = min(next, p.due.Sub(now))
+		}
+		timer.Reset(max(next, 0))
+		select {
+		case <-ctx.Done():
+			return nil
+		case k := <-s.reqs:
+			l, r, ok := s.localEnds(k)
+			if !ok {
+				metrics.KernelLookups.WithLabelValues("not_local").Inc()
+				continue
+			}
+			now := s.o.Now()
+			queue = append(queue, &pending{key: k, local: l, remote: r, due: now.Add(s.o.Delay), giveUp: now.Add(s.o.GiveUp), wait: retryFirst})
+			continue
+		case <-timer.C:
+		}
+		now = s.o.Now()
+		var batch []*pending
+		rest := queue[:0]
+		for _, p := range queue {
+			switch {
+			case s.sink.Has(p.key):
+				metrics.KernelLookups.WithLabelValues("already_named").Inc()
+			case !p.due.After(now) && len(batch) < batchMax:
+				batch = append(batch, p)
+			default:
+				rest = append(rest, p)
+			}
+		}
+		queue = rest
+		if len(batch) == 0 {
+			continue
+		}
+		retry, err := s.lookup(conn, batch, &seq, buf)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
+				return nil
+			}
+			metrics.KernelLookups.WithLabelValues("error").Add(float64(len(retry)))
+		}
+		now = s.o.Now()
+		for _, p := range retry {
+			if now.After(p.giveUp) {
+				metrics.KernelLookups.WithLabelValues("gave_up").Inc()
+				continue
+			}
+			p.due = now.Add(p.wait)
+			p.wait = min(2*p.wait, retryMax)
+			queue = append(queue, p)
+		}
+	}
+}
+
+// lookup sends one batch of requests and reads the replies. It returns the
+// requests to try again: sockets not found or not established yet.
+func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (retry []*pending, err error) {
+	bySeq := make(map[uint32]*pending, len(batch))
+	req := make([]byte, 0, len(batch)*(nlmsgHdrLen+reqV2Len))
+	for _, p := range batch {
+		*seq++
+		bySeq[*seq] = p
+		req = AppendRequest(req, *seq, p.local, p.remote)
+	}
+	s.Sends.Add(1)
+	metrics.KernelNetlinkCalls.WithLabelValues("send").Inc()
+	if err := conn.Send(req); err != nil {
+		return batch, err
+	}
+	if dl, ok := conn.(interface{ SetReadDeadline(time.Time) error }); ok {
+		dl.SetReadDeadline(time.Now().Add(time.Second))
+	}
+	for len(bySeq) > 0 {
+		n, err := conn.Receive(buf)
+		s.Receives.Add(1)
+		metrics.KernelNetlinkCalls.WithLabelValues("recv").Inc()
+		if err != nil {
+			for _, p := range bySeq {
+				retry = append(retry, p)
+			}
+			return retry, err
+		}
+		msgs, perr := ParseMessages(buf[:n])
+		if perr != nil {
+			metrics.KernelLookups.WithLabelValues("malformed").Inc()
+		}
+		for _, m := range msgs {
+			p, ok := bySeq[m.Seq]
+			if !ok {
+				continue
+			}
+			delete(bySeq, m.Seq)
+			switch {
+			case errors.Is(m.Err, ErrNotFound):
+				metrics.KernelLookups.WithLabelValues("not_found").Inc()
+				retry = append(retry, p)
+			case m.Err != nil:
+				metrics.KernelLookups.WithLabelValues("error").Inc()
+			case m.Socket.State == StateNewSynRecv || m.Socket.State == StateListen || m.Socket.Cookie == 0:
+				metrics.KernelLookups.WithLabelValues("not_established").Inc()
+				retry = append(retry, p)
+			default:
+				metrics.KernelLookups.WithLabelValues("found").Inc()
+				s.sink.Open(s.o.Now(), s.o.UUID(m.Socket.Cookie), p.key, SourceName, m.Socket.Cookie)
+			}
+		}
+	}
+	return retry, nil
+}
+
+// RunDestroy names connections from the kernel's destroy broadcasts read on
+// conn (see ListenDestroy) until ctx is done, then closes conn. Each
+// destroyed socket is announced opened and closed at once.
+func (s *Source) RunDestroy(ctx context.Context, conn Conn) error {
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	defer conn.Close()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := conn.Receive(buf)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
+				return nil
+			}
+			// ENOBUFS: broadcasts were lost in a burst. Count and go on.
+			metrics.KernelDestroyEvents.WithLabelValues("lost").Inc()
+			continue
+		}
+		msgs, perr := ParseMessages(buf[:n])
+		if perr != nil {
+			metrics.KernelDestroyEvents.WithLabelValues("malformed").Inc()
+		}
+		for _, m := range msgs {
+			s.destroyed(m.Socket)
+		}
+	}
+}
+
+func (s *Source) destroyed(sk Socket) {
+	if sk.Cookie == 0 || sk.State == StateListen || sk.Remote.Port() == 0 || sk.Remote.Addr().IsUnspecified() {
+		metrics.KernelDestroyEvents.WithLabelValues("ignored").Inc()
+		return
+	}
+	metrics.KernelDestroyEvents.WithLabelValues("named").Inc()
+	now := s.o.Now()
+	u := s.o.UUID(sk.Cookie)
+	s.sink.Open(now, u, packet.KeyFromAddrPorts(sk.Local, sk.Remote), SourceName, sk.Cookie)
+	s.sink.Close(now, u)
+}
