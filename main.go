@@ -199,11 +199,7 @@ func run(ctx context.Context, c *config) (int, error) {
 			destroyConn.Close()
 			return 1, err
 		}
-		delay := time.Duration(0)
-		if c.eventSocket != "" {
-			delay = 100 * time.Millisecond // tcp-info (polling every 10 ms) names its flows first
-		}
-		kernel = sockdiag.NewSource(table, sockdiag.Options{Local: local, UUID: uuid.FromCookie, Delay: delay, GiveUp: c.uuidWait})
+		kernel = sockdiag.NewSource(table, sockdiag.Options{Local: local, UUID: uuid.FromCookie, GiveUp: c.uuidWait})
 	}
 
 	filter := capture.Filter(local)
@@ -311,7 +307,11 @@ func run(ctx context.Context, c *config) (int, error) {
 func newNames(c *config) *names.Table {
 	// An announcement that no flow claimed within this long never will be.
 	ttl := max(c.captureDuration, c.flowTimeout) + c.uuidWait
-	return names.New(&names.Options{TTL: ttl})
+	o := &names.Options{TTL: ttl}
+	if c.eventSocket != "" {
+		o.Authority = "eventsocket" // tcp-info's names win
+	}
+	return names.New(o)
 }
 
 // eventHandler feeds eventsocket events into the names table.

@@ -90,6 +90,11 @@ func Open(iface string, opts *Options) (*Handle, error) {
 		func() error { return in.SetPromisc(false) },
 		func() error { return in.SetTimeout(o.ReadTimeout) },
 		func() error { return in.SetBufferSize(o.BufferSize) },
+		// Immediate delivery: the demuxer sees a handshake's last ACK while
+		// the kernel's socket is still there to be looked up, even for a
+		// connection that lasts a few milliseconds. (In block mode a packet
+		// can wait for the read timeout before it is delivered.)
+		func() error { return in.SetImmediateMode(true) },
 	} {
 		if err := set(); err != nil {
 			return nil, fmt.Errorf("capture on %s: %w", iface, err)

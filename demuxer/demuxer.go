@@ -119,8 +119,9 @@ type Options struct {
 	Anonymizer      *anonymize.Anonymizer // nil masks nothing
 	Limits          *Limits               // nil sets no limit
 	// Lookup, when set, is asked once per unnamed flow, at its first packet
-	// with an ACK (a connection past its SYN), to find the flow's UUID
-	// elsewhere (the kernel). It must not block.
+	// with an ACK and no SYN (a connection past its handshake: a SYN flood
+	// asks nothing), to find the flow's UUID elsewhere (the kernel). It must
+	// not block.
 	Lookup func(packet.Key)
 }
 
@@ -242,7 +243,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	if f.endAt == 0 && (p.Flags&packet.FlagRST != 0 || f.finA && f.finB) {
 		f.endAt = tsn + int64(d.o.Linger)
 	}
-	if f.st == waiting && !f.lookedUp && p.Flags&packet.FlagACK != 0 && d.o.Lookup != nil {
+	if f.st == waiting && !f.lookedUp && p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagACK && d.o.Lookup != nil {
 		f.lookedUp = true
 		d.o.Lookup(k)
 	}

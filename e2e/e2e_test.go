@@ -86,7 +86,7 @@ func TestEndToEnd(t *testing.T) {
 	waitFor(t, 10*time.Second, "tcpdump to start", func() bool { return strings.Contains(l.log("tcpdump.log"), "listening") })
 	captureStart := time.Now() // flows that began earlier (readiness checks) are not expected in full
 
-	l.echoServer(8081)
+	l.server(8081)
 	traffic(t, l, 8081)
 	time.Sleep(2500 * time.Millisecond) // FIN linger (1 s) and a tick, so most files are written before SIGTERM
 
@@ -138,6 +138,7 @@ func traffic(t *testing.T, l *lab, port int) {
 		}
 		defer c.Close()
 		go io.Copy(io.Discard, c)
+		c.Write([]byte("e"))
 		buf := bytes.Repeat([]byte("x"), 64<<10)
 		for i := 0; i < 30; i++ {
 			if _, err := c.Write(buf); err != nil {
@@ -161,7 +162,7 @@ func traffic(t *testing.T, l *lab, port int) {
 		defer c.Close()
 		time.Sleep(40 * time.Millisecond) // long enough for tcp-info's 10 ms polls to see it
 		msg := []byte(fmt.Sprintf("hello %d\n", i))
-		if _, err := c.Write(msg); err != nil {
+		if _, err := c.Write(append([]byte("e"), msg...)); err != nil {
 			errs <- err
 			return
 		}
@@ -237,6 +238,9 @@ func keyOf(x, y netip.AddrPort) flowKey {
 type refPacket struct {
 	record
 	key       flowKey
+	src       netip.AddrPort
+	seq       uint32
+	flags     uint8
 	hdrEnd    int // end of the TCP header
 	syn       bool
 	payload   int
@@ -274,7 +278,10 @@ func decode(t *testing.T, r record) (refPacket, bool) {
 		return refPacket{}, false
 	}
 	rp.hdrEnd = rp.tcpOff + int(tl.DataOffset)*4
-	rp.key = keyOf(netip.AddrPortFrom(src, uint16(tl.SrcPort)), netip.AddrPortFrom(dst, uint16(tl.DstPort)))
+	rp.src = netip.AddrPortFrom(src, uint16(tl.SrcPort))
+	rp.key = keyOf(rp.src, netip.AddrPortFrom(dst, uint16(tl.DstPort)))
+	rp.seq = tl.Seq
+	rp.flags = tl.Contents[13]
 	return rp, true
 }
 
@@ -303,23 +310,83 @@ func readPcap(t *testing.T, path string) ([]record, *pcapgo.Reader) {
 	return out, r
 }
 
-// readReference returns the reference packets by flow, each flow's
-// connections split at a SYN with a new sequence number.
-func readReference(t *testing.T, path string) map[flowKey][]refPacket {
+// refConn is one connection of the reference capture.
+type refConn struct {
+	key       flowKey
+	pkts      []refPacket
+	synSeq    uint32
+	syn       bool // began with a pure SYN
+	handshake bool // SYN, SYN-ACK and the final ACK were all seen
+	// serverReset: the server's application reset it (the server sent an
+	// RST); the kernel's destroy broadcast cannot name such a connection.
+	serverReset bool
+}
+
+// readReference returns the reference capture's connections by 4-tuple; a
+// 4-tuple's packets are split into connections at each pure SYN with a new
+// sequence number.
+func readReference(t *testing.T, path string) map[flowKey][]*refConn {
 	recs, _ := readPcap(t, path)
 	if !nanosecondMagic(path) {
 		t.Fatalf("reference capture is not in nanoseconds")
 	}
-	out := map[flowKey][]refPacket{}
+	out := map[flowKey][]*refConn{}
 	for _, rec := range recs {
-		if p, ok := decode(t, rec); ok {
-			out[p.key] = append(out[p.key], p)
+		p, ok := decode(t, rec)
+		if !ok {
+			continue
+		}
+		conns := out[p.key]
+		var c *refConn
+		if len(conns) > 0 {
+			c = conns[len(conns)-1]
+		}
+		if c == nil || p.syn && (!c.syn || c.synSeq != p.seq) {
+			c = &refConn{key: p.key, syn: p.syn, synSeq: p.seq}
+			out[p.key] = append(conns, c)
+		}
+		c.pkts = append(c.pkts, p)
+	}
+	for _, conns := range out {
+		for _, c := range conns {
+			c.handshake = c.syn && handshakeDone(c)
+			for _, p := range c.pkts {
+				if p.src != c.pkts[0].src && p.flags&0x04 != 0 {
+					c.serverReset = true
+				}
+			}
 		}
 	}
 	return out
 }
 
-func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]refPacket, captureStart time.Time) {
+func handshakeDone(c *refConn) bool {
+	client := c.pkts[0].src
+	synack, ack := false, false
+	for _, p := range c.pkts[1:] {
+		switch {
+		case p.src != client && p.flags&0x12 == 0x12:
+			synack = true
+		case synack && p.src == client && p.flags&0x12 == 0x10:
+			ack = true
+		}
+	}
+	return synack && ack
+}
+
+// connAt returns the connection of a 4-tuple going on at ts.
+func connAt(conns []*refConn, ts time.Time) *refConn {
+	var best *refConn
+	for _, c := range conns {
+		if !c.pkts[0].ts.After(ts.Add(timestampTolerance)) {
+			best = c
+		}
+	}
+	return best
+}
+
+// daemonFiles returns the daemon's files by UUID, and flags partial files.
+func daemonFiles(t *testing.T, d *daemon) map[string]string {
 	files := map[string]string{}
 	filepath.Walk(d.dataDir, func(path string, info os.FileInfo, err error) error {
 		if err == nil && !info.IsDir() {
@@ -330,6 +397,23 @@ func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.F
 		}
 		return nil
 	})
+	return files
+}
+
+// checkFile reads a file and checks it against its reference connection.
+func checkFile(t *testing.T, l *lab, d *daemon, path string, c *refConn) ([]record, string) {
+	if c.pkts[0].ts.UTC().Format("2006/01/02") != filepath.Dir(strings.TrimPrefix(path, d.dataDir+"/")) {
+		return nil, "not in the directory of its first packet's date"
+	}
+	got, r := readPcap(t, path)
+	if !nanosecondMagic(path) || r.LinkType() != layers.LinkTypeEthernet || r.Snaplen() != 256 {
+		return nil, fmt.Sprintf("header: nanosecond magic %v, link type %v, snaplen %d", nanosecondMagic(path), r.LinkType(), r.Snaplen())
+	}
+	return got, compareFlow(t, got, c.pkts, d, l)
+}
+
+func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]*refConn, captureStart time.Time) {
+	files := daemonFiles(t, d)
 	checked, packets := 0, 0
 	var uuids []string
 	for u := range opens {
@@ -343,23 +427,17 @@ func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.F
 		if remote.Addr().IsUnspecified() {
 			continue // a listening socket
 		}
-		want := ref[keyOf(local, remote)]
-		if len(want) == 0 || want[0].ts.Before(captureStart) {
+		c := connAt(ref[keyOf(local, remote)], e.Timestamp)
+		if c == nil || c.pkts[0].ts.Before(captureStart) {
 			continue // not in the reference capture, or begun before the daemons captured
 		}
 		path, ok := files[u]
 		if !ok {
-			t.Errorf("%s: no file for announced flow %s (%v -> %v, %d reference packets)", d.name, u, local, remote, len(want))
+			t.Errorf("%s: no file for announced flow %s (%v -> %v, %d reference packets)", d.name, u, local, remote, len(c.pkts))
 			continue
 		}
-		if want[0].ts.UTC().Format("2006/01/02") != filepath.Dir(strings.TrimPrefix(path, d.dataDir+"/")) {
-			t.Errorf("%s: %s is not in the directory of its first packet's date", d.name, path)
-		}
-		got, r := readPcap(t, path)
-		if !nanosecondMagic(path) || r.LinkType() != layers.LinkTypeEthernet || r.Snaplen() != 256 {
-			t.Errorf("%s: %s: header: nanosecond magic %v, link type %v, snaplen %d", d.name, u, nanosecondMagic(path), r.LinkType(), r.Snaplen())
-		}
-		if msg := compareFlow(t, got, want, d, l); msg != "" {
+		got, msg := checkFile(t, l, d, path, c)
+		if msg != "" {
 			t.Errorf("%s: %s (%v -> %v): %s", d.name, u, local, remote, msg)
 			continue
 		}
@@ -385,6 +463,9 @@ const timestampTolerance = 2 * time.Millisecond
 // are fed by both CPUs, so packets of the two directions that cross in
 // flight may be queued to them in different orders.
 func compareFlow(t *testing.T, got []record, want []refPacket, d *daemon, l *lab) string {
+	if len(got) == 0 {
+		return "no packets"
+	}
 	first := want[0].ts
 	type cand struct {
 		p         refPacket

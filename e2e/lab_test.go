@@ -199,9 +199,13 @@ func (l *lab) inNamespace(f func()) {
 	}
 }
 
-// echoServer listens in the namespace on both address families and echoes
-// what each connection sends until the client closes.
-func (l *lab) echoServer(port int) {
+// server listens in the namespace on both address families. The first byte
+// a client sends chooses how the connection goes:
+//
+//	e: echo everything until the client closes
+//	s: answer one line, then close (the server closes first)
+//	r: answer one line, then reset (SO_LINGER 0)
+func (l *lab) server(port int) {
 	var lns []net.Listener
 	l.inNamespace(func() {
 		for _, a := range []netip.Addr{l.srv4, l.srv6} {
@@ -222,12 +226,30 @@ func (l *lab) echoServer(port int) {
 				if err != nil {
 					return
 				}
-				go func() {
-					defer c.Close()
-					io.Copy(c, c)
-				}()
+				go serve(c.(*net.TCPConn))
 			}
 		}()
+	}
+}
+
+func serve(c *net.TCPConn) {
+	defer c.Close()
+	r := bufio.NewReader(c)
+	mode, err := r.ReadByte()
+	if err != nil {
+		return
+	}
+	if mode == 'e' {
+		io.Copy(c, r)
+		return
+	}
+	line, err := r.ReadBytes('\n')
+	if err != nil {
+		return
+	}
+	c.Write(line)
+	if mode == 'r' {
+		c.SetLinger(0)
 	}
 }
 

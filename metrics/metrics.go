@@ -158,7 +158,7 @@ var (
 	// KernelDestroyEvents counts the kernel's TCP socket destroy broadcasts.
 	KernelDestroyEvents = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "pcap_kernel_destroy_events_total",
-		Help: "TCP socket destroy broadcasts from sock_diag, by result (named, ignored, lost, malformed).",
+		Help: "TCP socket destroy broadcasts from sock_diag, by result (named; disconnected: closed with SO_LINGER 0, no remote port; ignored: listeners; lost; malformed).",
 	}, []string{"result"})
 
 	// MemoryReleases counts times idle heap was returned to the OS.

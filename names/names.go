@@ -37,6 +37,7 @@ type Entry struct {
 
 	// Guarded by Table.mu.
 	claimed bool
+	created time.Time // when the table learnt of it (table clock)
 	seen    time.Time // when the table learnt of it or last changed it (table clock)
 }
 
@@ -58,17 +59,21 @@ type Options struct {
 	MaxEntries int
 	// Now is the table's clock; default time.Now.
 	Now func() time.Time
+	// Authority is the source whose name for a socket (same cookie) replaces
+	// another source's, as long as no flow claimed that one.
+	Authority string
 }
 
 // Table maps connections to their announced UUIDs.
 type Table struct {
-	ttl     time.Duration
-	max     int
-	now     func() time.Time
-	mu      sync.Mutex
-	byKey   map[packet.Key]*Entry // the newest announcement for a connection
-	byUUID  map[string]*Entry     // every open announcement, for Close
-	dropped atomic.Uint64
+	ttl       time.Duration
+	authority string
+	max       int
+	now       func() time.Time
+	mu        sync.Mutex
+	byKey     map[packet.Key]*Entry // the newest announcement for a connection
+	byUUID    map[string]*Entry     // every open announcement, for Close
+	dropped   atomic.Uint64
 }
 
 // New returns an empty table.
@@ -85,6 +90,7 @@ func New(opts *Options) *Table {
 		if opts.Now != nil {
 			t.now = opts.Now
 		}
+		t.authority = opts.Authority
 	}
 	return t
 }
@@ -100,13 +106,23 @@ func (t *Table) Open(ts time.Time, uuid string, k packet.Key, source string, coo
 		return false
 	}
 	if old, ok := t.byKey[k]; ok && (old.UUID == uuid || cookie != 0 && old.Cookie == cookie) {
+		if old.UUID != uuid && source == t.authority && old.Source != t.authority && !old.claimed {
+			// The authoritative source names a socket another source
+			// named first, with another prefix: its name wins while no
+			// flow took the other.
+			delete(t.byUUID, old.UUID)
+			old.UUID, old.Source, old.OpenedAt = uuid, source, ts
+			t.byUUID[uuid] = old
+			return true
+		}
 		return false // a repeat, late or from another source
 	}
 	if len(t.byUUID) >= t.max || len(t.byKey) >= t.max {
 		t.dropped.Add(1)
 		return false
 	}
-	e := &Entry{UUID: uuid, Key: k, Source: source, Cookie: cookie, OpenedAt: ts, seen: t.now()}
+	now := t.now()
+	e := &Entry{UUID: uuid, Key: k, Source: source, Cookie: cookie, OpenedAt: ts, created: now, seen: now}
 	t.byUUID[uuid] = e
 	t.byKey[k] = e
 	return true
@@ -183,16 +199,21 @@ func (t *Table) Sweep() int {
 	return len(t.byKey)
 }
 
-// Has reports whether connection k has an announcement that is still open.
-func (t *Table) Has(k packet.Key) bool {
+// NamedSince reports whether connection k has an announcement that a new
+// flow could claim (open and not claimed yet), or one that arrived at or
+// after t (by the table's clock).
+func (t *Table) NamedSince(k packet.Key, since time.Time) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e, ok := t.byKey[k]
 	if !ok {
 		return false
 	}
+	if !e.created.Before(since) {
+		return true
+	}
 	_, closed := e.Closed()
-	return !closed
+	return !e.claimed && !closed
 }
 
 // Len returns the number of connections with an announcement.

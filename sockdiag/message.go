@@ -14,6 +14,14 @@
 //
 // Only sockets in the daemon's network namespace can be found: a flow whose
 // socket is elsewhere, or that has no local socket, stays unnamed.
+//
+// One case cannot be named: a socket that its own application closes with
+// SO_LINGER 0 (a reset) before the look-up runs. The kernel disconnects such
+// a socket before destroying it, so its destroy broadcast no longer carries
+// the remote port, and the 4-tuple cannot be known. Look-ups start as soon
+// as the demuxer sees the SYN-ACK and are retried every 0.5 ms until the
+// handshake completes, so only connections reset by the server within a few
+// milliseconds of their handshake (and under load) are lost this way.
 package sockdiag
 
 import (

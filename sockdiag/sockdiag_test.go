@@ -390,7 +390,7 @@ func TestSourceWaitsForEstablishment(t *testing.T) {
 	lk.set(s)
 	src.Request(keyOf(s))
 	time.Sleep(30 * time.Millisecond)
-	if tbl.Has(keyOf(s)) {
+	if tbl.NamedSince(keyOf(s), time.Time{}) {
 		t.Fatal("named from a request socket's cookie")
 	}
 	s.Cookie, s.State = 78, StateEstablished

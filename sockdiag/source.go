@@ -19,8 +19,9 @@ const SourceName = "kernel"
 type Sink interface {
 	Open(ts time.Time, uuid string, k packet.Key, source string, cookie uint64) bool
 	Close(ts time.Time, uuid string) bool
-	// Has reports whether connection k is announced and open already.
-	Has(k packet.Key) bool
+	// NamedSince reports whether connection k has an announcement that a
+	// flow may still claim, or one made since t.
+	NamedSince(k packet.Key, t time.Time) bool
 }
 
 // Options configures a Source.
@@ -52,10 +53,12 @@ type Source struct {
 }
 
 const (
-	batchMax   = 64
-	queueLen   = 1 << 14
-	retryFirst = 2 * time.Millisecond
-	retryMax   = 500 * time.Millisecond
+	batchMax        = 64
+	queueLen        = 1 << 14
+	retryHandshake  = 500 * time.Microsecond
+	fastRetries     = 40 // 20 ms of quick retries while the handshake completes
+	retrySlow       = 50 * time.Millisecond
+	notFoundRetries = 1
 )
 
 // NewSource returns a source that puts the names it finds into sink.
@@ -69,7 +72,8 @@ func NewSource(sink Sink, o Options) *Source {
 	return &Source{o: o, sink: sink, reqs: make(chan packet.Key, queueLen)}
 }
 
-// Request asks for connection k to be named. It never blocks: when the
+// Request asks for connection k to be named, once its handshake is
+// complete. It never blocks: when the
 // queue is full the request is dropped, counted, and the connection may
 // still be named by its destroy broadcast. It is safe for concurrent use.
 func (s *Source) Request(k packet.Key) {
@@ -83,8 +87,11 @@ func (s *Source) Request(k packet.Key) {
 type pending struct {
 	key           packet.Key
 	local, remote netip.AddrPort
+	asked         time.Time
 	due, giveUp   time.Time
-	wait          time.Duration
+	notFound      int  // answers without a connection
+	handshake     bool // the last answer was a request socket: the child comes soon
+	fast          int  // quick retries made for a request socket
 }
 
 // localEnds orders k's endpoints as (local, remote), or reports that
@@ -131,45 +138,63 @@ func (s *Source) RunLookups(ctx context.Context, conn Conn) error {
 				continue
 			}
 			now := s.o.Now()
-			queue = append(queue, &pending{key: k, local: l, remote: r, due: now.Add(s.o.Delay), giveUp: now.Add(s.o.GiveUp), wait: retryFirst})
+			queue = append(queue, &pending{key: k, local: l, remote: r, asked: now, due: now.Add(s.o.Delay), giveUp: now.Add(s.o.GiveUp)})
 			continue
 		case <-timer.C:
 		}
+		// Every look-up that is due goes out now, in batches.
 		now = s.o.Now()
-		var batch []*pending
+		var due []*pending
 		rest := queue[:0]
 		for _, p := range queue {
 			switch {
-			case s.sink.Has(p.key):
+			case s.sink.NamedSince(p.key, p.asked):
 				metrics.KernelLookups.WithLabelValues("already_named").Inc()
-			case !p.due.After(now) && len(batch) < batchMax:
-				batch = append(batch, p)
+			case !p.due.After(now):
+				due = append(due, p)
 			default:
 				rest = append(rest, p)
 			}
 		}
 		queue = rest
-		if len(batch) == 0 {
-			continue
-		}
-		retry, err := s.lookup(conn, batch, &seq, buf)
-		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
-				return nil
+		for len(due) > 0 {
+			batch := due[:min(len(due), batchMax)]
+			due = due[len(batch):]
+			retry, err := s.lookup(conn, batch, &seq, buf)
+			if err != nil {
+				if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
+					return nil
+				}
+				metrics.KernelLookups.WithLabelValues("error").Add(float64(len(retry)))
 			}
-			metrics.KernelLookups.WithLabelValues("error").Add(float64(len(retry)))
-		}
-		now = s.o.Now()
-		for _, p := range retry {
-			if now.After(p.giveUp) {
-				metrics.KernelLookups.WithLabelValues("gave_up").Inc()
-				continue
-			}
-			p.due = now.Add(p.wait)
-			p.wait = min(2*p.wait, retryMax)
-			queue = append(queue, p)
+			queue = append(queue, s.reschedule(retry)...)
 		}
 	}
+}
+
+// reschedule decides when to look again, or to give up.
+func (s *Source) reschedule(retry []*pending) []*pending {
+	now := s.o.Now()
+	var out []*pending
+	for _, p := range retry {
+		switch {
+		case now.After(p.giveUp) || p.notFound > notFoundRetries:
+			// Not found twice after its handshake: closed before it could
+			// be looked up (its destroy broadcast names it), or a socket in
+			// another network namespace (never named).
+			metrics.KernelLookups.WithLabelValues("gave_up").Inc()
+			continue
+		case p.handshake && p.fast < fastRetries:
+			// The kernel is finishing the handshake: look again soon,
+			// before a connection that lasts a few milliseconds is gone.
+			p.fast++
+			p.due = now.Add(retryHandshake)
+		default:
+			p.due = now.Add(retrySlow)
+		}
+		out = append(out, p)
+	}
+	return out
 }
 
 // lookup sends one batch of requests and reads the replies. It returns the
@@ -211,13 +236,18 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 			}
 			delete(bySeq, m.Seq)
 			switch {
-			case errors.Is(m.Err, ErrNotFound):
+			case errors.Is(m.Err, ErrNotFound) || m.Err == nil && m.Socket.State == StateListen:
+				// Without a connection for the 4-tuple the kernel answers
+				// with the listening socket of the local port, if any.
 				metrics.KernelLookups.WithLabelValues("not_found").Inc()
+				p.handshake = false
+				p.notFound++
 				retry = append(retry, p)
 			case m.Err != nil:
 				metrics.KernelLookups.WithLabelValues("error").Inc()
-			case m.Socket.State == StateNewSynRecv || m.Socket.State == StateListen || m.Socket.Cookie == 0:
+			case m.Socket.State == StateNewSynRecv || m.Socket.Cookie == 0:
 				metrics.KernelLookups.WithLabelValues("not_established").Inc()
+				p.handshake = m.Socket.State == StateNewSynRecv
 				retry = append(retry, p)
 			default:
 				metrics.KernelLookups.WithLabelValues("found").Inc()
@@ -257,8 +287,16 @@ func (s *Source) RunDestroy(ctx context.Context, conn Conn) error {
 }
 
 func (s *Source) destroyed(sk Socket) {
-	if sk.Cookie == 0 || sk.State == StateListen || sk.Remote.Port() == 0 || sk.Remote.Addr().IsUnspecified() {
+	if sk.Cookie == 0 || sk.State == StateListen {
 		metrics.KernelDestroyEvents.WithLabelValues("ignored").Inc()
+		return
+	}
+	if sk.Remote.Port() == 0 || sk.Remote.Addr().IsUnspecified() {
+		// A socket its application closed with SO_LINGER 0 is disconnected
+		// before it is destroyed: the broadcast lost the remote port. Its
+		// connection can only have been named by a look-up; close that.
+		s.sink.Close(s.o.Now(), s.o.UUID(sk.Cookie))
+		metrics.KernelDestroyEvents.WithLabelValues("disconnected").Inc()
 		return
 	}
 	metrics.KernelDestroyEvents.WithLabelValues("named").Inc()
