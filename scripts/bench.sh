@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the Go benchmarks (per-packet decode, demux, header copy and
+# anonymization; per-flow naming through the kernel) and prints their
+# numbers, allocations included. Needs root for the kernel benchmark.
+# Usage: scripts/bench.sh [go test -bench pattern]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/local/go/bin"
+pattern="${1:-.}"
+echo "== $(nproc) cores, $(go version)"
+go test -run '^$' -bench "$pattern" -benchmem -count 1 ./packet/ ./anonymize/ ./saver/ ./demuxer/ ./sockdiag/ | grep -E '^(Benchmark|ok|FAIL)'
