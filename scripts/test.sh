@@ -32,7 +32,7 @@ go test -race -count=1 -timeout 30m ./...
 
 fuzztime="${FUZZTIME:-10s}"
 echo "== fuzzing each target for $fuzztime"
-for target in packet:FuzzDecode anonymize:FuzzApply tcpeventsocket:FuzzParseLine; do
+for target in packet:FuzzDecode anonymize:FuzzApply tcpeventsocket:FuzzParseLine sockdiag:FuzzParseMessages; do
   go test -run '^$' -fuzz "^${target#*:}\$" -fuzztime "$fuzztime" "./${target%%:*}/"
 done
 echo "== all tests passed"
