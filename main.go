@@ -29,12 +29,14 @@ import (
 	"github.com/m-lab/go/bytecount"
 	"github.com/m-lab/go/flagx"
 	"github.com/m-lab/uuid"
+	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
 	pm "github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
+	"github.com/m-lab/packet-headers/offline"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/saver"
 	"github.com/m-lab/packet-headers/sockdiag"
@@ -59,6 +61,10 @@ type config struct {
 	maxHeap         bytecount.ByteCount
 	uuidPrefixFile  string
 	kernelUUIDs     bool
+	read, events    string
+	quiet           bool
+	localAddrs      flagx.StringArray
+	local           []netip.Addr // parsed localAddrs
 }
 
 func newFlagSet(c *config) *flag.FlagSet {
@@ -82,6 +88,10 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.DurationVar(&c.uuidWait, "uuidwaitduration", 5*time.Second, "Drop a flow's headers if no UUID arrived this long after its first packet")
 	fs.Int64Var(&c.maxFlows, "maxflows", 0, "Track at most this many concurrent flows; beyond it new flows are not tracked (0: unlimited)")
 	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks")
+	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
+	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
+	fs.BoolVar(&c.quiet, "quiet", false, "Offline mode: no progress line on a terminal")
+	fs.Var(&c.localAddrs, "localaddr", "Offline mode: an address of the server (repeatable), kept by -anonymize.ip=netblock; the local ends in -events are added")
 	return fs
 }
 
@@ -124,8 +134,23 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return fmt.Errorf("-maxheap must be positive")
 	case c.maxIdleRAM <= 0:
 		return fmt.Errorf("-maxidleram must be positive")
-	case c.eventSocket == "" && !c.kernelUUIDs:
+	case c.read == "" && c.eventSocket == "" && !c.kernelUUIDs:
 		return errors.New("no UUID source: with -uuid.kernel=false, -tcpinfo.eventsocket is required")
+	case c.events != "" && c.read == "":
+		return errors.New("-events goes with -read (offline mode)")
+	case c.read != "" && (c.eventSocket != "" || len(c.interfaces) > 0):
+		return errors.New("-read (offline mode) replaces capture and the eventsocket: drop -interface and -tcpinfo.eventsocket")
+	case c.read == "-" && c.events == "-":
+		return errors.New("-read and -events cannot both be stdin")
+	case len(c.localAddrs) > 0 && c.read == "":
+		return errors.New("-localaddr is for offline mode (-read); live mode knows its addresses")
+	}
+	for _, s := range c.localAddrs {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return fmt.Errorf("-localaddr: %w", err)
+		}
+		c.local = append(c.local, a.Unmap())
 	}
 	if c.uuidPrefixFile != "" {
 		if err := uuid.SetUUIDPrefixFile(c.uuidPrefixFile); err != nil {
@@ -147,6 +172,10 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	run := run
+	if c.read != "" {
+		run = runOffline
+	}
 	code, err := run(ctx, &c)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "packet-headers: %v\n", err)
@@ -302,6 +331,32 @@ func run(ctx context.Context, c *config) (int, error) {
 	bgWG.Wait()
 	log.Printf("packet-headers: every named flow saved; exiting")
 	return 0, nil
+}
+
+// runOffline splits a capture file into per-flow files and prints a
+// one-line summary.
+func runOffline(ctx context.Context, c *config) (int, error) {
+	mode, err := anonymize.ParseMode(c.anonymize.Value)
+	if err != nil {
+		return 2, err
+	}
+	o := offline.Options{Read: c.read, Events: c.events, Stdin: os.Stdin, Dir: c.dataDir,
+		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
+		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Local: c.local}
+	if !c.quiet && isTerminal(os.Stderr) {
+		o.Progress = os.Stderr
+	}
+	sum, err := offline.Run(ctx, o)
+	fmt.Printf("packet-headers: %s\n", sum)
+	if err != nil {
+		return 1, err
+	}
+	return 0, nil
+}
+
+func isTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }
 
 func newNames(c *config) *names.Table {

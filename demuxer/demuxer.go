@@ -151,9 +151,32 @@ type flow struct {
 
 // counters are counted per packet in plain fields and published by Tick.
 type counters struct {
-	captured, afterDur, noUUID, flowLimit, memLimit uint64
-	undecodable                                     [packet.NumKinds]uint64
-	started, refusedFlows, refusedMem, uuidTimeout  uint64
+	captured, afterDur, noUUID, flowLimit, memLimit, shutdown uint64
+	undecodable                                               [packet.NumKinds]uint64
+	started, refusedFlows, refusedMem, uuidTimeout            uint64
+}
+
+// Counts are a demuxer's totals since it started.
+type Counts struct {
+	Packets        uint64 // frames given to Packet
+	Undecodable    uint64 // frames that were not decodable TCP/IP
+	Flows          uint64 // flows started
+	NoUUID         uint64 // packets of flows never named
+	AfterDuration  uint64 // packets after -captureduration
+	FlowLimit      uint64 // packets of flows refused by -maxflows
+	MemoryLimit    uint64 // packets of flows refused by -maxheap
+	ShutdownNoUUID uint64 // packets of flows still unnamed at Close
+}
+
+// Counts returns the demuxer's totals. Like Packet, it must be called from
+// the demuxer's goroutine.
+func (d *Demuxer) Counts() Counts {
+	c := Counts{Packets: d.c.captured, Flows: d.c.started, NoUUID: d.c.noUUID, AfterDuration: d.c.afterDur,
+		FlowLimit: d.c.flowLimit, MemoryLimit: d.c.memLimit, ShutdownNoUUID: d.c.shutdown}
+	for _, n := range d.c.undecodable {
+		c.Undecodable += n
+	}
+	return c
 }
 
 // Demuxer demultiplexes one capture into flows.
@@ -337,7 +360,7 @@ func (d *Demuxer) finish(f *flow) {
 // discard drops the headers of a flow that got no UUID.
 func (d *Demuxer) discard(f *flow, shutdown bool) {
 	if shutdown {
-		d.m.shutdown.Add(float64(f.buf.Packets()))
+		d.c.shutdown += uint64(f.buf.Packets())
 		d.m.endedShutdown.Inc()
 	} else {
 		d.c.noUUID += uint64(f.buf.Packets())
@@ -425,6 +448,7 @@ func (d *Demuxer) publish() {
 	add(d.m.noUUID, d.c.noUUID, &d.pub.noUUID)
 	add(d.m.flowLimit, d.c.flowLimit, &d.pub.flowLimit)
 	add(d.m.memLimit, d.c.memLimit, &d.pub.memLimit)
+	add(d.m.shutdown, d.c.shutdown, &d.pub.shutdown)
 	add(d.m.refusedFlows, d.c.refusedFlows, &d.pub.refusedFlows)
 	add(d.m.refusedMem, d.c.refusedMem, &d.pub.refusedMem)
 	add(d.m.uuidTimeout, d.c.uuidTimeout, &d.pub.uuidTimeout)

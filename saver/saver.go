@@ -56,6 +56,8 @@ type Saver struct {
 	snaplen      int
 	wg           sync.WaitGroup
 	active       atomic.Int64
+	files, bytes atomic.Int64
+	errors       atomic.Int64
 }
 
 // New prepares the data directory: it creates it and its partial directory,
@@ -99,6 +101,12 @@ func (s *Saver) Path(uuid string, first time.Time) string {
 
 // Active returns the number of flows being written.
 func (s *Saver) Active() int64 { return s.active.Load() }
+
+// Written returns the number of files and bytes written, and of flows lost
+// to write errors, since New.
+func (s *Saver) Written() (files, bytes, failed int64) {
+	return s.files.Load(), s.bytes.Load(), s.errors.Load()
+}
 
 // Wait waits until every started Flow has finished. Flows finish once they
 // have been pushed their final chunks.
@@ -227,8 +235,11 @@ func (f *Flow) run() {
 		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeWriteError).Add(float64(total))
 		metrics.FlowsEnded.WithLabelValues(metrics.FlowWriteError).Inc()
 		log.Printf("saver: flow %s: %s: %v", f.uuid, op, err)
+		f.s.errors.Add(1)
 		return
 	}
+	f.s.files.Add(1)
+	f.s.bytes.Add(int64(written))
 	metrics.FilesWritten.Inc()
 	metrics.BytesWritten.Add(float64(written))
 	metrics.PacketsTotal.WithLabelValues(metrics.OutcomeSaved).Add(float64(packets))

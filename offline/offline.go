@@ -1,0 +1,350 @@
+// Package offline splits an existing capture into the per-flow header pcaps
+// that the daemon would have written, deterministically.
+//
+// The input is a pcap or pcapng file (gzip-compressed or not) and,
+// optionally, the JSON Lines that tcp-info's eventsocket sent during the same
+// period. The pipeline is the live one (demuxer, anonymizer, saver); only the
+// clock differs: it is the packets' timestamps, and events are applied in
+// timestamp order between packets. Timeouts, -captureduration and
+// -uuidwaitduration therefore behave as they did live, and the same input
+// always gives the same files, byte for byte.
+//
+// Without events, each flow is named by a deterministic fallback built from
+// its first packet's time and its 4-tuple (see FallbackName).
+//
+// A Run belongs to one goroutine; it starts the saver's writer goroutines
+// and waits for them before it returns.
+package offline
+
+import (
+	"bufio"
+	"compress/gzip"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/pcapgo"
+
+	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/names"
+	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/tcpeventsocket"
+)
+
+// Options configures a Run.
+type Options struct {
+	Read   string    // capture file, or "-" for Stdin
+	Events string    // eventsocket JSON Lines file, or "" for fallback names
+	Stdin  io.Reader // read when Read is "-"
+
+	Dir             string
+	MaxHeaderSize   int
+	CaptureDuration time.Duration
+	FlowTimeout     time.Duration
+	UUIDWait        time.Duration
+	Stream          bool
+	Anonymize       anonymize.Mode
+	// Local are the server's addresses, kept by netblock anonymization; the
+	// local ends of the events' connections are added to them.
+	Local []netip.Addr
+
+	// Progress, when set, gets a progress line every second.
+	Progress io.Writer
+}
+
+// Summary is what a Run did.
+type Summary struct {
+	Packets, Undecodable uint64
+	Flows                uint64
+	Files, Bytes         int64
+	WriteErrors          int64
+	Events, BadEvents    int
+	NoUUID               uint64 // packets of flows never named
+	AfterDuration        uint64 // packets after -captureduration
+}
+
+// String is the one-line summary.
+func (s Summary) String() string {
+	return fmt.Sprintf("read %d packets (%d undecodable) in %d flows; wrote %d files (%d bytes); dropped %d packets without UUID and %d after -captureduration; %d events (%d skipped); %d write errors",
+		s.Packets, s.Undecodable, s.Flows, s.Files, s.Bytes, s.NoUUID, s.AfterDuration, s.Events, s.BadEvents, s.WriteErrors)
+}
+
+// FallbackName is the name of a flow when no events are given: the UTC time
+// of its first packet to the nanosecond, then its two endpoints in key order
+// (IPv6 colons as dashes), e.g.
+// offline_20261125T232153.694760613Z_10.99.0.1_38918_10.99.0.2_8080.
+// Masked addresses appear masked.
+func FallbackName(k packet.Key, first time.Time, a *anonymize.Anonymizer) string {
+	ep := func(addr [16]byte, port uint16) string {
+		ip := netip.AddrFrom16(addr).Unmap()
+		if a.ShouldMask(&addr) {
+			ip = anonymize.MaskAddr(ip)
+		}
+		return fmt.Sprintf("%s_%d", strings.ReplaceAll(ip.String(), ":", "-"), port)
+	}
+	return fmt.Sprintf("offline_%s_%s_%s", first.UTC().Format("20060102T150405.000000000Z"), ep(k.A, k.APort), ep(k.B, k.BPort))
+}
+
+// fallbackNamer names every flow that the table cannot name.
+type fallbackNamer struct {
+	t    *names.Table
+	anon *anonymize.Anonymizer
+}
+
+func (f fallbackNamer) Claim(k packet.Key, first time.Time) *names.Entry {
+	if e := f.t.Claim(k, first); e != nil {
+		return e
+	}
+	return &names.Entry{UUID: FallbackName(k, first, f.anon), Key: k, Source: "fallback", OpenedAt: first}
+}
+
+func (f fallbackNamer) Release(e *names.Entry) {
+	if e.Source != "fallback" {
+		f.t.Release(e)
+	}
+}
+
+type event struct {
+	ts time.Time
+	ev tcpeventsocket.Parsed
+}
+
+// eventCollector gathers the events of a file.
+type eventCollector struct{ evs []event }
+
+func (c *eventCollector) Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64) {
+	c.evs = append(c.evs, event{ts, tcpeventsocket.Parsed{Open: true, Timestamp: ts, UUID: uuid, Local: local, Remote: remote, Cookie: cookie}})
+}
+
+func (c *eventCollector) Close(ts time.Time, uuid string) {
+	c.evs = append(c.evs, event{ts, tcpeventsocket.Parsed{Timestamp: ts, UUID: uuid}})
+}
+
+// open opens a file or "-", decompressing gzip.
+func open(path string, stdin io.Reader) (io.Reader, func(), error) {
+	var r io.Reader = stdin
+	closeFn := func() {}
+	if path != "-" {
+		f, err := os.Open(path)
+		if err != nil {
+			return nil, nil, err
+		}
+		r, closeFn = f, func() { f.Close() }
+	}
+	br := bufio.NewReaderSize(r, 1<<16)
+	if magic, _ := br.Peek(2); len(magic) == 2 && magic[0] == 0x1f && magic[1] == 0x8b {
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			closeFn()
+			return nil, nil, fmt.Errorf("%s: %w", path, err)
+		}
+		return bufio.NewReaderSize(zr, 1<<16), closeFn, nil
+	}
+	return br, closeFn, nil
+}
+
+// readEvents reads every event of the file, in timestamp order.
+func readEvents(path string, stdin io.Reader) ([]event, int, error) {
+	r, closeFn, err := open(path, stdin)
+	if err != nil {
+		return nil, 0, fmt.Errorf("events: %w", err)
+	}
+	defer closeFn()
+	var c eventCollector
+	lines := tcpeventsocket.Serve(r, &c)
+	sort.SliceStable(c.evs, func(i, j int) bool { return c.evs[i].ts.Before(c.evs[j].ts) })
+	return c.evs, lines - len(c.evs), nil
+}
+
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.n += int64(n)
+	return n, err
+}
+
+// packetReader is pcapgo's pcap or pcapng reader.
+type packetReader interface {
+	ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, error)
+}
+
+// newPacketReader detects the format. offset returns how far the reader has
+// consumed the (decompressed) input: exact for pcap; for pcapng, whose reader
+// buffers on its own, an upper bound.
+func newPacketReader(r *countingReader) (rd packetReader, linkType func(int) packet.LinkType, offset func() int64, err error) {
+	var magic [4]byte
+	br := bufio.NewReaderSize(r, 1<<16)
+	offset = func() int64 { return r.n - int64(br.Buffered()) }
+	b, err := br.Peek(4)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("not a capture file: %w", err)
+	}
+	copy(magic[:], b)
+	switch binary.LittleEndian.Uint32(magic[:]) {
+	case 0x0a0d0d0a: // pcapng section header
+		ng, err := pcapgo.NewNgReader(br, pcapgo.DefaultNgReaderOptions)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("pcapng: %w", err)
+		}
+		return ng, func(i int) packet.LinkType {
+			if ifc, err := ng.Interface(i); err == nil {
+				return packet.LinkType(ifc.LinkType)
+			}
+			return packet.LinkType(ng.LinkType())
+		}, offset, nil
+	case 0xa1b2c3d4, 0xd4c3b2a1, 0xa1b23c4d, 0x4d3cb2a1:
+		// pcapgo reads the pcap through br with no buffering of its own, so
+		// the counted offset is exact up to br's read-ahead; errors report
+		// the offset of the last good record.
+		rd, err := pcapgo.NewReader(br)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("pcap: %w", err)
+		}
+		lt := packet.LinkType(rd.LinkType())
+		return rd, func(int) packet.LinkType { return lt }, offset, nil
+	}
+	return nil, nil, nil, fmt.Errorf("not a pcap or pcapng file (magic %x)", magic)
+}
+
+// Run reads the capture and writes the per-flow files. It returns the
+// summary; on a read error it still writes every flow read before it and
+// returns the error, which names the offset.
+func Run(ctx context.Context, o Options) (Summary, error) {
+	var sum Summary
+	var evs []event
+	local := append([]netip.Addr{}, o.Local...)
+	if o.Events != "" {
+		var err error
+		if evs, sum.BadEvents, err = readEvents(o.Events, o.Stdin); err != nil {
+			return sum, err
+		}
+		sum.Events = len(evs)
+		for _, e := range evs {
+			if e.ev.Open {
+				local = append(local, e.ev.Local.Addr())
+			}
+		}
+	}
+	in, closeFn, err := open(o.Read, o.Stdin)
+	if err != nil {
+		return sum, fmt.Errorf("read: %w", err)
+	}
+	defer closeFn()
+	counter := &countingReader{r: in}
+	rd, linkType, offset, err := newPacketReader(counter)
+	if err != nil {
+		return sum, fmt.Errorf("read %s: %w", o.Read, err)
+	}
+	sv, err := saver.New(saver.Options{Dir: o.Dir, Snaplen: o.MaxHeaderSize})
+	if err != nil {
+		return sum, err
+	}
+
+	var clock time.Time // the packets' time
+	table := names.New(&names.Options{TTL: max(o.CaptureDuration, o.FlowTimeout) + o.UUIDWait, Now: func() time.Time { return clock }})
+	anon := anonymize.New(o.Anonymize, local)
+	var namer demuxer.Namer = table
+	if o.Events == "" {
+		namer = fallbackNamer{t: table, anon: anon}
+	}
+	demuxers := map[int]*demuxer.Demuxer{} // by interface (pcapng) or 0
+	get := func(ifc int) *demuxer.Demuxer {
+		d, ok := demuxers[ifc]
+		if !ok {
+			d = demuxer.New(demuxer.Options{Interface: fmt.Sprint("offline", ifc), LinkType: linkType(ifc),
+				MaxHeaderSize: o.MaxHeaderSize, CaptureDuration: o.CaptureDuration, FlowTimeout: o.FlowTimeout,
+				UUIDWait: o.UUIDWait, Stream: o.Stream, Names: namer, Writer: demuxer.SaverWriter{Saver: sv},
+				Anonymizer: anon})
+			demuxers[ifc] = d
+		}
+		return d
+	}
+	apply := func(until time.Time, all bool) {
+		for len(evs) > 0 && (all || !evs[0].ts.After(until)) {
+			e := evs[0].ev
+			if e.Open {
+				table.Open(e.Timestamp, e.UUID, packet.KeyFromAddrPorts(e.Local, e.Remote), "eventsocket", e.Cookie)
+			} else {
+				table.Close(e.Timestamp, e.UUID)
+			}
+			evs = evs[1:]
+		}
+	}
+
+	var readErr error
+	var lastTick, lastSweep time.Time
+	lastProgress := time.Now()
+	var n uint64
+	lastGood := int64(0)
+	for ctx.Err() == nil {
+		data, ci, err := rd.ZeroCopyReadPacketData()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			readErr = fmt.Errorf("read %s: truncated or corrupt capture at offset %d (after packet %d): %w", o.Read, lastGood, n, err)
+			break
+		}
+		n++
+		lastGood = offset()
+		if ci.Timestamp.After(clock) {
+			clock = ci.Timestamp
+		}
+		apply(clock, false)
+		get(ci.InterfaceIndex).Packet(data, ci.Timestamp, ci.Length)
+		if clock.Sub(lastTick) >= demuxer.TickInterval {
+			for _, d := range demuxers {
+				d.Tick(clock)
+			}
+			lastTick = clock
+			if clock.Sub(lastSweep) >= time.Second {
+				table.Sweep()
+				lastSweep = clock
+			}
+		}
+		if o.Progress != nil && n%4096 == 0 && time.Since(lastProgress) >= time.Second {
+			lastProgress = time.Now()
+			files, _, _ := sv.Written()
+			fmt.Fprintf(o.Progress, "\r%d packets, %d files, at %s ", n, files, clock.UTC().Format(time.RFC3339))
+		}
+	}
+	if o.Progress != nil && n >= 4096 {
+		fmt.Fprintln(o.Progress)
+	}
+	apply(clock, true)
+	for _, d := range demuxers {
+		d.Tick(clock)
+		d.Close()
+	}
+	sv.Wait()
+	os.Remove(filepath.Join(sv.Dir(), saver.PartialDir)) // empty now; the output is only the files
+	for _, d := range demuxers {
+		c := d.Counts()
+		sum.Packets += c.Packets
+		sum.Undecodable += c.Undecodable
+		sum.Flows += c.Flows
+		sum.NoUUID += c.NoUUID + c.ShutdownNoUUID
+		sum.AfterDuration += c.AfterDuration
+	}
+	sum.Files, sum.Bytes, sum.WriteErrors = sv.Written()
+	if readErr == nil && ctx.Err() != nil {
+		readErr = ctx.Err()
+	}
+	return sum, readErr
+}
