@@ -37,6 +37,12 @@ func TestParse(t *testing.T) {
 		{"stray argument", append(ok, "extra"), nil, "unexpected argument"},
 		{"from the environment", nil, map[string]string{"TCPINFO_EVENTSOCKET": "/run/x.sock", "ANONYMIZE_IP": "netblock"}, ""},
 		{"bad value from the environment", ok, map[string]string{"FLOWTIMEOUT": "soon"}, "FLOWTIMEOUT"},
+		{"offline", []string{"-read", "x.pcap", "-events", "x.jsonl", "-localaddr", "192.0.2.1"}, nil, ""},
+		{"events without read", []string{"-events", "x.jsonl"}, nil, "-events goes with -read"},
+		{"read with interface", []string{"-read", "x.pcap", "-interface", "eth0"}, nil, "replaces capture"},
+		{"both stdin", []string{"-read", "-", "-events", "-"}, nil, "both be stdin"},
+		{"bad localaddr", []string{"-read", "x.pcap", "-localaddr", "host"}, nil, "-localaddr"},
+		{"localaddr live", []string{"-localaddr", "192.0.2.1"}, nil, "offline mode"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

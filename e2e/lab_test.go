@@ -271,6 +271,7 @@ func (l *lab) startTCPInfo() *exec.Cmd {
 
 // eventLog records what tcp-info announces.
 type eventLog struct {
+	done   chan struct{} // closed when the recording ends
 	mu     sync.Mutex
 	opens  map[string]eventsocket.FlowEvent
 	closes map[string]bool
@@ -285,9 +286,17 @@ func (l *lab) recordEvents(ctx context.Context) *eventLog {
 		l.t.Fatal(err)
 	}
 	context.AfterFunc(ctx, func() { c.Close() })
+	raw, err := os.Create(filepath.Join(l.dir, "events.jsonl"))
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	ev.done = make(chan struct{})
 	go func() {
+		defer close(ev.done)
+		defer raw.Close()
 		s := bufio.NewScanner(c)
 		for s.Scan() {
+			raw.Write(append(s.Bytes(), '\n'))
 			var e eventsocket.FlowEvent
 			if err := json.Unmarshal(s.Bytes(), &e); err != nil {
 				continue
