@@ -21,6 +21,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"runtime/metrics"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -65,6 +66,35 @@ type config struct {
 	quiet           bool
 	localAddrs      flagx.StringArray
 	local           []netip.Addr // parsed localAddrs
+	minFree         freeSpace
+}
+
+// freeSpace is the -minfreespace flag: bytes (a byte count such as 500MB)
+// or a percentage of the filesystem (such as 5%).
+type freeSpace struct {
+	bytes   int64
+	percent float64
+	text    string
+}
+
+func (f *freeSpace) String() string { return f.text }
+
+func (f *freeSpace) Set(s string) error {
+	*f = freeSpace{text: s}
+	if p, ok := strings.CutSuffix(s, "%"); ok {
+		v, err := strconv.ParseFloat(p, 64)
+		if err != nil || v < 0 || v >= 100 {
+			return fmt.Errorf("percentage %q not in [0, 100)", s)
+		}
+		f.percent = v
+		return nil
+	}
+	var b bytecount.ByteCount
+	if err := b.Set(s); err != nil {
+		return err
+	}
+	f.bytes = int64(b)
+	return nil
 }
 
 func newFlagSet(c *config) *flag.FlagSet {
@@ -88,6 +118,8 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.DurationVar(&c.uuidWait, "uuidwaitduration", 5*time.Second, "Drop a flow's headers if no UUID arrived this long after its first packet")
 	fs.Int64Var(&c.maxFlows, "maxflows", 0, "Track at most this many concurrent flows; beyond it new flows are not tracked (0: unlimited)")
 	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks")
+	c.minFree.Set("1%")
+	fs.Var(&c.minFree, "minfreespace", "Keep this much free space in the datadir's filesystem, as bytes (500MB) or a percentage (5%): below it, new flows are not written (counted); 0 disables")
 	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
 	fs.BoolVar(&c.quiet, "quiet", false, "Offline mode: no progress line on a terminal")
@@ -200,7 +232,7 @@ func run(ctx context.Context, c *config) (int, error) {
 	if err != nil {
 		return 1, err
 	}
-	sv, err := saver.New(saver.Options{Dir: c.dataDir, Snaplen: c.maxHeaderSize})
+	sv, err := saver.New(saver.Options{Dir: c.dataDir, Snaplen: c.maxHeaderSize, MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent})
 	if err != nil {
 		return 2, err
 	}
@@ -231,10 +263,16 @@ func run(ctx context.Context, c *config) (int, error) {
 		kernel = sockdiag.NewSource(table, sockdiag.Options{Local: local, UUID: uuid.FromCookie, GiveUp: c.uuidWait})
 	}
 
-	filter := capture.Filter(local)
-	var handles []*capture.Handle
+	filter := func() string {
+		// At each (re)open: the interface may come back with new addresses.
+		if now, err := capture.LocalAddrs(); err == nil {
+			return capture.Filter(now)
+		}
+		return capture.Filter(local)
+	}
+	var handles []*capture.Live
 	for _, ifc := range ifaces {
-		h, err := capture.Open(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize, Filter: filter})
+		h, err := capture.OpenLive(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize}, filter)
 		if err != nil {
 			for _, h := range handles {
 				h.Close()
@@ -269,7 +307,7 @@ func run(ctx context.Context, c *config) (int, error) {
 		unregister := pm.RegisterCapture(h.Name(), func() (uint64, uint64, uint64, error) {
 			s, err := h.Stats()
 			return s.Received, s.Dropped, s.IfaceDropped, err
-		})
+		}, h.Up)
 		defer unregister()
 		opts := demuxer.Options{
 			Interface: h.Name(), LinkType: h.LinkType(), MaxHeaderSize: c.maxHeaderSize,

@@ -31,6 +31,10 @@ var ErrTimeout = errors.New("capture: read timeout")
 // ErrClosed is returned by Read once the handle is closed.
 var ErrClosed = errors.New("capture: handle closed")
 
+// ErrFailed is wrapped by Read's errors when the capture cannot go on (the
+// interface went away): the handle must be closed and opened again.
+var ErrFailed = errors.New("capture failed")
+
 // Options configures a live capture. The zero value asks for the defaults.
 type Options struct {
 	Snaplen     int           // bytes captured per frame; default 256
@@ -133,7 +137,10 @@ func (c *Handle) Read() (data []byte, ts time.Time, origLen int, err error) {
 	case errors.Is(err, io.EOF):
 		return nil, time.Time{}, 0, ErrClosed
 	}
-	return nil, time.Time{}, 0, fmt.Errorf("read from %s: %w", c.name, err)
+	if errors.Is(err, pcap.NextErrorReadError) {
+		return nil, time.Time{}, 0, fmt.Errorf("read from %s: %w: %v", c.name, ErrFailed, c.h.Error())
+	}
+	return nil, time.Time{}, 0, fmt.Errorf("read from %s: %w: %v", c.name, ErrFailed, err)
 }
 
 // Stats returns libpcap's counters, or an error once the handle is closed.

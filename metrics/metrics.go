@@ -33,6 +33,7 @@ const (
 	OutcomeUndecodable         = "undecodable"           // not a decodable TCP/IP frame
 	OutcomeWriteError          = "write_error"           // its file could not be written
 	OutcomeShutdownWithoutUUID = "shutdown_no_uuid"      // still unnamed at shutdown
+	OutcomeLowSpace            = "low_space"             // its file was not written: -minfreespace
 )
 
 // Flow outcomes, the values of the outcome label of FlowsEnded.
@@ -41,6 +42,7 @@ const (
 	FlowUUIDTimeout = "uuid_timeout" // no UUID within -uuidwaitduration
 	FlowWriteError  = "write_error"  // its file could not be written
 	FlowShutdown    = "shutdown"     // unnamed at shutdown
+	FlowLowSpace    = "low_space"    // not written: free space below -minfreespace
 )
 
 var (
@@ -53,7 +55,7 @@ var (
 	// PacketsTotal counts captured frames by what became of them.
 	PacketsTotal = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "pcap_packets_total",
-		Help: "Captured frames by outcome: saved, no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, shutdown_no_uuid.",
+		Help: "Captured frames by outcome: saved, no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, low_space, shutdown_no_uuid.",
 	}, []string{"outcome"})
 
 	// Undecodable counts frames that were not decodable TCP/IP, by kind.
@@ -71,7 +73,7 @@ var (
 	// FlowsEnded counts tracked flows that ended, by outcome.
 	FlowsEnded = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "pcap_flows_ended_total",
-		Help: "Tracked flows that ended, by outcome: saved, uuid_timeout, write_error, shutdown.",
+		Help: "Tracked flows that ended, by outcome: saved, uuid_timeout, write_error, low_space, shutdown.",
 	}, []string{"outcome"})
 
 	// FlowsRefused counts connection attempts (SYNs) not tracked because of
@@ -175,12 +177,16 @@ type StatsFunc func() (received, dropped, ifaceDropped uint64, err error)
 type captureCollector struct {
 	mu      sync.Mutex
 	sources map[string]StatsFunc
+	ups     map[string]func() bool
 	rx, drp *prometheus.Desc
 	ifdrp   *prometheus.Desc
+	up      *prometheus.Desc
 }
 
 var captures = &captureCollector{
 	sources: map[string]StatsFunc{},
+	ups:     map[string]func() bool{},
+	up:      prometheus.NewDesc("pcap_capture_up", "1 while capturing on the interface, 0 while it is gone and being reopened.", []string{"interface"}, nil),
 	rx:      prometheus.NewDesc("pcap_kernel_received_total", "Frames that passed the capture filter, per interface (libpcap ps_recv).", []string{"interface"}, nil),
 	drp:     prometheus.NewDesc("pcap_kernel_dropped_total", "Frames dropped because the capture buffer was full, per interface (libpcap ps_drop).", []string{"interface"}, nil),
 	ifdrp:   prometheus.NewDesc("pcap_interface_dropped_total", "Frames dropped by the interface or driver, per interface (libpcap ps_ifdrop).", []string{"interface"}, nil),
@@ -193,6 +199,7 @@ func (c *captureCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.rx
 	ch <- c.drp
 	ch <- c.ifdrp
+	ch <- c.up
 }
 
 // Collect implements prometheus.Collector, reading the counters now.
@@ -208,17 +215,27 @@ func (c *captureCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.drp, prometheus.CounterValue, float64(drp), name)
 		ch <- prometheus.MustNewConstMetric(c.ifdrp, prometheus.CounterValue, float64(ifdrp), name)
 	}
+	for name, f := range c.ups {
+		v := 0.0
+		if f() {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, v, name)
+	}
 }
 
-// RegisterCapture makes the kernel counters of the capture on an interface
-// part of every scrape, until the returned function is called.
-func RegisterCapture(iface string, f StatsFunc) (unregister func()) {
+// RegisterCapture makes the kernel counters of the capture on an interface,
+// and whether it is up, part of every scrape, until the returned function
+// is called.
+func RegisterCapture(iface string, f StatsFunc, up func() bool) (unregister func()) {
 	captures.mu.Lock()
 	captures.sources[iface] = f
+	captures.ups[iface] = up
 	captures.mu.Unlock()
 	return func() {
 		captures.mu.Lock()
 		delete(captures.sources, iface)
+		delete(captures.ups, iface)
 		captures.mu.Unlock()
 	}
 }

@@ -48,12 +48,25 @@ const FileHeaderLen = 24
 type Options struct {
 	Dir     string // data directory; created if missing
 	Snaplen int    // the snaplen written in file headers; default 256
+	// MinFreeBytes and MinFreePercent: while the data directory's
+	// filesystem has less free space than either, new files are not
+	// written (their flows are counted as low_space), so the disk never
+	// fills up. Zero disables each.
+	MinFreeBytes   int64
+	MinFreePercent float64
 }
+
+// ErrLowSpace is the reason a flow was not written: the filesystem has
+// less free space than Options asks to keep.
+var ErrLowSpace = errors.New("free space below -minfreespace")
 
 // Saver starts and owns the per-flow writer goroutines.
 type Saver struct {
 	dir, partial string
 	snaplen      int
+	minFree      int64
+	minFreePct   float64
+	logs         rateLog
 	wg           sync.WaitGroup
 	active       atomic.Int64
 	files, bytes atomic.Int64
@@ -70,7 +83,8 @@ func New(opts Options) (*Saver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("datadir %s: %w", opts.Dir, err)
 	}
-	s := &Saver{dir: dir, partial: filepath.Join(dir, PartialDir), snaplen: opts.Snaplen}
+	s := &Saver{dir: dir, partial: filepath.Join(dir, PartialDir), snaplen: opts.Snaplen,
+		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent}
 	if err := os.MkdirAll(s.partial, 0o755); err != nil {
 		return nil, fmt.Errorf("datadir: %w", err)
 	}
@@ -190,8 +204,9 @@ func (f *Flow) run() {
 		<-f.wake
 		cs, final := f.next()
 		if err == nil && file == nil {
-			file, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-			if err != nil {
+			if err = f.s.checkSpace(); err != nil {
+				op = "low_space"
+			} else if file, err = f.s.create(tmp); err != nil {
 				file = nil
 				op = "create"
 			} else if _, werr := file.Write(fileHeader(f.s.snaplen, f.linkType)); werr != nil {
@@ -230,11 +245,18 @@ func (f *Flow) run() {
 			fail("rename", rerr)
 		}
 	}
+	if errors.Is(err, ErrLowSpace) {
+		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeLowSpace).Add(float64(total))
+		metrics.FlowsEnded.WithLabelValues(metrics.FlowLowSpace).Inc()
+		f.s.logs.printf(op, "saver: not writing flows: %v", err)
+		f.s.errors.Add(1)
+		return
+	}
 	if err != nil {
 		metrics.WriteErrors.WithLabelValues(op).Inc()
 		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeWriteError).Add(float64(total))
 		metrics.FlowsEnded.WithLabelValues(metrics.FlowWriteError).Inc()
-		log.Printf("saver: flow %s: %s: %v", f.uuid, op, err)
+		f.s.logs.printf(op, "saver: %s: %v", op, err)
 		f.s.errors.Add(1)
 		return
 	}
@@ -244,6 +266,64 @@ func (f *Flow) run() {
 	metrics.BytesWritten.Add(float64(written))
 	metrics.PacketsTotal.WithLabelValues(metrics.OutcomeSaved).Add(float64(packets))
 	metrics.FlowsEnded.WithLabelValues(metrics.FlowSaved).Inc()
+}
+
+// create creates a partial file, making the partial directory again if it
+// was removed (the data directory deleted under a running daemon).
+func (s *Saver) create(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if errors.Is(err, os.ErrNotExist) {
+		if merr := os.MkdirAll(s.partial, 0o755); merr != nil {
+			return nil, merr
+		}
+		f, err = os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	}
+	return f, err
+}
+
+// checkSpace returns ErrLowSpace while the filesystem has less free space
+// than the options keep. One statfs per flow.
+func (s *Saver) checkSpace() error {
+	if s.minFree <= 0 && s.minFreePct <= 0 {
+		return nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(s.dir, &st); err != nil {
+		return nil // the write will tell what is wrong
+	}
+	free := int64(st.Bavail) * st.Bsize
+	total := int64(st.Blocks) * st.Bsize
+	if free < s.minFree || total > 0 && float64(free)*100 < s.minFreePct*float64(total) {
+		return fmt.Errorf("%w: %d of %d bytes free in %s", ErrLowSpace, free, total, s.dir)
+	}
+	return nil
+}
+
+// rateLog logs each kind of message at most once per logInterval, with
+// the number of messages it held back.
+type rateLog struct {
+	mu   sync.Mutex
+	last map[string]time.Time
+	held map[string]int
+}
+
+const logInterval = 10 * time.Second
+
+func (r *rateLog) printf(kind, format string, args ...any) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.last == nil {
+		r.last, r.held = map[string]time.Time{}, map[string]int{}
+	}
+	if time.Since(r.last[kind]) < logInterval {
+		r.held[kind]++
+		return
+	}
+	if n := r.held[kind]; n > 0 {
+		format += fmt.Sprintf(" (and %d more like it since the last report)", n)
+	}
+	r.last[kind], r.held[kind] = time.Now(), 0
+	log.Printf(format, args...)
 }
 
 // renameNoReplace renames without replacing an existing file, so that a

@@ -1,0 +1,151 @@
+package capture
+
+import (
+	"errors"
+	"log"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/m-lab/packet-headers/packet"
+)
+
+// RetryInterval is how often a failed capture is opened again.
+const RetryInterval = time.Second
+
+// Live is a capture on one interface that survives the interface going away:
+// when a read fails, it closes the handle, reports timeouts to its reader
+// (who goes on with its housekeeping), and opens the interface again every
+// RetryInterval until it can, with a fresh filter. Read belongs to one
+// goroutine; Stats, Up and Close may be called from any.
+type Live struct {
+	name   string
+	opts   Options
+	filter func() string // called at each open
+	up     atomic.Bool
+
+	mu       sync.Mutex // guards h and closed
+	h        *Handle
+	closed   bool
+	linkType packet.LinkType
+	retryAt  time.Time
+}
+
+// OpenLive opens a resilient capture. The first open must succeed.
+func OpenLive(iface string, opts *Options, filter func() string) (*Live, error) {
+	o := opts.withDefaults()
+	o.Filter = filter()
+	h, err := Open(iface, &o)
+	if err != nil {
+		return nil, err
+	}
+	l := &Live{name: iface, opts: o, filter: filter, h: h, linkType: h.LinkType()}
+	l.up.Store(true)
+	return l, nil
+}
+
+// Name returns the interface's name.
+func (l *Live) Name() string { return l.name }
+
+// LinkType returns the link type of the first open.
+func (l *Live) LinkType() packet.LinkType { return l.linkType }
+
+// Up reports whether the capture is running (not waiting to reopen).
+func (l *Live) Up() bool { return l.up.Load() }
+
+func (l *Live) current() (*Handle, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.h, l.closed
+}
+
+// Read reads the next frame, like Handle.Read. While the interface is gone
+// it returns ErrTimeout every read timeout and tries to reopen it every
+// RetryInterval. It returns ErrClosed after Close.
+func (l *Live) Read() ([]byte, time.Time, int, error) {
+	h, closed := l.current()
+	if closed {
+		return nil, time.Time{}, 0, ErrClosed
+	}
+	if h == nil {
+		l.reopen()
+		return nil, time.Time{}, 0, ErrTimeout
+	}
+	data, ts, n, err := h.Read()
+	if errors.Is(err, ErrFailed) {
+		log.Printf("capture: %v; reopening every %v", err, RetryInterval)
+		l.mu.Lock()
+		if l.h == h {
+			l.h = nil
+		}
+		l.retryAt = time.Now().Add(RetryInterval)
+		l.mu.Unlock()
+		h.Close()
+		l.up.Store(false)
+		return nil, time.Time{}, 0, ErrTimeout
+	}
+	if errors.Is(err, ErrClosed) {
+		if _, closed := l.current(); !closed {
+			return nil, time.Time{}, 0, ErrTimeout // a handle swapped out
+		}
+	}
+	return data, ts, n, err
+}
+
+// reopen waits a read timeout, and tries to open the interface again when
+// the retry time has come.
+func (l *Live) reopen() {
+	time.Sleep(l.opts.ReadTimeout)
+	l.mu.Lock()
+	due := !l.closed && time.Now().After(l.retryAt)
+	if due {
+		l.retryAt = time.Now().Add(RetryInterval)
+	}
+	l.mu.Unlock()
+	if !due {
+		return
+	}
+	o := l.opts
+	o.Filter = l.filter()
+	h, err := Open(l.name, &o)
+	if err != nil {
+		return
+	}
+	if h.LinkType() != l.linkType {
+		log.Printf("capture: %s came back with link type %d, not %d; not capturing on it", l.name, h.LinkType(), l.linkType)
+		h.Close()
+		return
+	}
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		h.Close()
+		return
+	}
+	l.h = h
+	l.mu.Unlock()
+	l.up.Store(true)
+	log.Printf("capture: %s is back; capturing again", l.name)
+}
+
+// Stats returns the current handle's counters (they restart at a reopen).
+func (l *Live) Stats() (Stats, error) {
+	h, closed := l.current()
+	if closed || h == nil {
+		return Stats{}, ErrClosed
+	}
+	return h.Stats()
+}
+
+// Close stops the capture for good.
+func (l *Live) Close() {
+	l.mu.Lock()
+	h := l.h
+	l.closed = true
+	l.h = nil
+	l.mu.Unlock()
+	if h != nil {
+		h.Close()
+	}
+	l.up.Store(false)
+}

@@ -1,0 +1,119 @@
+package saver
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/packet"
+)
+
+// tmpfs mounts a small tmpfs for a test; it needs root.
+func tmpfs(t *testing.T, size string) string {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a tmpfs")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a tmpfs: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	return dir
+}
+
+// save writes one flow of n records of 200 bytes and waits for it.
+func save(s *Saver, uuid string, n int) {
+	var b Buffer
+	hdr := make([]byte, 200)
+	for i := 0; i < n; i++ {
+		b.Append(t0, 1514, hdr)
+	}
+	s.Start(uuid, packet.LinkTypeEthernet, t0).Push(&b, true)
+	s.Wait()
+}
+
+func exists(s *Saver, uuid string) bool {
+	_, err := os.Stat(s.Path(uuid, t0))
+	return err == nil
+}
+
+func partials(t *testing.T, s *Saver) int {
+	entries, _ := os.ReadDir(filepath.Join(s.Dir(), PartialDir))
+	return len(entries)
+}
+
+func TestDiskFull(t *testing.T) {
+	dir := tmpfs(t, "256k")
+	s, err := New(Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeErrs := testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("write"))
+	save(s, "fits", 100) // 21 KB
+	save(s, "too-big", 2000)
+	if !exists(s, "fits") || exists(s, "too-big") {
+		t.Fatalf("fits %v, too-big %v: want only the flow that fits", exists(s, "fits"), exists(s, "too-big"))
+	}
+	if testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("write")) == writeErrs {
+		t.Error("the failed write was not counted")
+	}
+	if n := partials(t, s); n != 0 {
+		t.Errorf("%d partial files left after the failed write", n)
+	}
+	save(s, "after", 100) // the failed flow's space was given back
+	if !exists(s, "after") {
+		t.Error("a flow that fits was not saved after the disk was full")
+	}
+}
+
+func TestMinFreeSpace(t *testing.T) {
+	dir := tmpfs(t, "1m")
+	s, err := New(Options{Dir: dir, MinFreePercent: 50})
+	if err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(dir, "filler")
+	os.WriteFile(filler, make([]byte, 600<<10), 0o644)
+	low := testutil.ToFloat64(metrics.FlowsEnded.WithLabelValues(metrics.FlowLowSpace))
+	save(s, "refused", 10)
+	if exists(s, "refused") || testutil.ToFloat64(metrics.FlowsEnded.WithLabelValues(metrics.FlowLowSpace)) != low+1 {
+		t.Error("a flow was written below -minfreespace, or not counted")
+	}
+	os.Remove(filler)
+	save(s, "accepted", 10)
+	if !exists(s, "accepted") {
+		t.Error("no flow written once space came back")
+	}
+}
+
+func TestDataDirRemovedAndReadOnly(t *testing.T) {
+	dir := tmpfs(t, "1m")
+	data := filepath.Join(dir, "data")
+	s, err := New(Options{Dir: data})
+	if err != nil {
+		t.Fatal(err)
+	}
+	save(s, "before", 5)
+	os.RemoveAll(data) // the data directory deleted under the daemon
+	save(s, "removed", 5)
+	if !exists(s, "removed") {
+		t.Error("no flow written after the data directory was removed and is creatable again")
+	}
+	if out, err := exec.Command("mount", "-o", "remount,ro", dir).CombinedOutput(); err != nil {
+		t.Skipf("remount read-only: %v %s", err, out)
+	}
+	creates := testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("create"))
+	save(s, "readonly", 5)
+	if exists(s, "readonly") || testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("create")) != creates+1 {
+		t.Error("a flow on a read-only datadir must fail, counted")
+	}
+	exec.Command("mount", "-o", "remount,rw", dir).Run()
+	save(s, "writable", 5)
+	if !exists(s, "writable") {
+		t.Error("no flow written once the datadir is writable again")
+	}
+}
