@@ -1,0 +1,113 @@
+package offline
+
+import (
+	"context"
+	"encoding/binary"
+	"math/rand"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
+	"github.com/google/gopacket/pcapgo"
+)
+
+func serialize(t *testing.T, ls ...gopacket.SerializableLayer) []byte {
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, ls...); err != nil {
+		t.Fatal(err)
+	}
+	return append([]byte{}, buf.Bytes()...)
+}
+
+// TestHostileFrames replays malformed frames mixed with a valid connection
+// through the whole pipeline: nothing crashes, the malformed frames are
+// counted as undecodable, and no record holds a byte past a TCP header.
+func TestHostileFrames(t *testing.T) {
+	eth := func(et layers.EthernetType) *layers.Ethernet {
+		return &layers.Ethernet{SrcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, DstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, EthernetType: et}
+	}
+	ip := func() *layers.IPv4 {
+		return &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: net.IP{192, 0, 2, 9}, DstIP: net.IP{192, 0, 2, 1}}
+	}
+	tcp := func(ipl gopacket.NetworkLayer, syn, ack bool) *layers.TCP {
+		l := &layers.TCP{SrcPort: 40000, DstPort: 80, SYN: syn, ACK: ack, Seq: 1, Window: 100}
+		l.SetNetworkLayerForChecksum(ipl)
+		return l
+	}
+	valid := func(syn, ack bool, payload int) []byte {
+		i := ip()
+		return serialize(t, eth(layers.EthernetTypeIPv4), i, tcp(i, syn, ack), gopacket.Payload(make([]byte, payload)))
+	}
+	var hostile [][]byte
+	badIHL := valid(false, true, 10)
+	badIHL[14] = 0x42 // IHL 2
+	hostile = append(hostile, badIHL)
+	hostile = append(hostile, valid(false, true, 0)[:14+20+8]) // truncated TCP
+	past := valid(false, true, 0)
+	past[14+20+12] = 0xf0 // data offset 60 in a 20-byte header
+	hostile = append(hostile, past)
+	i6 := &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: layers.IPProtocolIPv6HopByHop, SrcIP: net.ParseIP("2001:db8::9"), DstIP: net.ParseIP("2001:db8::1")}
+	var chain []byte
+	for n := 0; n < 20; n++ { // a chain of destination options headers, longer than the limit
+		chain = append(chain, byte(layers.IPProtocolIPv6Destination), 0, 1, 4, 0, 0, 0, 0)
+	}
+	hostile = append(hostile, serialize(t, eth(layers.EthernetTypeIPv6), i6, gopacket.Payload(chain)))
+	vl := []gopacket.SerializableLayer{eth(layers.EthernetTypeDot1Q)}
+	for n := 0; n < 6; n++ {
+		vl = append(vl, &layers.Dot1Q{VLANIdentifier: uint16(n), Type: layers.EthernetTypeDot1Q})
+	}
+	hostile = append(hostile, serialize(t, append(vl, gopacket.Payload(make([]byte, 60)))...))
+	rng := rand.New(rand.NewSource(1))
+	for n := 0; n < 200; n++ { // noise, some of it shaped like IP
+		b := make([]byte, rng.Intn(120))
+		rng.Read(b)
+		if len(b) > 14 && n%2 == 0 {
+			binary.BigEndian.PutUint16(b[12:], 0x0800)
+		}
+		hostile = append(hostile, b)
+	}
+
+	path := filepath.Join(t.TempDir(), "hostile.pcap")
+	f, _ := os.Create(path)
+	w := pcapgo.NewWriterNanos(f)
+	w.WriteFileHeader(256, layers.LinkTypeEthernet)
+	ts := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	write := func(b []byte) {
+		ts = ts.Add(time.Millisecond)
+		w.WritePacket(gopacket.CaptureInfo{Timestamp: ts, CaptureLength: len(b), Length: len(b) + 100}, b)
+	}
+	write(valid(true, false, 0))
+	for _, b := range hostile {
+		write(b)
+	}
+	write(valid(false, true, 100))
+	f.Close()
+
+	out := t.TempDir()
+	sum, err := Run(context.Background(), options(out, path, ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	decodable := int(sum.Packets - sum.Undecodable)
+	if sum.Undecodable < 200 || sum.Files < 1 {
+		t.Errorf("%s: want the hostile frames counted as undecodable and the valid flow saved", sum)
+	}
+	records := 0
+	for name, b := range tree(t, out) {
+		_, data := readRecords(t, b)
+		for _, d := range data {
+			records++
+			p := gopacket.NewPacket(d, layers.LayerTypeEthernet, gopacket.Default)
+			if tl, ok := p.Layer(layers.LayerTypeTCP).(*layers.TCP); !ok || len(tl.Payload) != 0 {
+				t.Errorf("%s: a record that is not TCP headers only: %x", name, d)
+			}
+		}
+	}
+	if records != decodable {
+		t.Errorf("%d records saved, %d frames decoded", records, decodable)
+	}
+}
