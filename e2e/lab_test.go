@@ -208,14 +208,12 @@ func (l *lab) inNamespace(f func()) {
 func (l *lab) server(port int) {
 	var lns []net.Listener
 	l.inNamespace(func() {
-		for _, a := range []netip.Addr{l.srv4, l.srv6} {
-			ln, err := net.Listen("tcp", netip.AddrPortFrom(a, uint16(port)).String())
-			if err != nil {
-				l.t.Errorf("listen: %v", err)
-				return
-			}
-			lns = append(lns, ln)
+		ln, err := net.Listen("tcp", fmt.Sprintf("[::]:%d", port)) // every address, both families
+		if err != nil {
+			l.t.Errorf("listen: %v", err)
+			return
 		}
+		lns = append(lns, ln)
 	})
 	for _, ln := range lns {
 		ln := ln

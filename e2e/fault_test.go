@@ -1,0 +1,448 @@
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/gopacket/pcapgo"
+)
+
+// startDaemon starts a daemon in the lab and waits until it captures.
+func (l *lab) startDaemon(d *daemon, port int, args ...string) *exec.Cmd {
+	l.t.Helper()
+	d.dataDir = filepath.Join(l.dir, "data-"+d.name)
+	d.metrics = fmt.Sprintf("%s:%d", l.srv4, port)
+	all := append([]string{"-datadir", d.dataDir, "-prometheusx.listen-address", fmt.Sprintf(":%d", port)}, args...)
+	logName := "daemon-" + d.name + ".log"
+	os.Remove(filepath.Join(l.dir, logName))
+	cmd := l.start(logName, filepath.Join(l.bin, "packet-headers"), all...)
+	waitFor(l.t, 10*time.Second, d.name+" daemon to capture", func() bool {
+		return strings.Contains(l.log(logName), "capturing on")
+	})
+	return cmd
+}
+
+// flows makes n short connections to addr:port (each lives 30 ms) and
+// returns their client ports.
+func flows(t *testing.T, addr netip.Addr, port, n int) map[uint16]bool {
+	ports := map[uint16]bool{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.DialTimeout("tcp", netip.AddrPortFrom(addr, uint16(port)).String(), 2*time.Second)
+			if err != nil {
+				t.Errorf("dial %v: %v", addr, err)
+				return
+			}
+			defer c.Close()
+			mu.Lock()
+			ports[c.LocalAddr().(*net.TCPAddr).AddrPort().Port()] = true
+			mu.Unlock()
+			time.Sleep(30 * time.Millisecond)
+			c.Write([]byte("e hello\n"))
+			io.ReadFull(c, make([]byte, 7))
+		}()
+	}
+	wg.Wait()
+	return ports
+}
+
+// filePorts returns, for each file in dir, the client port of its first
+// packet (the port that is not the server's).
+func filePorts(t *testing.T, dir string, serverPort uint16) map[uint16]int {
+	out := map[uint16]int{}
+	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
+		if err != nil || info.IsDir() || strings.Contains(p, "/.partial/") {
+			return nil
+		}
+		recs, _ := readPcap(t, p)
+		if len(recs) == 0 {
+			return nil
+		}
+		if rp, ok := decode(t, recs[0]); ok {
+			if rp.key.a.Port() == serverPort {
+				out[rp.key.b.Port()]++
+			} else {
+				out[rp.key.a.Port()]++
+			}
+		}
+		return nil
+	})
+	return out
+}
+
+func expectFiles(t *testing.T, what string, ports map[uint16]bool, files map[uint16]int) {
+	t.Helper()
+	missing := 0
+	for p := range ports {
+		if files[p] != 1 {
+			missing++
+		}
+	}
+	if missing > 0 {
+		t.Errorf("%s: %d of %d flows without exactly one file", what, missing, len(ports))
+	} else {
+		t.Logf("%s: all %d flows saved", what, len(ports))
+	}
+}
+
+// addLink joins the namespace by a second veth pair, 10.198.N.0/24.
+func (l *lab) addLink(name string, subnet int) (cli, srv netip.Addr, nsIf string) {
+	hostIf, nsIf := "pa"+name, "pb"+name
+	cli = netip.MustParseAddr(fmt.Sprintf("10.198.%d.1", subnet))
+	srv = netip.MustParseAddr(fmt.Sprintf("10.198.%d.2", subnet))
+	exec.Command("ip", "link", "del", hostIf).Run()
+	run(l.t, "ip", "link", "add", hostIf, "type", "veth", "peer", "name", nsIf, "netns", l.ns)
+	run(l.t, "ip", "addr", "add", cli.String()+"/24", "dev", hostIf)
+	run(l.t, "ip", "link", "set", hostIf, "up")
+	l.exec("ip", "addr", "add", srv.String()+"/24", "dev", nsIf)
+	l.exec("ip", "link", "set", nsIf, "up")
+	l.t.Cleanup(func() { exec.Command("ip", "link", "del", hostIf).Run() })
+	return cli, srv, nsIf
+}
+
+// TestInterfaceFaults deletes and re-creates one of two captured
+// interfaces, and takes the other down and up: capture goes on where it
+// can, and resumes on the interface that comes back.
+func TestInterfaceFaults(t *testing.T) {
+	l := newLab(t, 3)
+	name := strconv.Itoa(os.Getpid() % 100000)
+	_, srvB, nsB := l.addLink(name, 3)
+	l.server(8083)
+	d := &daemon{name: "faults"}
+	cmd := l.startDaemon(d, 9990)
+	upMetric := func(ifc string) string {
+		v, _ := metricValue(scrape(d.metrics), fmt.Sprintf(`pcap_capture_up{interface="%s"}`, ifc))
+		return fmt.Sprint(v)
+	}
+	if upMetric(nsB) != "1" || upMetric(l.nsIf) != "1" {
+		t.Fatalf("not capturing on both interfaces: %s", scrape(d.metrics))
+	}
+
+	phase1a, phase1b := flows(t, l.srv4, 8083, 10), flows(t, srvB, 8083, 10)
+	run(t, "ip", "link", "del", "pa"+name) // interface b is deleted
+	waitFor(t, 5*time.Second, "capture on the deleted interface to be reported down", func() bool { return upMetric(nsB) == "0" })
+	phase2 := flows(t, l.srv4, 8083, 10)
+
+	_, srvB, _ = l.addLink(name, 3) // and comes back
+	waitFor(t, 10*time.Second, "capture to resume on the re-created interface", func() bool { return upMetric(nsB) == "1" })
+	phase3 := flows(t, srvB, 8083, 10)
+
+	l.exec("ip", "link", "set", l.nsIf, "down") // interface a goes down and up
+	time.Sleep(300 * time.Millisecond)
+	l.exec("ip", "link", "set", l.nsIf, "up")
+	waitFor(t, 5*time.Second, "the lab link to be up", func() bool {
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(l.srv4, 8083).String(), 200*time.Millisecond)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	phase4 := flows(t, l.srv4, 8083, 10)
+
+	time.Sleep(2 * time.Second)
+	if _, err := stop(t, cmd, syscall.SIGTERM, 6*time.Second); err != nil {
+		t.Errorf("daemon: %v\n%s", err, l.log("daemon-faults.log"))
+	}
+	files := filePorts(t, d.dataDir, 8083)
+	expectFiles(t, "both interfaces up, interface a", phase1a, files)
+	expectFiles(t, "both interfaces up, interface b", phase1b, files)
+	expectFiles(t, "interface b deleted, interface a", phase2, files)
+	expectFiles(t, "interface b re-created", phase3, files)
+	expectFiles(t, "interface a after down and up", phase4, files)
+	if !strings.Contains(l.log("daemon-faults.log"), "is back") {
+		t.Errorf("the log does not say that capture resumed:\n%s", l.log("daemon-faults.log"))
+	}
+}
+
+// TestSIGKILL kills daemons in stream and buffer mode while they write:
+// no <uuid>.pcap is ever partial, and a restart cleans the leftovers.
+func TestSIGKILL(t *testing.T) {
+	l := newLab(t, 4)
+	l.server(8084)
+	stream, buffer := &daemon{name: "stream"}, &daemon{name: "buffer"}
+	sCmd := l.startDaemon(stream, 9990, "-stream")
+	bCmd := l.startDaemon(buffer, 9991)
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ { // long flows, streamed while they last
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, 8084).String())
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			go io.Copy(io.Discard, c)
+			c.Write([]byte("e"))
+			for j := 0; j < 40; j++ {
+				if _, err := c.Write(make([]byte, 64<<10)); err != nil {
+					return
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		}()
+	}
+	for i := 0; i < 3; i++ { // short flows, written whole as they end
+		flows(t, l.srv4, 8084, 30)
+	}
+	time.Sleep(1300 * time.Millisecond) // the short flows' files are written; the long ones still stream
+	sCmd.Process.Kill()
+	bCmd.Process.Kill()
+	sCmd.Wait()
+	bCmd.Wait()
+	wg.Wait()
+	for _, d := range []*daemon{stream, buffer} {
+		complete, leftovers := 0, 0
+		filepath.Walk(d.dataDir, func(p string, info os.FileInfo, err error) error {
+			if err != nil || info.IsDir() {
+				return nil
+			}
+			if strings.Contains(p, "/.partial/") {
+				leftovers++
+				return nil
+			}
+			if msg := readWhole(p); msg != "" {
+				t.Errorf("%s: %s is partial: %s", d.name, p, msg)
+			}
+			complete++
+			return nil
+		})
+		t.Logf("%s daemon killed: %d complete files, %d partial files left in .partial/", d.name, complete, leftovers)
+		if d.name == "stream" && leftovers == 0 || complete == 0 {
+			t.Errorf("%s: %d complete and %d partial files: the kill did not come while files were written and done", d.name, complete, leftovers)
+		}
+		cmd := l.startDaemon(d, 9992) // restart on the same datadir
+		if entries, _ := os.ReadDir(filepath.Join(d.dataDir, ".partial")); len(entries) != 0 {
+			t.Errorf("%s: %d leftovers not cleaned at restart", d.name, len(entries))
+		}
+		stop(t, cmd, syscall.SIGTERM, 6*time.Second)
+	}
+}
+
+// readWhole reads a pcap to its end; it returns what is wrong, if anything.
+func readWhole(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return err.Error()
+	}
+	defer f.Close()
+	r, err := pcapgo.NewReader(f)
+	if err != nil {
+		return err.Error()
+	}
+	for {
+		_, _, err := r.ReadPacketData()
+		if err == io.EOF {
+			return ""
+		}
+		if err != nil {
+			return err.Error()
+		}
+	}
+}
+
+// TestShutdownUnderLoad holds 2000 connections open, each with a few
+// packets buffered in the daemon, and sends SIGTERM: the daemon writes
+// every flow and exits 0 within -sigtermwait plus a few seconds.
+func TestShutdownUnderLoad(t *testing.T) {
+	l := newLab(t, 5)
+	l.server(8085)
+	d := &daemon{name: "load"}
+	cmd := l.startDaemon(d, 9990, "-maxidleram", "100MB")
+	const n = 2000
+	var conns []net.Conn
+	ports := map[uint16]bool{}
+	for i := 0; i < n; i++ {
+		a := l.srv4
+		if i%2 == 1 {
+			a = l.srv6
+		}
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(a, 8085).String(), 5*time.Second)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		conns = append(conns, c)
+		ports[c.LocalAddr().(*net.TCPAddr).AddrPort().Port()] = true
+		c.Write([]byte("e hello\n"))
+	}
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for _, c := range conns {
+		io.ReadFull(c, make([]byte, 7))
+	}
+	time.Sleep(500 * time.Millisecond) // the last look-ups
+	active, _ := metricValue(scrape(d.metrics), "pcap_flows_active")
+	took, err := stop(t, cmd, syscall.SIGTERM, 8*time.Second)
+	if err != nil {
+		t.Fatalf("daemon: %v after SIGTERM\n%s", err, l.log("daemon-load.log"))
+	}
+	t.Logf("%v flows active; exited 0 in %v after SIGTERM (sigtermwait 1s)", active, took.Round(time.Millisecond))
+	if took > 6*time.Second {
+		t.Errorf("shutdown took %v", took)
+	}
+	expectFiles(t, fmt.Sprintf("%d open connections at SIGTERM", n), ports, filePorts(t, d.dataDir, 8085))
+}
+
+// TestTCPInfoRestart kills tcp-info and starts it again while connections
+// are open, with tcp-info as the only UUID source: the daemon reconnects,
+// flows announced before and after the restart are saved, each once.
+func TestTCPInfoRestart(t *testing.T) {
+	l := newLab(t, 6)
+	l.server(8086)
+	prefix := filepath.Join(l.dir, "uuid-prefix")
+	os.WriteFile(prefix, []byte("restarthost_1764000000"), 0o644)
+	l.tcpinfoSock = filepath.Join(l.dir, "tcpevents.sock")
+	startTI := func(logName string) *exec.Cmd {
+		cmd := l.start(logName, filepath.Join(l.bin, "tcp-info"), "-tcpinfo.eventsocket", l.tcpinfoSock,
+			"-output", filepath.Join(l.dir, "tcpinfo"), "-prometheusx.listen-address", "127.0.0.1:0", "-uuid-prefix-file", prefix)
+		waitFor(t, 10*time.Second, "tcp-info's eventsocket", func() bool {
+			c, err := net.Dial("unix", l.tcpinfoSock)
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		})
+		return cmd
+	}
+	ti := startTI("tcp-info-1.log")
+	d := &daemon{name: "restart"}
+	cmd := l.startDaemon(d, 9990, "-tcpinfo.eventsocket", l.tcpinfoSock, "-uuid.kernel=false", "-uuid-prefix-file", prefix)
+	waitFor(t, 10*time.Second, "the daemon's eventsocket connection", func() bool {
+		return strings.Contains(scrape(d.metrics), "pcap_eventsocket_connected 1")
+	})
+	before := flows(t, l.srv4, 8086, 20)
+	var held []net.Conn // open across the restart: announced twice
+	heldPorts := map[uint16]bool{}
+	for i := 0; i < 3; i++ {
+		c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, 8086).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte("e hi\n"))
+		held = append(held, c)
+		heldPorts[c.LocalAddr().(*net.TCPAddr).AddrPort().Port()] = true
+	}
+	time.Sleep(200 * time.Millisecond)
+	ti.Process.Kill()
+	ti.Wait()
+	waitFor(t, 10*time.Second, "the daemon to see tcp-info gone", func() bool {
+		return strings.Contains(scrape(d.metrics), "pcap_eventsocket_connected 0")
+	})
+	startTI("tcp-info-2.log")
+	waitFor(t, 15*time.Second, "the daemon to reconnect", func() bool {
+		return strings.Contains(scrape(d.metrics), "pcap_eventsocket_connected 1")
+	})
+	time.Sleep(200 * time.Millisecond)
+	after := flows(t, l.srv4, 8086, 20)
+	for _, c := range held {
+		c.Write([]byte("more\n"))
+		time.Sleep(10 * time.Millisecond)
+		c.Close()
+	}
+	time.Sleep(2 * time.Second)
+	if _, err := stop(t, cmd, syscall.SIGTERM, 6*time.Second); err != nil {
+		t.Errorf("daemon: %v", err)
+	}
+	files := filePorts(t, d.dataDir, 8086)
+	expectFiles(t, "announced before the restart", before, files)
+	expectFiles(t, "announced after the restart", after, files)
+	expectFiles(t, "open across the restart (announced twice)", heldPorts, files)
+}
+
+// TestEventFlood feeds the daemon junk from a fake eventsocket: 100k Opens
+// of flows that never appear, duplicates, Closes without Open, non-JSON
+// lines, a 10 MB line. It stays up with bounded memory and still names a
+// real flow announced after the flood.
+func TestEventFlood(t *testing.T) {
+	l := newLab(t, 7)
+	l.server(8087)
+	sock := filepath.Join(l.dir, "fake.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	conns := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			conns <- c
+		}
+	}()
+	d := &daemon{name: "flood"}
+	cmd := l.startDaemon(d, 9990, "-tcpinfo.eventsocket", sock, "-uuid.kernel=false")
+	c := <-conns
+	defer c.Close()
+	rssBefore := rss(cmd.Process.Pid)
+	ts := time.Now().UTC().Format(time.RFC3339Nano)
+	w := func(format string, a ...any) { fmt.Fprintf(c, format+"\n", a...) }
+	for i := 0; i < 100000; i++ {
+		w(`{"Event":0,"Timestamp":%q,"UUID":"flood_%d","ID":{"SPort":%d,"DPort":%d,"SrcIP":"10.199.7.2","DstIP":"203.0.113.%d","Cookie":%d}}`, ts, i, 1+i%60000, 1+i/60000, i%250, i+1)
+		if i%10 == 0 {
+			w(`{"Event":0,"Timestamp":%q,"UUID":"flood_%d","ID":{"SPort":1,"DPort":1,"SrcIP":"10.199.7.2","DstIP":"203.0.113.1"}}`, ts, i) // duplicate
+			w(`{"Event":1,"Timestamp":%q,"UUID":"never_opened_%d","ID":null}`, ts, i)
+			w(`this is not json %d`, i)
+		}
+	}
+	c.Write([]byte(strings.Repeat("x", 10<<20) + "\n"))
+	// A real connection, announced after the flood.
+	real, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, 8087).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := real.LocalAddr().(*net.TCPAddr).AddrPort().Port()
+	w(`{"Event":0,"Timestamp":%q,"UUID":"real_flow","ID":{"SPort":8087,"DPort":%d,"SrcIP":"%s","DstIP":"%s","Cookie":1}}`,
+		time.Now().UTC().Format(time.RFC3339Nano), port, l.srv4, l.cli4)
+	real.Write([]byte("e hello\n"))
+	io.ReadFull(real, make([]byte, 7))
+	real.Close()
+	waitFor(t, 10*time.Second, "the events to be read", func() bool {
+		v, _ := metricValue(scrape(d.metrics), "pcap_eventsocket_malformed_lines_total")
+		return v >= 10001
+	})
+	rssAfter := rss(cmd.Process.Pid)
+	time.Sleep(1500 * time.Millisecond)
+	if _, err := stop(t, cmd, syscall.SIGTERM, 6*time.Second); err != nil {
+		t.Errorf("daemon: %v", err)
+	}
+	t.Logf("RSS %d MB before the flood, %d MB after 100k bogus Opens and a 10 MB line", rssBefore>>20, rssAfter>>20)
+	if rssAfter > 200<<20 {
+		t.Errorf("RSS %d MB after the flood", rssAfter>>20)
+	}
+	if files := filePorts(t, d.dataDir, 8087); files[port] != 1 {
+		t.Errorf("the real flow announced after the flood was not saved (%v)", files)
+	}
+}
+
+// rss returns a process's resident set size in bytes.
+func rss(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
