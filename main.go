@@ -67,6 +67,7 @@ type config struct {
 	localAddrs      flagx.StringArray
 	local           []netip.Addr // parsed localAddrs
 	minFree         freeSpace
+	compress        bool
 }
 
 // freeSpace is the -minfreespace flag: bytes (a byte count such as 500MB)
@@ -120,6 +121,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks")
 	c.minFree.Set("1%")
 	fs.Var(&c.minFree, "minfreespace", "Keep this much free space in the datadir's filesystem, as bytes (500MB) or a percentage (5%): below it, new flows are not written (counted); 0 disables")
+	fs.BoolVar(&c.compress, "compress", false, "Write <uuid>.pcap.gz (one gzip member per file), compressed when the flow is finished with pooled compressors")
 	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
 	fs.BoolVar(&c.quiet, "quiet", false, "Offline mode: no progress line on a terminal")
@@ -232,7 +234,7 @@ func run(ctx context.Context, c *config) (int, error) {
 	if err != nil {
 		return 1, err
 	}
-	sv, err := saver.New(saver.Options{Dir: c.dataDir, Snaplen: c.maxHeaderSize, MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent})
+	sv, err := saver.New(saver.Options{Dir: c.dataDir, Snaplen: c.maxHeaderSize, MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent, Compress: c.compress})
 	if err != nil {
 		return 2, err
 	}
@@ -299,6 +301,7 @@ func run(ctx context.Context, c *config) (int, error) {
 	pm.RegisterGaugeFunc("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(limits.Active()) })
 	pm.RegisterGaugeFunc("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(table.Len()) })
 	pm.RegisterGaugeFunc("pcap_saver_active", "Flow files being written.", func() float64 { return float64(sv.Active()) })
+	pm.RegisterGaugeFunc("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(saver.CompressorsInUse()) })
 
 	anon := anonymize.New(mode, local)
 	var wg sync.WaitGroup // owns the capture loops
@@ -380,7 +383,7 @@ func runOffline(ctx context.Context, c *config) (int, error) {
 	}
 	o := offline.Options{Read: c.read, Events: c.events, Stdin: os.Stdin, Dir: c.dataDir,
 		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
-		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Local: c.local}
+		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Local: c.local, Compress: c.compress}
 	if !c.quiet && isTerminal(os.Stderr) {
 		o.Progress = os.Stderr
 	}

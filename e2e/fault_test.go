@@ -34,9 +34,9 @@ func (l *lab) startDaemon(d *daemon, port int, args ...string) *exec.Cmd {
 }
 
 // flows makes n short connections to addr:port (each lives 30 ms) and
-// returns their client ports.
-func flows(t *testing.T, addr netip.Addr, port, n int) map[uint16]bool {
-	ports := map[uint16]bool{}
+// returns their client ends.
+func flows(t *testing.T, addr netip.Addr, port, n int) map[netip.AddrPort]bool {
+	ports := map[netip.AddrPort]bool{}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for i := 0; i < n; i++ {
@@ -50,7 +50,7 @@ func flows(t *testing.T, addr netip.Addr, port, n int) map[uint16]bool {
 			}
 			defer c.Close()
 			mu.Lock()
-			ports[c.LocalAddr().(*net.TCPAddr).AddrPort().Port()] = true
+			ports[clientEnd(c)] = true
 			mu.Unlock()
 			time.Sleep(30 * time.Millisecond)
 			c.Write([]byte("e hello\n"))
@@ -61,10 +61,15 @@ func flows(t *testing.T, addr netip.Addr, port, n int) map[uint16]bool {
 	return ports
 }
 
-// filePorts returns, for each file in dir, the client port of its first
-// packet (the port that is not the server's).
-func filePorts(t *testing.T, dir string, serverPort uint16) map[uint16]int {
-	out := map[uint16]int{}
+func clientEnd(c net.Conn) netip.AddrPort {
+	a := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	return netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
+}
+
+// filePorts counts the files in dir by the client end of their first packet
+// (the end that is not the server's port).
+func filePorts(t *testing.T, dir string, serverPort uint16) map[netip.AddrPort]int {
+	out := map[netip.AddrPort]int{}
 	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
 		if err != nil || info.IsDir() || strings.Contains(p, "/.partial/") {
 			return nil
@@ -75,9 +80,9 @@ func filePorts(t *testing.T, dir string, serverPort uint16) map[uint16]int {
 		}
 		if rp, ok := decode(t, recs[0]); ok {
 			if rp.key.a.Port() == serverPort {
-				out[rp.key.b.Port()]++
+				out[rp.key.b]++
 			} else {
-				out[rp.key.a.Port()]++
+				out[rp.key.a]++
 			}
 		}
 		return nil
@@ -85,7 +90,7 @@ func filePorts(t *testing.T, dir string, serverPort uint16) map[uint16]int {
 	return out
 }
 
-func expectFiles(t *testing.T, what string, ports map[uint16]bool, files map[uint16]int) {
+func expectFiles(t *testing.T, what string, ports map[netip.AddrPort]bool, files map[netip.AddrPort]int) {
 	t.Helper()
 	missing := 0
 	for p := range ports {
@@ -266,7 +271,7 @@ func TestShutdownUnderLoad(t *testing.T) {
 	cmd := l.startDaemon(d, 9990, "-maxidleram", "100MB")
 	const n = 2000
 	var conns []net.Conn
-	ports := map[uint16]bool{}
+	ports := map[netip.AddrPort]bool{}
 	for i := 0; i < n; i++ {
 		a := l.srv4
 		if i%2 == 1 {
@@ -277,7 +282,7 @@ func TestShutdownUnderLoad(t *testing.T) {
 			t.Fatalf("connection %d: %v", i, err)
 		}
 		conns = append(conns, c)
-		ports[c.LocalAddr().(*net.TCPAddr).AddrPort().Port()] = true
+		ports[clientEnd(c)] = true
 		c.Write([]byte("e hello\n"))
 	}
 	defer func() {
@@ -330,7 +335,7 @@ func TestTCPInfoRestart(t *testing.T) {
 	})
 	before := flows(t, l.srv4, 8086, 20)
 	var held []net.Conn // open across the restart: announced twice
-	heldPorts := map[uint16]bool{}
+	heldPorts := map[netip.AddrPort]bool{}
 	for i := 0; i < 3; i++ {
 		c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, 8086).String())
 		if err != nil {
@@ -338,7 +343,7 @@ func TestTCPInfoRestart(t *testing.T) {
 		}
 		c.Write([]byte("e hi\n"))
 		held = append(held, c)
-		heldPorts[c.LocalAddr().(*net.TCPAddr).AddrPort().Port()] = true
+		heldPorts[clientEnd(c)] = true
 	}
 	time.Sleep(200 * time.Millisecond)
 	ti.Process.Kill()
@@ -408,7 +413,8 @@ func TestEventFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := real.LocalAddr().(*net.TCPAddr).AddrPort().Port()
+	realEnd := clientEnd(real)
+	port := realEnd.Port()
 	w(`{"Event":0,"Timestamp":%q,"UUID":"real_flow","ID":{"SPort":8087,"DPort":%d,"SrcIP":"%s","DstIP":"%s","Cookie":1}}`,
 		time.Now().UTC().Format(time.RFC3339Nano), port, l.srv4, l.cli4)
 	real.Write([]byte("e hello\n"))
@@ -427,7 +433,7 @@ func TestEventFlood(t *testing.T) {
 	if rssAfter > 200<<20 {
 		t.Errorf("RSS %d MB after the flood", rssAfter>>20)
 	}
-	if files := filePorts(t, d.dataDir, 8087); files[port] != 1 {
+	if files := filePorts(t, d.dataDir, 8087); files[realEnd] != 1 {
 		t.Errorf("the real flow announced after the flood was not saved (%v)", files)
 	}
 }

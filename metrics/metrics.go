@@ -98,7 +98,7 @@ var (
 	// WriteErrors counts failed file operations, by operation.
 	WriteErrors = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "pcap_write_errors_total",
-		Help: "Failed file operations, by operation (mkdir, create, write, close, rename).",
+		Help: "Failed file operations, by operation (mkdir, create, write, close, compress, rename).",
 	}, []string{"op"})
 
 	// EventSocketConnected is 1 while connected to tcp-info's eventsocket.
@@ -162,6 +162,12 @@ var (
 		Name: "pcap_kernel_destroy_events_total",
 		Help: "TCP socket destroy broadcasts from sock_diag, by result (named; disconnected: closed with SO_LINGER 0, no remote port; ignored: listeners; lost; malformed).",
 	}, []string{"result"})
+
+	// CompressorsCreated counts the gzip compressors the saver's pool made.
+	CompressorsCreated = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "pcap_compressors_created_total",
+		Help: "gzip compressors created by the saver's pool (-compress); a steady value means they are reused.",
+	})
 
 	// MemoryReleases counts times idle heap was returned to the OS.
 	MemoryReleases = promauto.NewCounter(prometheus.CounterOpts{

@@ -59,6 +59,9 @@ type Options struct {
 	// local ends of the events' connections are added to them.
 	Local []netip.Addr
 
+	// Compress writes <uuid>.pcap.gz files.
+	Compress bool
+
 	// Progress, when set, gets a progress line every second.
 	Progress io.Writer
 }
@@ -251,7 +254,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	if err != nil {
 		return sum, fmt.Errorf("read %s: %w", o.Read, err)
 	}
-	sv, err := saver.New(saver.Options{Dir: o.Dir, Snaplen: o.MaxHeaderSize})
+	sv, err := saver.New(saver.Options{Dir: o.Dir, Snaplen: o.MaxHeaderSize, Compress: o.Compress})
 	if err != nil {
 		return sum, err
 	}

@@ -21,9 +21,11 @@
 package saver
 
 import (
+	"compress/gzip"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"os"
 	"path/filepath"
@@ -54,6 +56,10 @@ type Options struct {
 	// fills up. Zero disables each.
 	MinFreeBytes   int64
 	MinFreePercent float64
+	// Compress writes <uuid>.pcap.gz, one gzip member per file. A finished
+	// flow is compressed in one go with a pooled compressor, so compression
+	// costs no memory per live flow.
+	Compress bool
 }
 
 // ErrLowSpace is the reason a flow was not written: the filesystem has
@@ -66,6 +72,7 @@ type Saver struct {
 	snaplen      int
 	minFree      int64
 	minFreePct   float64
+	compress     bool
 	logs         rateLog
 	wg           sync.WaitGroup
 	active       atomic.Int64
@@ -84,7 +91,7 @@ func New(opts Options) (*Saver, error) {
 		return nil, fmt.Errorf("datadir %s: %w", opts.Dir, err)
 	}
 	s := &Saver{dir: dir, partial: filepath.Join(dir, PartialDir), snaplen: opts.Snaplen,
-		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent}
+		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent, compress: opts.Compress}
 	if err := os.MkdirAll(s.partial, 0o755); err != nil {
 		return nil, fmt.Errorf("datadir: %w", err)
 	}
@@ -110,7 +117,11 @@ func (s *Saver) Dir() string { return s.dir }
 // Path returns the final path of the file for a flow named uuid whose first
 // packet was at first.
 func (s *Saver) Path(uuid string, first time.Time) string {
-	return filepath.Join(s.dir, first.UTC().Format("2006/01/02"), uuid+".pcap")
+	name := uuid + ".pcap"
+	if s.compress {
+		name += ".gz"
+	}
+	return filepath.Join(s.dir, first.UTC().Format("2006/01/02"), name)
 }
 
 // Active returns the number of flows being written.
@@ -237,6 +248,16 @@ func (f *Flow) run() {
 			fail("close", cerr)
 		}
 	}
+	if err == nil && f.s.compress {
+		gz := tmp + ".gz"
+		if n, cerr := compressFile(tmp, gz); cerr != nil {
+			os.Remove(gz)
+			fail("compress", cerr)
+		} else {
+			os.Remove(tmp)
+			tmp, written = gz, int(n)
+		}
+	}
 	if err == nil {
 		final := f.s.Path(f.uuid, f.first)
 		if merr := os.MkdirAll(filepath.Dir(final), 0o755); merr != nil {
@@ -266,6 +287,52 @@ func (f *Flow) run() {
 	metrics.BytesWritten.Add(float64(written))
 	metrics.PacketsTotal.WithLabelValues(metrics.OutcomeSaved).Add(float64(packets))
 	metrics.FlowsEnded.WithLabelValues(metrics.FlowSaved).Inc()
+}
+
+var (
+	compressors = sync.Pool{New: func() any {
+		metrics.CompressorsCreated.Inc()
+		w, _ := gzip.NewWriterLevel(nil, gzip.DefaultCompression)
+		return w
+	}}
+	compressorsInUse atomic.Int64
+)
+
+// CompressorsInUse returns how many pooled compressors are compressing now.
+func CompressorsInUse() int64 { return compressorsInUse.Load() }
+
+// compressFile compresses from into to as one gzip member, with a pooled
+// compressor, and returns the compressed size.
+func compressFile(from, to string) (int64, error) {
+	in, err := os.Open(from)
+	if err != nil {
+		return 0, err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return 0, err
+	}
+	zw := compressors.Get().(*gzip.Writer)
+	compressorsInUse.Add(1)
+	defer func() {
+		zw.Reset(nil) // keep no reference to the file
+		compressors.Put(zw)
+		compressorsInUse.Add(-1)
+	}()
+	zw.Reset(out)
+	_, err = io.Copy(zw, in)
+	if cerr := zw.Close(); err == nil {
+		err = cerr
+	}
+	var size int64
+	if st, serr := out.Stat(); serr == nil {
+		size = st.Size()
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	return size, err
 }
 
 // create creates a partial file, making the partial directory again if it

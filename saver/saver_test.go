@@ -2,10 +2,13 @@ package saver
 
 import (
 	"bytes"
+	"compress/gzip"
 	"flag"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -203,5 +206,62 @@ func BenchmarkAppend(b *testing.B) {
 				putChunk(c)
 			}
 		}
+	}
+}
+
+// TestCompressed writes the golden flow with -compress: one gzip member
+// that decompresses to the golden file, read back by gopacket, and by tshark
+// when it is installed; the compressor is pooled.
+func TestCompressed(t *testing.T) {
+	s, err := New(Options{Dir: t.TempDir(), Snaplen: 256, Compress: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, uuid := range []string{"host_1_000000000000ABCD", "host_1_000000000000ABCE", "host_1_000000000000ABCF"} {
+		var b Buffer
+		fill(&b, 150)
+		f := s.Start(uuid, packet.LinkTypeEthernet, t0)
+		f.Push(&b, false)
+		fill(&b, 50)
+		f.Push(&b, true)
+		s.Wait()
+		path := s.Path(uuid, t0)
+		if !strings.HasSuffix(path, ".pcap.gz") {
+			t.Fatalf("path %s", path)
+		}
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		br := bytes.NewReader(raw)
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			t.Fatal(err)
+		}
+		zr.Multistream(false)
+		got, err := io.ReadAll(zr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if br.Len() != 0 {
+			t.Errorf("%d bytes after the first gzip member", br.Len())
+		}
+		want, _ := os.ReadFile(filepath.Join("testdata", "golden.pcap"))
+		if !bytes.Equal(got, want) {
+			t.Errorf("flow %d: decompressed file differs from the golden file", i)
+		}
+		if r, err := pcapgo.NewReader(bytes.NewReader(got)); err != nil || r.LinkType() != layers.LinkTypeEthernet {
+			t.Errorf("gopacket cannot read it: %v", err)
+		}
+		t.Logf("%d bytes compressed to %d (%.0f%%)", len(got), len(raw), 100*float64(len(raw))/float64(len(got)))
+		if tshark, err := exec.LookPath("tshark"); err == nil {
+			out, err := exec.Command(tshark, "-r", path, "-T", "fields", "-e", "frame.number").Output()
+			if n := strings.Count(string(out), "\n"); err != nil || n != 200 {
+				t.Errorf("tshark read %d frames (%v)", n, err)
+			}
+		}
+	}
+	if CompressorsInUse() != 0 {
+		t.Errorf("%d compressors still in use", CompressorsInUse())
 	}
 }
