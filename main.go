@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -35,6 +36,7 @@ import (
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/health"
 	pm "github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/offline"
@@ -68,6 +70,7 @@ type config struct {
 	local           []netip.Addr // parsed localAddrs
 	minFree         freeSpace
 	compress        bool
+	healthGrace     time.Duration
 }
 
 // freeSpace is the -minfreespace flag: bytes (a byte count such as 500MB)
@@ -121,6 +124,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks")
 	c.minFree.Set("1%")
 	fs.Var(&c.minFree, "minfreespace", "Keep this much free space in the datadir's filesystem, as bytes (500MB) or a percentage (5%): below it, new flows are not written (counted); 0 disables")
+	fs.DurationVar(&c.healthGrace, "health.grace", time.Minute, "/healthz fails once a capture or the eventsocket has been down this long (/readyz fails at once)")
 	fs.BoolVar(&c.compress, "compress", false, "Write <uuid>.pcap.gz (one gzip member per file), compressed when the flow is finished with pooled compressors")
 	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
@@ -162,6 +166,8 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return fmt.Errorf("-uuidwaitduration (%v) must not exceed -captureduration (%v)", c.uuidWait, c.captureDuration)
 	case c.maxHeaderSize < 64 || c.maxHeaderSize > 65535:
 		return fmt.Errorf("-maxheadersize must be between 64 and 65535, not %d", c.maxHeaderSize)
+	case c.healthGrace <= 0:
+		return fmt.Errorf("-health.grace must be positive, not %v", c.healthGrace)
 	case c.maxFlows < 0:
 		return fmt.Errorf("-maxflows must not be negative, not %d", c.maxFlows)
 	case c.maxHeap <= 0:
@@ -238,7 +244,11 @@ func run(ctx context.Context, c *config) (int, error) {
 	if err != nil {
 		return 2, err
 	}
-	srv, err := pm.Listen(c.listenAddr)
+	checker := health.New(c.healthGrace)
+	srv, err := pm.Listen(c.listenAddr, map[string]http.Handler{
+		"/healthz": http.HandlerFunc(checker.Live),
+		"/readyz":  http.HandlerFunc(checker.Ready),
+	})
 	if err != nil {
 		return 1, err
 	}
@@ -301,6 +311,13 @@ func run(ctx context.Context, c *config) (int, error) {
 	pm.RegisterGaugeFunc("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(limits.Active()) })
 	pm.RegisterGaugeFunc("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(table.Len()) })
 	pm.RegisterGaugeFunc("pcap_saver_active", "Flow files being written.", func() float64 { return float64(sv.Active()) })
+	pm.RegisterGaugeFunc("pcap_datadir_free_bytes", "Free space in the data directory's filesystem (for unprivileged users).", func() float64 {
+		var st unix.Statfs_t
+		if unix.Statfs(sv.Dir(), &st) != nil {
+			return -1
+		}
+		return float64(st.Bavail) * float64(st.Bsize)
+	})
 	pm.RegisterGaugeFunc("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(saver.CompressorsInUse()) })
 
 	anon := anonymize.New(mode, local)
@@ -312,6 +329,7 @@ func run(ctx context.Context, c *config) (int, error) {
 			return s.Received, s.Dropped, s.IfaceDropped, err
 		}, h.Up)
 		defer unregister()
+		checker.Add("capture "+h.Name(), h.Up)
 		opts := demuxer.Options{
 			Interface: h.Name(), LinkType: h.LinkType(), MaxHeaderSize: c.maxHeaderSize,
 			CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout, UUIDWait: c.uuidWait,
@@ -337,10 +355,12 @@ func run(ctx context.Context, c *config) (int, error) {
 	bg, cancelBG := context.WithCancel(context.Background())
 	var bgWG sync.WaitGroup
 	if c.eventSocket != "" {
+		client := tcpeventsocket.New(c.eventSocket, &eventHandler{t: table, checkPrefix: kernel != nil}, nil)
+		checker.Add("eventsocket", client.Connected)
 		bgWG.Add(1)
 		go func() {
 			defer bgWG.Done()
-			tcpeventsocket.New(c.eventSocket, &eventHandler{t: table, checkPrefix: kernel != nil}, nil).Run(bg)
+			client.Run(bg)
 		}()
 	}
 	if kernel != nil {
@@ -357,7 +377,7 @@ func run(ctx context.Context, c *config) (int, error) {
 	bgWG.Add(1)
 	go func() {
 		defer bgWG.Done()
-		housekeeping(bg, c, limits, table)
+		housekeeping(bg, c, limits, table, checker)
 	}()
 
 	<-ctx.Done()
@@ -429,7 +449,7 @@ func (h *eventHandler) Close(ts time.Time, id string) { h.t.Close(ts, id) }
 
 // housekeeping enforces -maxheap and -maxidleram and sweeps the names table
 // until ctx is done.
-func housekeeping(ctx context.Context, c *config, limits *demuxer.Limits, table *names.Table) {
+func housekeeping(ctx context.Context, c *config, limits *demuxer.Limits, table *names.Table, checker *health.Checker) {
 	samples := []metrics.Sample{
 		{Name: "/memory/classes/heap/objects:bytes"},
 		{Name: "/memory/classes/heap/free:bytes"},
@@ -442,6 +462,7 @@ func housekeeping(ctx context.Context, c *config, limits *demuxer.Limits, table 
 		case <-ctx.Done():
 			return
 		case now := <-tick.C:
+			checker.Sample(now)
 			metrics.Read(samples)
 			heap, idle := samples[0].Value.Uint64(), samples[1].Value.Uint64()
 			limits.SetOverMemory(heap > uint64(c.maxHeap))

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"sync"
@@ -123,6 +124,7 @@ func TestEndToEnd(t *testing.T) {
 		checkDaemon(t, l, d, opens, ref, captureStart)
 		checkMetrics(t, d, metricsText[d.name])
 	}
+	checkDashboard(t, metricsText["buffer"])
 	<-events.done
 	checkOffline(t, l, daemons[0], refFile, opens, ref, captureStart)
 }
@@ -253,6 +255,24 @@ func scrape(addr string) string {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
+}
+
+// checkDashboard checks that every metric the Grafana dashboard queries is
+// in a running daemon's /metrics output.
+func checkDashboard(t *testing.T, metricsText string) {
+	b, err := os.ReadFile("../deploy/grafana/packet-headers.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := regexp.MustCompile(`\b(pcap|process)_[a-z0-9_]+`).FindAllString(string(b), -1)
+	if len(names) < 10 {
+		t.Fatalf("the dashboard queries only %d metrics", len(names))
+	}
+	for _, m := range names {
+		if !regexp.MustCompile(`(?m)^` + m + `[ {]`).MatchString(metricsText) {
+			t.Errorf("the dashboard queries %s, which the daemon does not export", m)
+		}
+	}
 }
 
 func metricValue(text, name string) (float64, bool) {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -129,7 +130,7 @@ func TestInterfaceFaults(t *testing.T) {
 	_, srvB, nsB := l.addLink(name, 3)
 	l.server(8083)
 	d := &daemon{name: "faults"}
-	cmd := l.startDaemon(d, 9990)
+	cmd := l.startDaemon(d, 9990, "-health.grace", "1s")
 	upMetric := func(ifc string) string {
 		v, _ := metricValue(scrape(d.metrics), fmt.Sprintf(`pcap_capture_up{interface="%s"}`, ifc))
 		return fmt.Sprint(v)
@@ -141,10 +142,14 @@ func TestInterfaceFaults(t *testing.T) {
 	phase1a, phase1b := flows(t, l.srv4, 8083, 10), flows(t, srvB, 8083, 10)
 	run(t, "ip", "link", "del", "pa"+name) // interface b is deleted
 	waitFor(t, 5*time.Second, "capture on the deleted interface to be reported down", func() bool { return upMetric(nsB) == "0" })
+	waitFor(t, 5*time.Second, "/healthz to fail after -health.grace", func() bool { return probe(d.metrics, "/healthz") == 503 })
 	phase2 := flows(t, l.srv4, 8083, 10)
 
 	_, srvB, _ = l.addLink(name, 3) // and comes back
 	waitFor(t, 10*time.Second, "capture to resume on the re-created interface", func() bool { return upMetric(nsB) == "1" })
+	waitFor(t, 2*time.Second, "/healthz and /readyz to pass again", func() bool {
+		return probe(d.metrics, "/healthz") == 200 && probe(d.metrics, "/readyz") == 200
+	})
 	phase3 := flows(t, srvB, 8083, 10)
 
 	l.exec("ip", "link", "set", l.nsIf, "down") // interface a goes down and up
@@ -351,10 +356,15 @@ func TestTCPInfoRestart(t *testing.T) {
 	waitFor(t, 10*time.Second, "the daemon to see tcp-info gone", func() bool {
 		return strings.Contains(scrape(d.metrics), "pcap_eventsocket_connected 0")
 	})
+	waitFor(t, 2*time.Second, "/readyz to fail while tcp-info is down", func() bool { return probe(d.metrics, "/readyz") == 503 })
+	if code := probe(d.metrics, "/healthz"); code != 200 {
+		t.Errorf("/healthz is %d within the grace period", code)
+	}
 	startTI("tcp-info-2.log")
 	waitFor(t, 15*time.Second, "the daemon to reconnect", func() bool {
 		return strings.Contains(scrape(d.metrics), "pcap_eventsocket_connected 1")
 	})
+	waitFor(t, 2*time.Second, "/readyz to pass again", func() bool { return probe(d.metrics, "/readyz") == 200 })
 	time.Sleep(200 * time.Millisecond)
 	after := flows(t, l.srv4, 8086, 20)
 	for _, c := range held {
@@ -436,6 +446,17 @@ func TestEventFlood(t *testing.T) {
 	if files := filePorts(t, d.dataDir, 8087); files[realEnd] != 1 {
 		t.Errorf("the real flow announced after the flood was not saved (%v)", files)
 	}
+}
+
+// probe returns the HTTP status of a health endpoint, 0 if unreachable.
+func probe(addr, path string) int {
+	c := http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get("http://" + addr + path)
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
 
 // rss returns a process's resident set size in bytes.

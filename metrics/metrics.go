@@ -198,7 +198,30 @@ var captures = &captureCollector{
 	ifdrp:   prometheus.NewDesc("pcap_interface_dropped_total", "Frames dropped by the interface or driver, per interface (libpcap ps_ifdrop).", []string{"interface"}, nil),
 }
 
-func init() { prometheus.MustRegister(captures) }
+func init() {
+	prometheus.MustRegister(captures)
+	// Every label value that can occur is exported from the start, at 0, so
+	// that rates and dashboards work before the first event of a kind.
+	for _, o := range []string{OutcomeSaved, OutcomeNoUUID, OutcomeAfterCaptureDur, OutcomeFlowLimit, OutcomeMemoryLimit,
+		OutcomeUndecodable, OutcomeWriteError, OutcomeShutdownWithoutUUID, OutcomeLowSpace} {
+		PacketsTotal.WithLabelValues(o)
+	}
+	for _, o := range []string{FlowSaved, FlowUUIDTimeout, FlowWriteError, FlowShutdown, FlowLowSpace} {
+		FlowsEnded.WithLabelValues(o)
+	}
+	for _, l := range []string{OutcomeFlowLimit, OutcomeMemoryLimit} {
+		FlowsRefused.WithLabelValues(l)
+	}
+	for _, op := range []string{"mkdir", "create", "write", "close", "compress", "rename"} {
+		WriteErrors.WithLabelValues(op)
+	}
+	for _, t := range []string{"open", "close", "unknown"} {
+		EventSocketEvents.WithLabelValues(t)
+	}
+	for _, s := range []string{"eventsocket", "kernel"} {
+		UUIDs.WithLabelValues(s)
+	}
+}
 
 // Describe implements prometheus.Collector.
 func (c *captureCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -258,8 +281,9 @@ type Server struct {
 	done chan error
 }
 
-// Listen binds addr (":0" picks a free port) and starts serving.
-func Listen(addr string) (*Server, error) {
+// Listen binds addr (":0" picks a free port) and starts serving /metrics,
+// pprof, and the extra handlers by path.
+func Listen(addr string, extra map[string]http.Handler) (*Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listen on %s: %w", addr, err)
@@ -271,6 +295,9 @@ func Listen(addr string) (*Server, error) {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	mux.Handle("/metrics", promhttp.Handler())
+	for path, h := range extra {
+		mux.Handle(path, h)
+	}
 	s := &Server{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln: ln, done: make(chan error, 1)}
 	go func() { s.done <- s.srv.Serve(ln) }()
 	return s, nil

@@ -21,6 +21,7 @@ import (
 	"log"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/m-lab/packet-headers/metrics"
@@ -111,11 +112,16 @@ type Options struct {
 
 // Client reads events from one eventsocket.
 type Client struct {
-	path    string
-	handler Handler
-	min     time.Duration
-	max     time.Duration
+	path      string
+	handler   Handler
+	min       time.Duration
+	max       time.Duration
+	connected atomic.Bool
 }
+
+// Connected reports whether the client is connected now. It is safe for
+// concurrent use.
+func (c *Client) Connected() bool { return c.connected.Load() }
 
 // New returns a client for the socket at path.
 func New(path string, h Handler, opts *Options) *Client {
@@ -158,7 +164,9 @@ func (c *Client) Run(ctx context.Context) error {
 		log.Printf("eventsocket %s: connected", c.path)
 		loggedDown = false
 		metrics.EventSocketConnected.Set(1)
+		c.connected.Store(true)
 		n := c.read(ctx, conn)
+		c.connected.Store(false)
 		metrics.EventSocketConnected.Set(0)
 		if ctx.Err() == nil {
 			log.Printf("eventsocket %s: connection lost after %d events (reconnecting)", c.path, n)

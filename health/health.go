@@ -1,0 +1,105 @@
+// Package health turns the state of the daemon's parts into the answers of
+// two HTTP probes:
+//
+//   - /readyz is 200 while every part is up: every capture running, the
+//     eventsocket connected (when one is configured). A part that is down
+//     makes it 503 at once.
+//   - /healthz (liveness) is 200 unless a part has been down for longer
+//     than the grace period: then the daemon is not doing its job and a
+//     restart may help (the interface never came back, tcp-info's socket is
+//     gone).
+//
+// Parts are sampled by Sample (the daemon calls it every 100 ms); a probe
+// reads the last sample. A Checker is safe for concurrent use.
+package health
+
+import (
+	"fmt"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Checker tracks parts by name.
+type Checker struct {
+	grace time.Duration
+	mu    sync.Mutex
+	parts map[string]*part
+}
+
+type part struct {
+	up        func() bool
+	isUp      bool
+	downSince time.Time
+}
+
+// New returns a checker whose liveness fails after a part is down for grace.
+func New(grace time.Duration) *Checker {
+	return &Checker{grace: grace, parts: map[string]*part{}}
+}
+
+// Add registers a part; up reports whether it works. It counts as up until
+// the first Sample.
+func (c *Checker) Add(name string, up func() bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.parts[name] = &part{up: up, isUp: true}
+}
+
+// Sample reads every part's state at time now.
+func (c *Checker) Sample(now time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range c.parts {
+		up := p.up()
+		if !up && p.isUp {
+			p.downSince = now
+		}
+		p.isUp = up
+	}
+}
+
+// Status returns the parts that are down and the ones down longer than the
+// grace period at time now, sorted.
+func (c *Checker) Status(now time.Time) (down, dead []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for name, p := range c.parts {
+		if !p.isUp {
+			d := now.Sub(p.downSince).Round(time.Second)
+			down = append(down, fmt.Sprintf("%s (down %v)", name, d))
+			if now.Sub(p.downSince) > c.grace {
+				dead = append(dead, name)
+			}
+		}
+	}
+	sort.Strings(down)
+	sort.Strings(dead)
+	return down, dead
+}
+
+// Ready serves /readyz.
+func (c *Checker) Ready(w http.ResponseWriter, r *http.Request) {
+	down, _ := c.Status(time.Now())
+	reply(w, len(down) == 0, down)
+}
+
+// Live serves /healthz.
+func (c *Checker) Live(w http.ResponseWriter, r *http.Request) {
+	down, dead := c.Status(time.Now())
+	reply(w, len(dead) == 0, down)
+}
+
+func reply(w http.ResponseWriter, ok bool, down []string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if !ok {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	if len(down) == 0 {
+		fmt.Fprintln(w, "ok")
+		return
+	}
+	fmt.Fprintf(w, "down: %s\n", strings.Join(down, ", "))
+}
