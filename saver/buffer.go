@@ -9,12 +9,15 @@ import (
 // RecordHeaderLen is the size of a pcap record header.
 const RecordHeaderLen = 16
 
-// Chunk sizes: a flow starts small (a SYN-only flow costs one small chunk)
-// and grows in larger steps, so that memory tracks header bytes closely for
+// Chunk sizes: a flow starts small (a SYN-only flow, such as one of a SYN
+// flood, costs one 128-byte chunk, which holds one SYN record of either
+// family) and grows in larger steps (1 KiB holds about ten more packets,
+// then 8 KiB at a time), so that memory tracks header bytes closely for
 // short flows and per-chunk overhead stays low for long ones.
 const (
-	firstChunk = 512
-	nextChunk  = 8 << 10
+	firstChunk  = 128
+	secondChunk = 1 << 10
+	nextChunk   = 8 << 10
 )
 
 // chunk is a block of whole pcap records. Chunks are pooled by capacity.
@@ -23,14 +26,19 @@ type chunk struct {
 }
 
 var (
-	smallPool = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, firstChunk)} }}
-	largePool = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, nextChunk)} }}
+	smallPool  = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, firstChunk)} }}
+	mediumPool = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, secondChunk)} }}
+	largePool  = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, nextChunk)} }}
 )
 
-func getChunk(first bool, need int) *chunk {
+// getChunk returns a chunk for a buffer that has n chunks already, with room
+// for at least need bytes.
+func getChunk(n, need int) *chunk {
 	switch {
-	case first && need <= firstChunk:
+	case n == 0 && need <= firstChunk:
 		return smallPool.Get().(*chunk)
+	case n <= 1 && need <= secondChunk:
+		return mediumPool.Get().(*chunk)
 	case need <= nextChunk:
 		return largePool.Get().(*chunk)
 	}
@@ -42,6 +50,8 @@ func putChunk(c *chunk) {
 	switch cap(c.b) {
 	case firstChunk:
 		smallPool.Put(c)
+	case secondChunk:
+		mediumPool.Put(c)
 	case nextChunk:
 		largePool.Put(c)
 	}
@@ -66,7 +76,7 @@ func (b *Buffer) Append(ts time.Time, origLen int, hdr []byte) []byte {
 	if n := len(b.chunks); n > 0 && cap(b.chunks[n-1].b)-len(b.chunks[n-1].b) >= need {
 		c = b.chunks[n-1]
 	} else {
-		c = getChunk(len(b.chunks) == 0, need)
+		c = getChunk(len(b.chunks), need)
 		b.chunks = append(b.chunks, c)
 	}
 	start := len(c.b)
