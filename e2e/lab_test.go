@@ -25,7 +25,7 @@ import (
 // lab is a server network namespace joined to the test's namespace by a
 // veth pair with wire-sized packets (no TSO/GSO/GRO, no checksum offload).
 type lab struct {
-	t            *testing.T
+	t            testing.TB
 	ns           string
 	hostIf, nsIf string
 	cli4, srv4   netip.Addr
@@ -37,7 +37,7 @@ type lab struct {
 	tcpinfoSock  string
 }
 
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("end-to-end tests need root (network namespaces, libpcap); run them as root")
@@ -49,7 +49,7 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-func run(t *testing.T, name string, args ...string) string {
+func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
 	if err != nil {
@@ -60,7 +60,7 @@ func run(t *testing.T, name string, args ...string) string {
 
 // newLab creates the namespace and the veth pair; t.Cleanup removes them
 // and stops every process started in them, even when the test fails.
-func newLab(t *testing.T, subnet int) *lab {
+func newLab(t testing.TB, subnet int) *lab {
 	requireRoot(t)
 	id := os.Getpid()%10000*10 + subnet
 	l := &lab{
@@ -122,7 +122,7 @@ var (
 
 // buildBinaries builds the daemon and tcp-info (from the pinned module) once
 // per test binary.
-func buildBinaries(t *testing.T, modRoot string) string {
+func buildBinaries(t testing.TB, modRoot string) string {
 	buildOnce.Do(func() {
 		binDir, buildErr = os.MkdirTemp("", "phe2e-bin")
 		if buildErr != nil {
@@ -311,7 +311,7 @@ func (l *lab) recordEvents(ctx context.Context) *eventLog {
 	return ev
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, ok func() bool) {
+func waitFor(t testing.TB, d time.Duration, what string, ok func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !ok() {
@@ -324,7 +324,7 @@ func waitFor(t *testing.T, d time.Duration, what string, ok func() bool) {
 
 // stop sends sig to cmd and waits up to limit for it to exit, returning how
 // long it took.
-func stop(t *testing.T, cmd *exec.Cmd, sig syscall.Signal, limit time.Duration) (time.Duration, error) {
+func stop(t testing.TB, cmd *exec.Cmd, sig syscall.Signal, limit time.Duration) (time.Duration, error) {
 	t.Helper()
 	start := time.Now()
 	cmd.Process.Signal(sig)

@@ -29,6 +29,7 @@ import (
 	"log"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -78,6 +79,10 @@ type Saver struct {
 	active       atomic.Int64
 	files, bytes atomic.Int64
 	errors       atomic.Int64
+	// io bounds the writers doing file I/O at once: thousands of flows
+	// ending together (a shutdown, the end of an offline input) would
+	// otherwise park thousands of threads on the data directory's lock.
+	io chan struct{}
 }
 
 // New prepares the data directory: it creates it and its partial directory,
@@ -91,7 +96,8 @@ func New(opts Options) (*Saver, error) {
 		return nil, fmt.Errorf("datadir %s: %w", opts.Dir, err)
 	}
 	s := &Saver{dir: dir, partial: filepath.Join(dir, PartialDir), snaplen: opts.Snaplen,
-		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent, compress: opts.Compress}
+		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent, compress: opts.Compress,
+		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0)))}
 	if err := os.MkdirAll(s.partial, 0o755); err != nil {
 		return nil, fmt.Errorf("datadir: %w", err)
 	}
@@ -214,6 +220,7 @@ func (f *Flow) run() {
 	for {
 		<-f.wake
 		cs, final := f.next()
+		f.s.io <- struct{}{}
 		if err == nil && file == nil {
 			if err = f.s.checkSpace(); err != nil {
 				op = "low_space"
@@ -241,7 +248,9 @@ func (f *Flow) run() {
 		if final {
 			break
 		}
+		<-f.s.io
 	}
+	defer func() { <-f.s.io }()
 	if err == nil {
 		if cerr := file.Close(); cerr != nil {
 			file = nil

@@ -1,0 +1,216 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
+	"github.com/google/gopacket/pcapgo"
+)
+
+// The lab measurements of the performance issue, side by side with tcpdump
+// in one run, printed as a table (scripts/bench.sh runs them):
+//
+//	go test ./e2e -run '^$' -bench Lab -benchtime 1x
+//
+// They are benchmarks, not tests: they print numbers and assert nothing
+// but that the lab worked.
+
+// cpuTime returns a process's user+system CPU time.
+func cpuTime(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
+}
+
+type row struct {
+	what, ours, tcpdump, ratio string
+}
+
+func printTable(b *testing.B, rows []row) {
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "\n| measurement | packet-headers | tcpdump | ratio |\n|---|---|---|---|\n")
+	for _, r := range rows {
+		fmt.Fprintf(&sb, "| %s | %s | %s | %s |\n", r.what, r.ours, r.tcpdump, r.ratio)
+	}
+	b.Log(sb.String())
+	fmt.Print(sb.String())
+}
+
+var tcpdumpCounts = regexp.MustCompile(`(\d+) packets captured[\s\S]*?(\d+) packets dropped by kernel`)
+
+// iperfRun captures an iperf3 transfer (MSS 88, at rate or unlimited) with
+// the daemon and tcpdump side by side and returns, for each, the packets
+// captured (saved, for the daemon), the kernel drops and the CPU time.
+func iperfRun(b *testing.B, l *lab, name, rate string, seconds int) (ph, td struct {
+	packets, drops float64
+	cpu            time.Duration
+}) {
+	d := &daemon{name: name}
+	cmd := l.startDaemon(d, 9990)
+	tdFile := filepath.Join(l.dir, name+".pcap")
+	tcpdump := l.start("tcpdump-"+name+".log", "tcpdump", "-i", l.nsIf, "-s", "256", "-n", "-w", tdFile, "tcp")
+	waitFor(b, 10*time.Second, "tcpdump", func() bool { return strings.Contains(l.log("tcpdump-"+name+".log"), "listening") })
+	phCPU, tdCPU := cpuTime(cmd.Process.Pid), cpuTime(tcpdump.Process.Pid)
+	args := []string{"-c", l.srv4.String(), "-p", "5201", "-M", "88", "-t", strconv.Itoa(seconds)}
+	if rate != "" {
+		args = append(args, "-b", rate)
+	}
+	if out, err := exec.Command("iperf3", args...).CombinedOutput(); err != nil {
+		b.Fatalf("iperf3: %v\n%s", err, out)
+	}
+	time.Sleep(1500 * time.Millisecond) // the flow's linger: its file is written
+	ph.cpu, td.cpu = cpuTime(cmd.Process.Pid)-phCPU, cpuTime(tcpdump.Process.Pid)-tdCPU
+	text := scrape(d.metrics)
+	ph.packets, _ = metricValue(text, `pcap_packets_total{outcome="saved"}`)
+	ph.drops, _ = metricValue(text, fmt.Sprintf(`pcap_kernel_dropped_total{interface="%s"}`, l.nsIf))
+	stop(b, cmd, syscall.SIGTERM, 10*time.Second)
+	stop(b, tcpdump, syscall.SIGINT, 10*time.Second)
+	if m := tcpdumpCounts.FindStringSubmatch(l.log("tcpdump-" + name + ".log")); m != nil {
+		td.packets, _ = strconv.ParseFloat(m[1], 64)
+		td.drops, _ = strconv.ParseFloat(m[2], 64)
+	}
+	return ph, td
+}
+
+func BenchmarkLab(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("the lab needs root")
+	}
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		b.Skip("needs iperf3")
+	}
+	l := newLab(b, 8)
+	srv := l.start("iperf3.log", "iperf3", "-s", "-p", "5201")
+	defer srv.Process.Kill()
+	time.Sleep(300 * time.Millisecond)
+	var rows []row
+
+	// 1. CPU per packet at a load both capture completely.
+	ph, td := iperfRun(b, l, "cpu", "25M", 5)
+	phPer := float64(ph.cpu.Microseconds()) / ph.packets
+	tdPer := float64(td.cpu.Microseconds()) / td.packets
+	rows = append(rows, row{fmt.Sprintf("1. CPU per packet, iperf3 MSS 88 at 25 Mbit/s (%.0f packets/s)", td.packets/5),
+		fmt.Sprintf("%.2f µs (%.0f packets, %v)", phPer, ph.packets, ph.cpu), fmt.Sprintf("%.2f µs (%.0f packets, %v)", tdPer, td.packets, td.cpu),
+		fmt.Sprintf("%.2f", phPer/tdPer)})
+
+	// 2. Packets kept at an unlimited load.
+	ph, td = iperfRun(b, l, "heavy", "", 5)
+	rows = append(rows, row{"2. packets kept, iperf3 MSS 88 unlimited, 5 s",
+		fmt.Sprintf("%.0f saved, %.0f kernel drops", ph.packets, ph.drops), fmt.Sprintf("%.0f written, %.0f kernel drops", td.packets, td.drops),
+		fmt.Sprintf("%.3f", ph.packets/td.packets)})
+
+	// 3. Memory per concurrent flow.
+	rows = append(rows, heldOpen(b, l, 3000))
+
+	// 5. Offline throughput.
+	rows = append(rows, offlineThroughput(b, l))
+	printTable(b, rows)
+}
+
+// heldOpen holds n connections open, ~10 packets each, and reports the
+// daemon's RSS and RSS per flow.
+func heldOpen(b *testing.B, l *lab, n int) row {
+	l.server(8088)
+	d := &daemon{name: "rss"}
+	cmd := l.startDaemon(d, 9991)
+	time.Sleep(500 * time.Millisecond)
+	before := rss(cmd.Process.Pid)
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i := 0; i < n; i++ {
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(l.srv4, 8088).String(), 5*time.Second)
+		if err != nil {
+			b.Fatalf("connection %d: %v", i, err)
+		}
+		conns = append(conns, c)
+		c.Write([]byte("e hello\n"))
+	}
+	for round := 0; round < 2; round++ {
+		for _, c := range conns {
+			io.ReadFull(c, make([]byte, 7))
+			c.Write([]byte("hello!\n"))
+		}
+	}
+	time.Sleep(1500 * time.Millisecond)
+	after := rss(cmd.Process.Pid)
+	text := scrape(d.metrics)
+	active, _ := metricValue(text, "pcap_flows_active")
+	captured, _ := metricValue(text, fmt.Sprintf(`pcap_packets_captured_total{interface="%s"}`, l.nsIf))
+	stop(b, cmd, syscall.SIGTERM, 10*time.Second)
+	headerBytes := captured * 82 // about 16 + 66 bytes a record
+	return row{fmt.Sprintf("3. memory, %d held-open connections (%.0f flows tracked, %.0f packets)", n, active, captured),
+		fmt.Sprintf("RSS %d MB (%d MB before); %.1f KB per flow, %.1f KB beyond header bytes", after>>20, before>>20,
+			float64(after-before)/float64(n)/1024, (float64(after-before)-headerBytes)/float64(n)/1024), "", ""}
+}
+
+// offlineThroughput splits a generated 1M-packet, 10k-flow capture offline
+// on one core, and tcpdump -r -s 128 -w the same file.
+func offlineThroughput(b *testing.B, l *lab) row {
+	in := filepath.Join(l.dir, "1m.pcap")
+	const packets, flows = 1000000, 10000
+	f, err := os.Create(in)
+	if err != nil {
+		b.Fatal(err)
+	}
+	bw := bufio.NewWriterSize(f, 1<<20)
+	w := pcapgo.NewWriterNanos(bw)
+	w.WriteFileHeader(256, layers.LinkTypeEthernet)
+	ip := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: net.IP{10, 1, 0, 0}, DstIP: net.IP{10, 2, 0, 1}}
+	tcp := &layers.TCP{SrcPort: 1, DstPort: 443, ACK: true, Window: 500,
+		Options: []layers.TCPOption{{OptionType: layers.TCPOptionKindTimestamps, OptionLength: 10, OptionData: make([]byte, 8)}}}
+	tcp.SetNetworkLayerForChecksum(ip)
+	buf := gopacket.NewSerializeBuffer()
+	gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true},
+		&layers.Ethernet{SrcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, DstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, EthernetType: layers.EthernetTypeIPv4},
+		ip, tcp, gopacket.Payload(make([]byte, 100)))
+	frame := buf.Bytes()
+	ts := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	for i := 0; i < packets; i++ {
+		flow := i % flows
+		frame[14+12+2], frame[14+12+3] = byte(flow>>8), byte(flow) // source address
+		frame[34], frame[35] = byte(1+flow%60000>>8), byte(1+flow%60000)
+		frame[38], frame[39], frame[40], frame[41] = byte(i>>24), byte(i>>16), byte(i>>8), byte(i) // sequence
+		ts = ts.Add(10 * time.Microsecond)
+		w.WritePacket(gopacket.CaptureInfo{Timestamp: ts, CaptureLength: len(frame), Length: len(frame)}, frame)
+	}
+	bw.Flush()
+	f.Close()
+
+	run := func(name string, env []string, args ...string) time.Duration {
+		cmd := exec.Command(name, args...)
+		cmd.Env = append(os.Environ(), env...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.Fatalf("%s: %v\n%s", name, err, out)
+		}
+		return cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	}
+	ours := run(filepath.Join(l.bin, "packet-headers"), []string{"GOMAXPROCS=1"}, "-read", in, "-datadir", filepath.Join(l.dir, "offline-out"), "-quiet")
+	theirs := run("tcpdump", nil, "-r", in, "-s", "128", "-w", filepath.Join(l.dir, "tcpdump-out.pcap"))
+	return row{"5. offline, 1M packets in 10k flows, one core",
+		fmt.Sprintf("%.2f M packets/s (%v CPU)", packets/ours.Seconds()/1e6, ours.Round(time.Millisecond)),
+		fmt.Sprintf("%.2f M packets/s (%v CPU)", packets/theirs.Seconds()/1e6, theirs.Round(time.Millisecond)),
+		fmt.Sprintf("%.2f", theirs.Seconds()/ours.Seconds())}
+}
