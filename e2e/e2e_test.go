@@ -51,14 +51,13 @@ type record struct {
 // files against the reference capture.
 func TestEndToEnd(t *testing.T) {
 	l := newLab(t, 1)
-	l.startTCPInfo()
+	l.startTCPInfo("tcp-info.log", "")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	events := l.recordEvents(ctx)
 
 	refFile := filepath.Join(l.dir, "reference.pcap")
-	tcpdump := l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-U", "-n", "--immediate-mode",
-		"--time-stamp-precision=nano", "-w", refFile, "tcp")
+	tcpdump := l.startReference(refFile)
 
 	daemons := []*daemon{
 		{name: "buffer", args: nil, capDur: 30 * time.Second},
@@ -67,24 +66,13 @@ func TestEndToEnd(t *testing.T) {
 	}
 	cmds := map[string]*exec.Cmd{}
 	for i, d := range daemons {
-		d.dataDir = filepath.Join(l.dir, "data-"+d.name)
-		d.metrics = fmt.Sprintf("%s:%d", l.srv4, 9990+i)
-		args := append([]string{"-datadir", d.dataDir, "-tcpinfo.eventsocket", l.tcpinfoSock,
-			"-prometheusx.listen-address", fmt.Sprintf(":%d", 9990+i), "-interface", l.nsIf}, d.args...)
-		cmds[d.name] = l.start("daemon-"+d.name+".log", filepath.Join(l.bin, "packet-headers"), args...)
+		cmds[d.name] = l.startDaemon(d, 9990+i, append([]string{"-tcpinfo.eventsocket", l.tcpinfoSock, "-interface", l.nsIf}, d.args...)...)
 	}
 	for _, d := range daemons {
-		waitFor(t, 10*time.Second, d.name+" daemon's metrics", func() bool { return scrape(d.metrics) != "" })
 		waitFor(t, 10*time.Second, d.name+" daemon's eventsocket connection", func() bool {
 			return strings.Contains(scrape(d.metrics), "pcap_eventsocket_connected 1")
 		})
 	}
-	for _, d := range daemons {
-		waitFor(t, 10*time.Second, d.name+" daemon to capture", func() bool {
-			return strings.Contains(l.log("daemon-"+d.name+".log"), "capturing on")
-		})
-	}
-	waitFor(t, 10*time.Second, "tcpdump to start", func() bool { return strings.Contains(l.log("tcpdump.log"), "listening") })
 	captureStart := time.Now() // flows that began earlier (readiness checks) are not expected in full
 
 	l.server(8081)

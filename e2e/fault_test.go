@@ -19,21 +19,6 @@ import (
 	"github.com/google/gopacket/pcapgo"
 )
 
-// startDaemon starts a daemon in the lab and waits until it captures.
-func (l *lab) startDaemon(d *daemon, port int, args ...string) *exec.Cmd {
-	l.t.Helper()
-	d.dataDir = filepath.Join(l.dir, "data-"+d.name)
-	d.metrics = fmt.Sprintf("%s:%d", l.srv4, port)
-	all := append([]string{"-datadir", d.dataDir, "-prometheusx.listen-address", fmt.Sprintf(":%d", port)}, args...)
-	logName := "daemon-" + d.name + ".log"
-	os.Remove(filepath.Join(l.dir, logName))
-	cmd := l.start(logName, filepath.Join(l.bin, "packet-headers"), all...)
-	waitFor(l.t, 10*time.Second, d.name+" daemon to capture", func() bool {
-		return strings.Contains(l.log(logName), "capturing on")
-	})
-	return cmd
-}
-
 // flows makes n short connections to addr:port (each lives 30 ms) and
 // returns their client ends.
 func flows(t *testing.T, addr netip.Addr, port, n int) map[netip.AddrPort]bool {
@@ -67,8 +52,8 @@ func clientEnd(c net.Conn) netip.AddrPort {
 	return netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
 }
 
-// filePorts counts the files in dir by the client end of their first packet
-// (the end that is not the server's port).
+// filePorts counts the files of connections to serverPort in dir by the
+// client end of their first packet.
 func filePorts(t *testing.T, dir string, serverPort uint16) map[netip.AddrPort]int {
 	out := map[netip.AddrPort]int{}
 	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
@@ -80,11 +65,12 @@ func filePorts(t *testing.T, dir string, serverPort uint16) map[netip.AddrPort]i
 			return nil
 		}
 		if rp, ok := decode(t, recs[0]); ok {
-			if rp.key.a.Port() == serverPort {
+			switch serverPort {
+			case rp.key.a.Port():
 				out[rp.key.b]++
-			} else {
+			case rp.key.b.Port():
 				out[rp.key.a]++
-			}
+			} // else a flow to another port (a metrics scrape)
 		}
 		return nil
 	})
@@ -94,13 +80,16 @@ func filePorts(t *testing.T, dir string, serverPort uint16) map[netip.AddrPort]i
 func expectFiles(t *testing.T, what string, ports map[netip.AddrPort]bool, files map[netip.AddrPort]int) {
 	t.Helper()
 	missing := 0
+	var examples []string
 	for p := range ports {
 		if files[p] != 1 {
-			missing++
+			if missing++; missing <= 3 {
+				examples = append(examples, fmt.Sprintf("%v: %d files", p, files[p]))
+			}
 		}
 	}
 	if missing > 0 {
-		t.Errorf("%s: %d of %d flows without exactly one file", what, missing, len(ports))
+		t.Errorf("%s: %d of %d flows without exactly one file (%s)", what, missing, len(ports), strings.Join(examples, ", "))
 	} else {
 		t.Logf("%s: all %d flows saved", what, len(ports))
 	}
@@ -319,19 +308,7 @@ func TestTCPInfoRestart(t *testing.T) {
 	l.server(8086)
 	prefix := filepath.Join(l.dir, "uuid-prefix")
 	os.WriteFile(prefix, []byte("restarthost_1764000000"), 0o644)
-	l.tcpinfoSock = filepath.Join(l.dir, "tcpevents.sock")
-	startTI := func(logName string) *exec.Cmd {
-		cmd := l.start(logName, filepath.Join(l.bin, "tcp-info"), "-tcpinfo.eventsocket", l.tcpinfoSock,
-			"-output", filepath.Join(l.dir, "tcpinfo"), "-prometheusx.listen-address", "127.0.0.1:0", "-uuid-prefix-file", prefix)
-		waitFor(t, 10*time.Second, "tcp-info's eventsocket", func() bool {
-			c, err := net.Dial("unix", l.tcpinfoSock)
-			if err == nil {
-				c.Close()
-			}
-			return err == nil
-		})
-		return cmd
-	}
+	startTI := func(logName string) *exec.Cmd { return l.startTCPInfo(logName, prefix) }
 	ti := startTI("tcp-info-1.log")
 	d := &daemon{name: "restart"}
 	cmd := l.startDaemon(d, 9990, "-tcpinfo.eventsocket", l.tcpinfoSock, "-uuid.kernel=false", "-uuid-prefix-file", prefix)

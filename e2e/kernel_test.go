@@ -29,22 +29,12 @@ func TestKernelUUIDs(t *testing.T) {
 	l := newLab(t, 2)
 	prefix := filepath.Join(l.dir, "uuid-prefix")
 	os.WriteFile(prefix, []byte("e2ehost_1764000000"), 0o644)
-	l.tcpinfoSock = filepath.Join(l.dir, "tcpevents.sock")
-	l.start("tcp-info.log", filepath.Join(l.bin, "tcp-info"), "-tcpinfo.eventsocket", l.tcpinfoSock,
-		"-output", filepath.Join(l.dir, "tcpinfo"), "-prometheusx.listen-address", "127.0.0.1:0", "-uuid-prefix-file", prefix)
-	waitFor(t, 10*time.Second, "tcp-info's eventsocket", func() bool {
-		c, err := net.Dial("unix", l.tcpinfoSock)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	l.startTCPInfo("tcp-info.log", prefix)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	events := l.recordEvents(ctx)
 	refFile := filepath.Join(l.dir, "reference.pcap")
-	tcpdump := l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-U", "-n", "--immediate-mode",
-		"--time-stamp-precision=nano", "-w", refFile, "tcp")
+	tcpdump := l.startReference(refFile)
 
 	daemons := []*daemon{
 		{name: "kernel", args: nil, capDur: 30 * time.Second},
@@ -52,18 +42,8 @@ func TestKernelUUIDs(t *testing.T) {
 	}
 	cmds := map[string]*exec.Cmd{}
 	for i, d := range daemons {
-		d.dataDir = filepath.Join(l.dir, "data-"+d.name)
-		d.metrics = fmt.Sprintf("%s:%d", l.srv4, 9990+i)
-		args := append([]string{"-datadir", d.dataDir, "-uuid-prefix-file", prefix,
-			"-prometheusx.listen-address", fmt.Sprintf(":%d", 9990+i), "-interface", l.nsIf}, d.args...)
-		cmds[d.name] = (l.start("daemon-"+d.name+".log", filepath.Join(l.bin, "packet-headers"), args...))
+		cmds[d.name] = l.startDaemon(d, 9990+i, append([]string{"-uuid-prefix-file", prefix, "-interface", l.nsIf}, d.args...)...)
 	}
-	for _, d := range daemons {
-		waitFor(t, 10*time.Second, d.name+" daemon to capture", func() bool {
-			return strings.Contains(l.log("daemon-"+d.name+".log"), "capturing on")
-		})
-	}
-	waitFor(t, 10*time.Second, "tcpdump to start", func() bool { return strings.Contains(l.log("tcpdump.log"), "listening") })
 	captureStart := time.Now()
 
 	l.server(8082)

@@ -251,18 +251,47 @@ func serve(c *net.TCPConn) {
 	}
 }
 
-// startTCPInfo runs tcp-info in the namespace with its eventsocket.
-func (l *lab) startTCPInfo() *exec.Cmd {
+// startTCPInfo runs tcp-info in the namespace with its eventsocket (and the
+// UUID prefix file, if any), logging to logName, and waits for the socket.
+func (l *lab) startTCPInfo(logName, prefixFile string) *exec.Cmd {
 	l.tcpinfoSock = filepath.Join(l.dir, "tcpevents.sock")
-	cmd := l.start("tcp-info.log", filepath.Join(l.bin, "tcp-info"),
-		"-tcpinfo.eventsocket", l.tcpinfoSock, "-output", filepath.Join(l.dir, "tcpinfo"),
-		"-prometheusx.listen-address", "127.0.0.1:0")
+	args := []string{"-tcpinfo.eventsocket", l.tcpinfoSock, "-output", filepath.Join(l.dir, "tcpinfo"),
+		"-prometheusx.listen-address", "127.0.0.1:0"}
+	if prefixFile != "" {
+		args = append(args, "-uuid-prefix-file", prefixFile)
+	}
+	cmd := l.start(logName, filepath.Join(l.bin, "tcp-info"), args...)
 	waitFor(l.t, 10*time.Second, "tcp-info's eventsocket", func() bool {
 		c, err := net.Dial("unix", l.tcpinfoSock)
 		if err == nil {
 			c.Close()
 		}
 		return err == nil
+	})
+	return cmd
+}
+
+// startReference runs the reference tcpdump on the namespace's interface
+// and waits until it listens.
+func (l *lab) startReference(path string) *exec.Cmd {
+	cmd := l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-U", "-n", "--immediate-mode",
+		"--time-stamp-precision=nano", "-w", path, "tcp")
+	waitFor(l.t, 10*time.Second, "tcpdump to start", func() bool { return strings.Contains(l.log("tcpdump.log"), "listening") })
+	return cmd
+}
+
+// startDaemon starts a daemon in the lab, its metrics on port, and waits
+// until it captures.
+func (l *lab) startDaemon(d *daemon, port int, args ...string) *exec.Cmd {
+	l.t.Helper()
+	d.dataDir = filepath.Join(l.dir, "data-"+d.name)
+	d.metrics = fmt.Sprintf("%s:%d", l.srv4, port)
+	all := append([]string{"-datadir", d.dataDir, "-prometheusx.listen-address", fmt.Sprintf(":%d", port)}, args...)
+	logName := "daemon-" + d.name + ".log"
+	os.Remove(filepath.Join(l.dir, logName))
+	cmd := l.start(logName, filepath.Join(l.bin, "packet-headers"), all...)
+	waitFor(l.t, 10*time.Second, d.name+" daemon to capture", func() bool {
+		return strings.Contains(l.log(logName), "capturing on")
 	})
 	return cmd
 }

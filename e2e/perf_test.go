@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"net"
@@ -16,9 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/gopacket"
-	"github.com/google/gopacket/layers"
-	"github.com/google/gopacket/pcapgo"
+	"github.com/m-lab/packet-headers/internal/synth"
 )
 
 // The lab measurements of the performance issue, side by side with tcpdump
@@ -171,33 +168,9 @@ func heldOpen(b *testing.B, l *lab, n int) row {
 func offlineThroughput(b *testing.B, l *lab) row {
 	in := filepath.Join(l.dir, "1m.pcap")
 	const packets, flows = 1000000, 10000
-	f, err := os.Create(in)
-	if err != nil {
+	if err := synth.Write(in, packets, flows); err != nil {
 		b.Fatal(err)
 	}
-	bw := bufio.NewWriterSize(f, 1<<20)
-	w := pcapgo.NewWriterNanos(bw)
-	w.WriteFileHeader(256, layers.LinkTypeEthernet)
-	ip := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: net.IP{10, 1, 0, 0}, DstIP: net.IP{10, 2, 0, 1}}
-	tcp := &layers.TCP{SrcPort: 1, DstPort: 443, ACK: true, Window: 500,
-		Options: []layers.TCPOption{{OptionType: layers.TCPOptionKindTimestamps, OptionLength: 10, OptionData: make([]byte, 8)}}}
-	tcp.SetNetworkLayerForChecksum(ip)
-	buf := gopacket.NewSerializeBuffer()
-	gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true},
-		&layers.Ethernet{SrcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, DstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, EthernetType: layers.EthernetTypeIPv4},
-		ip, tcp, gopacket.Payload(make([]byte, 100)))
-	frame := buf.Bytes()
-	ts := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
-	for i := 0; i < packets; i++ {
-		flow := i % flows
-		frame[14+12+2], frame[14+12+3] = byte(flow>>8), byte(flow) // source address
-		frame[34], frame[35] = byte(1+flow%60000>>8), byte(1+flow%60000)
-		frame[38], frame[39], frame[40], frame[41] = byte(i>>24), byte(i>>16), byte(i>>8), byte(i) // sequence
-		ts = ts.Add(10 * time.Microsecond)
-		w.WritePacket(gopacket.CaptureInfo{Timestamp: ts, CaptureLength: len(frame), Length: len(frame)}, frame)
-	}
-	bw.Flush()
-	f.Close()
 
 	run := func(name string, env []string, args ...string) time.Duration {
 		cmd := exec.Command(name, args...)
