@@ -311,7 +311,7 @@ type refPacket struct {
 	tcpOff    int
 }
 
-func decode(t *testing.T, r record) (refPacket, bool) {
+func decode(t testing.TB, r record) (refPacket, bool) {
 	p := gopacket.NewPacket(r.data, layers.LayerTypeEthernet, gopacket.DecodeOptions{Lazy: false, NoCopy: true})
 	tl, ok := p.Layer(layers.LayerTypeTCP).(*layers.TCP)
 	if !ok {
@@ -346,7 +346,7 @@ func decode(t *testing.T, r record) (refPacket, bool) {
 	return rp, true
 }
 
-func readPcap(t *testing.T, path string) ([]record, *pcapgo.Reader) {
+func readPcap(t testing.TB, path string) ([]record, *pcapgo.Reader) {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {

@@ -21,7 +21,7 @@ import (
 
 // flows makes n short connections to addr:port (each lives 30 ms) and
 // returns their client ends.
-func flows(t *testing.T, addr netip.Addr, port, n int) map[netip.AddrPort]bool {
+func flows(t testing.TB, addr netip.Addr, port, n int) map[netip.AddrPort]bool {
 	ports := map[netip.AddrPort]bool{}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -54,7 +54,7 @@ func clientEnd(c net.Conn) netip.AddrPort {
 
 // filePorts counts the files of connections to serverPort in dir by the
 // client end of their first packet.
-func filePorts(t *testing.T, dir string, serverPort uint16) map[netip.AddrPort]int {
+func filePorts(t testing.TB, dir string, serverPort uint16) map[netip.AddrPort]int {
 	out := map[netip.AddrPort]int{}
 	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
 		if err != nil || info.IsDir() || strings.Contains(p, "/.partial/") {

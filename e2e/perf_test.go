@@ -15,6 +15,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
+	"github.com/google/gopacket/pcap"
+
 	"github.com/m-lab/packet-headers/internal/synth"
 )
 
@@ -100,26 +104,31 @@ func BenchmarkLab(b *testing.B) {
 	defer srv.Process.Kill()
 	time.Sleep(300 * time.Millisecond)
 	var rows []row
-
+	measure := func(name string, f func(b *testing.B) row) {
+		b.Run(name, func(b *testing.B) { rows = append(rows, f(b)) })
+	}
 	// 1. CPU per packet at a load both capture completely.
-	ph, td := iperfRun(b, l, "cpu", "25M", 5)
-	phPer := float64(ph.cpu.Microseconds()) / ph.packets
-	tdPer := float64(td.cpu.Microseconds()) / td.packets
-	rows = append(rows, row{fmt.Sprintf("1. CPU per packet, iperf3 MSS 88 at 25 Mbit/s (%.0f packets/s)", td.packets/5),
-		fmt.Sprintf("%.2f µs (%.0f packets, %v)", phPer, ph.packets, ph.cpu), fmt.Sprintf("%.2f µs (%.0f packets, %v)", tdPer, td.packets, td.cpu),
-		fmt.Sprintf("%.2f", phPer/tdPer)})
-
+	measure("cpu", func(b *testing.B) row {
+		ph, td := iperfRun(b, l, "cpu", "25M", 5)
+		phPer := float64(ph.cpu.Microseconds()) / ph.packets
+		tdPer := float64(td.cpu.Microseconds()) / td.packets
+		return row{fmt.Sprintf("1. CPU per packet, iperf3 MSS 88 at 25 Mbit/s (%.0f packets/s)", td.packets/5),
+			fmt.Sprintf("%.2f µs (%.0f packets, %v)", phPer, ph.packets, ph.cpu), fmt.Sprintf("%.2f µs (%.0f packets, %v)", tdPer, td.packets, td.cpu),
+			fmt.Sprintf("%.2f", phPer/tdPer)}
+	})
 	// 2. Packets kept at an unlimited load.
-	ph, td = iperfRun(b, l, "heavy", "", 5)
-	rows = append(rows, row{"2. packets kept, iperf3 MSS 88 unlimited, 5 s",
-		fmt.Sprintf("%.0f saved, %.0f kernel drops", ph.packets, ph.drops), fmt.Sprintf("%.0f written, %.0f kernel drops", td.packets, td.drops),
-		fmt.Sprintf("%.3f", ph.packets/td.packets)})
-
+	measure("heavy", func(b *testing.B) row {
+		ph, td := iperfRun(b, l, "heavy", "", 5)
+		return row{"2. packets kept, iperf3 MSS 88 unlimited, 5 s",
+			fmt.Sprintf("%.0f saved, %.0f kernel drops", ph.packets, ph.drops), fmt.Sprintf("%.0f written, %.0f kernel drops", td.packets, td.drops),
+			fmt.Sprintf("%.3f", ph.packets/td.packets)}
+	})
 	// 3. Memory per concurrent flow.
-	rows = append(rows, heldOpen(b, l, 3000))
-
+	measure("rss", func(b *testing.B) row { return heldOpen(b, l, 3000) })
+	// 4. A SYN flood while legitimate connections run.
+	measure("synflood", func(b *testing.B) row { return synFlood(b, l, 200000) })
 	// 5. Offline throughput.
-	rows = append(rows, offlineThroughput(b, l))
+	measure("offline", func(b *testing.B) row { return offlineThroughput(b, l) })
 	printTable(b, rows)
 }
 
@@ -193,4 +202,74 @@ func offlineThroughput(b *testing.B, l *lab) row {
 		fmt.Sprintf("%.2f M packets/s (%v CPU)", packets/ours.Seconds()/1e6, ours.Round(time.Millisecond)),
 		fmt.Sprintf("%.2f M packets/s (%v CPU)", packets/theirs.Seconds()/1e6, theirs.Round(time.Millisecond)),
 		fmt.Sprintf("%.2f", theirs.Seconds()/ours.Seconds())}
+}
+
+// synFlood sends n SYNs from distinct spoofed sources (198.18.0.0/15)
+// through the lab's veth while 50 legitimate connections run, and reports
+// the daemon's peak RSS, the cost per flood flow, and whether every
+// legitimate flow was saved.
+func synFlood(b *testing.B, l *lab, n int) row {
+	l.server(8089)
+	d := &daemon{name: "synflood"}
+	cmd := l.startDaemon(d, 9992)
+	time.Sleep(300 * time.Millisecond)
+	before := rss(cmd.Process.Pid)
+	peak := before
+	stopSampling := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			select {
+			case <-stopSampling:
+				return
+			case <-time.After(50 * time.Millisecond):
+				peak = max(peak, rss(cmd.Process.Pid))
+			}
+		}
+	}()
+	legit := make(chan map[netip.AddrPort]bool)
+	go func() { legit <- flows(b, l.srv4, 8089, 50) }()
+
+	h, err := pcap.OpenLive(l.hostIf, 128, false, pcap.BlockForever)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ifc, _ := net.InterfaceByName(l.hostIf)
+	dstMAC, _ := net.ParseMAC(strings.TrimSpace(l.exec("cat", "/sys/class/net/"+l.nsIf+"/address")))
+	start := time.Now()
+	buf := gopacket.NewSerializeBuffer()
+	for i := 0; i < n; i++ {
+		ip := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP,
+			SrcIP: net.IP{198, 18 + byte(i>>16&1), byte(i >> 8), byte(i)}, DstIP: l.srv4.AsSlice()}
+		tcp := &layers.TCP{SrcPort: layers.TCPPort(1024 + i%60000), DstPort: 8089, SYN: true, Seq: uint32(i * 7919), Window: 64240,
+			Options: []layers.TCPOption{{OptionType: layers.TCPOptionKindMSS, OptionLength: 4, OptionData: []byte{5, 0xb4}}}}
+		tcp.SetNetworkLayerForChecksum(ip)
+		gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
+			&layers.Ethernet{SrcMAC: ifc.HardwareAddr, DstMAC: dstMAC, EthernetType: layers.EthernetTypeIPv4}, ip, tcp)
+		if err := h.WritePacketData(buf.Bytes()); err != nil {
+			b.Fatalf("send: %v", err)
+		}
+	}
+	sendTime := time.Since(start)
+	h.Close()
+	saved := <-legit
+	time.Sleep(6 * time.Second) // past -uuidwaitduration: the flood's flows are dropped
+	close(stopSampling)
+	<-sampled
+	after := rss(cmd.Process.Pid)
+	text := scrape(d.metrics)
+	started, _ := metricValue(text, "pcap_flows_started_total")
+	timeouts, _ := metricValue(text, `pcap_flows_ended_total{outcome="uuid_timeout"}`)
+	stop(b, cmd, syscall.SIGTERM, 10*time.Second)
+	files := filePorts(b, d.dataDir, 8089)
+	kept := 0
+	for p := range saved {
+		if files[p] == 1 {
+			kept++
+		}
+	}
+	return row{fmt.Sprintf("4. SYN flood: %d spoofed SYNs in %v, 50 legitimate connections meanwhile", n, sendTime.Round(time.Millisecond)),
+		fmt.Sprintf("%d of %d legitimate flows saved; %.0f flows started, %.0f dropped without UUID; RSS %d MB before, peak %d MB, %d MB after: %.0f bytes per flood flow at peak",
+			kept, len(saved), started, timeouts, before>>20, peak>>20, after>>20, float64(peak-before)/float64(n)), "", ""}
 }
