@@ -78,7 +78,12 @@ func iperfRun(b *testing.B, l *lab, name, rate string, seconds int) (ph, td stru
 	if out, err := exec.Command("iperf3", args...).CombinedOutput(); err != nil {
 		b.Fatalf("iperf3: %v\n%s", err, out)
 	}
-	time.Sleep(1500 * time.Millisecond) // the flow's linger: its file is written
+	// Until the daemon has caught up and written iperf3's two flows
+	// (control and data). Polling the files, not /metrics: each scrape is a
+	// flow too.
+	waitFor(b, 30*time.Second, "the flows to be written", func() bool {
+		return len(filePorts(b, d.dataDir, 5201)) >= 2
+	})
 	ph.cpu, td.cpu = cpuTime(cmd.Process.Pid)-phCPU, cpuTime(tcpdump.Process.Pid)-tdCPU
 	text := scrape(d.metrics)
 	ph.packets, _ = metricValue(text, `pcap_packets_total{outcome="saved"}`)
