@@ -23,6 +23,7 @@ const (
 // chunk is a block of whole pcap records. Chunks are pooled by capacity.
 type chunk struct {
 	b []byte
+	n int // records in b
 }
 
 var (
@@ -46,7 +47,7 @@ func getChunk(n, need int) *chunk {
 }
 
 func putChunk(c *chunk) {
-	c.b = c.b[:0] // keep no stale length; bytes are overwritten before reuse
+	c.b, c.n = c.b[:0], 0 // keep no stale length; bytes are overwritten before reuse
 	switch cap(c.b) {
 	case firstChunk:
 		smallPool.Put(c)
@@ -88,6 +89,7 @@ func (b *Buffer) Append(ts time.Time, origLen int, hdr []byte) []byte {
 	binary.LittleEndian.PutUint32(r[8:], uint32(len(hdr)))
 	binary.LittleEndian.PutUint32(r[12:], uint32(origLen))
 	copy(r[RecordHeaderLen:], hdr)
+	c.n++
 	b.packets++
 	b.bytes += need
 	return r[RecordHeaderLen:]
@@ -129,21 +131,9 @@ func (b *Buffer) take(all bool) (cs []*chunk, packets int) {
 	clear(b.chunks[rest:])
 	b.chunks = b.chunks[:rest]
 	for _, c := range cs {
-		packets += countRecords(c.b)
-	}
-	b.packets -= packets
-	for _, c := range cs {
+		packets += c.n
 		b.bytes -= len(c.b)
 	}
+	b.packets -= packets
 	return cs, packets
-}
-
-func countRecords(b []byte) int {
-	n := 0
-	for len(b) >= RecordHeaderLen {
-		l := int(binary.LittleEndian.Uint32(b[8:12]))
-		b = b[RecordHeaderLen+l:]
-		n++
-	}
-	return n
 }

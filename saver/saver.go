@@ -217,32 +217,37 @@ func (f *Flow) run() {
 			os.Remove(tmp)
 		}
 	}
+	var iov [][]byte // reused: one writev per batch of chunks
 	for {
 		<-f.wake
 		cs, final := f.next()
 		f.s.io <- struct{}{}
+		iov = iov[:0]
 		if err == nil && file == nil {
 			if err = f.s.checkSpace(); err != nil {
 				op = "low_space"
 			} else if file, err = f.s.create(tmp); err != nil {
 				file = nil
 				op = "create"
-			} else if _, werr := file.Write(fileHeader(f.s.snaplen, f.linkType)); werr != nil {
+			} else {
+				iov = append(iov, fileHeader(f.s.snaplen, f.linkType))
+			}
+		}
+		n := 0
+		for _, c := range cs {
+			total += c.n
+			n += c.n
+			iov = append(iov, c.b)
+		}
+		if err == nil && len(iov) > 0 {
+			if w, werr := writev(file, iov); werr != nil {
 				fail("write", werr)
 			} else {
-				written += FileHeaderLen
+				written += w
+				packets += n
 			}
 		}
 		for _, c := range cs {
-			total += countRecords(c.b)
-			if err == nil {
-				if _, werr := file.Write(c.b); werr != nil {
-					fail("write", werr)
-				} else {
-					written += len(c.b)
-					packets += countRecords(c.b)
-				}
-			}
 			putChunk(c)
 		}
 		if final {
@@ -269,9 +274,15 @@ func (f *Flow) run() {
 	}
 	if err == nil {
 		final := f.s.Path(f.uuid, f.first)
-		if merr := os.MkdirAll(filepath.Dir(final), 0o755); merr != nil {
-			fail("mkdir", merr)
-		} else if rerr := renameNoReplace(tmp, final); rerr != nil {
+		rerr := renameNoReplace(tmp, final)
+		if errors.Is(rerr, os.ErrNotExist) { // the day's directory is new (or was removed)
+			if merr := os.MkdirAll(filepath.Dir(final), 0o755); merr != nil {
+				fail("mkdir", merr)
+			} else {
+				rerr = renameNoReplace(tmp, final)
+			}
+		}
+		if rerr != nil {
 			fail("rename", rerr)
 		}
 	}
@@ -400,6 +411,43 @@ func (r *rateLog) printf(kind, format string, args ...any) {
 	}
 	r.last[kind], r.held[kind] = time.Now(), 0
 	log.Printf(format, args...)
+}
+
+// writev writes all of bufs to f in as few system calls as the kernel
+// allows (usually one) and returns the number of bytes written.
+func writev(f *os.File, bufs [][]byte) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	total := 0
+	for len(bufs) > 0 {
+		var n int
+		var werr error
+		if err := rc.Write(func(fd uintptr) bool {
+			n, werr = unix.Writev(int(fd), bufs)
+			return werr != unix.EAGAIN
+		}); err != nil {
+			return total, err
+		}
+		if werr == unix.EINTR {
+			continue
+		}
+		if werr != nil {
+			return total, werr
+		}
+		total += n
+		for n > 0 && len(bufs) > 0 { // skip what was written
+			if n >= len(bufs[0]) {
+				n -= len(bufs[0])
+				bufs = bufs[1:]
+			} else {
+				bufs[0] = bufs[0][n:]
+				n = 0
+			}
+		}
+	}
+	return total, nil
 }
 
 // renameNoReplace renames without replacing an existing file, so that a
