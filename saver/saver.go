@@ -413,6 +413,9 @@ func (r *rateLog) printf(kind, format string, args ...any) {
 	log.Printf(format, args...)
 }
 
+// iovMax is the most buffers one writev takes (IOV_MAX on Linux).
+const iovMax = 1024
+
 // writev writes all of bufs to f in as few system calls as the kernel
 // allows (usually one) and returns the number of bytes written.
 func writev(f *os.File, bufs [][]byte) (int, error) {
@@ -425,7 +428,7 @@ func writev(f *os.File, bufs [][]byte) (int, error) {
 		var n int
 		var werr error
 		if err := rc.Write(func(fd uintptr) bool {
-			n, werr = unix.Writev(int(fd), bufs)
+			n, werr = unix.Writev(int(fd), bufs[:min(len(bufs), iovMax)])
 			return werr != unix.EAGAIN
 		}); err != nil {
 			return total, err

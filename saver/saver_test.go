@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"flag"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -263,5 +264,40 @@ func TestCompressed(t *testing.T) {
 	}
 	if CompressorsInUse() != 0 {
 		t.Errorf("%d compressors still in use", CompressorsInUse())
+	}
+}
+
+// TestBigFlow writes a flow of more chunks than one writev takes.
+func TestBigFlow(t *testing.T) {
+	s := newSaver(t)
+	var b Buffer
+	fill(&b, 200000) // about 2,500 chunks
+	s.Start("big", packet.LinkTypeEthernet, t0).Push(&b, true)
+	s.Wait()
+	if msg := func() string {
+		f, err := os.Open(s.Path("big", t0))
+		if err != nil {
+			return err.Error()
+		}
+		defer f.Close()
+		r, err := pcapgo.NewReader(f)
+		if err != nil {
+			return err.Error()
+		}
+		n := 0
+		for {
+			if _, _, err := r.ReadPacketData(); err == io.EOF {
+				break
+			} else if err != nil {
+				return err.Error()
+			}
+			n++
+		}
+		if n != 200000 {
+			return fmt.Sprintf("%d records", n)
+		}
+		return ""
+	}(); msg != "" {
+		t.Errorf("big flow: %s", msg)
 	}
 }
