@@ -289,6 +289,10 @@ func run(ctx context.Context, c *config) (int, error) {
 			for _, h := range handles {
 				h.Close()
 			}
+			if kernel != nil {
+				lookupConn.Close()
+				destroyConn.Close()
+			}
 			return 1, err
 		}
 		handles = append(handles, h)

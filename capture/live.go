@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/packet"
 )
 
@@ -73,6 +74,7 @@ func (l *Live) Read() ([]byte, time.Time, int, error) {
 	}
 	data, ts, n, err := h.Read()
 	if errors.Is(err, ErrFailed) {
+		metrics.CaptureErrors.WithLabelValues(l.name).Inc()
 		log.Printf("capture: %v; reopening every %v", err, RetryInterval)
 		l.mu.Lock()
 		if l.h == h {
