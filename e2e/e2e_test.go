@@ -35,6 +35,29 @@ type daemon struct {
 	stoppedAt time.Time // when SIGTERM was sent
 	capDur    time.Duration
 	netblock  bool
+	cmd       *exec.Cmd // set by lab.startDaemon
+}
+
+// stopAll scrapes every daemon's metrics, stops each with SIGTERM (failing
+// the test unless it exits 0 within sigtermwait plus a few seconds), then
+// the reference tcpdump. It returns the metrics by daemon.
+func stopAll(t *testing.T, l *lab, daemons []*daemon, tcpdump *exec.Cmd) map[string]string {
+	metricsText := map[string]string{}
+	for _, d := range daemons {
+		metricsText[d.name] = scrape(d.metrics)
+	}
+	for _, d := range daemons {
+		d.stoppedAt = time.Now()
+		took, err := stop(t, d.cmd, syscall.SIGTERM, 6*time.Second)
+		if err != nil {
+			t.Errorf("%s daemon: %v after SIGTERM (took %v)\n%s", d.name, err, took, l.log("daemon-"+d.name+".log"))
+			continue
+		}
+		t.Logf("%s daemon exited 0 after SIGTERM in %v (sigtermwait 1s)", d.name, took.Round(time.Millisecond))
+	}
+	time.Sleep(200 * time.Millisecond)
+	stop(t, tcpdump, syscall.SIGINT, 5*time.Second)
+	return metricsText
 }
 
 // record is one packet as read back from a pcap file.
@@ -64,9 +87,8 @@ func TestEndToEnd(t *testing.T) {
 		{name: "stream", args: []string{"-stream"}, capDur: 30 * time.Second},
 		{name: "netblock", args: []string{"-anonymize.ip=netblock", "-captureduration=2s", "-uuidwaitduration=1s"}, capDur: 2 * time.Second, netblock: true},
 	}
-	cmds := map[string]*exec.Cmd{}
 	for i, d := range daemons {
-		cmds[d.name] = l.startDaemon(d, 9990+i, append([]string{"-tcpinfo.eventsocket", l.tcpinfoSock, "-interface", l.nsIf}, d.args...)...)
+		l.startDaemon(d, 9990+i, append([]string{"-tcpinfo.eventsocket", l.tcpinfoSock, "-interface", l.nsIf}, d.args...)...)
 	}
 	for _, d := range daemons {
 		waitFor(t, 10*time.Second, d.name+" daemon's eventsocket connection", func() bool {
@@ -79,20 +101,7 @@ func TestEndToEnd(t *testing.T) {
 	traffic(t, l, 8081)
 	time.Sleep(2500 * time.Millisecond) // FIN linger (1 s) and a tick, so most files are written before SIGTERM
 
-	metricsText := map[string]string{}
-	for _, d := range daemons {
-		metricsText[d.name] = scrape(d.metrics)
-	}
-	for _, d := range daemons {
-		d.stoppedAt = time.Now()
-		took, err := stop(t, cmds[d.name], syscall.SIGTERM, 6*time.Second)
-		if err != nil {
-			t.Errorf("%s daemon: %v after SIGTERM (took %v)\n%s", d.name, err, took, l.log("daemon-"+d.name+".log"))
-		}
-		t.Logf("%s daemon exited 0 after SIGTERM in %v (sigtermwait 1s)", d.name, took.Round(time.Millisecond))
-	}
-	time.Sleep(200 * time.Millisecond)
-	stop(t, tcpdump, syscall.SIGINT, 5*time.Second)
+	metricsText := stopAll(t, l, daemons, tcpdump)
 	cancel()
 
 	ref := readReference(t, refFile)

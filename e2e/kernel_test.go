@@ -7,11 +7,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -40,28 +38,15 @@ func TestKernelUUIDs(t *testing.T) {
 		{name: "kernel", args: nil, capDur: 30 * time.Second},
 		{name: "both", args: []string{"-tcpinfo.eventsocket", l.tcpinfoSock}, capDur: 30 * time.Second},
 	}
-	cmds := map[string]*exec.Cmd{}
 	for i, d := range daemons {
-		cmds[d.name] = l.startDaemon(d, 9990+i, append([]string{"-uuid-prefix-file", prefix, "-interface", l.nsIf}, d.args...)...)
+		l.startDaemon(d, 9990+i, append([]string{"-uuid-prefix-file", prefix, "-interface", l.nsIf}, d.args...)...)
 	}
 	captureStart := time.Now()
 
 	l.server(8082)
 	kindTraffic(t, l, 8082)
 	time.Sleep(2500 * time.Millisecond)
-	metricsText := map[string]string{}
-	for _, d := range daemons {
-		metricsText[d.name] = scrape(d.metrics)
-	}
-	for _, d := range daemons {
-		d.stoppedAt = time.Now()
-		took, err := stop(t, cmds[d.name], syscall.SIGTERM, 6*time.Second)
-		if err != nil {
-			t.Errorf("%s daemon: %v after SIGTERM (took %v)\n%s", d.name, err, took, l.log("daemon-"+d.name+".log"))
-		}
-	}
-	time.Sleep(200 * time.Millisecond)
-	stop(t, tcpdump, syscall.SIGINT, 5*time.Second)
+	metricsText := stopAll(t, l, daemons, tcpdump)
 	cancel()
 
 	ref := readReference(t, refFile)

@@ -289,11 +289,11 @@ func (l *lab) startDaemon(d *daemon, port int, args ...string) *exec.Cmd {
 	all := append([]string{"-datadir", d.dataDir, "-prometheusx.listen-address", fmt.Sprintf(":%d", port)}, args...)
 	logName := "daemon-" + d.name + ".log"
 	os.Remove(filepath.Join(l.dir, logName))
-	cmd := l.start(logName, filepath.Join(l.bin, "packet-headers"), all...)
+	d.cmd = l.start(logName, filepath.Join(l.bin, "packet-headers"), all...)
 	waitFor(l.t, 10*time.Second, d.name+" daemon to capture", func() bool {
 		return strings.Contains(l.log(logName), "capturing on")
 	})
-	return cmd
+	return d.cmd
 }
 
 // eventLog records what tcp-info announces.
