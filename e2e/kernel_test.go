@@ -120,6 +120,7 @@ func checkCoverage(t *testing.T, l *lab, d *daemon, ref map[flowKey][]*refConn, 
 	byUUID := map[string]*refConn{}
 	count := map[*refConn]int{}
 	bad := 0
+	var tm timing
 	for u, path := range daemonFiles(t, d) {
 		recs, _ := readPcap(t, path)
 		if len(recs) == 0 {
@@ -141,11 +142,12 @@ func checkCoverage(t *testing.T, l *lab, d *daemon, ref map[flowKey][]*refConn, 
 		if c.pkts[0].ts.Before(captureStart) {
 			continue
 		}
-		if _, msg := checkFile(t, l, d, path, c); msg != "" && bad < 10 {
+		if _, msg := checkFile(t, l, d, path, c, &tm); msg != "" && bad < 10 {
 			bad++
 			t.Errorf("%s: %s (%s): %s", d.name, u, connName(c), msg)
 		}
 	}
+	tm.check(t, d.name+" daemon")
 	covered, missing, resets, resetsMissed := 0, 0, 0, 0
 	for _, conns := range ref {
 		for _, c := range conns {
