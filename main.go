@@ -46,6 +46,15 @@ import (
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
 
+// gather turns -capture.batchdelay into capture.Options.Gather (where 0
+// means the default).
+func gather(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
+}
+
 // config holds every flag.
 type config struct {
 	anonymize       flagx.Enum
@@ -71,6 +80,8 @@ type config struct {
 	minFree         freeSpace
 	compress        bool
 	healthGrace     time.Duration
+	batchDelay      time.Duration
+	bufferSize      bytecount.ByteCount
 }
 
 // freeSpace is the -minfreespace flag: bytes (a byte count such as 500MB)
@@ -106,6 +117,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	c.anonymize = flagx.Enum{Options: anonymize.Modes, Value: "none"}
 	c.maxIdleRAM = 3 * bytecount.Gigabyte
 	c.maxHeap = 8 * bytecount.Gigabyte
+	c.bufferSize = 8 * bytecount.Megabyte
 	fs.Var(&c.anonymize, "anonymize.ip", "How to anonymize remote IP addresses in saved headers: none, or netblock (IPv4 to /24, IPv6 to /48; the server's own addresses are kept)")
 	fs.DurationVar(&c.captureDuration, "captureduration", 30*time.Second, "Save a flow's packets for at most this long after its first packet")
 	fs.StringVar(&c.dataDir, "datadir", ".", "Directory under which YYYY/MM/DD/<uuid>.pcap files are written")
@@ -120,6 +132,8 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.StringVar(&c.uuidPrefixFile, "uuid-prefix-file", "", "File holding the UUID prefix (<hostname>_<boot time>), the one tcp-info is given, so that both name a socket alike; unset: a made-up prefix containing _unsafe")
 	fs.BoolVar(&c.kernelUUIDs, "uuid.kernel", true, "Name flows from the kernel's socket cookies (sock_diag): all flows without -tcpinfo.eventsocket, those tcp-info never announced with it")
 	fs.DurationVar(&c.uuidWait, "uuidwaitduration", 5*time.Second, "Drop a flow's headers if no UUID arrived this long after its first packet")
+	fs.DurationVar(&c.batchDelay, "capture.batchdelay", 5*time.Millisecond, "Longest a captured packet waits in the kernel's buffer so that packets are read in batches: more saves CPU under load, less names very short connections from the kernel sooner (0: read each packet at once)")
+	fs.Var(&c.bufferSize, "capture.buffersize", "Kernel capture buffer per interface (e.g. 32MB): more absorbs longer bursts without kernel drops")
 	fs.Int64Var(&c.maxFlows, "maxflows", 0, "Track at most this many concurrent flows; beyond it new flows are not tracked (0: unlimited)")
 	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks")
 	c.minFree.Set("1%")
@@ -168,6 +182,10 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return fmt.Errorf("-maxheadersize must be between 64 and 65535, not %d", c.maxHeaderSize)
 	case c.healthGrace <= 0:
 		return fmt.Errorf("-health.grace must be positive, not %v", c.healthGrace)
+	case c.batchDelay < 0 || c.batchDelay > time.Second:
+		return fmt.Errorf("-capture.batchdelay must be between 0 and 1s, not %v", c.batchDelay)
+	case c.bufferSize < 64*bytecount.Kilobyte || c.bufferSize > 2*bytecount.Gigabyte:
+		return fmt.Errorf("-capture.buffersize must be between 64KB and 2GB, not %v", c.bufferSize)
 	case c.maxFlows < 0:
 		return fmt.Errorf("-maxflows must not be negative, not %d", c.maxFlows)
 	case c.maxHeap <= 0:
@@ -284,7 +302,7 @@ func run(ctx context.Context, c *config) (int, error) {
 	}
 	var handles []*capture.Live
 	for _, ifc := range ifaces {
-		h, err := capture.OpenLive(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize}, filter)
+		h, err := capture.OpenLive(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize, BufferSize: int(c.bufferSize), Gather: gather(c.batchDelay)}, filter)
 		if err != nil {
 			for _, h := range handles {
 				h.Close()

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/netip"
 	"sort"
@@ -40,11 +41,17 @@ type Options struct {
 	Snaplen     int           // bytes captured per frame; default 256
 	BufferSize  int           // kernel ring size in bytes; default 8 MiB
 	ReadTimeout time.Duration // longest a Read blocks without a packet; default 100ms
+	// Gather is the longest a frame waits in the kernel's buffer so that
+	// frames are read in batches: the kernel fills blocks of frames and
+	// wakes the reader when one is full or this old, one wake-up for many
+	// frames. Default 5ms (rounded to milliseconds), negative for none:
+	// every frame is delivered as it comes, one wake-up each.
+	Gather time.Duration
 	Filter      string        // BPF filter expression; empty captures everything
 }
 
 func (o *Options) withDefaults() Options {
-	r := Options{Snaplen: 256, BufferSize: 8 << 20, ReadTimeout: 100 * time.Millisecond}
+	r := Options{Snaplen: 256, BufferSize: 8 << 20, ReadTimeout: 100 * time.Millisecond, Gather: 5 * time.Millisecond}
 	if o == nil {
 		return r
 	}
@@ -56,6 +63,12 @@ func (o *Options) withDefaults() Options {
 	}
 	if o.ReadTimeout > 0 {
 		r.ReadTimeout = o.ReadTimeout
+	}
+	if o.Gather != 0 {
+		r.Gather = max(o.Gather, 0)
+		if r.Gather > 0 {
+			r.Gather = max(r.Gather.Round(time.Millisecond), time.Millisecond)
+		}
 	}
 	r.Filter = o.Filter
 	return r
@@ -74,6 +87,7 @@ type Handle struct {
 	name     string
 	linkType packet.LinkType
 	h        *pcap.Handle
+	batch    *batchReader // nil: frames are read one by one through gopacket
 
 	mu     sync.Mutex // guards closed and h against use after Close by Stats
 	closed bool
@@ -92,13 +106,18 @@ func Open(iface string, opts *Options) (*Handle, error) {
 	for _, set := range []func() error{
 		func() error { return in.SetSnapLen(o.Snaplen) },
 		func() error { return in.SetPromisc(false) },
-		func() error { return in.SetTimeout(o.ReadTimeout) },
+		// libpcap's timeout is how long the kernel holds frames in a
+		// block (TPACKET_V3) before it wakes the reader; without Gather,
+		// immediate mode delivers each frame at once (TPACKET_V2), and the
+		// timeout only bounds gopacket's own reads.
+		func() error {
+			if o.Gather > 0 {
+				return in.SetTimeout(o.Gather)
+			}
+			return in.SetTimeout(o.ReadTimeout)
+		},
 		func() error { return in.SetBufferSize(o.BufferSize) },
-		// Immediate delivery: the demuxer sees a handshake's last ACK while
-		// the kernel's socket is still there to be looked up, even for a
-		// connection that lasts a few milliseconds. (In block mode a packet
-		// can wait for the read timeout before it is delivered.)
-		func() error { return in.SetImmediateMode(true) },
+		func() error { return in.SetImmediateMode(o.Gather == 0) },
 	} {
 		if err := set(); err != nil {
 			return nil, fmt.Errorf("capture on %s: %w", iface, err)
@@ -114,8 +133,14 @@ func Open(iface string, opts *Options) (*Handle, error) {
 			return nil, fmt.Errorf("capture on %s: filter %q: %w", iface, o.Filter, err)
 		}
 	}
-	return &Handle{name: iface, linkType: packet.LinkType(h.LinkType()), h: h}, nil
+	c := &Handle{name: iface, linkType: packet.LinkType(h.LinkType()), h: h}
+	if c.batch, err = newBatchReader(h, o.Snaplen, o.ReadTimeout); err != nil {
+		batchOnce.Do(func() { log.Printf("capture: reading frames one by one through gopacket: %v", err) })
+	}
+	return c, nil
 }
+
+var batchOnce sync.Once
 
 // Name returns the interface's name.
 func (c *Handle) Name() string { return c.name }
@@ -128,6 +153,13 @@ func (c *Handle) LinkType() packet.LinkType { return c.linkType }
 // origLen is the frame's length on the wire. Read returns ErrTimeout when no
 // frame came within the read timeout, and ErrClosed after Close.
 func (c *Handle) Read() (data []byte, ts time.Time, origLen int, err error) {
+	if c.batch != nil {
+		data, ts, origLen, err = c.batch.read()
+		if errors.Is(err, ErrFailed) {
+			err = fmt.Errorf("read from %s: %w", c.name, err)
+		}
+		return data, ts, origLen, err
+	}
 	data, ci, err := c.h.ZeroCopyReadPacketData()
 	switch {
 	case err == nil:
@@ -150,6 +182,11 @@ func (c *Handle) Stats() (Stats, error) {
 	if c.closed {
 		return Stats{}, ErrClosed
 	}
+	if c.batch != nil {
+		// libpcap's handles are not thread-safe: no dispatch meanwhile.
+		c.batch.mu.Lock()
+		defer c.batch.mu.Unlock()
+	}
 	s, err := c.h.Stats()
 	if err != nil {
 		return Stats{}, fmt.Errorf("stats of %s: %w", c.name, err)
@@ -164,6 +201,9 @@ func (c *Handle) Close() {
 	defer c.mu.Unlock()
 	if !c.closed {
 		c.closed = true
+		if c.batch != nil {
+			c.batch.close()
+		}
 		c.h.Close()
 	}
 }

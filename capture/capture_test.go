@@ -1,10 +1,14 @@
 package capture
 
 import (
+	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/gopacket/layers"
 	"github.com/google/gopacket/pcap"
@@ -83,5 +87,103 @@ func TestOpenLoopback(t *testing.T) {
 	}
 	if _, err := Open("no-such-interface0", nil); err == nil {
 		t.Error("Open of a missing interface succeeded")
+	}
+}
+
+// TestBatchReadLoopback reads real frames of a loopback TCP connection
+// through the batch reader, in block mode and in immediate mode, and checks
+// that Close wakes a waiting Read.
+func TestBatchReadLoopback(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("live capture needs root")
+	}
+	for _, gather := range []time.Duration{0, 20 * time.Millisecond, -1} {
+		t.Run(fmt.Sprintf("gather=%v", gather), func(t *testing.T) { testBatchRead(t, gather) })
+	}
+}
+
+func testBatchRead(t *testing.T, gather time.Duration) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	h, err := Open("lo", &Options{Filter: fmt.Sprintf("tcp port %d", port), ReadTimeout: 50 * time.Millisecond, Gather: gather})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.batch == nil {
+		t.Fatal("the batch reader is not in use")
+	}
+	start := time.Now()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload := make([]byte, 300) // longer than the snaplen's share for it
+	for i := 0; i < 20; i++ {
+		c.Write(payload)
+	}
+	c.Close()
+	frames, withPayload := 0, 0
+	for deadline := time.Now().Add(5 * time.Second); frames < 25 && time.Now().Before(deadline); {
+		data, ts, origLen, err := h.Read()
+		if err == ErrTimeout {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		frames++
+		if len(data) > 256 || origLen < len(data) || len(data) < 54 {
+			t.Errorf("frame of %d bytes, %d on the wire", len(data), origLen)
+		}
+		if origLen > 300 {
+			withPayload++
+		}
+		if ts.Before(start.Add(-time.Second)) || ts.After(time.Now().Add(time.Second)) {
+			t.Errorf("timestamp %v, test started at %v", ts, start)
+		}
+	}
+	if frames < 25 || withPayload == 0 {
+		t.Errorf("read %d frames (%d with the payload), want the handshake, 20 writes and the close", frames, withPayload)
+	}
+	s, err := h.Stats()
+	if err != nil || s.Received < uint64(frames) {
+		t.Errorf("stats %+v, %v after %d frames", s, err, frames)
+	}
+	// Drain what is left, then Close from another goroutine while Read waits.
+	for {
+		if _, _, _, err := h.Read(); err != nil {
+			break
+		}
+	}
+	done := make(chan error)
+	go func() {
+		for {
+			_, _, _, err := h.Read()
+			if err != ErrTimeout {
+				done <- err
+				return
+			}
+		}
+	}()
+	time.Sleep(20 * time.Millisecond)
+	h.Close()
+	select {
+	case err := <-done:
+		if err != ErrClosed {
+			t.Errorf("Read after Close: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Read did not return after Close")
 	}
 }
