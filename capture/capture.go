@@ -47,7 +47,7 @@ type Options struct {
 	// frames. Default 5ms (rounded to milliseconds), negative for none:
 	// every frame is delivered as it comes, one wake-up each.
 	Gather time.Duration
-	Filter      string        // BPF filter expression; empty captures everything
+	Filter string // BPF filter expression; empty captures everything
 }
 
 func (o *Options) withDefaults() Options {
