@@ -58,6 +58,12 @@ import (
 // TickInterval is how often, in packet or wall-clock time, Run calls Tick.
 const TickInterval = 100 * time.Millisecond
 
+// SweepPerTick is how many flows with a UUID (or past their UUID deadline)
+// Tick visits at least; with more than ten times as many, each is visited
+// every ten ticks (one second), so that the timeouts of many flows cost a
+// bounded share of the CPU.
+const SweepPerTick = 1000
+
 // LateAllowance is how much later than its capture timestamp a packet may
 // reach the demuxer (libpcap hands packets over in blocks, retired at the
 // latest after the read timeout). Clock-driven deadlines that would drop
@@ -147,6 +153,8 @@ type flow struct {
 	entry        *names.Entry
 	out          FlowWriter // stream mode, once named
 	buf          saver.Buffer
+	inWaiting    bool // in Demuxer.waiting (else in Demuxer.settled)
+	idx          int  // position in that list
 }
 
 // counters are counted per packet in plain fields and published by Tick.
@@ -184,9 +192,13 @@ type Demuxer struct {
 	o     Options
 	p     packet.Parsed
 	flows map[packet.Key]*flow
-	c     counters
-	pub   counters // what was published already
-	m     resolvedMetrics
+	// Every flow is in one of two lists, for Tick: waiting (no UUID yet),
+	// visited at every tick, and settled, swept SweepPerTick at a time.
+	waiting, settled []*flow
+	cursor           int // the sweep's next position in settled
+	c                counters
+	pub              counters // what was published already
+	m                resolvedMetrics
 }
 
 type resolvedMetrics struct {
@@ -325,7 +337,33 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 	if e := d.o.Names.Claim(k, time.Unix(0, tsn)); e != nil {
 		d.name(f, e)
 	}
+	d.track(f)
 	return f
+}
+
+// track adds f to the list its state belongs in.
+func (d *Demuxer) track(f *flow) {
+	l := &d.settled
+	if f.inWaiting = f.st == waiting; f.inWaiting {
+		l = &d.waiting
+	}
+	f.idx = len(*l)
+	*l = append(*l, f)
+}
+
+// untrack takes f out of its list (the last flow of the list takes its
+// place).
+func (d *Demuxer) untrack(f *flow) {
+	l := &d.settled
+	if f.inWaiting {
+		l = &d.waiting
+	}
+	last := len(*l) - 1
+	moved := (*l)[last]
+	(*l)[f.idx] = moved
+	moved.idx = f.idx
+	(*l)[last] = nil
+	*l = (*l)[:last]
 }
 
 func (d *Demuxer) name(f *flow, e *names.Entry) {
@@ -383,6 +421,7 @@ func (d *Demuxer) remove(f *flow) {
 	if f.entry != nil {
 		d.o.Names.Release(f.entry)
 	}
+	d.untrack(f)
 	delete(d.flows, f.key)
 	d.o.Limits.active.Add(-1)
 }
@@ -391,33 +430,52 @@ func (d *Demuxer) remove(f *flow) {
 // the counters. It is called by Run every TickInterval.
 func (d *Demuxer) Tick(now time.Time) {
 	nowN := now.UnixNano()
-	for _, f := range d.flows {
-		if f.st == waiting {
-			if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
-				d.name(f, e)
-			} else if nowN-f.first >= int64(d.o.UUIDWait) {
-				d.discard(f, false)
-			} else {
-				continue // an unnamed flow waits for its UUID deadline
-			}
+	for i := 0; i < len(d.waiting); {
+		f := d.waiting[i]
+		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
+			d.name(f, e)
+		} else if nowN-f.first >= int64(d.o.UUIDWait) {
+			d.discard(f, false)
+		} else {
+			i++
+			continue // an unnamed flow waits for its UUID deadline
 		}
-		if f.st == named {
-			if closed, ok := f.entry.Closed(); ok && f.endAt == 0 {
-				f.endAt = max(closed.UnixNano(), nowN) + int64(d.o.Linger)
-			}
-			// Packets are stamped when captured but may reach the demuxer a
-			// ring-block timeout later: a quiet flow is finished by the clock
-			// only once its late packets must have come. (A busy flow is
-			// finished by its first packet past the duration, in Packet.)
-			if nowN-f.first > int64(d.o.CaptureDuration+LateAllowance) {
-				d.finish(f)
-			}
+		d.untrack(f) // f's place goes to the last waiting flow, visited next
+		d.track(f)
+		d.check(f, nowN)
+	}
+	n := max(SweepPerTick, (len(d.settled)+9)/10)
+	for ; n > 0 && len(d.settled) > 0; n-- {
+		if d.cursor >= len(d.settled) {
+			d.cursor = 0
 		}
-		if nowN-f.last >= int64(d.o.FlowTimeout) || f.endAt != 0 && nowN >= f.endAt {
-			d.remove(f)
+		if !d.check(d.settled[d.cursor], nowN) {
+			d.cursor++ // (a removed flow's place went to another, visited next)
 		}
 	}
 	d.publish()
+}
+
+// check applies the deadlines of a flow that has a UUID or never will, and
+// reports whether it ended.
+func (d *Demuxer) check(f *flow, nowN int64) bool {
+	if f.st == named {
+		if closed, ok := f.entry.Closed(); ok && f.endAt == 0 {
+			f.endAt = max(closed.UnixNano(), nowN) + int64(d.o.Linger)
+		}
+		// Packets are stamped when captured but may reach the demuxer a
+		// ring-block timeout later: a quiet flow is finished by the clock
+		// only once its late packets must have come. (A busy flow is
+		// finished by its first packet past the duration, in Packet.)
+		if nowN-f.first > int64(d.o.CaptureDuration+LateAllowance) {
+			d.finish(f)
+		}
+	}
+	if nowN-f.last >= int64(d.o.FlowTimeout) || f.endAt != 0 && nowN >= f.endAt {
+		d.remove(f)
+		return true
+	}
+	return false
 }
 
 // Close ends every flow at shutdown: flows with a UUID (one last claim is

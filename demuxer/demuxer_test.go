@@ -441,3 +441,53 @@ func BenchmarkPacket(b *testing.B) {
 		}
 	}
 }
+
+// TestSweep: with many more flows than SweepPerTick, each tick visits a
+// tenth of the settled flows, and every flow still ends within a sweep (a
+// second, plus what the flows ended meanwhile took) of its deadline; waiting
+// flows are visited at every tick.
+func TestSweep(t *testing.T) {
+	const n = 12500 // 1,250 visited per tick
+	h := newHarness(t, func(o *Options) { o.FlowTimeout = 10 * time.Second })
+	for i := 0; i < n; i++ {
+		c := newConn(uint16(1000+i), 1)
+		c.cli = netip.AddrPortFrom(netip.AddrFrom4([4]byte{203, 0, byte(i >> 8), byte(i)}), c.cli.Port())
+		h.packet(time.Duration(i)*time.Microsecond, c.syn(t))
+	}
+	if len(h.d.waiting) != n {
+		t.Fatalf("%d flows waiting for a UUID, want %d", len(h.d.waiting), n)
+	}
+	h.tick(5*time.Second + TickInterval) // every one past its UUID deadline
+	late := newConn(9, 1)                // waiting for its UUID when the others end
+	h.packet(9*time.Second, late.syn(t))
+	if h.d.Flows() != n+1 || len(h.d.waiting) != 1 || len(h.d.settled) != n {
+		t.Fatalf("%d flows, %d waiting, %d settled", h.d.Flows(), len(h.d.waiting), len(h.d.settled))
+	}
+	// The idle deadline is at 10 s: none ends before it, no tick ends more
+	// than a tenth of them, and all have ended a sweep (a second, plus the
+	// ticks the flows ended meanwhile took) later.
+	var ended []int
+	for at := 9900 * time.Millisecond; at <= 11500*time.Millisecond; at += TickInterval {
+		before := h.d.Flows()
+		h.tick(at)
+		if at == 10*time.Second+TickInterval {
+			h.open(at, "late", late) // named at the next tick
+		}
+		ended = append(ended, before-h.d.Flows())
+	}
+	if ended[0] != 0 {
+		t.Errorf("%d flows ended before their deadline", ended[0])
+	}
+	for i, e := range ended[1:] {
+		if e > (n+9)/10 {
+			t.Errorf("tick %d ended %d flows, more than a tenth", i+1, e)
+		}
+	}
+	if h.d.Flows() != 1 || len(h.d.waiting) != 0 || len(h.d.settled) != 1 {
+		t.Errorf("at 11.5 s: %d flows (%d waiting, %d settled), want only the late one, named", h.d.Flows(), len(h.d.waiting), len(h.d.settled))
+	}
+	h.d.Close()
+	if got := len(h.file("late")); got != 1 {
+		t.Errorf("the late flow's file has %d packets, want its SYN", got)
+	}
+}
