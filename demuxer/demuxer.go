@@ -35,7 +35,11 @@
 // struct, looks the flow up in a map keyed by a comparable value, copies the
 // headers once and counts outcomes in local fields: it allocates only when
 // a flow starts or a chunk fills, takes no lock and makes no syscall. Tick
-// does the per-flow work (naming, timeouts) and publishes the counters. The
+// does the per-flow work (naming, timeouts) and publishes the counters:
+// flows waiting for a UUID are visited at every tick, the others
+// SweepPerTick at a time, or a tenth of them when there are more, so that
+// with tens of thousands of flows a deadline is applied up to a second
+// late rather than costing a visit of every flow ten times a second. The
 // only state shared with other goroutines is the names table (locked per
 // flow, not per packet), the Limits (atomics, per flow) and the saver's
 // flows (locked per chunk).
