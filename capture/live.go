@@ -30,6 +30,8 @@ type Live struct {
 	closed   bool
 	linkType packet.LinkType
 	retryAt  time.Time
+
+	rh *Handle // the reader's copy of h, so that a frame costs no lock
 }
 
 // OpenLive opens a resilient capture. The first open must succeed.
@@ -64,15 +66,24 @@ func (l *Live) current() (*Handle, bool) {
 // it returns ErrTimeout every read timeout and tries to reopen it every
 // RetryInterval. It returns ErrClosed after Close.
 func (l *Live) Read() ([]byte, time.Time, int, error) {
-	h, closed := l.current()
-	if closed {
-		return nil, time.Time{}, 0, ErrClosed
-	}
+	h := l.rh
 	if h == nil {
-		l.reopen()
-		return nil, time.Time{}, 0, ErrTimeout
+		var closed bool
+		h, closed = l.current()
+		if closed {
+			return nil, time.Time{}, 0, ErrClosed
+		}
+		if h == nil {
+			l.reopen()
+			return nil, time.Time{}, 0, ErrTimeout
+		}
+		l.rh = h
 	}
 	data, ts, n, err := h.Read()
+	if err == nil {
+		return data, ts, n, nil
+	}
+	l.rh = nil // after a timeout or an error, look at the handle again
 	if errors.Is(err, ErrFailed) {
 		metrics.CaptureErrors.WithLabelValues(l.name).Inc()
 		log.Printf("capture: %v; reopening every %v", err, RetryInterval)
