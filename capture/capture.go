@@ -1,8 +1,8 @@
 // Package capture is the boundary with libpcap: it opens live captures on
-// network interfaces with a tight BPF filter, and reads frames from them
-// without copying. It also finds the interfaces and local addresses to
-// capture on. Everything cgo is here (through gopacket/pcap); callers see
-// plain Go types.
+// network interfaces with a tight BPF filter (through gopacket/pcap), and
+// reads frames from them in batches, one cgo call for many frames (see
+// batchReader). It also finds the interfaces and local addresses to
+// capture on. Everything cgo is here; callers see plain Go types.
 //
 // A Handle's Read must be called from one goroutine; Stats and Close may be
 // called from any goroutine, at any time.
