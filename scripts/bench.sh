@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
 pattern="${1:-.}"
 echo "== $(nproc) cores, $(go version)"
-go test -run '^$' -bench "$pattern" -benchmem -count 1 ./packet/ ./anonymize/ ./saver/ ./demuxer/ ./sockdiag/ ./offline/ | grep -E '^(Benchmark|ok|FAIL)'
+go test -run '^$' -bench "$pattern" -benchmem -count 1 ./capture/ ./packet/ ./anonymize/ ./saver/ ./demuxer/ ./sockdiag/ ./offline/ | grep -E '^(Benchmark|ok|FAIL)'
 echo "== lab measurements beside tcpdump (root, iperf3, tcpdump)"
 go test -run "^$" -bench Lab -benchtime 1x ./e2e/ | grep -E "^\\|"
