@@ -9,7 +9,8 @@
 //     flow is not tracked). Its headers are copied once into the flow's
 //     chunked buffer, anonymized there, and never contain a payload byte.
 //   - The flow claims its UUID from the names table: at its first packet,
-//     then at every tick (100 ms) until it has one. The announcement may
+//     then at every tick (100 ms; every second when over ten thousand flows
+//     wait, as in a SYN flood) until it has one. The announcement may
 //     have come before or after the first packet. If no UUID comes within
 //     -uuidwaitduration of the first packet, the buffered headers are
 //     dropped and later packets of the flow are discarded cheaply (counted
@@ -36,10 +37,10 @@
 // headers once and counts outcomes in local fields: it allocates only when
 // a flow starts or a chunk fills, takes no lock and makes no syscall. Tick
 // does the per-flow work (naming, timeouts) and publishes the counters:
-// flows waiting for a UUID are visited at every tick, the others
-// SweepPerTick at a time, or a tenth of them when there are more, so that
-// with tens of thousands of flows a deadline is applied up to a second
-// late rather than costing a visit of every flow ten times a second. The
+// it visits the flows waiting for a UUID, and the others, SweepPerTick at a
+// time, or a tenth of them when there are more, so that with tens of
+// thousands of flows a deadline is applied up to a second late rather than
+// costing a visit of every flow ten times a second. The
 // only state shared with other goroutines is the names table (locked per
 // flow, not per packet), the Limits (atomics, per flow) and the saver's
 // flows (locked per chunk).
@@ -62,10 +63,11 @@ import (
 // TickInterval is how often, in packet or wall-clock time, Run calls Tick.
 const TickInterval = 100 * time.Millisecond
 
-// SweepPerTick is how many flows with a UUID (or past their UUID deadline)
+// SweepPerTick is how many flows waiting for a UUID, and how many others,
 // Tick visits at least; with more than ten times as many, each is visited
-// every ten ticks (one second), so that the timeouts of many flows cost a
-// bounded share of the CPU.
+// every ten ticks (one second), so that tens of thousands of flows (a SYN
+// flood) cost a bounded share of the CPU: a UUID is then claimed, and a
+// deadline applied, up to a second late.
 const SweepPerTick = 1000
 
 // LateAllowance is how much later than its capture timestamp a packet may
@@ -196,10 +198,11 @@ type Demuxer struct {
 	o     Options
 	p     packet.Parsed
 	flows map[packet.Key]*flow
-	// Every flow is in one of two lists, for Tick: waiting (no UUID yet),
-	// visited at every tick, and settled, swept SweepPerTick at a time.
+	// Every flow is in one of two lists, for Tick: waiting (no UUID yet)
+	// and settled (named, finished or discarded), each swept SweepPerTick
+	// or a tenth at a time.
 	waiting, settled []*flow
-	cursor           int // the sweep's next position in settled
+	waitSweep, sweep sweep
 	c                counters
 	pub              counters // what was published already
 	m                resolvedMetrics
@@ -434,30 +437,53 @@ func (d *Demuxer) remove(f *flow) {
 // the counters. It is called by Run every TickInterval.
 func (d *Demuxer) Tick(now time.Time) {
 	nowN := now.UnixNano()
-	for i := 0; i < len(d.waiting); {
-		f := d.waiting[i]
+	for n := d.waitSweep.quota(len(d.waiting)); n > 0 && len(d.waiting) > 0; n-- {
+		if d.waitSweep.cursor >= len(d.waiting) {
+			d.waitSweep.restart(len(d.waiting))
+		}
+		f := d.waiting[d.waitSweep.cursor]
 		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
 			d.name(f, e)
 		} else if nowN-f.first >= int64(d.o.UUIDWait) {
 			d.discard(f, false)
 		} else {
-			i++
+			d.waitSweep.cursor++
 			continue // an unnamed flow waits for its UUID deadline
 		}
 		d.untrack(f) // f's place goes to the last waiting flow, visited next
 		d.track(f)
 		d.check(f, nowN)
 	}
-	n := max(SweepPerTick, (len(d.settled)+9)/10)
-	for ; n > 0 && len(d.settled) > 0; n-- {
-		if d.cursor >= len(d.settled) {
-			d.cursor = 0
+	for n := d.sweep.quota(len(d.settled)); n > 0 && len(d.settled) > 0; n-- {
+		if d.sweep.cursor >= len(d.settled) {
+			d.sweep.restart(len(d.settled))
 		}
-		if !d.check(d.settled[d.cursor], nowN) {
-			d.cursor++ // (a removed flow's place went to another, visited next)
+		if !d.check(d.settled[d.sweep.cursor], nowN) {
+			d.sweep.cursor++ // (a removed flow's place went to another, visited next)
 		}
 	}
 	d.publish()
+}
+
+// sweep is a position in a list of flows that Tick goes round.
+type sweep struct {
+	cursor int // the next flow to visit
+	per    int // flows to visit per tick in this round
+}
+
+// quota returns how many flows to visit at this tick: SweepPerTick, or a
+// tenth of the list as it is or as it was when the round began, whichever
+// is larger (so that each flow is visited within about ten ticks, however
+// many start or end meanwhile).
+func (s *sweep) quota(n int) int {
+	s.per = max(s.per, SweepPerTick, (n+9)/10)
+	return s.per
+}
+
+// restart begins a new round over a list of n flows.
+func (s *sweep) restart(n int) {
+	s.cursor = 0
+	s.per = max(SweepPerTick, (n+9)/10)
 }
 
 // check applies the deadlines of a flow that has a UUID or never will, and

@@ -443,9 +443,9 @@ func BenchmarkPacket(b *testing.B) {
 }
 
 // TestSweep: with many more flows than SweepPerTick, each tick visits a
-// tenth of the settled flows, and every flow still ends within a sweep (a
-// second, plus what the flows ended meanwhile took) of its deadline; waiting
-// flows are visited at every tick.
+// tenth of the waiting flows and a tenth of the others, and every flow still
+// meets its deadline within a sweep (a second, plus what the flows ended
+// meanwhile took); a lone waiting flow is visited at every tick.
 func TestSweep(t *testing.T) {
 	const n = 12500 // 1,250 visited per tick
 	h := newHarness(t, func(o *Options) { o.FlowTimeout = 10 * time.Second })
@@ -457,8 +457,15 @@ func TestSweep(t *testing.T) {
 	if len(h.d.waiting) != n {
 		t.Fatalf("%d flows waiting for a UUID, want %d", len(h.d.waiting), n)
 	}
-	h.tick(5*time.Second + TickInterval) // every one past its UUID deadline
-	late := newConn(9, 1)                // waiting for its UUID when the others end
+	// Past their UUID deadline, they are discarded a tenth per tick.
+	for at := 5*time.Second + TickInterval; at <= 6*time.Second+2*TickInterval; at += TickInterval {
+		before := len(h.d.waiting)
+		h.tick(at)
+		if d := before - len(h.d.waiting); d > (n+9)/10 {
+			t.Fatalf("tick at %v discarded %d flows, more than a tenth", at, d)
+		}
+	}
+	late := newConn(9, 1) // waiting for its UUID when the others end
 	h.packet(9*time.Second, late.syn(t))
 	if h.d.Flows() != n+1 || len(h.d.waiting) != 1 || len(h.d.settled) != n {
 		t.Fatalf("%d flows, %d waiting, %d settled", h.d.Flows(), len(h.d.waiting), len(h.d.settled))
@@ -489,5 +496,24 @@ func TestSweep(t *testing.T) {
 	h.d.Close()
 	if got := len(h.file("late")); got != 1 {
 		t.Errorf("the late flow's file has %d packets, want its SYN", got)
+	}
+}
+
+// TestSweepQuota: a round visits a tenth of its list per tick (at least
+// SweepPerTick), keeps its pace while the list shrinks, and speeds up at
+// once when the list grows (a flood begins in the middle of a round).
+func TestSweepQuota(t *testing.T) {
+	var s sweep
+	steps := []struct{ n, want int }{
+		{10, SweepPerTick}, {50000, 5000}, {20000, 5000}, {200000, 20000},
+	}
+	for _, st := range steps {
+		if got := s.quota(st.n); got != st.want {
+			t.Errorf("quota(%d) = %d, want %d", st.n, got, st.want)
+		}
+	}
+	s.restart(20000)
+	if got := s.quota(20000); got != 2000 || s.cursor != 0 {
+		t.Errorf("after a restart: quota %d, cursor %d", got, s.cursor)
 	}
 }
