@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -113,13 +114,26 @@ func BenchmarkLab(b *testing.B) {
 		b.Run(name, func(b *testing.B) { rows = append(rows, f(b)) })
 	}
 	// 1. CPU per packet at a load both capture completely.
+	// Three runs, as one is at the mercy of the virtual machine's
+	// neighbours: the median run is reported, with the range of ratios.
 	measure("cpu", func(b *testing.B) row {
-		ph, td := iperfRun(b, l, "cpu", "25M", 5)
-		phPer := float64(ph.cpu.Microseconds()) / ph.packets
-		tdPer := float64(td.cpu.Microseconds()) / td.packets
-		return row{fmt.Sprintf("1. CPU per packet, iperf3 MSS 88 at 25 Mbit/s (%.0f packets/s)", td.packets/5),
-			fmt.Sprintf("%.2f µs (%.0f packets, %v)", phPer, ph.packets, ph.cpu), fmt.Sprintf("%.2f µs (%.0f packets, %v)", tdPer, td.packets, td.cpu),
-			fmt.Sprintf("%.2f", phPer/tdPer)}
+		type run struct {
+			r     row
+			ratio float64
+		}
+		var runs []run
+		for i := 0; i < 3; i++ {
+			ph, td := iperfRun(b, l, fmt.Sprintf("cpu%d", i), "25M", 5)
+			phPer := float64(ph.cpu.Microseconds()) / ph.packets
+			tdPer := float64(td.cpu.Microseconds()) / td.packets
+			runs = append(runs, run{row{fmt.Sprintf("1. CPU per packet, iperf3 MSS 88 at 25 Mbit/s (%.0f packets/s), median of 3 runs", td.packets/5),
+				fmt.Sprintf("%.2f µs (%.0f packets, %v)", phPer, ph.packets, ph.cpu), fmt.Sprintf("%.2f µs (%.0f packets, %v)", tdPer, td.packets, td.cpu),
+				""}, phPer / tdPer})
+		}
+		sort.Slice(runs, func(i, j int) bool { return runs[i].ratio < runs[j].ratio })
+		r := runs[1].r
+		r.ratio = fmt.Sprintf("%.2f (%.2f to %.2f)", runs[1].ratio, runs[0].ratio, runs[2].ratio)
+		return r
 	})
 	// 2. Packets kept at an unlimited load.
 	measure("heavy", func(b *testing.B) row {
@@ -219,6 +233,7 @@ func synFlood(b *testing.B, l *lab, n int) row {
 	cmd := l.startDaemon(d, 9992)
 	time.Sleep(300 * time.Millisecond)
 	before := rss(cmd.Process.Pid)
+	cpuBefore := cpuTime(cmd.Process.Pid)
 	peak := before
 	stopSampling := make(chan struct{})
 	sampled := make(chan struct{})
@@ -259,10 +274,11 @@ func synFlood(b *testing.B, l *lab, n int) row {
 	sendTime := time.Since(start)
 	h.Close()
 	saved := <-legit
-	time.Sleep(6 * time.Second) // past -uuidwaitduration: the flood's flows are dropped
+	time.Sleep(7 * time.Second) // past -uuidwaitduration and a sweep: the flood's flows are dropped
 	close(stopSampling)
 	<-sampled
 	after := rss(cmd.Process.Pid)
+	cpu := cpuTime(cmd.Process.Pid) - cpuBefore // capture, 5 s of waiting, the drop
 	text := scrape(d.metrics)
 	started, _ := metricValue(text, "pcap_flows_started_total")
 	timeouts, _ := metricValue(text, `pcap_flows_ended_total{outcome="uuid_timeout"}`)
@@ -275,6 +291,6 @@ func synFlood(b *testing.B, l *lab, n int) row {
 		}
 	}
 	return row{fmt.Sprintf("4. SYN flood: %d spoofed SYNs in %v, 50 legitimate connections meanwhile", n, sendTime.Round(time.Millisecond)),
-		fmt.Sprintf("%d of %d legitimate flows saved; %.0f flows started, %.0f dropped without UUID; RSS %d MB before, peak %d MB, %d MB after: %.0f bytes per flood flow at peak",
-			kept, len(saved), started, timeouts, before>>20, peak>>20, after>>20, float64(peak-before)/float64(n)), "", ""}
+		fmt.Sprintf("%d of %d legitimate flows saved; %.0f flows started, %.0f dropped without UUID; RSS %d MB before, peak %d MB, %d MB after: %.0f bytes per flood flow at peak; CPU %v, %.1f µs per flood flow",
+			kept, len(saved), started, timeouts, before>>20, peak>>20, after>>20, float64(peak-before)/float64(n), cpu.Round(time.Millisecond), float64(cpu.Microseconds())/float64(n)), "", ""}
 }
