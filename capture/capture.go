@@ -1,7 +1,7 @@
 // Package capture is the boundary with libpcap: it opens live captures on
 // network interfaces with a tight BPF filter (through gopacket/pcap), and
-// reads frames from them in batches, one cgo call for many frames (see
-// batchReader). It also finds the interfaces and local addresses to
+// reads frames from them through a ring that a C thread fills, with no cgo
+// call per frame (see ringReader). It also finds the interfaces and local addresses to
 // capture on. Everything cgo is here; callers see plain Go types.
 //
 // A Handle's Read must be called from one goroutine; Stats and Close may be
@@ -87,7 +87,7 @@ type Handle struct {
 	name     string
 	linkType packet.LinkType
 	h        *pcap.Handle
-	batch    *batchReader // nil: frames are read one by one through gopacket
+	ring     *ringReader // nil: frames are read one by one through gopacket
 
 	mu     sync.Mutex // guards closed and h against use after Close by Stats
 	closed bool
@@ -134,13 +134,13 @@ func Open(iface string, opts *Options) (*Handle, error) {
 		}
 	}
 	c := &Handle{name: iface, linkType: packet.LinkType(h.LinkType()), h: h}
-	if c.batch, err = newBatchReader(h, o.Snaplen, o.ReadTimeout); err != nil {
-		batchOnce.Do(func() { log.Printf("capture: reading frames one by one through gopacket: %v", err) })
+	if c.ring, err = newRingReader(h, o.Snaplen, o.ReadTimeout); err != nil {
+		ringOnce.Do(func() { log.Printf("capture: reading frames one by one through gopacket: %v", err) })
 	}
 	return c, nil
 }
 
-var batchOnce sync.Once
+var ringOnce sync.Once
 
 // Name returns the interface's name.
 func (c *Handle) Name() string { return c.name }
@@ -153,8 +153,8 @@ func (c *Handle) LinkType() packet.LinkType { return c.linkType }
 // origLen is the frame's length on the wire. Read returns ErrTimeout when no
 // frame came within the read timeout, and ErrClosed after Close.
 func (c *Handle) Read() (data []byte, ts time.Time, origLen int, err error) {
-	if c.batch != nil {
-		data, ts, origLen, err = c.batch.read()
+	if c.ring != nil {
+		data, ts, origLen, err = c.ring.read()
 		if errors.Is(err, ErrFailed) {
 			err = fmt.Errorf("read from %s: %w", c.name, err)
 		}
@@ -182,12 +182,16 @@ func (c *Handle) Stats() (Stats, error) {
 	if c.closed {
 		return Stats{}, ErrClosed
 	}
-	if c.batch != nil {
-		// libpcap's handles are not thread-safe: no dispatch meanwhile.
-		c.batch.mu.Lock()
-		defer c.batch.mu.Unlock()
+	var s *pcap.Stats
+	var err error
+	if c.ring != nil {
+		// libpcap's handles are not thread-safe: between two dispatches.
+		var rs pcap.Stats
+		rs, err = c.ring.stats()
+		s = &rs
+	} else {
+		s, err = c.h.Stats()
 	}
-	s, err := c.h.Stats()
 	if err != nil {
 		return Stats{}, fmt.Errorf("stats of %s: %w", c.name, err)
 	}
@@ -201,8 +205,8 @@ func (c *Handle) Close() {
 	defer c.mu.Unlock()
 	if !c.closed {
 		c.closed = true
-		if c.batch != nil {
-			c.batch.close()
+		if c.ring != nil {
+			c.ring.close()
 		}
 		c.h.Close()
 	}

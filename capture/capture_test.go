@@ -90,19 +90,19 @@ func TestOpenLoopback(t *testing.T) {
 	}
 }
 
-// TestBatchReadLoopback reads real frames of a loopback TCP connection
-// through the batch reader, in block mode and in immediate mode, and checks
+// TestRingReadLoopback reads real frames of a loopback TCP connection
+// through the ring reader, in block mode and in immediate mode, and checks
 // that Close wakes a waiting Read.
-func TestBatchReadLoopback(t *testing.T) {
+func TestRingReadLoopback(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("live capture needs root")
 	}
 	for _, gather := range []time.Duration{0, 20 * time.Millisecond, -1} {
-		t.Run(fmt.Sprintf("gather=%v", gather), func(t *testing.T) { testBatchRead(t, gather) })
+		t.Run(fmt.Sprintf("gather=%v", gather), func(t *testing.T) { testRingRead(t, gather) })
 	}
 }
 
-func testBatchRead(t *testing.T, gather time.Duration) {
+func testRingRead(t *testing.T, gather time.Duration) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -113,8 +113,8 @@ func testBatchRead(t *testing.T, gather time.Duration) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h.batch == nil {
-		t.Fatal("the batch reader is not in use")
+	if h.ring == nil {
+		t.Fatal("the ring reader is not in use")
 	}
 	start := time.Now()
 	go func() {
