@@ -101,8 +101,8 @@ static void *ph_run(void *arg) {
 			}
 			continue;
 		}
-		if (n > 4096) {
-			n = 4096;
+		if (n > 1024) {
+			n = 1024;
 		}
 		r->wpos = pub;
 		pthread_mutex_lock(&r->mu);
@@ -153,7 +153,12 @@ static void *ph_run(void *arg) {
 
 static int ph_start(struct ph_ring *r) {
 	pthread_mutex_init(&r->mu, NULL);
-	return pthread_create(&r->th, NULL, ph_run, r);
+	pthread_attr_t a;
+	pthread_attr_init(&a);
+	pthread_attr_setstacksize(&a, 256 << 10); // it needs little
+	int e = pthread_create(&r->th, &a, ph_run, r);
+	pthread_attr_destroy(&a);
+	return e;
 }
 
 static void ph_join(struct ph_ring *r) {
@@ -190,7 +195,7 @@ import (
 
 // ringSize is the size of a reader's ring: a few milliseconds of frames at
 // a million frames per second (the kernel's buffer holds the rest).
-const ringSize = 2 << 20
+const ringSize = 1 << 20
 
 // recHeader is the Go view of struct ph_rec.
 type recHeader struct {
