@@ -134,6 +134,9 @@ func Open(iface string, opts *Options) (*Handle, error) {
 		}
 	}
 	c := &Handle{name: iface, linkType: packet.LinkType(h.LinkType()), h: h}
+	if !useRing {
+		return c, nil
+	}
 	if c.ring, err = newRingReader(h, o.Snaplen, o.ReadTimeout); err != nil {
 		ringOnce.Do(func() { log.Printf("capture: reading frames one by one through gopacket: %v", err) })
 	}
@@ -141,6 +144,9 @@ func Open(iface string, opts *Options) (*Handle, error) {
 }
 
 var ringOnce sync.Once
+
+// useRing is false only in tests of the fallback: gopacket's own reads.
+var useRing = true
 
 // Name returns the interface's name.
 func (c *Handle) Name() string { return c.name }

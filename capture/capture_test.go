@@ -91,18 +91,24 @@ func TestOpenLoopback(t *testing.T) {
 }
 
 // TestRingReadLoopback reads real frames of a loopback TCP connection
-// through the ring reader, in block mode and in immediate mode, and checks
-// that Close wakes a waiting Read.
+// through the ring reader, in block mode and in immediate mode, and through
+// gopacket's reads (the fallback), and checks that Close wakes a waiting
+// Read.
 func TestRingReadLoopback(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("live capture needs root")
 	}
 	for _, gather := range []time.Duration{0, 20 * time.Millisecond, -1} {
-		t.Run(fmt.Sprintf("gather=%v", gather), func(t *testing.T) { testRingRead(t, gather) })
+		t.Run(fmt.Sprintf("gather=%v", gather), func(t *testing.T) { testRingRead(t, gather, true) })
 	}
+	t.Run("gopacket", func(t *testing.T) {
+		useRing = false
+		defer func() { useRing = true }()
+		testRingRead(t, 0, false)
+	})
 }
 
-func testRingRead(t *testing.T, gather time.Duration) {
+func testRingRead(t *testing.T, gather time.Duration, ring bool) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -113,8 +119,8 @@ func testRingRead(t *testing.T, gather time.Duration) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h.ring == nil {
-		t.Fatal("the ring reader is not in use")
+	if (h.ring != nil) != ring {
+		t.Fatalf("ring reader in use: %v, want %v", h.ring != nil, ring)
 	}
 	start := time.Now()
 	go func() {
@@ -185,5 +191,84 @@ func testRingRead(t *testing.T, gather time.Duration) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Read did not return after Close")
+	}
+}
+
+// TestRingFull: with a ring that holds a few dozen frames and a reader
+// that does not read for a while, the C thread waits for room (frames wait
+// in the kernel's buffer) and no frame is lost.
+func TestRingFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("live capture needs root")
+	}
+	ringSize = 8 << 10
+	defer func() { ringSize = 1 << 20 }()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	h, err := Open("lo", &Options{Filter: fmt.Sprintf("tcp port %d", ln.Addr().(*net.TCPAddr).Port), ReadTimeout: 50 * time.Millisecond, Gather: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.(*net.TCPConn).SetNoDelay(true)
+	const writes = 300
+	for i := 0; i < writes; i++ {
+		c.Write([]byte{byte(i)})
+		time.Sleep(50 * time.Microsecond)
+	}
+	time.Sleep(300 * time.Millisecond) // the ring is full long before this
+	c.Close()
+	// Every byte the client sent, by sequence number: a frame lost, or one
+	// overwritten in the ring before it was read, would be missing or wrong.
+	port := ln.Addr().(*net.TCPAddr).Port
+	sent := map[uint32]byte{}
+	for deadline := time.Now().Add(5 * time.Second); len(sent) < writes && time.Now().Before(deadline); {
+		data, _, _, err := h.Read()
+		if err == ErrTimeout {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		ip := data[14:]
+		tcp := ip[int(ip[0]&0xf)*4:]
+		if int(tcp[2])<<8|int(tcp[3]) != port {
+			continue
+		}
+		seq := uint32(tcp[4])<<24 | uint32(tcp[5])<<16 | uint32(tcp[6])<<8 | uint32(tcp[7])
+		for i, b := range tcp[int(tcp[12]>>4)*4:] {
+			sent[seq+uint32(i)] = b
+		}
+	}
+	if len(sent) != writes {
+		t.Fatalf("read %d of the %d bytes the client sent", len(sent), writes)
+	}
+	first := uint32(0)
+	for seq := range sent {
+		if _, ok := sent[seq-1]; !ok {
+			first = seq
+		}
+	}
+	for i := uint32(0); i < writes; i++ {
+		if b, ok := sent[first+i]; !ok || b != byte(i) {
+			t.Fatalf("byte %d: %d, %v; want %d", i, b, ok, byte(i))
+		}
+	}
+	if s, err := h.Stats(); err != nil || s.Dropped != 0 {
+		t.Errorf("stats %+v, %v: the kernel dropped frames", s, err)
 	}
 }

@@ -193,9 +193,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ringSize is the size of a reader's ring: a few milliseconds of frames at
-// a million frames per second (the kernel's buffer holds the rest).
-const ringSize = 1 << 20
+// ringSize is the size of a reader's ring, a power of two: a few
+// milliseconds of frames at a million frames per second (the kernel's
+// buffer holds the rest). A variable for tests only.
+var ringSize = 1 << 20
 
 // recHeader is the Go view of struct ph_rec.
 type recHeader struct {
@@ -281,12 +282,12 @@ func newRingReader(h *pcap.Handle, snaplen int, timeout time.Duration) (*ringRea
 		unix.Close(stopfd)
 		return nil, fmt.Errorf("eventfd not pollable: %w", err)
 	}
-	rr := &ringReader{mem: make([]byte, C.PH_CTRL+ringSize), mask: ringSize - 1, efd: file, timeout: timeout,
+	rr := &ringReader{mem: make([]byte, C.PH_CTRL+ringSize), mask: uint64(ringSize - 1), efd: file, timeout: timeout,
 		nano: C.pcap_get_tstamp_precision(p) == C.PCAP_TSTAMP_PRECISION_NANO}
 	rr.pin.Pin(&rr.mem[0])
 	rr.r = (*C.struct_ph_ring)(unsafe.Pointer(&rr.mem[0]))
 	rr.data = rr.mem[C.PH_CTRL:]
-	rr.r.size = ringSize
+	rr.r.size = C.uint64_t(ringSize)
 	rr.r.maxrec = C.uint64_t(unsafe.Sizeof(recHeader{})) + C.uint64_t((snaplen+7)&^7)
 	rr.r.p = p
 	rr.r.efd, rr.r.stopfd, rr.r.selfd = C.int(efd), C.int(stopfd), C.int(selfd)
