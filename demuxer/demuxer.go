@@ -153,14 +153,14 @@ type flow struct {
 	syn          bool // the flow began with a pure SYN; synSeq is its sequence number
 	finA, finB   bool
 	lookedUp     bool // Options.Lookup was asked
+	inWaiting    bool // in Demuxer.waiting (else in Demuxer.settled)
 	synSeq       uint32
 	first, last  int64 // unix nanoseconds
 	endAt        int64 // when non-zero, the flow ends at this time
 	entry        *names.Entry
 	out          FlowWriter // stream mode, once named
 	buf          saver.Buffer
-	inWaiting    bool // in Demuxer.waiting (else in Demuxer.settled)
-	idx          int  // position in that list
+	idx          int // position in its list
 }
 
 // counters are counted per packet in plain fields and published by Tick.
