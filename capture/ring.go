@@ -123,7 +123,12 @@ static void *ph_run(void *arg) {
 			if (__atomic_exchange_n(&r->waiting, 0, __ATOMIC_SEQ_CST)) {
 				ph_wake(r);
 			}
-			continue;
+			if (got == n) {
+				continue; // there may be more at once
+			}
+			// libpcap took every ready frame: wait for more without asking
+			// it again (poll is level-triggered: a block retired meanwhile
+			// returns at once).
 		}
 		if (got == 0 && hup) {
 			// poll said the descriptor has an error, and libpcap did not
