@@ -191,6 +191,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -233,6 +234,7 @@ type ringReader struct {
 	mask    uint64
 	pin     runtime.Pinner
 	efd     *os.File // the eventfd, in Go's poller
+	rc      syscall.RawConn
 	timeout time.Duration
 	nano    bool
 
@@ -287,7 +289,13 @@ func newRingReader(h *pcap.Handle, snaplen int, timeout time.Duration) (*ringRea
 		unix.Close(stopfd)
 		return nil, fmt.Errorf("eventfd not pollable: %w", err)
 	}
-	rr := &ringReader{mem: make([]byte, C.PH_CTRL+ringSize), mask: uint64(ringSize - 1), efd: file, timeout: timeout,
+	rc, err := file.SyscallConn()
+	if err != nil {
+		file.Close()
+		unix.Close(stopfd)
+		return nil, err
+	}
+	rr := &ringReader{mem: make([]byte, C.PH_CTRL+ringSize), mask: uint64(ringSize - 1), efd: file, rc: rc, timeout: timeout,
 		nano: C.pcap_get_tstamp_precision(p) == C.PCAP_TSTAMP_PRECISION_NANO}
 	rr.pin.Pin(&rr.mem[0])
 	rr.r = (*C.struct_ph_ring)(unsafe.Pointer(&rr.mem[0]))
@@ -378,12 +386,8 @@ func (rr *ringReader) wait() error {
 	if err := rr.efd.SetReadDeadline(time.Now().Add(rr.timeout)); err != nil {
 		return ErrClosed
 	}
-	rc, err := rr.efd.SyscallConn()
-	if err != nil {
-		return ErrClosed
-	}
 	var buf [8]byte
-	err = rc.Read(func(fd uintptr) bool {
+	err := rr.rc.Read(func(fd uintptr) bool {
 		// A raw read: no system-call bookkeeping that would wake the
 		// runtime's monitor thread.
 		_, _, e := unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), 8)
