@@ -77,13 +77,32 @@ func TestAgainstTCPInfoServer(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	srv, stop := startServer(t, path)
 	waitFor(t, "connection", func() bool { return testutil.ToFloat64(metrics.EventSocketConnected) == 1 })
+	// The server registers a client after accepting it: an event sent
+	// before then reaches no one, so each is sent again until it arrives.
 	id := inetdiag.SockID{SPort: 8080, DPort: 40000, SrcIP: "::ffff:192.0.2.1", DstIP: "203.0.113.5", Cookie: 7}
-	srv.FlowCreated(time.Now(), "u1", id)
+	var last time.Time
+	waitFor(t, "the Open event", func() bool {
+		if o, _ := rec.counts(); o > 0 {
+			return true
+		}
+		if time.Since(last) > 50*time.Millisecond {
+			srv.FlowCreated(time.Now(), "u1", id)
+			last = time.Now()
+		}
+		return false
+	})
 	srv.FlowDeleted(time.Now(), "u1")
-	waitFor(t, "two events", func() bool { o, c := rec.counts(); return o == 1 && c == 1 })
-	if want := netip.MustParseAddrPort("192.0.2.1:8080"); rec.locals[0] != want {
-		t.Errorf("local end %v, want %v (unmapped)", rec.locals[0], want)
+	waitFor(t, "the Close event", func() bool { _, c := rec.counts(); return c == 1 })
+	rec.mu.Lock()
+	for i, u := range rec.opens {
+		if want := netip.MustParseAddrPort("192.0.2.1:8080"); u != "u1" || rec.locals[i] != want {
+			t.Errorf("Open %q with local end %v, want u1 with %v (unmapped)", u, rec.locals[i], want)
+		}
 	}
+	if rec.closes[0] != "u1" {
+		t.Errorf("Close %q, want u1", rec.closes[0])
+	}
+	rec.mu.Unlock()
 
 	stop()
 	cancel()
