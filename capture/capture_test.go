@@ -90,6 +90,23 @@ func TestOpenLoopback(t *testing.T) {
 	}
 }
 
+// sinkConn connects to ln, whose one connection is read to the end.
+func sinkConn(t *testing.T, ln net.Listener) net.Conn {
+	t.Helper()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // TestRingReadLoopback reads real frames of a loopback TCP connection
 // through the ring reader, in block mode and in immediate mode, and through
 // gopacket's reads (the fallback), and checks that Close wakes a waiting
@@ -123,17 +140,7 @@ func testRingRead(t *testing.T, gather time.Duration, ring bool) {
 		t.Fatalf("ring reader in use: %v, want %v", h.ring != nil, ring)
 	}
 	start := time.Now()
-	go func() {
-		c, err := ln.Accept()
-		if err == nil {
-			io.Copy(io.Discard, c)
-			c.Close()
-		}
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := sinkConn(t, ln)
 	payload := make([]byte, 300) // longer than the snaplen's share for it
 	for i := 0; i < 20; i++ {
 		c.Write(payload)
@@ -213,17 +220,7 @@ func TestRingFull(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err == nil {
-			io.Copy(io.Discard, c)
-			c.Close()
-		}
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := sinkConn(t, ln)
 	c.(*net.TCPConn).SetNoDelay(true)
 	const writes = 300
 	for i := 0; i < writes; i++ {
