@@ -36,7 +36,13 @@ var ErrClosed = errors.New("capture: handle closed")
 // interface went away): the handle must be closed and opened again.
 var ErrFailed = errors.New("capture failed")
 
-// Options configures a live capture. The zero value asks for the defaults.
+// DefaultGather is the Gather that makes a batch of some hundred frames at
+// tens of thousands of frames per second, and delays a frame by at most
+// 5 ms.
+const DefaultGather = 5 * time.Millisecond
+
+// Options configures a live capture. The zero value asks for the defaults
+// (and immediate delivery).
 type Options struct {
 	Snaplen     int           // bytes captured per frame; default 256
 	BufferSize  int           // kernel ring size in bytes; default 8 MiB
@@ -44,14 +50,14 @@ type Options struct {
 	// Gather is the longest a frame waits in the kernel's buffer so that
 	// frames are read in batches: the kernel fills blocks of frames and
 	// wakes the reader when one is full or this old, one wake-up for many
-	// frames. Default 5ms (rounded to milliseconds), negative for none:
-	// every frame is delivered as it comes, one wake-up each.
+	// frames (rounded up to a millisecond; DefaultGather is a good value).
+	// Zero delivers every frame as it comes, one wake-up each.
 	Gather time.Duration
 	Filter string // BPF filter expression; empty captures everything
 }
 
 func (o *Options) withDefaults() Options {
-	r := Options{Snaplen: 256, BufferSize: 8 << 20, ReadTimeout: 100 * time.Millisecond, Gather: 5 * time.Millisecond}
+	r := Options{Snaplen: 256, BufferSize: 8 << 20, ReadTimeout: 100 * time.Millisecond}
 	if o == nil {
 		return r
 	}
@@ -64,11 +70,8 @@ func (o *Options) withDefaults() Options {
 	if o.ReadTimeout > 0 {
 		r.ReadTimeout = o.ReadTimeout
 	}
-	if o.Gather != 0 {
-		r.Gather = max(o.Gather, 0)
-		if r.Gather > 0 {
-			r.Gather = max(r.Gather.Round(time.Millisecond), time.Millisecond)
-		}
+	if o.Gather > 0 {
+		r.Gather = max(o.Gather.Round(time.Millisecond), time.Millisecond)
 	}
 	r.Filter = o.Filter
 	return r
@@ -76,10 +79,9 @@ func (o *Options) withDefaults() Options {
 
 // Stats are libpcap's counters for one handle.
 type Stats struct {
-	Received       uint64 // frames that passed the filter
-	Dropped        uint64 // frames dropped by the kernel because the buffer was full
-	IfaceDropped   uint64 // frames dropped by the interface or its driver
-	InterfaceIndex int
+	Received     uint64 // frames that passed the filter
+	Dropped      uint64 // frames dropped by the kernel because the buffer was full
+	IfaceDropped uint64 // frames dropped by the interface or its driver
 }
 
 // Handle is a live capture on one interface.
@@ -188,16 +190,14 @@ func (c *Handle) Stats() (Stats, error) {
 	if c.closed {
 		return Stats{}, ErrClosed
 	}
-	var s *pcap.Stats
-	var err error
 	if c.ring != nil {
-		// libpcap's handles are not thread-safe: between two dispatches.
-		var rs pcap.Stats
-		rs, err = c.ring.stats()
-		s = &rs
-	} else {
-		s, err = c.h.Stats()
+		s, err := c.ring.stats() // (libpcap is not thread-safe: between two dispatches)
+		if err != nil {
+			return Stats{}, fmt.Errorf("stats of %s: %w", c.name, err)
+		}
+		return s, nil
 	}
+	s, err := c.h.Stats()
 	if err != nil {
 		return Stats{}, fmt.Errorf("stats of %s: %w", c.name, err)
 	}

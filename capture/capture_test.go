@@ -115,7 +115,7 @@ func TestRingReadLoopback(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("live capture needs root")
 	}
-	for _, gather := range []time.Duration{0, 20 * time.Millisecond, -1} {
+	for _, gather := range []time.Duration{DefaultGather, 20 * time.Millisecond, 0} {
 		t.Run(fmt.Sprintf("gather=%v", gather), func(t *testing.T) { testRingRead(t, gather, true) })
 	}
 	t.Run("gopacket", func(t *testing.T) {
@@ -215,7 +215,7 @@ func TestRingFull(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	h, err := Open("lo", &Options{Filter: fmt.Sprintf("tcp port %d", ln.Addr().(*net.TCPAddr).Port), ReadTimeout: 50 * time.Millisecond, Gather: -1})
+	h, err := Open("lo", &Options{Filter: fmt.Sprintf("tcp port %d", ln.Addr().(*net.TCPAddr).Port), ReadTimeout: 50 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

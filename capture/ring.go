@@ -29,6 +29,7 @@ enum { PH_RUNNING = 0, PH_FAILED = 1, PH_STOPPED = 2 };
 // bytes from the start, never wrapping.
 struct ph_ring {
 	uint64_t head;      // consumed up to here (written by Go)
+	char     pad[56];   // head alone on its cache line, apart from what C writes
 	uint64_t tail;      // published up to here (written by C)
 	uint64_t wpos;      // written up to here (C's own, published as tail)
 	int32_t  waiting;   // the consumer sleeps: the producer must wake it
@@ -189,7 +190,6 @@ import (
 	"os"
 	"reflect"
 	"runtime"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -238,11 +238,8 @@ type ringReader struct {
 	timeout time.Duration
 	nano    bool
 
-	pos  uint64 // the next record
-	done uint64 // where the record Read returned last ends: released at the next Read
-
-	mu     sync.Mutex // guards closed
-	closed bool
+	pos      uint64 // the next record; what is before it is consumed once read is called again
+	released uint64 // the head last given back to the thread
 }
 
 // pcapOf returns the pcap_t of a gopacket handle, or nil if this gopacket's
@@ -326,21 +323,26 @@ func (rr *ringReader) record() *recHeader {
 // read returns the next frame; see Handle.Read. The frame's bytes stay in
 // the ring until the next read.
 func (rr *ringReader) read() ([]byte, time.Time, int, error) {
-	if rr.done != 0 {
-		atomic.StoreUint64(rr.head(), rr.done)
-		rr.done = 0
+	// Room is given back an eighth of the ring at a time, not per frame:
+	// the head's cache line then moves between the CPUs rarely.
+	if rr.pos-rr.released >= uint64(len(rr.data))/8 {
+		rr.release()
 	}
 	for {
 		if rr.ready(atomic.LoadUint64(rr.tail())) {
 			data, ts, n := rr.take()
-			rr.done = rr.pos
 			return data, ts, n, nil
 		}
 		if err := rr.wait(); err != nil {
-			atomic.StoreUint64(rr.head(), rr.pos)
 			return nil, time.Time{}, 0, err
 		}
 	}
+}
+
+// release gives the thread back the room of every frame read before pos.
+func (rr *ringReader) release() {
+	atomic.StoreUint64(rr.head(), rr.pos)
+	rr.released = rr.pos
 }
 
 // ready reports whether a frame is at pos, before the published tail,
@@ -378,6 +380,7 @@ func (rr *ringReader) wait() error {
 	case C.PH_STOPPED:
 		return ErrClosed
 	}
+	rr.release() // all read: the thread may fill the whole ring while we sleep
 	atomic.StoreInt32(rr.waiting(), 1)
 	if rr.pos != atomic.LoadUint64(rr.tail()) {
 		atomic.StoreInt32(rr.waiting(), 0)
@@ -403,24 +406,18 @@ func (rr *ringReader) wait() error {
 }
 
 // stats reads libpcap's counters, between two dispatches of the thread.
-func (rr *ringReader) stats() (pcap.Stats, error) {
+func (rr *ringReader) stats() (Stats, error) {
 	var s C.struct_pcap_stat
 	if C.ph_stats(rr.r, &s) != 0 {
-		return pcap.Stats{}, errors.New(C.GoString(C.pcap_geterr(rr.r.p)))
+		return Stats{}, errors.New(C.GoString(C.pcap_geterr(rr.r.p)))
 	}
-	return pcap.Stats{PacketsReceived: int(s.ps_recv), PacketsDropped: int(s.ps_drop), PacketsIfDropped: int(s.ps_ifdrop)}, nil
+	return Stats{Received: uint64(s.ps_recv), Dropped: uint64(s.ps_drop), IfaceDropped: uint64(s.ps_ifdrop)}, nil
 }
 
 // close stops and joins the thread, so that the pcap_t may be closed then;
 // a waiting read returns ErrClosed. The ring stays readable memory for as
-// long as the reader holds it.
+// long as the reader holds it. Handle.Close calls it once.
 func (rr *ringReader) close() {
-	rr.mu.Lock()
-	defer rr.mu.Unlock()
-	if rr.closed {
-		return
-	}
-	rr.closed = true
 	C.ph_join(rr.r)
 	unix.Close(int(rr.r.stopfd))
 	rr.efd.Close()
