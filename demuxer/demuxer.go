@@ -437,31 +437,20 @@ func (d *Demuxer) remove(f *flow) {
 // the counters. It is called by Run every TickInterval.
 func (d *Demuxer) Tick(now time.Time) {
 	nowN := now.UnixNano()
-	for n := d.waitSweep.quota(len(d.waiting)); n > 0 && len(d.waiting) > 0; n-- {
-		if d.waitSweep.cursor >= len(d.waiting) {
-			d.waitSweep.restart(len(d.waiting))
-		}
-		f := d.waiting[d.waitSweep.cursor]
+	d.waitSweep.visit(&d.waiting, func(f *flow) bool {
 		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
 			d.name(f, e)
 		} else if nowN-f.first >= int64(d.o.UUIDWait) {
 			d.discard(f, false)
 		} else {
-			d.waitSweep.cursor++
-			continue // an unnamed flow waits for its UUID deadline
+			return false // an unnamed flow waits for its UUID deadline
 		}
-		d.untrack(f) // f's place goes to the last waiting flow, visited next
+		d.untrack(f)
 		d.track(f)
 		d.check(f, nowN)
-	}
-	for n := d.sweep.quota(len(d.settled)); n > 0 && len(d.settled) > 0; n-- {
-		if d.sweep.cursor >= len(d.settled) {
-			d.sweep.restart(len(d.settled))
-		}
-		if !d.check(d.settled[d.sweep.cursor], nowN) {
-			d.sweep.cursor++ // (a removed flow's place went to another, visited next)
-		}
-	}
+		return true
+	})
+	d.sweep.visit(&d.settled, func(f *flow) bool { return d.check(f, nowN) })
 	d.publish()
 }
 
@@ -478,6 +467,20 @@ type sweep struct {
 func (s *sweep) quota(n int) int {
 	s.per = max(s.per, SweepPerTick, (n+9)/10)
 	return s.per
+}
+
+// visit calls f for this tick's quota of the flows of *l, from the cursor
+// on; f reports whether the flow left the list, whose last flow then took
+// its place and is visited next.
+func (s *sweep) visit(l *[]*flow, f func(*flow) bool) {
+	for n := s.quota(len(*l)); n > 0 && len(*l) > 0; n-- {
+		if s.cursor >= len(*l) {
+			s.restart(len(*l))
+		}
+		if !f((*l)[s.cursor]) {
+			s.cursor++
+		}
+	}
 }
 
 // restart begins a new round over a list of n flows.
