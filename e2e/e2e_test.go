@@ -79,8 +79,7 @@ func TestEndToEnd(t *testing.T) {
 	defer cancel()
 	events := l.recordEvents(ctx)
 
-	refFile := filepath.Join(l.dir, "reference.pcap")
-	tcpdump := l.startReference(refFile)
+	refFile, tcpdump := l.startReference()
 
 	daemons := []*daemon{
 		{name: "buffer", args: nil, capDur: 30 * time.Second},
@@ -185,21 +184,8 @@ func traffic(t *testing.T, l *lab, port int) {
 	errs := make(chan error, 1000)
 	long := func(a netip.Addr) {
 		defer wg.Done()
-		c, err := net.Dial("tcp", netip.AddrPortFrom(a, uint16(port)).String())
-		if err != nil {
+		if err := longFlow(a, port, 64<<10, 30); err != nil {
 			errs <- err
-			return
-		}
-		defer c.Close()
-		go io.Copy(io.Discard, c)
-		c.Write([]byte("e"))
-		buf := bytes.Repeat([]byte("x"), 64<<10)
-		for i := 0; i < 30; i++ {
-			if _, err := c.Write(buf); err != nil {
-				errs <- err
-				return
-			}
-			time.Sleep(100 * time.Millisecond)
 		}
 	}
 	for _, a := range []netip.Addr{l.srv4, l.srv6, l.srv4} {

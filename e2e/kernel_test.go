@@ -31,8 +31,7 @@ func TestKernelUUIDs(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	events := l.recordEvents(ctx)
-	refFile := filepath.Join(l.dir, "reference.pcap")
-	tcpdump := l.startReference(refFile)
+	refFile, tcpdump := l.startReference()
 
 	daemons := []*daemon{
 		{name: "kernel", args: nil, capDur: 30 * time.Second},
@@ -227,21 +226,8 @@ func kindTraffic(t *testing.T, l *lab, port int) {
 	}
 	long := func(a netip.Addr) {
 		defer wg.Done()
-		c, err := dial(a)
-		if err != nil {
+		if err := longFlow(a, port, 32<<10, 20); err != nil {
 			errs <- err
-			return
-		}
-		defer c.Close()
-		go io.Copy(io.Discard, c)
-		c.Write([]byte("e"))
-		buf := make([]byte, 32<<10)
-		for i := 0; i < 20; i++ {
-			if _, err := c.Write(buf); err != nil {
-				errs <- err
-				return
-			}
-			time.Sleep(100 * time.Millisecond)
 		}
 	}
 	for _, a := range []netip.Addr{l.srv4, l.srv6, l.srv4, l.srv6} {

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -271,13 +272,34 @@ func (l *lab) startTCPInfo(logName, prefixFile string) *exec.Cmd {
 	return cmd
 }
 
+// longFlow keeps a connection to a:port busy until it has sent n blocks of
+// size bytes, 100 ms apart (the server discards them).
+func longFlow(a netip.Addr, port, size, n int) error {
+	c, err := net.Dial("tcp", netip.AddrPortFrom(a, uint16(port)).String())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	go io.Copy(io.Discard, c)
+	c.Write([]byte("e"))
+	buf := bytes.Repeat([]byte("x"), size)
+	for i := 0; i < n; i++ {
+		if _, err := c.Write(buf); err != nil {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return nil
+}
+
 // startReference runs the reference tcpdump on the namespace's interface
-// and waits until it listens.
-func (l *lab) startReference(path string) *exec.Cmd {
-	cmd := l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-U", "-n", "--immediate-mode",
+// into reference.pcap in the lab directory, and waits until it listens.
+func (l *lab) startReference() (path string, cmd *exec.Cmd) {
+	path = filepath.Join(l.dir, "reference.pcap")
+	cmd = l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-U", "-n", "--immediate-mode",
 		"--time-stamp-precision=nano", "-w", path, "tcp")
 	waitFor(l.t, 10*time.Second, "tcpdump to start", func() bool { return strings.Contains(l.log("tcpdump.log"), "listening") })
-	return cmd
+	return path, cmd
 }
 
 // startDaemon starts a daemon in the lab, its metrics on port, and waits
