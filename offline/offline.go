@@ -118,20 +118,15 @@ func (f fallbackNamer) Release(e *names.Entry) {
 	}
 }
 
-type event struct {
-	ts time.Time
-	ev tcpeventsocket.Parsed
-}
-
 // eventCollector gathers the events of a file.
-type eventCollector struct{ evs []event }
+type eventCollector struct{ evs []tcpeventsocket.Parsed }
 
 func (c *eventCollector) Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64) {
-	c.evs = append(c.evs, event{ts, tcpeventsocket.Parsed{Open: true, Timestamp: ts, UUID: uuid, Local: local, Remote: remote, Cookie: cookie}})
+	c.evs = append(c.evs, tcpeventsocket.Parsed{Open: true, Timestamp: ts, UUID: uuid, Local: local, Remote: remote, Cookie: cookie})
 }
 
 func (c *eventCollector) Close(ts time.Time, uuid string) {
-	c.evs = append(c.evs, event{ts, tcpeventsocket.Parsed{Timestamp: ts, UUID: uuid}})
+	c.evs = append(c.evs, tcpeventsocket.Parsed{Timestamp: ts, UUID: uuid})
 }
 
 // open opens a file or "-", decompressing gzip.
@@ -158,7 +153,7 @@ func open(path string, stdin io.Reader) (io.Reader, func(), error) {
 }
 
 // readEvents reads every event of the file, in timestamp order.
-func readEvents(path string, stdin io.Reader) ([]event, int, error) {
+func readEvents(path string, stdin io.Reader) ([]tcpeventsocket.Parsed, int, error) {
 	r, closeFn, err := open(path, stdin)
 	if err != nil {
 		return nil, 0, fmt.Errorf("events: %w", err)
@@ -166,7 +161,7 @@ func readEvents(path string, stdin io.Reader) ([]event, int, error) {
 	defer closeFn()
 	var c eventCollector
 	lines := tcpeventsocket.Serve(r, &c)
-	sort.SliceStable(c.evs, func(i, j int) bool { return c.evs[i].ts.Before(c.evs[j].ts) })
+	sort.SliceStable(c.evs, func(i, j int) bool { return c.evs[i].Timestamp.Before(c.evs[j].Timestamp) })
 	return c.evs, lines - len(c.evs), nil
 }
 
@@ -230,7 +225,7 @@ func newPacketReader(r *countingReader) (rd packetReader, linkType func(int) pac
 // returns the error, which names the offset.
 func Run(ctx context.Context, o Options) (Summary, error) {
 	var sum Summary
-	var evs []event
+	var evs []tcpeventsocket.Parsed
 	local := append([]netip.Addr{}, o.Local...)
 	if o.Events != "" {
 		var err error
@@ -239,8 +234,8 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		}
 		sum.Events = len(evs)
 		for _, e := range evs {
-			if e.ev.Open {
-				local = append(local, e.ev.Local.Addr())
+			if e.Open {
+				local = append(local, e.Local.Addr())
 			}
 		}
 	}
@@ -279,8 +274,8 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		return d
 	}
 	apply := func(until time.Time, all bool) {
-		for len(evs) > 0 && (all || !evs[0].ts.After(until)) {
-			e := evs[0].ev
+		for len(evs) > 0 && (all || !evs[0].Timestamp.After(until)) {
+			e := evs[0]
 			if e.Open {
 				table.Open(e.Timestamp, e.UUID, packet.KeyFromAddrPorts(e.Local, e.Remote), "eventsocket", e.Cookie)
 			} else {
