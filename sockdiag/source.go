@@ -73,9 +73,9 @@ func NewSource(sink Sink, o Options) *Source {
 }
 
 // Request asks for connection k to be named, once its handshake is
-// complete. It never blocks: when the
-// queue is full the request is dropped, counted, and the connection may
-// still be named by its destroy broadcast. It is safe for concurrent use.
+// complete. It never blocks: when the queue is full the request is dropped,
+// counted, and the connection may still be named by its destroy broadcast.
+// It is safe for concurrent use.
 func (s *Source) Request(k packet.Key) {
 	select {
 	case s.reqs <- k:
