@@ -21,9 +21,11 @@
 //     after both FINs or an RST, or after the UUID source announced the
 //     connection closed. An unnamed flow is kept until its UUID deadline, in
 //     case the announcement is late. When a flow with a UUID ends, its file
-//     is finished: in buffer mode it is written in one go now; in stream mode
-//     (-stream) chunks were handed to the saver as they filled since the
-//     flow was named, and the last ones are handed now.
+//     is finished: in buffer mode it is written in one go now, unless the
+//     flow is long (once named, its chunks were handed to the saver
+//     SpillBytes at a time, so that a flow holds little memory however long
+//     it lasts); in stream mode (-stream) chunks were handed to the saver as
+//     they filled since the flow was named. The last ones are handed now.
 //   - A pure SYN on the 4-tuple of a tracked flow that does not repeat that
 //     flow's SYN (another initial sequence number) ends the old flow at once
 //     and starts a new one, so nothing of one connection lands in the
@@ -69,6 +71,11 @@ const TickInterval = 100 * time.Millisecond
 // flood) cost a bounded share of the CPU: a UUID is then claimed, and a
 // deadline applied, up to a second late.
 const SweepPerTick = 1000
+
+// SpillBytes is how many bytes of records a named flow holds in buffer mode
+// before they are handed to the saver (and its memory reused): a long flow
+// is written a few thousand packets at a time instead of all at its end.
+const SpillBytes = 256 << 10
 
 // LateAllowance is how much later than its capture timestamp a packet may
 // reach the demuxer (libpcap hands packets over in blocks, retired at the
@@ -158,7 +165,7 @@ type flow struct {
 	first, last  int64 // unix nanoseconds
 	endAt        int64 // when non-zero, the flow ends at this time
 	entry        *names.Entry
-	out          FlowWriter // stream mode, once named
+	out          FlowWriter // once named in stream mode, or once spilled
 	buf          saver.Buffer
 	idx          int // position in its list
 }
@@ -206,6 +213,7 @@ type Demuxer struct {
 	c                counters
 	pub              counters // what was published already
 	m                resolvedMetrics
+	spill            int // a named flow's records are handed to the saver once it holds this many bytes
 }
 
 type resolvedMetrics struct {
@@ -227,7 +235,10 @@ func New(o Options) *Demuxer {
 	if o.MaxHeaderSize <= 0 {
 		o.MaxHeaderSize = 256
 	}
-	d := &Demuxer{o: o, flows: map[packet.Key]*flow{}}
+	d := &Demuxer{o: o, flows: map[packet.Key]*flow{}, spill: SpillBytes}
+	if o.Stream {
+		d.spill = 0 // every full chunk
+	}
 	d.m = resolvedMetrics{
 		captured:       metrics.PacketsCaptured.WithLabelValues(o.Interface),
 		afterDur:       metrics.PacketsTotal.WithLabelValues(metrics.OutcomeAfterCaptureDur),
@@ -313,9 +324,17 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 		}
 		d.o.Anonymizer.Apply(rec, p, maskSrc, maskDst)
 	}
-	if f.out != nil && f.buf.Full() {
-		f.out.Push(&f.buf, false)
+	if f.st == named && f.buf.Bytes() >= d.spill && f.buf.Full() {
+		d.push(f)
 	}
+}
+
+// push hands the full chunks of a named flow to its writer, starting it.
+func (d *Demuxer) push(f *flow) {
+	if f.out == nil {
+		f.out = d.o.Writer.Start(f.entry.UUID, d.o.LinkType, time.Unix(0, f.first))
+	}
+	f.out.Push(&f.buf, false)
 }
 
 // start begins tracking a flow, unless a limit refuses it.
@@ -385,9 +404,9 @@ func (d *Demuxer) name(f *flow, e *names.Entry) {
 	c.Inc()
 	if d.o.Stream {
 		f.out = d.o.Writer.Start(e.UUID, d.o.LinkType, time.Unix(0, f.first))
-		if f.buf.Full() {
-			f.out.Push(&f.buf, false)
-		}
+	}
+	if f.buf.Bytes() >= d.spill && f.buf.Full() {
+		d.push(f)
 	}
 }
 

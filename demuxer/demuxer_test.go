@@ -517,3 +517,46 @@ func TestSweepQuota(t *testing.T) {
 		t.Errorf("after a restart: quota %d, cursor %d", got, s.cursor)
 	}
 }
+
+// TestSpill: in buffer mode, a long named flow is handed to the saver
+// SpillBytes at a time, so that it never holds much more, while an unnamed
+// one keeps everything until it is named; the file has every packet, in
+// order.
+func TestSpill(t *testing.T) {
+	h := newHarness(t, nil)
+	c := newConn(5000, 1)
+	const n = 3 * SpillBytes / 70 // records of 16+54 bytes: three spills
+	frame := func(i int) []byte {
+		return c.frame(t, true, func(p *layers.TCP) { p.ACK, p.Seq = true, uint32(i) }, 10)
+	}
+	at := func(i int) time.Duration { return time.Duration(i) * time.Millisecond }
+	for i := 0; i < n/2; i++ { // before the UUID: all held
+		h.packet(at(i), frame(i))
+	}
+	f := h.d.flows[c.key()]
+	if got := f.buf.Bytes(); got < SpillBytes {
+		t.Fatalf("an unnamed flow holds %d bytes, want all %d records (no spill before its UUID)", got, n/2)
+	}
+	h.open(at(n/2), "long", c)
+	h.tick(at(n / 2))
+	if f.out == nil || f.buf.Bytes() >= saver.ChunkSize {
+		t.Fatalf("once named, the flow holds %d bytes (writer started: %v); want its full chunks handed over", f.buf.Bytes(), f.out != nil)
+	}
+	for i := n / 2; i < n; i++ {
+		h.packet(at(i), frame(i))
+		if got := f.buf.Bytes(); got >= SpillBytes+saver.ChunkSize {
+			t.Fatalf("packet %d: the named flow holds %d bytes, more than SpillBytes and a chunk", i, got)
+		}
+	}
+	h.d.Close()
+	got := h.file("long")
+	if len(got) != n {
+		t.Fatalf("the file has %d packets, want %d", len(got), n)
+	}
+	for i, p := range got {
+		var tcp layers.TCP
+		if err := tcp.DecodeFromBytes(p[34:], gopacket.NilDecodeFeedback); err != nil || tcp.Seq != uint32(i) {
+			t.Fatalf("packet %d of the file: seq %d (%v), want %d", i, tcp.Seq, err, i)
+		}
+	}
+}

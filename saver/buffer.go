@@ -17,7 +17,9 @@ const RecordHeaderLen = 16
 const (
 	firstChunk  = 128
 	secondChunk = 1 << 10
-	nextChunk   = 8 << 10
+	// ChunkSize is the size of a long flow's chunks: the unit in which
+	// records are handed to a Flow.
+	ChunkSize = 8 << 10
 )
 
 // chunk is a block of whole pcap records. Chunks are pooled by capacity.
@@ -29,7 +31,7 @@ type chunk struct {
 var (
 	smallPool  = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, firstChunk)} }}
 	mediumPool = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, secondChunk)} }}
-	largePool  = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, nextChunk)} }}
+	largePool  = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, ChunkSize)} }}
 )
 
 // getChunk returns a chunk for a buffer that has n chunks already, with room
@@ -40,7 +42,7 @@ func getChunk(n, need int) *chunk {
 		return smallPool.Get().(*chunk)
 	case n <= 1 && need <= secondChunk:
 		return mediumPool.Get().(*chunk)
-	case need <= nextChunk:
+	case need <= ChunkSize:
 		return largePool.Get().(*chunk)
 	}
 	return &chunk{b: make([]byte, 0, need)} // a -maxheadersize larger than a chunk
@@ -53,7 +55,7 @@ func putChunk(c *chunk) {
 		smallPool.Put(c)
 	case secondChunk:
 		mediumPool.Put(c)
-	case nextChunk:
+	case ChunkSize:
 		largePool.Put(c)
 	}
 }

@@ -4,8 +4,10 @@
 // The demuxer appends records to a flow's Buffer (chunks of ready-made pcap
 // records, so writing is a plain copy). Once the flow has a UUID it hands
 // whole chunks to a Flow: a goroutine that owns the file. In buffer mode the
-// Flow is started when the flow ends, with every chunk at once; in stream
-// mode it is started when the flow is named and gets chunks as they fill.
+// Flow is started when the flow ends, with every chunk at once (or, for a
+// long flow, once it holds a few hundred kilobytes, which it then gets at a
+// time); in stream mode it is started when the flow is named and gets
+// chunks as they fill.
 // Handing chunks over takes the Flow's own mutex once per chunk (thousands
 // of packets), never per packet, and never blocks the caller.
 //
