@@ -437,13 +437,17 @@ func probe(addr, path string) int {
 }
 
 // rss returns a process's resident set size in bytes.
-func rss(pid int) int64 {
+func rss(pid int) int64 { return statusBytes(pid, "VmRSS:") }
+
+// statusBytes returns a size field of /proc/PID/status (VmRSS:, VmHWM:...)
+// in bytes, or 0.
+func statusBytes(pid int, field string) int64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == field {
 			kb, _ := strconv.ParseInt(f[1], 10, 64)
 			return kb << 10
 		}
