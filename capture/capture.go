@@ -1,8 +1,10 @@
-// Package capture is the boundary with libpcap: it opens live captures on
-// network interfaces with a tight BPF filter (through gopacket/pcap), and
-// reads frames from them through a ring that a C thread fills, with no cgo
-// call per frame (see ringReader). It also finds the interfaces and local addresses to
-// capture on. Everything cgo is here; callers see plain Go types.
+// Package capture opens live captures on network interfaces with a tight
+// BPF filter and reads their frames with no cgo or system call per frame:
+// in place from the kernel's ring of an AF_PACKET socket of its own (see
+// nativeReader), or, where that does not apply, through libpcap
+// (gopacket/pcap) and a ring that a C thread fills (see ringReader). It
+// also finds the interfaces and local addresses to capture on. Everything
+// cgo is here; callers see plain Go types.
 //
 // A Handle's Read must be called from one goroutine; Stats and Close may be
 // called from any goroutine, at any time.
@@ -77,7 +79,7 @@ func (o *Options) withDefaults() Options {
 	return r
 }
 
-// Stats are libpcap's counters for one handle.
+// Stats are the kernel's (or libpcap's) counters for one handle.
 type Stats struct {
 	Received     uint64 // frames that passed the filter
 	Dropped      uint64 // frames dropped by the kernel because the buffer was full
@@ -88,8 +90,9 @@ type Stats struct {
 type Handle struct {
 	name     string
 	linkType packet.LinkType
-	h        *pcap.Handle
-	ring     *ringReader // nil: frames are read one by one through gopacket
+	h        *pcap.Handle  // nil with native
+	native   *nativeReader // the kernel's ring, read in place (see nativeReader)
+	ring     *ringReader   // libpcap through a C thread; both nil: frames are read one by one through gopacket
 
 	mu     sync.Mutex // guards closed and h against use after Close by Stats
 	closed bool
@@ -100,6 +103,13 @@ type Handle struct {
 // in the kernel by opts.Filter.
 func Open(iface string, opts *Options) (*Handle, error) {
 	o := opts.withDefaults()
+	if useNative && o.Gather > 0 {
+		r, err := openNative(iface, o)
+		if err == nil {
+			return &Handle{name: iface, linkType: linkTypeNative, native: r}, nil
+		}
+		nativeOnce.Do(func() { log.Printf("capture on %s: through libpcap: %v", iface, err) })
+	}
 	in, err := pcap.NewInactiveHandle(iface)
 	if err != nil {
 		return nil, fmt.Errorf("capture on %s: %w", iface, err)
@@ -145,10 +155,11 @@ func Open(iface string, opts *Options) (*Handle, error) {
 	return c, nil
 }
 
-var ringOnce sync.Once
+var ringOnce, nativeOnce sync.Once
 
-// useRing is false only in tests of the fallback: gopacket's own reads.
-var useRing = true
+// useRing and useNative are false only in tests of the fallbacks: libpcap
+// through the ring, and gopacket's own reads.
+var useRing, useNative = true, true
 
 // Name returns the interface's name.
 func (c *Handle) Name() string { return c.name }
@@ -161,6 +172,13 @@ func (c *Handle) LinkType() packet.LinkType { return c.linkType }
 // origLen is the frame's length on the wire. Read returns ErrTimeout when no
 // frame came within the read timeout, and ErrClosed after Close.
 func (c *Handle) Read() (data []byte, ts time.Time, origLen int, err error) {
+	if c.native != nil {
+		data, ts, origLen, err = c.native.read()
+		if errors.Is(err, ErrFailed) {
+			err = fmt.Errorf("read from %s: %w", c.name, err)
+		}
+		return data, ts, origLen, err
+	}
 	if c.ring != nil {
 		data, ts, origLen, err = c.ring.read()
 		if errors.Is(err, ErrFailed) {
@@ -183,12 +201,20 @@ func (c *Handle) Read() (data []byte, ts time.Time, origLen int, err error) {
 	return nil, time.Time{}, 0, fmt.Errorf("read from %s: %w: %v", c.name, ErrFailed, err)
 }
 
-// Stats returns libpcap's counters, or an error once the handle is closed.
+// Stats returns the handle's counters since it was opened, or an error
+// once the handle is closed.
 func (c *Handle) Stats() (Stats, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return Stats{}, ErrClosed
+	}
+	if c.native != nil {
+		s, err := c.native.readStats()
+		if err != nil {
+			return Stats{}, fmt.Errorf("stats of %s: %w", c.name, err)
+		}
+		return s, nil
 	}
 	if c.ring != nil {
 		s, err := c.ring.stats() // (libpcap is not thread-safe: between two dispatches)
@@ -211,6 +237,10 @@ func (c *Handle) Close() {
 	defer c.mu.Unlock()
 	if !c.closed {
 		c.closed = true
+		if c.native != nil {
+			c.native.close()
+			return
+		}
 		if c.ring != nil {
 			c.ring.close()
 		}

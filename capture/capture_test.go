@@ -107,25 +107,41 @@ func sinkConn(t *testing.T, ln net.Listener) net.Conn {
 	return c
 }
 
-// TestRingReadLoopback reads real frames of a loopback TCP connection
-// through the ring reader, in block mode and in immediate mode, and through
-// gopacket's reads (the fallback), and checks that Close wakes a waiting
-// Read.
-func TestRingReadLoopback(t *testing.T) {
+// TestReadLoopback reads real frames of a loopback TCP connection through
+// each reader: native (block mode), libpcap through the ring (block mode
+// when native is off, and immediate mode), and gopacket's reads (the last
+// fallback); and checks that Close wakes a waiting Read.
+func TestReadLoopback(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("live capture needs root")
 	}
-	for _, gather := range []time.Duration{DefaultGather, 20 * time.Millisecond, 0} {
-		t.Run(fmt.Sprintf("gather=%v", gather), func(t *testing.T) { testRingRead(t, gather, true) })
+	for _, gather := range []time.Duration{DefaultGather, 20 * time.Millisecond} {
+		t.Run(fmt.Sprintf("native/gather=%v", gather), func(t *testing.T) { testRead(t, gather, "native") })
 	}
+	t.Run("ring/gather=5ms", func(t *testing.T) {
+		useNative = false
+		defer func() { useNative = true }()
+		testRead(t, DefaultGather, "ring")
+	})
+	t.Run("ring/immediate", func(t *testing.T) { testRead(t, 0, "ring") })
 	t.Run("gopacket", func(t *testing.T) {
 		useRing = false
 		defer func() { useRing = true }()
-		testRingRead(t, 0, false)
+		testRead(t, 0, "gopacket")
 	})
 }
 
-func testRingRead(t *testing.T, gather time.Duration, ring bool) {
+func (c *Handle) reader() string {
+	switch {
+	case c.native != nil:
+		return "native"
+	case c.ring != nil:
+		return "ring"
+	}
+	return "gopacket"
+}
+
+func testRead(t *testing.T, gather time.Duration, reader string) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -136,8 +152,8 @@ func testRingRead(t *testing.T, gather time.Duration, ring bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if (h.ring != nil) != ring {
-		t.Fatalf("ring reader in use: %v, want %v", h.ring != nil, ring)
+	if h.reader() != reader {
+		t.Fatalf("reading through %s, want %s", h.reader(), reader)
 	}
 	start := time.Now()
 	c := sinkConn(t, ln)

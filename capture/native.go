@@ -1,0 +1,299 @@
+package capture
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/google/gopacket/layers"
+	"github.com/google/gopacket/pcap"
+	"golang.org/x/sys/unix"
+
+	"github.com/m-lab/packet-headers/packet"
+)
+
+// nativeBlockSize is the size of a block of the kernel's ring: as libpcap
+// makes them, a few hundred small frames.
+const nativeBlockSize = 256 << 10
+
+// sllOffset is where the sockaddr_ll of a frame begins, after its
+// tpacket3_hdr (TPACKET_ALIGN(sizeof(struct tpacket3_hdr))); its packet
+// type is 10 bytes in.
+const sllOffset = 48
+
+// nativeReader reads a capture straight from the TPACKET_V3 ring of an
+// AF_PACKET socket of its own: the kernel fills blocks of frames in memory
+// it shares with the process and hands a block over when it is full or
+// Gather old; the reader walks the block's frames in place and gives it
+// back. There is no copy, no thread and no cgo or system call while frames
+// flow, and one wake-up per block: the reader waits in Go's network poller
+// on the socket itself, which the kernel makes readable when it hands a
+// block over. (The ring reader, which needs a C thread to call libpcap,
+// costs a wake-up of that thread, a copy of every frame and a wake-up of
+// the Go reader per block; this one costs the last alone.)
+//
+// libpcap still compiles the filter (pcap_compile, through gopacket);
+// Open falls back to libpcap's own capture when the interface is not an
+// Ethernet or loopback one, or when Gather is zero (immediate delivery).
+// Like libpcap, it puts back VLAN tags the kernel took out, and drops the
+// outgoing copy of each loopback frame (the incoming one follows).
+type nativeReader struct {
+	fd       int
+	file     *os.File // the socket, in Go's poller
+	rc       syscall.RawConn
+	m        *mapping
+	ring     []byte
+	blocks   int
+	cur      int  // the block being read, or waited for
+	owned    bool // the kernel handed cur over: its frames are being read
+	left     int  // frames of cur not read yet
+	off      int  // offset in cur of the next frame
+	loopback bool
+	ifindex  int
+	ifname   string
+	timeout  time.Duration
+	vlan     []byte // a frame with its VLAN tag put back
+	closed   atomic.Bool
+	stats    Stats // accumulated (the kernel's counters reset when read); guarded by Handle.mu
+}
+
+// mapping is the ring's memory, unmapped once, by the reader once it knows
+// of Close, or by a cleanup once the reader is unreachable (a handle
+// closed by the goroutine that read it is not read again).
+type mapping struct {
+	once sync.Once
+	mem  []byte
+}
+
+func (m *mapping) release() { m.once.Do(func() { unix.Munmap(m.mem) }) }
+
+// openNative opens a native capture on iface, or says why it cannot.
+func openNative(iface string, o Options) (*nativeReader, error) {
+	ifc, err := net.InterfaceByName(iface)
+	if err != nil {
+		return nil, err
+	}
+	insns, err := pcap.CompileBPFFilter(layers.LinkTypeEthernet, o.Snaplen, o.Filter)
+	if err != nil {
+		return nil, fmt.Errorf("filter %q: %w", o.Filter, err)
+	}
+	// No protocol yet: the socket takes frames only once bound, filtered.
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socket: %w", err)
+	}
+	var ring []byte
+	fail := func(what string, err error) (*nativeReader, error) {
+		if ring != nil {
+			unix.Munmap(ring)
+		}
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	prog := make([]unix.SockFilter, len(insns))
+	for i, in := range insns {
+		prog[i] = unix.SockFilter{Code: in.Code, Jt: in.Jt, Jf: in.Jf, K: in.K}
+	}
+	if len(prog) == 0 {
+		return fail("filter", errors.New("empty program"))
+	}
+	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}); err != nil {
+		return fail("attach filter", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_VERSION, unix.TPACKET_V3); err != nil {
+		return fail("TPACKET_V3", err)
+	}
+	blocks := max(o.BufferSize/nativeBlockSize, 2)
+	req := unix.TpacketReq3{Block_size: nativeBlockSize, Block_nr: uint32(blocks), Frame_size: nativeBlockSize, Frame_nr: uint32(blocks),
+		Retire_blk_tov: uint32(max(o.Gather.Milliseconds(), 1))}
+	if err := unix.SetsockoptTpacketReq3(fd, unix.SOL_PACKET, unix.PACKET_RX_RING, &req); err != nil {
+		return fail("ring", err)
+	}
+	if ring, err = unix.Mmap(fd, 0, blocks*nativeBlockSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err != nil {
+		return fail("mmap", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifc.Index}); err != nil {
+		return fail("bind", err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return fail("getsockname", err)
+	}
+	ll, ok := sa.(*unix.SockaddrLinklayer)
+	if !ok || ll.Hatype != unix.ARPHRD_ETHER && ll.Hatype != unix.ARPHRD_LOOPBACK {
+		return fail("link", fmt.Errorf("%s is not an Ethernet or loopback interface", iface))
+	}
+	file := os.NewFile(uintptr(fd), "packet-"+iface)
+	if err := file.SetReadDeadline(time.Time{}); err != nil { // the poller took it
+		file.Close()
+		unix.Munmap(ring)
+		return nil, fmt.Errorf("socket not pollable: %w", err)
+	}
+	rc, err := file.SyscallConn()
+	if err != nil {
+		file.Close()
+		unix.Munmap(ring)
+		return nil, err
+	}
+	r := &nativeReader{fd: fd, file: file, rc: rc, m: &mapping{mem: ring}, ring: ring, blocks: blocks,
+		loopback: ll.Hatype == unix.ARPHRD_LOOPBACK, ifindex: ifc.Index, ifname: iface, timeout: o.ReadTimeout,
+		vlan: make([]byte, o.Snaplen+4)}
+	runtime.AddCleanup(r, (*mapping).release, r.m)
+	return r, nil
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// desc returns the header of block i.
+func (r *nativeReader) desc(i int) *unix.TpacketHdrV1 {
+	// struct tpacket_block_desc: version, offset_to_priv, then the header.
+	return (*unix.TpacketHdrV1)(unsafe.Pointer(&r.ring[i*nativeBlockSize+8]))
+}
+
+// ready reports whether the kernel handed the current block over.
+func (r *nativeReader) ready() bool {
+	return atomic.LoadUint32(&r.desc(r.cur).Block_status)&unix.TP_STATUS_USER != 0
+}
+
+// read returns the next frame; see Handle.Read. The frame's bytes stay in
+// the ring until the next read, which gives its block back when it is done.
+func (r *nativeReader) read() ([]byte, time.Time, int, error) {
+	for {
+		if r.closed.Load() {
+			r.m.release()
+			return nil, time.Time{}, 0, ErrClosed
+		}
+		if r.left > 0 {
+			base := r.cur * nativeBlockSize
+			h := (*unix.Tpacket3Hdr)(unsafe.Pointer(&r.ring[base+r.off]))
+			frame := r.off
+			r.left--
+			r.off += int(h.Next_offset)
+			start, end := frame+int(h.Mac), frame+int(h.Mac)+int(h.Snaplen)
+			if end > nativeBlockSize || frame+sllOffset+11 > nativeBlockSize {
+				r.left = 0 // not a block the kernel wrote: skip it
+				continue
+			}
+			if r.loopback && r.ring[base+frame+sllOffset+10] == unix.PACKET_OUTGOING {
+				continue // its incoming copy follows
+			}
+			data := r.ring[base+start : base+end : base+end]
+			origLen := int(h.Len)
+			if h.Status&unix.TP_STATUS_VLAN_VALID != 0 && len(data) >= 12 {
+				data, origLen = r.withTag(data, h), origLen+4
+			}
+			return data, time.Unix(int64(h.Sec), int64(h.Nsec)), origLen, nil
+		}
+		if r.owned { // every frame of the block was read: give it back
+			atomic.StoreUint32(&r.desc(r.cur).Block_status, unix.TP_STATUS_KERNEL)
+			r.cur = (r.cur + 1) % r.blocks
+			r.owned = false
+		}
+		if r.ready() {
+			d := r.desc(r.cur)
+			r.owned, r.left, r.off = true, int(d.Num_pkts), int(d.Offset_to_first_pkt)
+			continue
+		}
+		if err := r.wait(); err != nil {
+			if errors.Is(err, ErrClosed) {
+				r.m.release()
+			}
+			return nil, time.Time{}, 0, err
+		}
+	}
+}
+
+// withTag returns the frame with the VLAN tag the kernel took out of it put
+// back after the MAC addresses, as libpcap does.
+func (r *nativeReader) withTag(data []byte, h *unix.Tpacket3Hdr) []byte {
+	tpid := uint16(0x8100)
+	if h.Status&unix.TP_STATUS_VLAN_TPID_VALID != 0 {
+		tpid = h.Hv1.Vlan_tpid
+	}
+	out := r.vlan[:len(data)+4]
+	copy(out, data[:12])
+	out[12], out[13] = byte(tpid>>8), byte(tpid)
+	out[14], out[15] = byte(h.Hv1.Vlan_tci>>8), byte(h.Hv1.Vlan_tci)
+	copy(out[16:], data[12:])
+	return out
+}
+
+// wait sleeps in Go's poller until the kernel hands a block over, the
+// socket reports an error, or the read timeout passes.
+func (r *nativeReader) wait() error {
+	if err := r.file.SetReadDeadline(time.Now().Add(r.timeout)); err != nil {
+		return ErrClosed
+	}
+	woken := false
+	var failed error
+	err := r.rc.Read(func(uintptr) bool {
+		if r.ready() {
+			return true
+		}
+		if woken { // readable without a block: the socket has an error
+			if failed = r.sockErr(); failed != nil {
+				return true
+			}
+		}
+		woken = true
+		return false
+	})
+	switch {
+	case failed != nil:
+		return failed
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return ErrTimeout
+	case err != nil:
+		return ErrClosed
+	}
+	return nil
+}
+
+// sockErr reads (and clears) the socket's error. The kernel reports an
+// interface that went down, or away, as ENETDOWN: one that is only down
+// is waited out (capture resumes when it is up), one that is gone fails
+// the capture, to be opened again.
+func (r *nativeReader) sockErr() error {
+	e, err := unix.GetsockoptInt(r.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	switch {
+	case err != nil:
+		return fmt.Errorf("%w: %v", ErrFailed, err)
+	case e == 0:
+		return nil
+	case e == int(unix.ENETDOWN):
+		if ifc, err := net.InterfaceByIndex(r.ifindex); err == nil && ifc.Name == r.ifname {
+			return nil
+		}
+		return fmt.Errorf("%w: interface %s is gone", ErrFailed, r.ifname)
+	}
+	return fmt.Errorf("%w: %v", ErrFailed, unix.Errno(e))
+}
+
+// readStats adds the kernel's counters since the last call to the totals.
+// Handle.mu serializes it with close.
+func (r *nativeReader) readStats() (Stats, error) {
+	s, err := unix.GetsockoptTpacketStatsV3(r.fd, unix.SOL_PACKET, unix.PACKET_STATISTICS)
+	if err != nil {
+		return Stats{}, err
+	}
+	r.stats.Received += uint64(s.Packets)
+	r.stats.Dropped += uint64(s.Drops)
+	return r.stats, nil
+}
+
+// close closes the socket; a waiting read returns ErrClosed, and the ring
+// is unmapped by the reader's next read (or by the cleanup).
+func (r *nativeReader) close() {
+	r.closed.Store(true)
+	r.file.Close()
+}
+
+// linkTypeNative is the link type of every native capture.
+const linkTypeNative = packet.LinkTypeEthernet
