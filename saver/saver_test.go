@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/gopacket/layers"
 	"github.com/google/gopacket/pcapgo"
+	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/packet"
 )
@@ -299,5 +300,35 @@ func TestBigFlow(t *testing.T) {
 		return ""
 	}(); msg != "" {
 		t.Errorf("big flow: %s", msg)
+	}
+}
+
+// TestWritev writes through the raw slot and, while it is taken, the usual
+// way: both write every buffer (empty ones too) and report errors.
+func TestWritev(t *testing.T) {
+	s := &Saver{raw: make(chan struct{}, 1)}
+	for _, taken := range []bool{false, true} {
+		if taken {
+			s.raw <- struct{}{}
+		}
+		f, err := os.CreateTemp(t.TempDir(), "w")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var vec []unix.Iovec
+		n, err := s.writev(int(f.Fd()), [][]byte{[]byte("abc"), {}, []byte("defg")}, &vec)
+		if err != nil || n != 7 {
+			t.Errorf("raw slot taken: %v: wrote %d, %v", taken, n, err)
+		}
+		if got, _ := os.ReadFile(f.Name()); string(got) != "abcdefg" {
+			t.Errorf("raw slot taken: %v: file holds %q", taken, got)
+		}
+		f.Close()
+		if _, err := s.writev(int(f.Fd()), [][]byte{[]byte("x")}, &vec); err == nil {
+			t.Errorf("raw slot taken: %v: a write to a closed descriptor succeeded", taken)
+		}
+		if len(s.raw) != map[bool]int{false: 0, true: 1}[taken] {
+			t.Errorf("raw slot taken: %v: the slot holds %d after the writes", taken, len(s.raw))
+		}
 	}
 }
