@@ -60,6 +60,7 @@ type nativeReader struct {
 	ifname   string
 	timeout  time.Duration
 	vlan     []byte // a frame with its VLAN tag put back
+	down     bool   // the socket said the interface went down: is it gone?
 	closed   atomic.Bool
 	stats    Stats // accumulated (the kernel's counters reset when read); guarded by Handle.mu
 }
@@ -249,6 +250,17 @@ func (r *nativeReader) wait() error {
 	case failed != nil:
 		return failed
 	case errors.Is(err, os.ErrDeadlineExceeded):
+		// Go's poller forgets readiness that came before this wait: an
+		// error reported then is read now. And an interface deleted after
+		// it went down leaves no word in the socket.
+		if err := r.sockErr(); err != nil {
+			return err
+		}
+		if r.down {
+			if err := r.gone(); err != nil {
+				return err
+			}
+		}
 		return ErrTimeout
 	case err != nil:
 		return ErrClosed
@@ -256,10 +268,22 @@ func (r *nativeReader) wait() error {
 	return nil
 }
 
+// gone fails the capture if its interface no longer exists, and stops
+// asking once it is up again.
+func (r *nativeReader) gone() error {
+	ifc, err := net.InterfaceByIndex(r.ifindex)
+	if err != nil || ifc.Name != r.ifname {
+		return fmt.Errorf("%w: interface %s is gone", ErrFailed, r.ifname)
+	}
+	r.down = ifc.Flags&net.FlagUp == 0
+	return nil
+}
+
 // sockErr reads (and clears) the socket's error. The kernel reports an
-// interface that went down, or away, as ENETDOWN: one that is only down
-// is waited out (capture resumes when it is up), one that is gone fails
-// the capture, to be opened again.
+// interface that went down as ENETDOWN, and says nothing more if it is then
+// deleted: one that is only down is waited out (capture resumes when it is
+// up), one that is gone, now or at a later read timeout, fails the capture,
+// to be opened again.
 func (r *nativeReader) sockErr() error {
 	e, err := unix.GetsockoptInt(r.fd, unix.SOL_SOCKET, unix.SO_ERROR)
 	switch {
@@ -268,10 +292,8 @@ func (r *nativeReader) sockErr() error {
 	case e == 0:
 		return nil
 	case e == int(unix.ENETDOWN):
-		if ifc, err := net.InterfaceByIndex(r.ifindex); err == nil && ifc.Name == r.ifname {
-			return nil
-		}
-		return fmt.Errorf("%w: interface %s is gone", ErrFailed, r.ifname)
+		r.down = true
+		return r.gone()
 	}
 	return fmt.Errorf("%w: %v", ErrFailed, unix.Errno(e))
 }

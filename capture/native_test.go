@@ -2,9 +2,11 @@ package capture
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"testing"
 	"time"
 	"unsafe"
@@ -192,5 +194,59 @@ func BenchmarkNativeRead(b *testing.B) {
 		if r.left == 0 { // play the kernel: hand the other block over again
 			r.desc(1 - r.cur).Block_status = unix.TP_STATUS_USER
 		}
+	}
+}
+
+// TestNativeInterfaceGone: a capture whose interface is deleted fails (to be
+// opened again), whether the interface was deleted at once or went down
+// first (the socket then hears only of the down); one that is only down
+// times out until it is up again.
+func TestNativeInterfaceGone(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	for _, downFirst := range []bool{false, true} {
+		t.Run(fmt.Sprintf("down first: %v", downFirst), func(t *testing.T) {
+			name := fmt.Sprintf("phgone%d", os.Getpid()%10000)
+			ip := func(args ...string) {
+				if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+					t.Fatalf("ip %v: %v\n%s", args, err, out)
+				}
+			}
+			ip("link", "add", name, "type", "veth", "peer", "name", name+"p") // (no dummy module in some kernels)
+			t.Cleanup(func() { exec.Command("ip", "link", "del", name).Run() })
+			ip("link", "set", name, "up")
+			ip("link", "set", name+"p", "up")
+			h, err := Open(name, &Options{Filter: "tcp", ReadTimeout: 50 * time.Millisecond, Gather: DefaultGather})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer h.Close()
+			if h.reader() != "native" {
+				t.Fatalf("reader %s", h.reader())
+			}
+			if downFirst {
+				ip("link", "set", name, "down")
+				for i := 0; i < 3; i++ { // down only: read timeouts
+					if _, _, _, err := h.Read(); err != ErrTimeout {
+						t.Fatalf("read while down: %v, want ErrTimeout", err)
+					}
+				}
+				if !h.native.down {
+					t.Error("the reader did not hear that the interface went down")
+				}
+			}
+			ip("link", "del", name)
+			deadline := time.Now().Add(2 * time.Second)
+			for {
+				_, _, _, err := h.Read()
+				if errors.Is(err, ErrFailed) {
+					break
+				}
+				if err != ErrTimeout || time.Now().After(deadline) {
+					t.Fatalf("read after the interface was deleted: %v, want ErrFailed", err)
+				}
+			}
+		})
 	}
 }
