@@ -35,7 +35,8 @@
 //
 // A Demuxer belongs to the goroutine that reads its capture: Packet and
 // Tick must be called from that goroutine only. Packet decodes into a reused
-// struct, looks the flow up in a map keyed by a comparable value, copies the
+// struct, looks the flow up (the previous packet's flow first, then a map
+// keyed by a comparable value), copies the
 // headers once and counts outcomes in local fields: it allocates only when
 // a flow starts or a chunk fills, takes no lock and makes no syscall. Tick
 // does the per-flow work (naming, timeouts) and publishes the counters:
@@ -210,10 +211,14 @@ type Demuxer struct {
 	// or a tenth at a time.
 	waiting, settled []*flow
 	waitSweep, sweep sweep
-	c                counters
-	pub              counters // what was published already
-	m                resolvedMetrics
-	spill            int // a named flow's records are handed to the saver once it holds this many bytes
+	// last is the flow of the previous packet: packets come in runs of
+	// one flow (a bulk transfer, a block of the ring), which then skip the
+	// map's hashing and probing.
+	last  *flow
+	c     counters
+	pub   counters // what was published already
+	m     resolvedMetrics
+	spill int // a named flow's records are handed to the saver once it holds this many bytes
 }
 
 type resolvedMetrics struct {
@@ -275,7 +280,10 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	k, srcIsA := p.Key()
 	tsn := ts.UnixNano()
 	pureSYN := p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
-	f := d.flows[k]
+	f := d.last
+	if f == nil || f.key != k {
+		f = d.flows[k]
+	}
 	if f != nil && pureSYN && (!f.syn || f.synSeq != p.Seq) {
 		d.remove(f) // a new connection on the 4-tuple of an old one
 		f = nil
@@ -285,6 +293,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 			return
 		}
 	}
+	d.last = f
 	f.last = tsn
 	if p.Flags&packet.FlagFIN != 0 {
 		if srcIsA {
@@ -449,6 +458,9 @@ func (d *Demuxer) remove(f *flow) {
 	}
 	d.untrack(f)
 	delete(d.flows, f.key)
+	if d.last == f {
+		d.last = nil
+	}
 	d.o.Limits.active.Add(-1)
 }
 
@@ -584,12 +596,13 @@ type Source interface {
 func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
 	defer d.Close()
 	var lastTick time.Time
+	nextTick := int64(0) // by packet time, in unix nanoseconds
 	for {
 		data, ts, origLen, err := src.Read()
 		switch {
 		case err == nil:
 			d.Packet(data, ts, origLen)
-			if ts.Sub(lastTick) < TickInterval {
+			if ts.UnixNano() < nextTick {
 				continue
 			}
 		case errors.Is(err, capture.ErrTimeout):
@@ -604,5 +617,6 @@ func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) e
 			d.Tick(now)
 			lastTick = now
 		}
+		nextTick = lastTick.UnixNano() + int64(TickInterval)
 	}
 }

@@ -411,8 +411,14 @@ func TestPacketSteadyStateDoesNotAllocate(t *testing.T) {
 }
 
 // BenchmarkPacket measures the per-packet path: decode, flow lookup, header
-// copy and netblock anonymization, for 1000 interleaved flows.
+// copy and netblock anonymization, for 1000 interleaved flows, and for runs
+// of 100 packets of each (as a bulk transfer gives).
 func BenchmarkPacket(b *testing.B) {
+	b.Run("interleaved", func(b *testing.B) { benchmarkPacket(b, 1) })
+	b.Run("runs", func(b *testing.B) { benchmarkPacket(b, 100) })
+}
+
+func benchmarkPacket(b *testing.B, run int) {
 	sv, _ := saver.New(saver.Options{Dir: b.TempDir()})
 	tbl := names.New(nil)
 	d := New(Options{Interface: "bench", LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
@@ -430,7 +436,7 @@ func BenchmarkPacket(b *testing.B) {
 	i := 0
 	for b.Loop() {
 		at = at.Add(time.Microsecond)
-		d.Packet(frames[i%1000], at, 1454)
+		d.Packet(frames[i/run%1000], at, 1454)
 		i++
 		if i%1000 == 0 {
 			for _, f := range d.flows {
@@ -558,5 +564,26 @@ func TestSpill(t *testing.T) {
 		if err := tcp.DecodeFromBytes(p[34:], gopacket.NilDecodeFeedback); err != nil || tcp.Seq != uint32(i) {
 			t.Fatalf("packet %d of the file: seq %d (%v), want %d", i, tcp.Seq, err, i)
 		}
+	}
+}
+
+// TestEndedFlowForgotten: once a flow has ended, a packet of its 4-tuple
+// starts a new flow (the previous packet's flow is not reused).
+func TestEndedFlowForgotten(t *testing.T) {
+	h := newHarness(t, nil)
+	c := newConn(7000, 1)
+	h.open(0, "first", c)
+	h.packet(0, c.syn(t))
+	h.packet(time.Millisecond, c.synack(t))
+	h.tick(31 * time.Second) // idle past -flowtimeout: ended
+	if h.d.Flows() != 0 {
+		t.Fatalf("%d flows after the timeout", h.d.Flows())
+	}
+	h.packet(32*time.Second, c.data(t, true, 10))
+	if h.d.Flows() != 1 || h.d.Counts().Flows != 2 {
+		t.Errorf("%d flows tracked, %d started; want the late packet to start a second flow", h.d.Flows(), h.d.Counts().Flows)
+	}
+	if got := len(h.file("first")); got != 2 {
+		t.Errorf("the first flow's file has %d packets, want its 2", got)
 	}
 }
