@@ -49,11 +49,10 @@ func readAll(t *testing.T, h *Handle) (frames [][]byte, stamps []time.Time) {
 	}
 }
 
-// TestNativeMatchesLibpcap captures one loopback connection with the native
-// reader and with libpcap at once: both see the same frames, byte for byte
-// (each loopback frame once, not its outgoing copy too), with timestamps a
-// few microseconds apart at most (each socket reads the clock itself).
-func TestNativeMatchesLibpcap(t *testing.T) {
+// rootListener skips the test unless it runs as root (live capture), and
+// listens on a loopback port for the test's connections.
+func rootListener(t *testing.T) (net.Listener, int) {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("live capture needs root")
 	}
@@ -61,8 +60,17 @@ func TestNativeMatchesLibpcap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	o := &Options{Filter: fmt.Sprintf("tcp port %d", ln.Addr().(*net.TCPAddr).Port), ReadTimeout: 300 * time.Millisecond, Gather: DefaultGather}
+	t.Cleanup(func() { ln.Close() })
+	return ln, ln.Addr().(*net.TCPAddr).Port
+}
+
+// TestNativeMatchesLibpcap captures one loopback connection with the native
+// reader and with libpcap at once: both see the same frames, byte for byte
+// (each loopback frame once, not its outgoing copy too), with timestamps a
+// few microseconds apart at most (each socket reads the clock itself).
+func TestNativeMatchesLibpcap(t *testing.T) {
+	ln, port := rootListener(t)
+	o := &Options{Filter: fmt.Sprintf("tcp port %d", port), ReadTimeout: 300 * time.Millisecond, Gather: DefaultGather}
 	native, err := Open("lo", o)
 	if err != nil {
 		t.Fatal(err)
@@ -104,15 +112,8 @@ func TestNativeMatchesLibpcap(t *testing.T) {
 // read, the kernel drops frames and Stats says so; reading then goes on
 // with the frames that fitted, and later ones.
 func TestNativeDrops(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("live capture needs root")
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	h, err := Open("lo", &Options{Filter: fmt.Sprintf("tcp port %d", ln.Addr().(*net.TCPAddr).Port),
+	ln, port := rootListener(t)
+	h, err := Open("lo", &Options{Filter: fmt.Sprintf("tcp port %d", port),
 		ReadTimeout: 300 * time.Millisecond, Gather: time.Millisecond, BufferSize: 1})
 	if err != nil {
 		t.Fatal(err)
