@@ -234,12 +234,12 @@ func (r *nativeReader) wait() error {
 	}
 	woken := false
 	var failed error
-	err := r.rc.Read(func(uintptr) bool {
+	err := r.rc.Read(func(fd uintptr) bool {
 		if r.ready() {
 			return true
 		}
 		if woken { // readable without a block: the socket has an error
-			if failed = r.sockErr(); failed != nil {
+			if failed = r.sockErr(int(fd)); failed != nil {
 				return true
 			}
 		}
@@ -252,9 +252,14 @@ func (r *nativeReader) wait() error {
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		// Go's poller forgets readiness that came before this wait: an
 		// error reported then is read now. And an interface deleted after
-		// it went down leaves no word in the socket.
-		if err := r.sockErr(); err != nil {
-			return err
+		// it went down leaves no word in the socket. (Control: the socket
+		// may be closed meanwhile, and its number reused.)
+		var failed error
+		if err := r.rc.Control(func(fd uintptr) { failed = r.sockErr(int(fd)) }); err != nil {
+			return ErrClosed
+		}
+		if failed != nil {
+			return failed
 		}
 		if r.down {
 			if err := r.gone(); err != nil {
@@ -284,8 +289,8 @@ func (r *nativeReader) gone() error {
 // deleted: one that is only down is waited out (capture resumes when it is
 // up), one that is gone, now or at a later read timeout, fails the capture,
 // to be opened again.
-func (r *nativeReader) sockErr() error {
-	e, err := unix.GetsockoptInt(r.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+func (r *nativeReader) sockErr(fd int) error {
+	e, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
 	switch {
 	case err != nil:
 		return fmt.Errorf("%w: %v", ErrFailed, err)
