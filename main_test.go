@@ -30,6 +30,7 @@ func TestParse(t *testing.T) {
 		{"negative sigtermwait", append([]string{"-sigtermwait", "-1s"}, ok...), nil, "sigtermwait"},
 		{"tiny maxheadersize", append([]string{"-maxheadersize", "20"}, ok...), nil, "maxheadersize"},
 		{"negative maxflows", append([]string{"-maxflows", "-3"}, ok...), nil, "maxflows"},
+		{"negative maxprocs", append([]string{"-maxprocs", "-1"}, ok...), nil, "maxprocs"},
 		{"negative batch delay", append([]string{"-capture.batchdelay", "-5ms"}, ok...), nil, "capture.batchdelay"},
 		{"immediate capture", append([]string{"-capture.batchdelay", "0"}, ok...), nil, ""},
 		{"tiny capture buffer", append([]string{"-capture.buffersize", "1KB"}, ok...), nil, "capture.buffersize"},
@@ -72,6 +73,25 @@ func TestParse(t *testing.T) {
 				t.Errorf("the reason is not one line: %q", err)
 			}
 		})
+	}
+	// -maxprocs: one by default; Go's default with -compress or an
+	// explicit GOMAXPROCS, unless -maxprocs is given.
+	for _, tt := range []struct {
+		args []string
+		env  string
+		want int
+	}{
+		{nil, "", 1}, {[]string{"-compress"}, "", 0}, {nil, "4", 0},
+		{[]string{"-compress", "-maxprocs", "2"}, "", 2}, {[]string{"-maxprocs", "3"}, "4", 3},
+	} {
+		t.Setenv("GOMAXPROCS", tt.env)
+		if tt.env == "" {
+			os.Unsetenv("GOMAXPROCS")
+		}
+		var c config
+		if err := parse(tt.args, &c, nil); err != nil || c.maxProcs != tt.want {
+			t.Errorf("%v with GOMAXPROCS=%q: -maxprocs %d (%v), want %d", tt.args, tt.env, c.maxProcs, err, tt.want)
+		}
 	}
 	var c config
 	if err := parse([]string{"-tcpinfo.eventsocket=x", "-interface=a", "-interface=b"}, &c, nil); err != nil || len(c.interfaces) != 2 {

@@ -86,9 +86,10 @@ type Saver struct {
 	// ending together (a shutdown, the end of an offline input) would
 	// otherwise park thousands of threads on the data directory's lock.
 	io chan struct{}
-	// raw is the one slot for a raw write (see rawWritev); nil when Go
-	// runs on one processor, which a raw write would hold.
-	raw chan struct{}
+	// raw is the one slot for a raw write (see rawWritev); nil where
+	// writes may wait on more than this machine's memory and disks.
+	raw    chan struct{}
+	rawOff atomic.Bool // a raw write was slow: writes are made the usual way
 }
 
 // New prepares the data directory: it creates it and its partial directory,
@@ -104,7 +105,7 @@ func New(opts Options) (*Saver, error) {
 	s := &Saver{dir: dir, partial: filepath.Join(dir, PartialDir), snaplen: opts.Snaplen,
 		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent, compress: opts.Compress,
 		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0)))}
-	if runtime.GOMAXPROCS(0) > 1 {
+	if localFS(dir) {
 		s.raw = make(chan struct{}, 1)
 	}
 	if err := os.MkdirAll(s.partial, 0o755); err != nil {
@@ -448,11 +449,19 @@ const iovMax = 1024
 // system-call bookkeeping; vec is scratch space for raw writes.
 func (s *Saver) writev(fd int, bufs [][]byte, vec *[]unix.Iovec) (int, error) {
 	write := unix.Writev
-	select {
-	case s.raw <- struct{}{}: // never ready when s.raw is nil
-		defer func() { <-s.raw }()
-		write = func(fd int, bufs [][]byte) (int, error) { return rawWritev(fd, bufs, vec) }
-	default:
+	if !s.rawOff.Load() {
+		select {
+		case s.raw <- struct{}{}: // never ready when s.raw is nil
+			start := time.Now()
+			defer func() {
+				<-s.raw
+				if d := time.Since(start); d > slowRawWrite && !s.rawOff.Swap(true) {
+					log.Printf("saver: a write took %v: writing the usual way from now on", d.Round(time.Millisecond))
+				}
+			}()
+			write = func(fd int, bufs [][]byte) (int, error) { return rawWritev(fd, bufs, vec) }
+		default:
+		}
 	}
 	total := 0
 	for len(bufs) > 0 {
@@ -480,15 +489,22 @@ func (s *Saver) writev(fd int, bufs [][]byte, vec *[]unix.Iovec) (int, error) {
 	return total, nil
 }
 
+// slowRawWrite is how long a raw write may take before writes are made
+// the usual way for good. A variable for tests only.
+var slowRawWrite = 100 * time.Millisecond
+
 // rawWritev is writev(2) without Go's system-call bookkeeping. That
 // bookkeeping wakes the runtime's monitor thread (sysmon) whenever it
-// sleeps, and sysmon then polls every 20 µs until Go is idle again: in the
-// lab each 256 KiB write of a long flow cost about ten extra context
-// switches, 15% of the daemon's CPU on this VM. A raw write keeps its
-// processor (P) while the kernel copies into the page cache (well under a
-// millisecond; at worst a dirty-page throttling pause), which is why only
-// one writer at a time may write raw, and none when Go has one P: the
-// demuxers always keep the others.
+// sleeps, and sysmon then polls every 20 µs for a millisecond or more: in
+// the lab each 256 KiB write of a long flow cost tens of context switches,
+// 15-20% of the daemon's CPU on this VM. A raw write keeps its processor
+// (P) while the kernel copies into the page cache, well under a
+// millisecond; with one P (-maxprocs) the capture waits meanwhile, its
+// frames held in the kernel's buffer. So: one raw writer at a time; only
+// on a local filesystem (ext4, XFS, btrfs, tmpfs, overlayfs), whose
+// buffered writes wait on nothing but memory and the dirty-page throttle
+// (a pause of at most 200 ms); and never again once one has taken longer
+// than slowRawWrite (a disk that cannot keep up).
 func rawWritev(fd int, bufs [][]byte, vec *[]unix.Iovec) (int, error) {
 	v := (*vec)[:0]
 	for _, b := range bufs {
@@ -509,6 +525,19 @@ func rawWritev(fd int, bufs [][]byte, vec *[]unix.Iovec) (int, error) {
 		return 0, e
 	}
 	return int(n), nil
+}
+
+// localFS reports whether dir is on a local filesystem (see rawWritev).
+func localFS(dir string) bool {
+	var st unix.Statfs_t
+	if unix.Statfs(dir, &st) != nil {
+		return false
+	}
+	switch st.Type {
+	case unix.EXT4_SUPER_MAGIC, unix.XFS_SUPER_MAGIC, unix.BTRFS_SUPER_MAGIC, unix.TMPFS_MAGIC, unix.OVERLAYFS_SUPER_MAGIC:
+		return true
+	}
+	return false
 }
 
 // renameNoReplace renames without replacing an existing file, so that a

@@ -332,3 +332,37 @@ func TestWritev(t *testing.T) {
 		}
 	}
 }
+
+// TestRawWriteRules: raw writes only on a local filesystem, and never again
+// after a slow one.
+func TestRawWriteRules(t *testing.T) {
+	if !localFS(t.TempDir()) || localFS("/proc") {
+		t.Errorf("local: the test's directory %v, /proc %v; want true, false", localFS(t.TempDir()), localFS("/proc"))
+	}
+	s, err := New(Options{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.raw == nil {
+		t.Fatal("no raw writes on a local filesystem")
+	}
+	defer func(d time.Duration) { slowRawWrite = d }(slowRawWrite)
+	slowRawWrite = 0 // every write is slow
+	f, err := os.CreateTemp(t.TempDir(), "w")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var vec []unix.Iovec
+	for i := 0; i < 2; i++ {
+		if n, err := s.writev(int(f.Fd()), [][]byte{[]byte("ab")}, &vec); n != 2 || err != nil {
+			t.Fatalf("write %d: %d, %v", i, n, err)
+		}
+		if !s.rawOff.Load() {
+			t.Errorf("after write %d: raw writes still on", i)
+		}
+	}
+	if got, _ := os.ReadFile(f.Name()); string(got) != "abab" {
+		t.Errorf("file holds %q", got)
+	}
+}
