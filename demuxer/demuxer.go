@@ -51,6 +51,7 @@ package demuxer
 
 import (
 	"errors"
+	rtmetrics "runtime/metrics"
 	"sync/atomic"
 	"time"
 
@@ -112,7 +113,11 @@ func (s SaverWriter) Start(uuid string, lt packet.LinkType, first time.Time) Flo
 // Limits bounds the number of flows tracked across all demuxers. The zero
 // value sets no limit. It is safe for concurrent use.
 type Limits struct {
-	MaxFlows   int64 // 0 means unlimited
+	MaxFlows int64 // 0 means unlimited
+	// MaxHeap, when not zero, is compared with the heap's objects (live
+	// and not yet swept) at every Tick of every demuxer: while they exceed
+	// it, no new flow is tracked.
+	MaxHeap    uint64
 	active     atomic.Int64
 	overMemory atomic.Bool
 }
@@ -121,7 +126,7 @@ type Limits struct {
 func (l *Limits) Active() int64 { return l.active.Load() }
 
 // SetOverMemory says whether the heap is above its limit; while it is, no
-// new flow is tracked.
+// new flow is tracked. Tick sets it when MaxHeap is set.
 func (l *Limits) SetOverMemory(over bool) { l.overMemory.Store(over) }
 
 // Options configures a Demuxer.
@@ -218,7 +223,8 @@ type Demuxer struct {
 	c     counters
 	pub   counters // what was published already
 	m     resolvedMetrics
-	spill int // a named flow's records are handed to the saver once it holds this many bytes
+	spill int                // a named flow's records are handed to the saver once it holds this many bytes
+	heap  []rtmetrics.Sample // for Limits.MaxHeap
 }
 
 type resolvedMetrics struct {
@@ -240,7 +246,8 @@ func New(o Options) *Demuxer {
 	if o.MaxHeaderSize <= 0 {
 		o.MaxHeaderSize = 256
 	}
-	d := &Demuxer{o: o, flows: map[packet.Key]*flow{}, spill: SpillBytes}
+	d := &Demuxer{o: o, flows: map[packet.Key]*flow{}, spill: SpillBytes,
+		heap: []rtmetrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}}
 	if o.Stream {
 		d.spill = 0 // every full chunk
 	}
@@ -467,6 +474,10 @@ func (d *Demuxer) remove(f *flow) {
 // Tick names waiting flows, applies the timeouts at time now, and publishes
 // the counters. It is called by Run every TickInterval.
 func (d *Demuxer) Tick(now time.Time) {
+	if l := d.o.Limits; l.MaxHeap > 0 {
+		rtmetrics.Read(d.heap)
+		l.SetOverMemory(d.heap[0].Value.Uint64() > l.MaxHeap)
+	}
 	nowN := now.UnixNano()
 	d.waitSweep.visit(&d.waiting, func(f *flow) bool {
 		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
@@ -595,8 +606,9 @@ type Source interface {
 // Run returns nil when src reports capture.ErrClosed.
 func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
 	defer d.Close()
-	var lastTick time.Time
-	nextTick := int64(0) // by packet time, in unix nanoseconds
+	lastTick := clock()
+	d.Tick(lastTick) // the limits apply from the first packet on
+	nextTick := lastTick.UnixNano() + int64(TickInterval) // by packet time, in unix nanoseconds
 	for {
 		data, ts, origLen, err := src.Read()
 		switch {

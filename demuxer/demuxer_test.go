@@ -587,3 +587,26 @@ func TestEndedFlowForgotten(t *testing.T) {
 		t.Errorf("the first flow's file has %d packets, want its 2", got)
 	}
 }
+
+// TestMaxHeapAtTick: with Limits.MaxHeap set, each Tick compares the heap
+// with it: below, flows start; above, they are refused until a Tick finds
+// the heap below again.
+func TestMaxHeapAtTick(t *testing.T) {
+	h := newHarness(t, nil)
+	a, b := newConn(1000, 1), newConn(1001, 1)
+	h.lim.MaxHeap = 1 << 50
+	h.tick(0)
+	h.packet(1*ms, a.syn(t))
+	h.lim.MaxHeap = 1 // any heap is over it
+	h.tick(100 * ms)
+	h.packet(101*ms, b.syn(t))
+	if h.d.Flows() != 1 || h.d.Counts().MemoryLimit != 1 {
+		t.Errorf("%d flows, %d packets refused for memory; want the first flow alone", h.d.Flows(), h.d.Counts().MemoryLimit)
+	}
+	h.lim.MaxHeap = 1 << 50
+	h.tick(200 * ms)
+	h.packet(201*ms, b.syn(t))
+	if h.d.Flows() != 2 {
+		t.Errorf("%d flows once the heap is below the limit again, want 2", h.d.Flows())
+	}
+}

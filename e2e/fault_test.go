@@ -454,3 +454,59 @@ func statusBytes(pid int, field string) int64 {
 	}
 	return 0
 }
+
+// TestMaxHeap runs a daemon whose -maxheap is below any heap: every new
+// flow is refused and counted, none is written, and the daemon goes on
+// serving; and one with -maxflows 5, which tracks five flows of ten.
+func TestMaxHeap(t *testing.T) {
+	l := newLab(t, 9)
+	l.server(8090)
+	d := &daemon{name: "maxheap"}
+	cmd := l.startDaemon(d, 9990, "-maxheap", "1KB")
+	d2 := &daemon{name: "maxflows"}
+	cmd2 := l.startDaemon(d2, 9991, "-maxflows", "5", "-flowtimeout", "1m")
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for i := 0; i < 10; i++ { // held open: the flows stay tracked
+		c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, 8090).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte("e hi\n"))
+		held = append(held, c)
+	}
+	waitFor(t, 5*time.Second, "the flows to be refused", func() bool {
+		v, _ := metricValue(scrape(d.metrics), `pcap_flows_refused_total{limit="memory_limit"}`)
+		return v >= 10
+	})
+	waitFor(t, 5*time.Second, "-maxflows 5 to refuse the others", func() bool {
+		v, _ := metricValue(scrape(d2.metrics), `pcap_flows_refused_total{limit="flow_limit"}`)
+		return v >= 5
+	})
+	if active, _ := metricValue(scrape(d2.metrics), "pcap_flows_active"); active != 5 {
+		t.Errorf("-maxflows 5: %v flows active", active)
+	}
+	for _, c := range held {
+		c.Close()
+	}
+	held = nil
+	time.Sleep(500 * time.Millisecond)
+	for _, x := range []struct {
+		d   *daemon
+		cmd *exec.Cmd
+	}{{d, cmd}, {d2, cmd2}} {
+		if _, err := stop(t, x.cmd, syscall.SIGTERM, 6*time.Second); err != nil {
+			t.Errorf("%s: %v", x.d.name, err)
+		}
+	}
+	if files := filePorts(t, d.dataDir, 8090); len(files) != 0 {
+		t.Errorf("-maxheap 1KB: %d flows written, want none", len(files))
+	}
+	if files := filePorts(t, d2.dataDir, 8090); len(files) != 5 {
+		t.Errorf("-maxflows 5: %d flows written, want 5", len(files))
+	}
+}

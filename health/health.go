@@ -82,13 +82,17 @@ func (c *Checker) Status(now time.Time) (down, dead []string) {
 
 // Ready serves /readyz.
 func (c *Checker) Ready(w http.ResponseWriter, r *http.Request) {
-	down, _ := c.Status(time.Now())
+	now := time.Now()
+	c.Sample(now)
+	down, _ := c.Status(now)
 	reply(w, len(down) == 0, down)
 }
 
 // Live serves /healthz.
 func (c *Checker) Live(w http.ResponseWriter, r *http.Request) {
-	down, dead := c.Status(time.Now())
+	now := time.Now()
+	c.Sample(now)
+	down, dead := c.Status(now)
 	reply(w, len(dead) == 0, down)
 }
 
