@@ -607,7 +607,7 @@ type Source interface {
 func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
 	defer d.Close()
 	lastTick := clock()
-	d.Tick(lastTick) // the limits apply from the first packet on
+	d.Tick(lastTick)                                      // the limits apply from the first packet on
 	nextTick := lastTick.UnixNano() + int64(TickInterval) // by packet time, in unix nanoseconds
 	for {
 		data, ts, origLen, err := src.Read()
