@@ -606,9 +606,11 @@ type Source interface {
 // Run returns nil when src reports capture.ErrClosed.
 func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
 	defer d.Close()
+	// A first tick, so that the limits apply from the first packet on.
 	lastTick := clock()
-	d.Tick(lastTick)                                      // the limits apply from the first packet on
-	nextTick := lastTick.UnixNano() + int64(TickInterval) // by packet time, in unix nanoseconds
+	d.Tick(lastTick)
+	// The next tick by packet time, in unix nanoseconds.
+	nextTick := lastTick.UnixNano() + int64(TickInterval)
 	for {
 		data, ts, origLen, err := src.Read()
 		switch {
