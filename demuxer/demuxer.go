@@ -284,13 +284,9 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 		return
 	}
 	p := &d.p
-	k, srcIsA := p.Key()
+	f, k, srcIsA := d.lookup(p)
 	tsn := ts.UnixNano()
 	pureSYN := p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
-	f := d.last
-	if f == nil || f.key != k {
-		f = d.flows[k]
-	}
 	if f != nil && pureSYN && (!f.syn || f.synSeq != p.Seq) {
 		d.remove(f) // a new connection on the 4-tuple of an old one
 		f = nil
@@ -351,6 +347,23 @@ func (d *Demuxer) push(f *flow) {
 		f.out = d.o.Writer.Start(f.entry.UUID, d.o.LinkType, time.Unix(0, f.first))
 	}
 	f.out.Push(&f.buf, false)
+}
+
+// lookup returns the flow of a decoded packet (nil if it has none), its
+// key and whether the packet's source is the key's A end. The previous
+// packet's flow is tried first, without building the key (the reverse
+// direction first, as MakeKey orders identical ends).
+func (d *Demuxer) lookup(p *packet.Parsed) (*flow, packet.Key, bool) {
+	if f := d.last; f != nil {
+		if f.key.APort == p.DstPort && f.key.BPort == p.SrcPort && f.key.A == p.Dst && f.key.B == p.Src {
+			return f, f.key, false
+		}
+		if f.key.APort == p.SrcPort && f.key.BPort == p.DstPort && f.key.A == p.Src && f.key.B == p.Dst {
+			return f, f.key, true
+		}
+	}
+	k, srcIsA := p.Key()
+	return d.flows[k], k, srcIsA
 }
 
 // start begins tracking a flow, unless a limit refuses it.
