@@ -218,6 +218,9 @@ func (r *nativeReader) withTag(data []byte, h *unix.Tpacket3Hdr) []byte {
 	if h.Status&unix.TP_STATUS_VLAN_TPID_VALID != 0 {
 		tpid = h.Hv1.Vlan_tpid
 	}
+	if len(data)+4 > len(r.vlan) { // (the filter truncates to the snaplen: never)
+		r.vlan = make([]byte, len(data)+4)
+	}
 	out := r.vlan[:len(data)+4]
 	copy(out, data[:12])
 	out[12], out[13] = byte(tpid>>8), byte(tpid)
