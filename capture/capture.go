@@ -174,7 +174,7 @@ func (c *Handle) LinkType() packet.LinkType { return c.linkType }
 func (c *Handle) Read() (data []byte, ts time.Time, origLen int, err error) {
 	if c.native != nil {
 		data, ts, origLen, err = c.native.read()
-		if errors.Is(err, ErrFailed) {
+		if err != nil && errors.Is(err, ErrFailed) {
 			err = fmt.Errorf("read from %s: %w", c.name, err)
 		}
 		return data, ts, origLen, err
