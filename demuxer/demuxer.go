@@ -34,16 +34,16 @@
 // # Cost model and concurrency
 //
 // A Demuxer belongs to the goroutine that reads its capture: Packet and
-// Tick must be called from that goroutine only. Packet decodes into a reused
-// struct, looks the flow up (the previous packet's flow first, then a map
-// keyed by a comparable value), copies the
-// headers once and counts outcomes in local fields: it allocates only when
-// a flow starts or a chunk fills, takes no lock and makes no syscall. Tick
-// does the per-flow work (naming, timeouts) and publishes the counters:
-// it visits the flows waiting for a UUID, and the others, SweepPerTick at a
-// time, or a tenth of them when there are more, so that with tens of
-// thousands of flows a deadline is applied up to a second late rather than
-// costing a visit of every flow ten times a second. The
+// Tick must be called from that goroutine only. Packet decodes into a
+// reused struct, looks the flow up (the previous packet's flow first, then
+// a map keyed by a comparable value), copies the headers once and counts
+// outcomes in local fields: it allocates only when a flow starts or a chunk
+// fills, takes no lock and makes no syscall. Tick checks the heap against
+// Limits.MaxHeap, does the per-flow work (naming, timeouts) and publishes
+// the counters: it visits the flows waiting for a UUID, and the others,
+// SweepPerTick at a time, or a tenth of them when there are more, so that
+// with tens of thousands of flows a deadline is applied up to a second
+// late rather than costing a visit of every flow ten times a second. The
 // only state shared with other goroutines is the names table (locked per
 // flow, not per packet), the Limits (atomics, per flow) and the saver's
 // flows (locked per chunk).
