@@ -90,11 +90,10 @@ type Stats struct {
 type Handle struct {
 	name     string
 	linkType packet.LinkType
-	h        *pcap.Handle  // nil with native
-	native   *nativeReader // the kernel's ring, read in place (see nativeReader)
-	ring     *ringReader   // libpcap through a C thread; both nil: frames are read one by one through gopacket
+	h        *pcap.Handle // nil with the native reader
+	r        frames       // nil: frames are read one by one through gopacket
 
-	mu     sync.Mutex // guards closed and h against use after Close by Stats
+	mu     sync.Mutex // guards closed, h and r against use after Close by Stats
 	closed bool
 }
 
@@ -106,7 +105,7 @@ func Open(iface string, opts *Options) (*Handle, error) {
 	if useNative && o.Gather > 0 {
 		r, err := openNative(iface, o)
 		if err == nil {
-			return &Handle{name: iface, linkType: linkTypeNative, native: r}, nil
+			return &Handle{name: iface, linkType: linkTypeNative, r: r}, nil
 		}
 		nativeOnce.Do(func() { log.Printf("capture on %s: through libpcap: %v", iface, err) })
 	}
@@ -149,10 +148,20 @@ func Open(iface string, opts *Options) (*Handle, error) {
 	if !useRing {
 		return c, nil
 	}
-	if c.ring, err = newRingReader(h, o.Snaplen, o.ReadTimeout); err != nil {
+	if rr, err := newRingReader(h, o.Snaplen, o.ReadTimeout); err != nil {
 		ringOnce.Do(func() { log.Printf("capture: reading frames one by one through gopacket: %v", err) })
+	} else {
+		c.r = rr
 	}
 	return c, nil
+}
+
+// frames reads frames with no cgo or system call per frame: *nativeReader
+// or *ringReader.
+type frames interface {
+	read() ([]byte, time.Time, int, error) // see Handle.Read
+	stats() (Stats, error)                 // called with Handle.mu held
+	close()                                // called once, with Handle.mu held
 }
 
 var ringOnce, nativeOnce sync.Once
@@ -172,16 +181,9 @@ func (c *Handle) LinkType() packet.LinkType { return c.linkType }
 // origLen is the frame's length on the wire. Read returns ErrTimeout when no
 // frame came within the read timeout, and ErrClosed after Close.
 func (c *Handle) Read() (data []byte, ts time.Time, origLen int, err error) {
-	if c.native != nil {
-		data, ts, origLen, err = c.native.read()
+	if c.r != nil {
+		data, ts, origLen, err = c.r.read()
 		if err != nil && errors.Is(err, ErrFailed) {
-			err = fmt.Errorf("read from %s: %w", c.name, err)
-		}
-		return data, ts, origLen, err
-	}
-	if c.ring != nil {
-		data, ts, origLen, err = c.ring.read()
-		if errors.Is(err, ErrFailed) {
 			err = fmt.Errorf("read from %s: %w", c.name, err)
 		}
 		return data, ts, origLen, err
@@ -209,15 +211,8 @@ func (c *Handle) Stats() (Stats, error) {
 	if c.closed {
 		return Stats{}, ErrClosed
 	}
-	if c.native != nil {
-		s, err := c.native.readStats()
-		if err != nil {
-			return Stats{}, fmt.Errorf("stats of %s: %w", c.name, err)
-		}
-		return s, nil
-	}
-	if c.ring != nil {
-		s, err := c.ring.stats() // (libpcap is not thread-safe: between two dispatches)
+	if c.r != nil {
+		s, err := c.r.stats()
 		if err != nil {
 			return Stats{}, fmt.Errorf("stats of %s: %w", c.name, err)
 		}
@@ -237,14 +232,12 @@ func (c *Handle) Close() {
 	defer c.mu.Unlock()
 	if !c.closed {
 		c.closed = true
-		if c.native != nil {
-			c.native.close()
-			return
+		if c.r != nil {
+			c.r.close() // before the pcap_t it may use
 		}
-		if c.ring != nil {
-			c.ring.close()
+		if c.h != nil {
+			c.h.Close()
 		}
-		c.h.Close()
 	}
 }
 

@@ -132,10 +132,10 @@ func TestReadLoopback(t *testing.T) {
 }
 
 func (c *Handle) reader() string {
-	switch {
-	case c.native != nil:
+	switch c.r.(type) {
+	case *nativeReader:
 		return "native"
-	case c.ring != nil:
+	case *ringReader:
 		return "ring"
 	}
 	return "gopacket"

@@ -62,7 +62,7 @@ type nativeReader struct {
 	vlan     []byte // a frame with its VLAN tag put back
 	down     bool   // the socket said the interface went down: is it gone?
 	closed   atomic.Bool
-	stats    Stats // accumulated (the kernel's counters reset when read); guarded by Handle.mu
+	totals   Stats // accumulated (the kernel's counters reset when read); guarded by Handle.mu
 }
 
 // mapping is the ring's memory, unmapped once, by the reader once it knows
@@ -131,15 +131,8 @@ func openNative(iface string, o Options) (*nativeReader, error) {
 	if !ok || ll.Hatype != unix.ARPHRD_ETHER && ll.Hatype != unix.ARPHRD_LOOPBACK {
 		return fail("link", fmt.Errorf("%s is not an Ethernet or loopback interface", iface))
 	}
-	file := os.NewFile(uintptr(fd), "packet-"+iface)
-	if err := file.SetReadDeadline(time.Time{}); err != nil { // the poller took it
-		file.Close()
-		unix.Munmap(ring)
-		return nil, fmt.Errorf("socket not pollable: %w", err)
-	}
-	rc, err := file.SyscallConn()
+	file, rc, err := pollable(fd, "packet-"+iface)
 	if err != nil {
-		file.Close()
 		unix.Munmap(ring)
 		return nil, err
 	}
@@ -151,6 +144,22 @@ func openNative(iface string, o Options) (*nativeReader, error) {
 }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// pollable puts the non-blocking descriptor fd into Go's network poller,
+// or closes it.
+func pollable(fd int, name string) (*os.File, syscall.RawConn, error) {
+	file := os.NewFile(uintptr(fd), name)
+	if err := file.SetReadDeadline(time.Time{}); err != nil { // the poller did not take it
+		file.Close()
+		return nil, nil, fmt.Errorf("%s not pollable: %w", name, err)
+	}
+	rc, err := file.SyscallConn()
+	if err != nil {
+		file.Close()
+		return nil, nil, err
+	}
+	return file, rc, nil
+}
 
 // desc returns the header of block i.
 func (r *nativeReader) desc(i int) *unix.TpacketHdrV1 {
@@ -306,16 +315,16 @@ func (r *nativeReader) sockErr(fd int) error {
 	return fmt.Errorf("%w: %v", ErrFailed, unix.Errno(e))
 }
 
-// readStats adds the kernel's counters since the last call to the totals.
+// stats adds the kernel's counters since the last call to the totals.
 // Handle.mu serializes it with close.
-func (r *nativeReader) readStats() (Stats, error) {
+func (r *nativeReader) stats() (Stats, error) {
 	s, err := unix.GetsockoptTpacketStatsV3(r.fd, unix.SOL_PACKET, unix.PACKET_STATISTICS)
 	if err != nil {
 		return Stats{}, err
 	}
-	r.stats.Received += uint64(s.Packets)
-	r.stats.Dropped += uint64(s.Drops)
-	return r.stats, nil
+	r.totals.Received += uint64(s.Packets)
+	r.totals.Dropped += uint64(s.Drops)
+	return r.totals, nil
 }
 
 // close closes the socket; a waiting read returns ErrClosed, and the ring

@@ -119,7 +119,7 @@ func TestNativeDrops(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	if h.reader() != "native" || h.native.blocks != 2 {
+	if h.reader() != "native" || h.r.(*nativeReader).blocks != 2 {
 		t.Fatalf("reader %s, want native with two blocks", h.reader())
 	}
 	c := sinkConn(t, ln)
@@ -233,7 +233,7 @@ func TestNativeInterfaceGone(t *testing.T) {
 						t.Fatalf("read while down: %v, want ErrTimeout", err)
 					}
 				}
-				if !h.native.down {
+				if !h.r.(*nativeReader).down {
 					t.Error("the reader did not hear that the interface went down")
 				}
 			}

@@ -280,15 +280,8 @@ func newRingReader(h *pcap.Handle, snaplen int, timeout time.Duration) (*ringRea
 		unix.Close(efd)
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
-	file := os.NewFile(uintptr(efd), "pcap-ring")
-	if err := file.SetReadDeadline(time.Time{}); err != nil {
-		file.Close()
-		unix.Close(stopfd)
-		return nil, fmt.Errorf("eventfd not pollable: %w", err)
-	}
-	rc, err := file.SyscallConn()
+	file, rc, err := pollable(efd, "pcap-ring")
 	if err != nil {
-		file.Close()
 		unix.Close(stopfd)
 		return nil, err
 	}

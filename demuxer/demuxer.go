@@ -619,11 +619,11 @@ type Source interface {
 // Run returns nil when src reports capture.ErrClosed.
 func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
 	defer d.Close()
-	// A first tick, so that the limits apply from the first packet on.
-	lastTick := clock()
-	d.Tick(lastTick)
-	// The next tick by packet time, in unix nanoseconds.
-	nextTick := lastTick.UnixNano() + int64(TickInterval)
+	// A first tick, so that the limits apply from the first packet on;
+	// the next one is due TickInterval later (in unix nanoseconds).
+	now := clock()
+	d.Tick(now)
+	nextTick := now.UnixNano() + int64(TickInterval)
 	for {
 		data, ts, origLen, err := src.Read()
 		switch {
@@ -639,11 +639,9 @@ func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) e
 			onError(err)
 			time.Sleep(TickInterval) // a failing capture must not spin
 		}
-		now := clock()
-		if now.Sub(lastTick) >= TickInterval {
+		if now = clock(); now.UnixNano() >= nextTick {
 			d.Tick(now)
-			lastTick = now
+			nextTick = now.UnixNano() + int64(TickInterval)
 		}
-		nextTick = lastTick.UnixNano() + int64(TickInterval)
 	}
 }

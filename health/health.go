@@ -9,8 +9,9 @@
 //     restart may help (the interface never came back, tcp-info's socket is
 //     gone).
 //
-// Parts are sampled by Sample (the daemon calls it every 100 ms); a probe
-// reads the last sample. A Checker is safe for concurrent use.
+// Parts are sampled by Sample (the daemon calls it every second, which
+// dates a part's going down) and by every probe, which answers from the
+// parts' state at that moment. A Checker is safe for concurrent use.
 package health
 
 import (
@@ -52,6 +53,10 @@ func (c *Checker) Add(name string, up func() bool) {
 func (c *Checker) Sample(now time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.sample(now)
+}
+
+func (c *Checker) sample(now time.Time) {
 	for _, p := range c.parts {
 		up := p.up()
 		if !up && p.isUp {
@@ -61,11 +66,12 @@ func (c *Checker) Sample(now time.Time) {
 	}
 }
 
-// Status returns the parts that are down and the ones down longer than the
-// grace period at time now, sorted.
+// Status samples the parts and returns the ones that are down and the
+// ones down longer than the grace period at time now, sorted.
 func (c *Checker) Status(now time.Time) (down, dead []string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.sample(now)
 	for name, p := range c.parts {
 		if !p.isUp {
 			d := now.Sub(p.downSince).Round(time.Second)
@@ -82,17 +88,13 @@ func (c *Checker) Status(now time.Time) (down, dead []string) {
 
 // Ready serves /readyz.
 func (c *Checker) Ready(w http.ResponseWriter, r *http.Request) {
-	now := time.Now()
-	c.Sample(now)
-	down, _ := c.Status(now)
+	down, _ := c.Status(time.Now())
 	reply(w, len(down) == 0, down)
 }
 
 // Live serves /healthz.
 func (c *Checker) Live(w http.ResponseWriter, r *http.Request) {
-	now := time.Now()
-	c.Sample(now)
-	down, dead := c.Status(now)
+	down, dead := c.Status(time.Now())
 	reply(w, len(dead) == 0, down)
 }
 

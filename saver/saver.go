@@ -448,21 +448,38 @@ const iovMax = 1024
 // writes raw (see rawWritev) when the raw slot is free, else through Go's
 // system-call bookkeeping; vec is scratch space for raw writes.
 func (s *Saver) writev(fd int, bufs [][]byte, vec *[]unix.Iovec) (int, error) {
-	write := unix.Writev
-	if !s.rawOff.Load() {
-		select {
-		case s.raw <- struct{}{}: // never ready when s.raw is nil
-			start := time.Now()
-			defer func() {
-				<-s.raw
-				if d := time.Since(start); d > slowRawWrite && !s.rawOff.Swap(true) {
-					log.Printf("saver: a write took %v: writing the usual way from now on", d.Round(time.Millisecond))
-				}
-			}()
-			write = func(fd int, bufs [][]byte) (int, error) { return rawWritev(fd, bufs, vec) }
-		default:
-		}
+	if s.takeRaw() {
+		defer s.giveRaw(time.Now())
+		return writeAll(fd, bufs, func(fd int, b [][]byte) (int, error) { return rawWritev(fd, b, vec) })
 	}
+	return writeAll(fd, bufs, unix.Writev)
+}
+
+// takeRaw takes the raw slot if raw writes are allowed and it is free.
+func (s *Saver) takeRaw() bool {
+	if s.rawOff.Load() {
+		return false
+	}
+	select {
+	case s.raw <- struct{}{}: // never ready when s.raw is nil
+		return true
+	default:
+		return false
+	}
+}
+
+// giveRaw gives the raw slot back after a write that began at start, and
+// turns raw writes off for good if it was slow.
+func (s *Saver) giveRaw(start time.Time) {
+	<-s.raw
+	if d := time.Since(start); d > slowRawWrite && !s.rawOff.Swap(true) {
+		log.Printf("saver: a write took %v: writing the usual way from now on", d.Round(time.Millisecond))
+	}
+}
+
+// writeAll writes all of bufs with write, a writev, IOV_MAX buffers at a
+// time and again after a short write.
+func writeAll(fd int, bufs [][]byte, write func(int, [][]byte) (int, error)) (int, error) {
 	total := 0
 	for len(bufs) > 0 {
 		n, err := write(fd, bufs[:min(len(bufs), iovMax)])
