@@ -48,7 +48,7 @@ const DefaultGather = 5 * time.Millisecond
 type Options struct {
 	Snaplen     int           // bytes captured per frame; default 256
 	BufferSize  int           // kernel ring size in bytes; default 8 MiB
-	ReadTimeout time.Duration // longest a Read blocks without a packet; default 100ms
+	ReadTimeout time.Duration // longest a Read blocks without a packet on an idle capture (else BusyTimeout); default 100ms
 	// Gather is the longest a frame waits in the kernel's buffer so that
 	// frames are read in batches: the kernel fills blocks of frames and
 	// wakes the reader when one is full or this old, one wake-up for many
@@ -179,7 +179,8 @@ func (c *Handle) LinkType() packet.LinkType { return c.linkType }
 // Read returns the next frame. The returned bytes are owned by the handle and
 // are valid only until the next call to Read: copy what must outlive it.
 // origLen is the frame's length on the wire. Read returns ErrTimeout when no
-// frame came within the read timeout, and ErrClosed after Close.
+// frame came within the read timeout (BusyTimeout right after frames came,
+// see deadline), and ErrClosed after Close.
 func (c *Handle) Read() (data []byte, ts time.Time, origLen int, err error) {
 	if c.r != nil {
 		data, ts, origLen, err = c.r.read()
@@ -361,4 +362,45 @@ func Filter(local []netip.Addr) string {
 		return "less 0" // matches no frame
 	}
 	return strings.Join(parts, " or ")
+}
+
+// BusyTimeout is how long a read may wait while frames are coming, before
+// a read times out and the capture is idle again; see deadline.
+const BusyTimeout = time.Second
+
+// deadline keeps a poller's read deadline. While frames come, the kernel's
+// block timeout (or each frame, without Gather) wakes the reader anyway,
+// and a deadline ReadTimeout ahead would never be reached: yet Go's monitor
+// thread (sysmon) sleeps only until the earliest timer, however often that
+// timer is pushed back, and waking it costs a context switch (about 40 µs
+// on a virtual machine, a tenth of the daemon's CPU at 50k frames/s). So
+// once a wait ends with frames, the deadline is set BusyTimeout ahead, and
+// moved only when less than half of that is left; once a wait times out,
+// ReadTimeout applies again. A Read therefore returns ErrTimeout at most
+// BusyTimeout after the last frame.
+type deadline struct {
+	idle time.Duration // ReadTimeout
+	busy bool          // the last wait ended with frames
+	at   time.Time     // the deadline set, when busy
+}
+
+// set sets f's deadline for the next wait.
+func (d *deadline) set(f interface{ SetReadDeadline(time.Time) error }) error {
+	now := time.Now()
+	if !d.busy {
+		return f.SetReadDeadline(now.Add(d.idle))
+	}
+	if d.at.Sub(now) >= BusyTimeout/2 {
+		return nil
+	}
+	d.at = now.Add(BusyTimeout)
+	return f.SetReadDeadline(d.at)
+}
+
+// woke records how the wait ended: with frames, or timed out.
+func (d *deadline) woke(frames bool) {
+	d.busy = frames
+	if !frames {
+		d.at = time.Time{}
+	}
 }

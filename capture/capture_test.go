@@ -285,3 +285,46 @@ func TestRingFull(t *testing.T) {
 		t.Errorf("stats %+v, %v: the kernel dropped frames", s, err)
 	}
 }
+
+// deadlineRecorder records the deadlines set on it.
+type deadlineRecorder struct{ set []time.Time }
+
+func (r *deadlineRecorder) SetReadDeadline(t time.Time) error {
+	r.set = append(r.set, t)
+	return nil
+}
+
+func TestDeadline(t *testing.T) {
+	const idle = 100 * time.Millisecond
+	d := deadline{idle: idle}
+	var r deadlineRecorder
+	// ahead checks that the n-th call set a deadline about want ahead.
+	ahead := func(n int, want time.Duration) {
+		t.Helper()
+		if len(r.set) != n {
+			t.Fatalf("%d deadlines set, want %d", len(r.set), n)
+		}
+		if got := time.Until(r.set[n-1]); got > want || got < want-50*time.Millisecond {
+			t.Errorf("deadline %d is %v ahead, want %v", n, got, want)
+		}
+	}
+	d.set(&r) // idle: ReadTimeout ahead, every wait
+	ahead(1, idle)
+	d.woke(false)
+	d.set(&r)
+	ahead(2, idle)
+	d.woke(true) // frames: BusyTimeout ahead, moved only when half is gone
+	d.set(&r)
+	ahead(3, BusyTimeout)
+	d.woke(true)
+	d.set(&r)
+	if len(r.set) != 3 {
+		t.Errorf("a busy wait moved a deadline still %v ahead", time.Until(r.set[2]))
+	}
+	d.at = time.Now().Add(BusyTimeout/2 - time.Millisecond)
+	d.set(&r)
+	ahead(4, BusyTimeout)
+	d.woke(false) // timed out: idle again
+	d.set(&r)
+	ahead(5, idle)
+}

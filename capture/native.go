@@ -58,7 +58,7 @@ type nativeReader struct {
 	loopback bool
 	ifindex  int
 	ifname   string
-	timeout  time.Duration
+	deadline deadline
 	vlan     []byte // a frame with its VLAN tag put back
 	down     bool   // the socket said the interface went down: is it gone?
 	closed   atomic.Bool
@@ -137,7 +137,7 @@ func openNative(iface string, o Options) (*nativeReader, error) {
 		return nil, err
 	}
 	r := &nativeReader{fd: fd, file: file, rc: rc, m: &mapping{mem: ring}, ring: ring, blocks: blocks,
-		loopback: ll.Hatype == unix.ARPHRD_LOOPBACK, ifindex: ifc.Index, ifname: iface, timeout: o.ReadTimeout,
+		loopback: ll.Hatype == unix.ARPHRD_LOOPBACK, ifindex: ifc.Index, ifname: iface, deadline: deadline{idle: o.ReadTimeout},
 		vlan: make([]byte, o.Snaplen+4)}
 	runtime.AddCleanup(r, (*mapping).release, r.m)
 	return r, nil
@@ -239,9 +239,9 @@ func (r *nativeReader) withTag(data []byte, h *unix.Tpacket3Hdr) []byte {
 }
 
 // wait sleeps in Go's poller until the kernel hands a block over, the
-// socket reports an error, or the read timeout passes.
+// socket reports an error, or the read deadline (see deadline) passes.
 func (r *nativeReader) wait() error {
-	if err := r.file.SetReadDeadline(time.Now().Add(r.timeout)); err != nil {
+	if err := r.deadline.set(r.file); err != nil {
 		return ErrClosed
 	}
 	woken := false
@@ -258,6 +258,7 @@ func (r *nativeReader) wait() error {
 		woken = true
 		return false
 	})
+	r.deadline.woke(err == nil && failed == nil)
 	switch {
 	case failed != nil:
 		return failed

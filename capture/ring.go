@@ -228,15 +228,15 @@ type recHeader struct {
 // ringReader needs its pcap_t, which gopacket keeps unexported (see
 // pcapOf). The ring's memory is Go memory, pinned while the thread runs.
 type ringReader struct {
-	mem     []byte // control block, then data
-	r       *C.struct_ph_ring
-	data    []byte
-	mask    uint64
-	pin     runtime.Pinner
-	efd     *os.File // the eventfd, in Go's poller
-	rc      syscall.RawConn
-	timeout time.Duration
-	nano    bool
+	mem      []byte // control block, then data
+	r        *C.struct_ph_ring
+	data     []byte
+	mask     uint64
+	pin      runtime.Pinner
+	efd      *os.File // the eventfd, in Go's poller
+	rc       syscall.RawConn
+	deadline deadline
+	nano     bool
 
 	pos      uint64 // the next record; what is before it is consumed once read is called again
 	released uint64 // the head last given back to the thread
@@ -285,7 +285,7 @@ func newRingReader(h *pcap.Handle, snaplen int, timeout time.Duration) (*ringRea
 		unix.Close(stopfd)
 		return nil, err
 	}
-	rr := &ringReader{mem: make([]byte, C.PH_CTRL+ringSize), mask: uint64(ringSize - 1), efd: file, rc: rc, timeout: timeout,
+	rr := &ringReader{mem: make([]byte, C.PH_CTRL+ringSize), mask: uint64(ringSize - 1), efd: file, rc: rc, deadline: deadline{idle: timeout},
 		nano: C.pcap_get_tstamp_precision(p) == C.PCAP_TSTAMP_PRECISION_NANO}
 	rr.pin.Pin(&rr.mem[0])
 	rr.r = (*C.struct_ph_ring)(unsafe.Pointer(&rr.mem[0]))
@@ -365,7 +365,7 @@ func (rr *ringReader) take() ([]byte, time.Time, int) {
 }
 
 // wait sleeps in Go's poller until the thread published frames (or failed
-// or stopped), or the read timeout passed.
+// or stopped), or the read deadline (see deadline) passed.
 func (rr *ringReader) wait() error {
 	switch atomic.LoadInt32(rr.state()) {
 	case C.PH_FAILED:
@@ -379,7 +379,7 @@ func (rr *ringReader) wait() error {
 		atomic.StoreInt32(rr.waiting(), 0)
 		return nil
 	}
-	if err := rr.efd.SetReadDeadline(time.Now().Add(rr.timeout)); err != nil {
+	if err := rr.deadline.set(rr.efd); err != nil {
 		return ErrClosed
 	}
 	var buf [8]byte
@@ -389,6 +389,7 @@ func (rr *ringReader) wait() error {
 		_, _, e := unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), 8)
 		return e != unix.EAGAIN
 	})
+	rr.deadline.woke(err == nil)
 	switch {
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		return ErrTimeout
