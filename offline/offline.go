@@ -254,8 +254,10 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		return sum, err
 	}
 
-	var clock time.Time // the packets' time
-	table := names.New(&names.Options{TTL: max(o.CaptureDuration, o.FlowTimeout) + o.UUIDWait, Now: func() time.Time { return clock }})
+	// The packets' clock, in Unix nanoseconds: the latest timestamp read.
+	var clock int64
+	now := func() time.Time { return time.Unix(0, clock) }
+	table := names.New(&names.Options{TTL: max(o.CaptureDuration, o.FlowTimeout) + o.UUIDWait, Now: now})
 	anon := anonymize.New(o.Anonymize, local)
 	var namer demuxer.Namer = table
 	if o.Events == "" {
@@ -273,8 +275,8 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		}
 		return d
 	}
-	apply := func(until time.Time, all bool) {
-		for len(evs) > 0 && (all || !evs[0].Timestamp.After(until)) {
+	apply := func(all bool) {
+		for len(evs) > 0 && (all || evs[0].Timestamp.UnixNano() <= clock) {
 			e := evs[0]
 			if e.Open {
 				table.Open(e.Timestamp, e.UUID, packet.KeyFromAddrPorts(e.Local, e.Remote), "eventsocket", e.Cookie)
@@ -286,11 +288,15 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	}
 
 	var readErr error
-	var lastTick, lastSweep time.Time
+	var lastTick, lastSweep int64
 	lastProgress := time.Now()
 	var n uint64
 	lastGood := int64(0)
-	for ctx.Err() == nil {
+	var last struct { // the last packet's interface and demuxer
+		ifc int
+		d   *demuxer.Demuxer
+	}
+	for n&1023 != 0 || ctx.Err() == nil {
 		data, ci, err := rd.ZeroCopyReadPacketData()
 		if errors.Is(err, io.EOF) {
 			break
@@ -301,17 +307,20 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		}
 		n++
 		lastGood = offset()
-		if ci.Timestamp.After(clock) {
-			clock = ci.Timestamp
+		if ts := ci.Timestamp.UnixNano(); ts > clock {
+			clock = ts
 		}
-		apply(clock, false)
-		get(ci.InterfaceIndex).Packet(data, ci.Timestamp, ci.Length)
-		if clock.Sub(lastTick) >= demuxer.TickInterval {
+		apply(false)
+		if last.d == nil || ci.InterfaceIndex != last.ifc {
+			last.ifc, last.d = ci.InterfaceIndex, get(ci.InterfaceIndex)
+		}
+		last.d.Packet(data, ci.Timestamp, ci.Length)
+		if clock-lastTick >= int64(demuxer.TickInterval) {
 			for _, d := range demuxers {
-				d.Tick(clock)
+				d.Tick(now())
 			}
 			lastTick = clock
-			if clock.Sub(lastSweep) >= time.Second {
+			if clock-lastSweep >= int64(time.Second) {
 				table.Sweep()
 				lastSweep = clock
 			}
@@ -319,15 +328,15 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		if o.Progress != nil && n%4096 == 0 && time.Since(lastProgress) >= time.Second {
 			lastProgress = time.Now()
 			files, _, _ := sv.Written()
-			fmt.Fprintf(o.Progress, "\r%d packets, %d files, at %s ", n, files, clock.UTC().Format(time.RFC3339))
+			fmt.Fprintf(o.Progress, "\r%d packets, %d files, at %s ", n, files, now().UTC().Format(time.RFC3339))
 		}
 	}
 	if o.Progress != nil && n >= 4096 {
 		fmt.Fprintln(o.Progress)
 	}
-	apply(clock, true)
+	apply(true)
 	for _, d := range demuxers {
-		d.Tick(clock)
+		d.Tick(now())
 		d.Close()
 	}
 	sv.Wait()
