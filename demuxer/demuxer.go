@@ -9,8 +9,9 @@
 //     flow is not tracked). Its headers are copied once into the flow's
 //     chunked buffer, anonymized there, and never contain a payload byte.
 //   - The flow claims its UUID from the names table: at its first packet,
-//     then at every tick (100 ms; every second when over ten thousand flows
-//     wait, as in a SYN flood) until it has one. The announcement may
+//     then at every tick (every 100 ms, and at most a second after the last
+//     packet when the traffic stops; every second when over ten thousand
+//     flows wait, as in a SYN flood) until it has one. The announcement may
 //     have come before or after the first packet. If no UUID comes within
 //     -uuidwaitduration of the first packet, the buffered headers are
 //     dropped and later packets of the flow are discarded cheaply (counted
@@ -65,6 +66,8 @@ import (
 )
 
 // TickInterval is how often, in packet or wall-clock time, Run calls Tick.
+// (When the traffic stops, the next tick may come up to capture.BusyTimeout
+// after the last packet, then every TickInterval.)
 const TickInterval = 100 * time.Millisecond
 
 // SweepPerTick is how many flows waiting for a UUID, and how many others,
@@ -80,8 +83,8 @@ const SweepPerTick = 1000
 const SpillBytes = 256 << 10
 
 // LateAllowance is how much later than its capture timestamp a packet may
-// reach the demuxer (libpcap hands packets over in blocks, retired at the
-// latest after the read timeout). Clock-driven deadlines that would drop
+// reach the demuxer (the kernel hands packets over in blocks, retired at
+// the latest after -capture.batchdelay, at most a second). Clock-driven deadlines that would drop
 // packets wait this much longer.
 const LateAllowance = time.Second
 
