@@ -287,7 +287,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 		return
 	}
 	p := &d.p
-	f, k, srcIsA := d.lookup(p)
+	f, srcIsA := d.lookup(p)
 	tsn := ts.UnixNano()
 	pureSYN := p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
 	if f != nil && pureSYN && (!f.syn || f.synSeq != p.Seq) {
@@ -295,6 +295,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 		f = nil
 	}
 	if f == nil {
+		k, _ := p.Key()
 		if f = d.start(k, tsn, pureSYN, p.Seq); f == nil {
 			return
 		}
@@ -313,7 +314,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	if f.st == waiting && !f.lookedUp && p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagACK && d.o.Lookup != nil {
 		f.lookedUp = true
-		d.o.Lookup(k)
+		d.o.Lookup(f.key)
 	}
 	switch f.st {
 	case finished:
@@ -352,21 +353,22 @@ func (d *Demuxer) push(f *flow) {
 	f.out.Push(&f.buf, false)
 }
 
-// lookup returns the flow of a decoded packet (nil if it has none), its
-// key and whether the packet's source is the key's A end. The previous
+// lookup returns the flow of a decoded packet (nil if it has none) and
+// whether the packet's source is the flow key's A end. The previous
 // packet's flow is tried first, without building the key (the reverse
-// direction first, as MakeKey orders identical ends).
-func (d *Demuxer) lookup(p *packet.Parsed) (*flow, packet.Key, bool) {
+// direction first, as MakeKey orders identical ends). It returns no key:
+// a copy of one, just built with stores of other widths, stalled the CPU.
+func (d *Demuxer) lookup(p *packet.Parsed) (*flow, bool) {
 	if f := d.last; f != nil {
 		if f.key.APort == p.DstPort && f.key.BPort == p.SrcPort && f.key.A == p.Dst && f.key.B == p.Src {
-			return f, f.key, false
+			return f, false
 		}
 		if f.key.APort == p.SrcPort && f.key.BPort == p.DstPort && f.key.A == p.Src && f.key.B == p.Dst {
-			return f, f.key, true
+			return f, true
 		}
 	}
 	k, srcIsA := p.Key()
-	return d.flows[k], k, srcIsA
+	return d.flows[k], srcIsA
 }
 
 // start begins tracking a flow, unless a limit refuses it.

@@ -1,6 +1,9 @@
 package packet
 
-import "net/netip"
+import (
+	"encoding/binary"
+	"net/netip"
+)
 
 // Key identifies a TCP connection independently of the direction of the
 // packet it was made from: the endpoint that sorts lower is always A. It is a
@@ -35,11 +38,14 @@ func KeyFromAddrPorts(a, b netip.AddrPort) Key {
 	return k
 }
 
+// less orders endpoints by address bytes, then port: the addresses are
+// compared as two big-endian words each.
 func less(a *[16]byte, aPort uint16, b *[16]byte, bPort uint16) bool {
-	for i := range a {
-		if a[i] != b[i] {
-			return a[i] < b[i]
-		}
+	if x, y := binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(b[:8]); x != y {
+		return x < y
+	}
+	if x, y := binary.BigEndian.Uint64(a[8:]), binary.BigEndian.Uint64(b[8:]); x != y {
+		return x < y
 	}
 	return aPort < bPort
 }

@@ -1,7 +1,9 @@
 package packet
 
 import (
+	"bytes"
 	"encoding/binary"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"testing"
@@ -230,4 +232,26 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("inconsistent offsets: %+v", p)
 		}
 	})
+}
+
+// TestLess: endpoints are ordered by address bytes, then port, as
+// bytes.Compare orders the addresses.
+func TestLess(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for i := 0; i < 100000; i++ {
+		var a, b [16]byte
+		for j := range a {
+			a[j] = byte(rng.IntN(3)) // few values: many equal prefixes
+			b[j] = byte(rng.IntN(3))
+		}
+		if i%4 == 0 {
+			b = a
+		}
+		ap, bp := uint16(rng.IntN(3)), uint16(rng.IntN(3))
+		c := bytes.Compare(a[:], b[:])
+		want := c < 0 || c == 0 && ap < bp
+		if got := less(&a, ap, &b, bp); got != want {
+			t.Fatalf("less(%x:%d, %x:%d) = %v, want %v", a, ap, b, bp, got, want)
+		}
+	}
 }
