@@ -364,8 +364,9 @@ func Filter(local []netip.Addr) string {
 	return strings.Join(parts, " or ")
 }
 
-// BusyTimeout is how long a read may wait while frames are coming, before
-// a read times out and the capture is idle again; see deadline.
+// BusyTimeout is how long a read may wait while frames are coming (or the
+// read timeout, if longer), before a read times out and the capture is idle
+// again; see deadline.
 const BusyTimeout = time.Second
 
 // deadline keeps a poller's read deadline. While frames come, the kernel's
@@ -390,10 +391,11 @@ func (d *deadline) set(f interface{ SetReadDeadline(time.Time) error }) error {
 	if !d.busy {
 		return f.SetReadDeadline(now.Add(d.idle))
 	}
-	if d.at.Sub(now) >= BusyTimeout/2 {
+	busy := max(BusyTimeout, d.idle)
+	if d.at.Sub(now) >= busy/2 {
 		return nil
 	}
-	d.at = now.Add(BusyTimeout)
+	d.at = now.Add(busy)
 	return f.SetReadDeadline(d.at)
 }
 

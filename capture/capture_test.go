@@ -298,33 +298,38 @@ func TestDeadline(t *testing.T) {
 	const idle = 100 * time.Millisecond
 	d := deadline{idle: idle}
 	var r deadlineRecorder
-	// ahead checks that the n-th call set a deadline about want ahead.
-	ahead := func(n int, want time.Duration) {
+	// set calls d.set and checks that the n-th deadline was then set,
+	// want ahead (0: none set).
+	set := func(n int, want time.Duration) {
 		t.Helper()
+		before := time.Now()
+		d.set(&r)
+		after := time.Now()
 		if len(r.set) != n {
 			t.Fatalf("%d deadlines set, want %d", len(r.set), n)
 		}
-		if got := time.Until(r.set[n-1]); got > want || got < want-50*time.Millisecond {
-			t.Errorf("deadline %d is %v ahead, want %v", n, got, want)
+		if got := r.set[n-1]; want > 0 && (got.Before(before.Add(want)) || got.After(after.Add(want))) {
+			t.Errorf("deadline %d is %v ahead, want %v", n, got.Sub(before), want)
 		}
 	}
-	d.set(&r) // idle: ReadTimeout ahead, every wait
-	ahead(1, idle)
+	set(1, idle) // idle: ReadTimeout ahead, every wait
 	d.woke(false)
-	d.set(&r)
-	ahead(2, idle)
+	set(2, idle)
 	d.woke(true) // frames: BusyTimeout ahead, moved only when half is gone
-	d.set(&r)
-	ahead(3, BusyTimeout)
+	set(3, BusyTimeout)
 	d.woke(true)
-	d.set(&r)
-	if len(r.set) != 3 {
-		t.Errorf("a busy wait moved a deadline still %v ahead", time.Until(r.set[2]))
-	}
+	set(3, 0)
 	d.at = time.Now().Add(BusyTimeout/2 - time.Millisecond)
-	d.set(&r)
-	ahead(4, BusyTimeout)
+	set(4, BusyTimeout)
 	d.woke(false) // timed out: idle again
-	d.set(&r)
-	ahead(5, idle)
+	set(5, idle)
+
+	long := deadline{idle: 3 * BusyTimeout} // a read timeout longer than BusyTimeout stays
+	long.woke(true)
+	r.set = nil
+	before := time.Now()
+	long.set(&r)
+	if len(r.set) != 1 || r.set[0].Before(before.Add(3*BusyTimeout)) {
+		t.Errorf("busy deadline %v with a read timeout of %v", r.set, long.idle)
+	}
 }
