@@ -84,8 +84,8 @@ const SpillBytes = 256 << 10
 
 // LateAllowance is how much later than its capture timestamp a packet may
 // reach the demuxer (the kernel hands packets over in blocks, retired at
-// the latest after -capture.batchdelay, at most a second). Clock-driven deadlines that would drop
-// packets wait this much longer.
+// the latest after -capture.batchdelay, at most a second). Clock-driven
+// deadlines that would drop packets wait this much longer.
 const LateAllowance = time.Second
 
 // Namer gives flows their UUIDs. *names.Table implements it.
