@@ -215,6 +215,7 @@ type fakeConn struct {
 	replies [][]byte
 	wake    chan struct{}
 	closed  chan struct{}
+	once    sync.Once // Close may be called twice at once (RunLookups's deferred close and its context's)
 	sends   int
 	onSend  func() // called after each Send, before the replies are made
 }
@@ -281,11 +282,7 @@ func (f *fakeConn) Receive(buf []byte) (int, error) {
 }
 
 func (f *fakeConn) Close() error {
-	select {
-	case <-f.closed:
-	default:
-		close(f.closed)
-	}
+	f.once.Do(func() { close(f.closed) })
 	return nil
 }
 

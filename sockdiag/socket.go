@@ -17,6 +17,7 @@ type Conn interface {
 	// Receive reads one datagram into buf. After Close it returns an error
 	// wrapping os.ErrClosed.
 	Receive(buf []byte) (int, error)
+	// Close may be called more than once, also concurrently.
 	Close() error
 }
 
