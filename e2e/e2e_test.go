@@ -536,8 +536,7 @@ func (tm *timing) check(t *testing.T, what string) {
 	if len(tm.deltas) == 0 {
 		return
 	}
-	s := append([]time.Duration(nil), tm.deltas...)
-	sort.Slice(s, func(a, b int) bool { return s[a] < s[b] })
+	s := sortedDurations(tm.deltas)
 	late := len(s) - sort.Search(len(s), func(i int) bool { return s[i] > timestampTolerance })
 	median, max := s[len(s)/2], s[len(s)-1]
 	t.Logf("%s: timestamps of %d packets: median %v from the reference, max %v, %d beyond %v", what, len(s), median, max, late, timestampTolerance)

@@ -258,22 +258,26 @@ func offlineThroughput(b *testing.B, l *lab) row {
 		floors = append(floors, fileFloor(b, filepath.Join(out, "floor"), files, size/files))
 		os.RemoveAll(filepath.Join(out, "floor"))
 	}
-	median := func(ds []time.Duration) time.Duration {
-		s := append([]time.Duration(nil), ds...)
-		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-		return s[len(s)/2]
+	// The median and the range of each series.
+	spread := func(ds []time.Duration) (time.Duration, string) {
+		s := sortedDurations(ds)
+		return s[len(s)/2], fmt.Sprintf("%v to %v", s[0].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond))
 	}
-	rng := func(ds []time.Duration) string {
-		s := append([]time.Duration(nil), ds...)
-		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-		return fmt.Sprintf("%v to %v", s[0].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond))
-	}
-	o, t, f := median(ours), median(theirs), median(floors)
+	o, oRange := spread(ours)
+	t, tRange := spread(theirs)
+	f, fRange := spread(floors)
 	return row{fmt.Sprintf("5. offline, 1M packets in 10k flows, one core, output on tmpfs, median of %d runs", rounds),
 		fmt.Sprintf("%.2f M packets/s (%v CPU, %s; the file system's floor is %v, %s: creating, writing and renaming %d files of %d bytes from a tight loop; %.2f M packets/s for the rest)",
-			packets/o.Seconds()/1e6, o.Round(time.Millisecond), rng(ours), f.Round(time.Millisecond), rng(floors), files, size/files, packets/max(o-f, time.Millisecond).Seconds()/1e6),
-		fmt.Sprintf("%.2f M packets/s (%v CPU, %s)", packets/t.Seconds()/1e6, t.Round(time.Millisecond), rng(theirs)),
+			packets/o.Seconds()/1e6, o.Round(time.Millisecond), oRange, f.Round(time.Millisecond), fRange, files, size/files, packets/max(o-f, time.Millisecond).Seconds()/1e6),
+		fmt.Sprintf("%.2f M packets/s (%v CPU, %s)", packets/t.Seconds()/1e6, t.Round(time.Millisecond), tRange),
 		fmt.Sprintf("%.2f", t.Seconds()/o.Seconds())}
+}
+
+// sortedDurations returns a sorted copy of ds.
+func sortedDurations(ds []time.Duration) []time.Duration {
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s
 }
 
 // fileFloor returns the CPU time that creating, writing and renaming n

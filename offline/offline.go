@@ -296,7 +296,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		ifc int
 		d   *demuxer.Demuxer
 	}
-	for n&1023 != 0 || ctx.Err() == nil {
+	for n&1023 != 0 || ctx.Err() == nil { // the context, every 1024 packets
 		data, ci, err := rd.ZeroCopyReadPacketData()
 		if errors.Is(err, io.EOF) {
 			break
