@@ -212,7 +212,16 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		c.local = append(c.local, a.Unmap())
 	}
 	if c.uuidPrefixFile != "" {
-		if err := uuid.SetUUIDPrefixFile(c.uuidPrefixFile); err != nil {
+		// The prefix begins every kernel-named flow's file name: one that
+		// cannot (a trailing newline, a '/') is refused here, not flow by flow.
+		prefix, err := os.ReadFile(c.uuidPrefixFile)
+		if err == nil {
+			err = names.CheckUUID(string(prefix) + "_0000000000000000")
+		}
+		if err == nil {
+			err = uuid.SetUUIDPrefixFile(c.uuidPrefixFile)
+		}
+		if err != nil {
 			return fmt.Errorf("-uuid-prefix-file: %w", err)
 		}
 	}

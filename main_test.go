@@ -12,6 +12,17 @@ import (
 	"time"
 )
 
+// writeFile writes content to a new file and returns its path.
+func writeFile(t *testing.T, content string) string {
+	f, err := os.CreateTemp(t.TempDir(), "file")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(content)
+	f.Close()
+	return f.Name()
+}
+
 func TestParse(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "file")
 	os.WriteFile(file, nil, 0o644)
@@ -42,6 +53,9 @@ func TestParse(t *testing.T) {
 		{"no UUID source", []string{"-uuid.kernel=false"}, nil, "no UUID source"},
 		{"kernel source alone", nil, nil, ""},
 		{"missing prefix file", []string{"-uuid-prefix-file", "/nonexistent"}, nil, "uuid-prefix-file"},
+		{"prefix with a newline", []string{"-uuid-prefix-file", writeFile(t, "host_1764000000\n")}, nil, "control character"},
+		{"prefix with a slash", []string{"-uuid-prefix-file", writeFile(t, "../host_1764000000")}, nil, "uuid-prefix-file"},
+		{"good prefix", []string{"-uuid-prefix-file", writeFile(t, "host_1764000000")}, nil, ""},
 		{"stray argument", append(ok, "extra"), nil, "unexpected argument"},
 		{"from the environment", nil, map[string]string{"TCPINFO_EVENTSOCKET": "/run/x.sock", "ANONYMIZE_IP": "netblock"}, ""},
 		{"bad value from the environment", ok, map[string]string{"FLOWTIMEOUT": "soon"}, "FLOWTIMEOUT"},

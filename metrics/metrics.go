@@ -98,7 +98,7 @@ var (
 	// WriteErrors counts failed file operations, by operation.
 	WriteErrors = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "pcap_write_errors_total",
-		Help: "Failed file operations, by operation (mkdir, create, write, close, compress, rename).",
+		Help: "Failed file operations, by operation (name: a UUID that is not a plain file name; mkdir, create, write, close, compress, rename).",
 	}, []string{"op"})
 
 	// EventSocketConnected is 1 while connected to tcp-info's eventsocket.

@@ -117,3 +117,35 @@ func TestDataDirRemovedAndReadOnly(t *testing.T) {
 		t.Error("no flow written once the datadir is writable again")
 	}
 }
+
+// TestBadUUIDStaysInside: a flow whose UUID is not a plain file name (a
+// path out of the data directory, say) is not written anywhere and counted
+// as a write error (op "name"); the next flow is saved as usual.
+func TestBadUUIDStaysInside(t *testing.T) {
+	root := t.TempDir()
+	s, err := New(Options{Dir: filepath.Join(root, "data")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("name"))
+	for _, u := range []string{"../../../escaped", "../../../../escaped", "sub/dir", ".partial"} {
+		save(s, u, 3)
+	}
+	save(s, "good", 3)
+	var files []string
+	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
+		if err == nil && info.Mode().IsRegular() {
+			files = append(files, p)
+		}
+		return nil
+	})
+	if want := []string{s.Path("good", t0)}; len(files) != 1 || files[0] != want[0] {
+		t.Errorf("files written: %q, want only %q", files, want)
+	}
+	if got := testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("name")) - errs; got != 4 {
+		t.Errorf("%v name errors counted, want 4", got)
+	}
+	if _, _, failed := s.Written(); failed != 4 {
+		t.Errorf("%d flows failed, want 4", failed)
+	}
+}

@@ -14,9 +14,11 @@
 // A file is written under <dir>/.partial/ and renamed to its final name only
 // when complete (without replacing an existing file), so a pusher that
 // uploads <uuid>.pcap files never sees a partial one, even after a crash;
-// New removes what a crash left in .partial/. On a write error the partial
-// file is removed, the error counted and the flow's data dropped; other
-// flows are unaffected.
+// New removes what a crash left in .partial/. A UUID that is not a plain
+// file name (names.CheckUUID) is refused as a write error of its own
+// ("name"), so nothing is written outside the data directory. On a write
+// error the partial file is removed, the error counted and the flow's data
+// dropped; other flows are unaffected.
 //
 // The file format is classic pcap with nanosecond timestamps (magic
 // 0xa1b23c4d), little-endian, with the snaplen and link type given.
@@ -40,6 +42,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 )
 
@@ -231,6 +234,9 @@ func (f *Flow) run() {
 		iov [][]byte     // reused: one writev per batch of chunks
 		vec []unix.Iovec // reused by raw writes
 	)
+	if nerr := names.CheckUUID(f.uuid); nerr != nil { // never a path out of the data directory
+		op, err = "name", nerr
+	}
 	for {
 		<-f.wake
 		cs, final := f.next()

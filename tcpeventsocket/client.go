@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/names"
 )
 
 // Handler receives events. Its methods are called from the client's
@@ -74,8 +75,9 @@ type Parsed struct {
 }
 
 // ParseLine decodes one event line. An unknown event type is an error
-// wrapping ErrUnknownType; invalid JSON, a missing UUID and an Open without a
-// valid ID are errors wrapping ErrMalformed.
+// wrapping ErrUnknownType; invalid JSON, a missing UUID, a UUID that is not
+// a plain file name (see names.CheckUUID) and an Open without a valid ID are
+// errors wrapping ErrMalformed.
 func ParseLine(line []byte) (Parsed, error) {
 	var ev event
 	if err := json.Unmarshal(line, &ev); err != nil {
@@ -83,6 +85,9 @@ func ParseLine(line []byte) (Parsed, error) {
 	}
 	if ev.Event == nil || ev.UUID == "" {
 		return Parsed{}, fmt.Errorf("%w: no Event or UUID", ErrMalformed)
+	}
+	if err := names.CheckUUID(ev.UUID); err != nil {
+		return Parsed{}, fmt.Errorf("%w: %v", ErrMalformed, err)
 	}
 	switch *ev.Event {
 	case eventClose:

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/names"
 )
 
 type recorder struct {
@@ -161,8 +162,10 @@ func TestServeSkipsBadLines(t *testing.T) {
 		`{"Event":0,"UUID":"x","ID":null}`,                                   // open without ID
 		`{"Event":0,"UUID":"x","ID":{"SrcIP":"bogus","DstIP":"10.0.0.1"}}`,   // bad address
 		`{"Event":1,"Timestamp":"2026-11-25T21:56:48Z","UUID":"","ID":null}`, // no UUID
-		strings.Repeat("x", 10<<20),                                          // a 10 MB line
-		"",                                                                   // empty line
+		`{"Event":0,"Timestamp":"2026-11-25T21:56:47Z","UUID":"../../../../tmp/x","ID":{"SPort":1,"DPort":2,"SrcIP":"10.0.0.1","DstIP":"10.0.0.2"}}`, // a path
+		`{"Event":1,"Timestamp":"2026-11-25T21:56:48Z","UUID":"a/b"}`,                                                                                // a path
+		strings.Repeat("x", 10<<20), // a 10 MB line
+		"",                          // empty line
 		`{"Event":1,"Timestamp":"2026-11-25T21:56:48Z","UUID":"host_1","ID":null}`,
 	}
 	malformed := testutil.ToFloat64(metrics.EventSocketMalformed)
@@ -172,11 +175,11 @@ func TestServeSkipsBadLines(t *testing.T) {
 	if o, c := rec.counts(); o != 1 || c != 1 {
 		t.Errorf("%d opens and %d closes, want 1 and 1", o, c)
 	}
-	if n != 8 {
-		t.Errorf("Serve read %d lines, want 8", n)
+	if n != 10 {
+		t.Errorf("Serve read %d lines, want 10", n)
 	}
-	if got := testutil.ToFloat64(metrics.EventSocketMalformed) - malformed; got != 5 {
-		t.Errorf("%v malformed lines counted, want 5", got)
+	if got := testutil.ToFloat64(metrics.EventSocketMalformed) - malformed; got != 7 {
+		t.Errorf("%v malformed lines counted, want 7", got)
 	}
 	if got := testutil.ToFloat64(metrics.EventSocketEvents.WithLabelValues("unknown")) - unknown; got != 1 {
 		t.Errorf("%v unknown events counted, want 1", got)
@@ -204,13 +207,14 @@ func FuzzParseLine(f *testing.F) {
 	f.Add([]byte(`{"Event":0,"Timestamp":"2026-11-25T21:56:47.466285449Z","UUID":"host_1795643619_0000000000001001","ID":{"SPort":39616,"DPort":8081,"SrcIP":"10.99.0.1","DstIP":"10.99.0.2","Interface":0,"Cookie":4097}}`))
 	f.Add([]byte(`{"Event":1,"Timestamp":"2026-11-25T21:56:47.466285449Z","UUID":"host_1795643619_0000000000001001","ID":null}`))
 	f.Add([]byte(`{"Event":0,"ID":{"SrcIP":"fe80::1%eth0","DstIP":"::ffff:1.2.3.4"},"UUID":"u"}`))
+	f.Add([]byte(`{"Event":1,"UUID":"../x\u0000"}`))
 	f.Fuzz(func(t *testing.T, line []byte) {
 		ev, err := ParseLine(line)
 		if err != nil {
 			return
 		}
-		if ev.UUID == "" {
-			t.Fatal("accepted an event without UUID")
+		if names.CheckUUID(ev.UUID) != nil {
+			t.Fatalf("accepted an event whose UUID %q is not a file name", ev.UUID)
 		}
 		if ev.Open && (!ev.Local.Addr().IsValid() || !ev.Remote.Addr().IsValid() || ev.Local.Addr().Is4In6() || ev.Local.Addr().Zone() != "") {
 			t.Fatalf("accepted an Open with addresses %v %v", ev.Local, ev.Remote)

@@ -1,0 +1,39 @@
+package names
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// MaxUUIDLen is the longest UUID accepted: a file name may have 255 bytes,
+// and the saver adds ".pcap.gz".
+const MaxUUIDLen = 200
+
+// ErrBadUUID is wrapped by the errors CheckUUID returns.
+var ErrBadUUID = errors.New("UUID is not a usable file name")
+
+// CheckUUID returns an error wrapping ErrBadUUID unless uuid can name a
+// file in the data directory and nowhere else: 1 to MaxUUIDLen bytes, no
+// '/', no control character, not starting with '.' (no "..", no hidden
+// file, no clash with the saver's partial directory). tcp-info's UUIDs
+// (<hostname>_<boot time>_<cookie in hex>) always can; a UUID that cannot
+// is bad input, never a path.
+func CheckUUID(uuid string) error {
+	var why string
+	switch {
+	case uuid == "":
+		why = "empty"
+	case len(uuid) > MaxUUIDLen:
+		why = fmt.Sprintf("%d bytes, more than %d", len(uuid), MaxUUIDLen)
+	case uuid[0] == '.':
+		why = "starts with '.'"
+	case strings.IndexByte(uuid, '/') >= 0:
+		why = "contains '/'"
+	case strings.IndexFunc(uuid, func(r rune) bool { return r < 0x20 || r == 0x7f }) >= 0:
+		why = "contains a control character"
+	default:
+		return nil
+	}
+	return fmt.Errorf("%w: %.80q: %s", ErrBadUUID, uuid, why)
+}
