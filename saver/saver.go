@@ -93,6 +93,7 @@ type Saver struct {
 	// writes may wait on more than this machine's memory and disks.
 	raw    chan struct{}
 	rawOff atomic.Bool // a raw write was slow: writes are made the usual way
+	day    atomic.Pointer[day]
 }
 
 // New prepares the data directory: it creates it and its partial directory,
@@ -140,7 +141,29 @@ func (s *Saver) Path(uuid string, first time.Time) string {
 	if s.compress {
 		name += ".gz"
 	}
-	return filepath.Join(s.dir, first.UTC().Format("2006/01/02"), name)
+	return s.dayDir(first) + "/" + name
+}
+
+// day is the directory of one UTC day's files.
+type day struct {
+	n   int64 // days since 1970-01-01
+	dir string
+}
+
+// dayDir returns <dir>/YYYY/MM/DD for the UTC day of t. The last day's is
+// kept: formatting a date for every flow cost more than its file's path.
+func (s *Saver) dayDir(t time.Time) string {
+	sec := t.Unix()
+	n := sec / 86400
+	if sec < 0 && sec%86400 != 0 {
+		n-- // round down before 1970
+	}
+	if d := s.day.Load(); d != nil && d.n == n {
+		return d.dir
+	}
+	d := &day{n: n, dir: filepath.Join(s.dir, t.UTC().Format("2006/01/02"))}
+	s.day.Store(d)
+	return d.dir
 }
 
 // Active returns the number of flows being written.
@@ -211,7 +234,7 @@ func (f *Flow) next() (cs []*chunk, final bool) {
 
 // run is the writer goroutine.
 func (f *Flow) run() {
-	tmp := filepath.Join(f.s.partial, f.uuid+".pcap")
+	tmp := f.s.partial + "/" + f.uuid + ".pcap" // a checked name (below): no cleaning needed
 	var (
 		file    = -1 // descriptor of the partial file
 		err     error
@@ -324,9 +347,15 @@ func (f *Flow) run() {
 	f.s.bytes.Add(int64(written))
 	metrics.FilesWritten.Inc()
 	metrics.BytesWritten.Add(float64(written))
-	metrics.PacketsTotal.WithLabelValues(metrics.OutcomeSaved).Add(float64(packets))
-	metrics.FlowsEnded.WithLabelValues(metrics.FlowSaved).Inc()
+	packetsSaved.Add(float64(packets))
+	flowsSaved.Inc()
 }
+
+// The success counters, resolved once: every flow ends in them.
+var (
+	packetsSaved = metrics.PacketsTotal.WithLabelValues(metrics.OutcomeSaved)
+	flowsSaved   = metrics.FlowsEnded.WithLabelValues(metrics.FlowSaved)
+)
 
 var (
 	compressors = sync.Pool{New: func() any {

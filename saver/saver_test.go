@@ -362,3 +362,20 @@ func TestRawWriteRules(t *testing.T) {
 		t.Errorf("file holds %q", got)
 	}
 }
+
+// TestPathDays: the day directory follows each flow's UTC day, whatever
+// day the path before it had (the last day's directory is kept).
+func TestPathDays(t *testing.T) {
+	s := newSaver(t)
+	for _, at := range []string{"2026-11-25T23:59:59.999999999Z", "2026-11-26T00:00:00Z", "2026-11-25T12:00:00+02:00",
+		"2026-11-26T01:00:00+02:00", "1970-01-01T00:00:00Z", "1969-12-31T23:59:59Z", "1969-12-31T00:00:00Z", "1969-12-30T23:59:59Z"} {
+		first, err := time.Parse(time.RFC3339Nano, at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := filepath.Join(s.Dir(), first.UTC().Format("2006/01/02"), "u.pcap")
+		if got := s.Path("u", first); got != want {
+			t.Errorf("Path at %s = %s, want %s", at, got, want)
+		}
+	}
+}
