@@ -31,7 +31,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/google/gopacket"
 	"github.com/google/gopacket/pcapgo"
 
 	"github.com/m-lab/packet-headers/anonymize"
@@ -177,47 +176,64 @@ func (c *countingReader) Read(b []byte) (int, error) {
 	return n, err
 }
 
-// packetReader is pcapgo's pcap or pcapng reader.
-type packetReader interface {
-	ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, error)
+// source is a capture file's records.
+type source interface {
+	// Next returns the next frame (valid until the next call), its
+	// timestamp in Unix nanoseconds, its original length and the index of
+	// its interface (0 in a pcap file); io.EOF at the end of the file.
+	Next() (data []byte, ts int64, origLen, ifc int, err error)
+	// LinkType returns the link type of an interface.
+	LinkType(ifc int) packet.LinkType
+	// Offset returns how far the file has been read: exactly past the
+	// last record for pcap; for pcapng, whose reader buffers on its own,
+	// an upper bound.
+	Offset() int64
 }
 
-// newPacketReader detects the format. offset returns how far the reader has
-// consumed the (decompressed) input: exact for pcap; for pcapng, whose reader
-// buffers on its own, an upper bound.
-func newPacketReader(r *countingReader) (rd packetReader, linkType func(int) packet.LinkType, offset func() int64, err error) {
-	var magic [4]byte
-	br := bufio.NewReaderSize(r, 1<<16)
-	offset = func() int64 { return r.n - int64(br.Buffered()) }
+// ngSource reads pcapng through pcapgo.
+type ngSource struct {
+	ng *pcapgo.NgReader
+	r  *countingReader
+}
+
+func (s ngSource) Next() ([]byte, int64, int, int, error) {
+	data, ci, err := s.ng.ZeroCopyReadPacketData()
+	return data, ci.Timestamp.UnixNano(), ci.Length, ci.InterfaceIndex, err
+}
+
+func (s ngSource) LinkType(ifc int) packet.LinkType {
+	if i, err := s.ng.Interface(ifc); err == nil {
+		return packet.LinkType(i.LinkType)
+	}
+	return packet.LinkType(s.ng.LinkType())
+}
+
+func (s ngSource) Offset() int64 { return s.r.n }
+
+// newSource detects the format: pcap (read by pcapFile) or pcapng.
+func newSource(r io.Reader) (source, error) {
+	br := bufio.NewReaderSize(r, 1<<16) // large reads pass through it
 	b, err := br.Peek(4)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("not a capture file: %w", err)
+		return nil, fmt.Errorf("not a capture file: %w", err)
 	}
-	copy(magic[:], b)
-	switch binary.LittleEndian.Uint32(magic[:]) {
+	switch magic := binary.LittleEndian.Uint32(b); magic {
 	case 0x0a0d0d0a: // pcapng section header
-		ng, err := pcapgo.NewNgReader(br, pcapgo.DefaultNgReaderOptions)
+		counter := &countingReader{r: br}
+		ng, err := pcapgo.NewNgReader(counter, pcapgo.DefaultNgReaderOptions)
 		if err != nil {
-			return nil, nil, nil, fmt.Errorf("pcapng: %w", err)
+			return nil, fmt.Errorf("pcapng: %w", err)
 		}
-		return ng, func(i int) packet.LinkType {
-			if ifc, err := ng.Interface(i); err == nil {
-				return packet.LinkType(ifc.LinkType)
-			}
-			return packet.LinkType(ng.LinkType())
-		}, offset, nil
+		return ngSource{ng: ng, r: counter}, nil
 	case 0xa1b2c3d4, 0xd4c3b2a1, 0xa1b23c4d, 0x4d3cb2a1:
-		// pcapgo reads the pcap through br with no buffering of its own, so
-		// the counted offset is exact up to br's read-ahead; errors report
-		// the offset of the last good record.
-		rd, err := pcapgo.NewReader(br)
+		f, err := newPcapFile(br)
 		if err != nil {
-			return nil, nil, nil, fmt.Errorf("pcap: %w", err)
+			return nil, fmt.Errorf("pcap: %w", err)
 		}
-		lt := packet.LinkType(rd.LinkType())
-		return rd, func(int) packet.LinkType { return lt }, offset, nil
+		return f, nil
+	default:
+		return nil, fmt.Errorf("not a pcap or pcapng file (magic %x)", b)
 	}
-	return nil, nil, nil, fmt.Errorf("not a pcap or pcapng file (magic %x)", magic)
 }
 
 // Run reads the capture and writes the per-flow files. It returns the
@@ -244,8 +260,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		return sum, fmt.Errorf("read: %w", err)
 	}
 	defer closeFn()
-	counter := &countingReader{r: in}
-	rd, linkType, offset, err := newPacketReader(counter)
+	src, err := newSource(in)
 	if err != nil {
 		return sum, fmt.Errorf("read %s: %w", o.Read, err)
 	}
@@ -267,7 +282,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	get := func(ifc int) *demuxer.Demuxer {
 		d, ok := demuxers[ifc]
 		if !ok {
-			d = demuxer.New(demuxer.Options{Interface: fmt.Sprint("offline", ifc), LinkType: linkType(ifc),
+			d = demuxer.New(demuxer.Options{Interface: fmt.Sprint("offline", ifc), LinkType: src.LinkType(ifc),
 				MaxHeaderSize: o.MaxHeaderSize, CaptureDuration: o.CaptureDuration, FlowTimeout: o.FlowTimeout,
 				UUIDWait: o.UUIDWait, Stream: o.Stream, Names: namer, Writer: demuxer.SaverWriter{Saver: sv},
 				Anonymizer: anon})
@@ -297,7 +312,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		d   *demuxer.Demuxer
 	}
 	for n&1023 != 0 || ctx.Err() == nil { // the context, every 1024 packets
-		data, ci, err := rd.ZeroCopyReadPacketData()
+		data, ts, origLen, ifc, err := src.Next()
 		if errors.Is(err, io.EOF) {
 			break
 		}
@@ -306,15 +321,13 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 			break
 		}
 		n++
-		lastGood = offset()
-		if ts := ci.Timestamp.UnixNano(); ts > clock {
-			clock = ts
-		}
+		lastGood = src.Offset()
+		clock = max(clock, ts)
 		apply(false)
-		if last.d == nil || ci.InterfaceIndex != last.ifc {
-			last.ifc, last.d = ci.InterfaceIndex, get(ci.InterfaceIndex)
+		if last.d == nil || ifc != last.ifc {
+			last.ifc, last.d = ifc, get(ifc)
 		}
-		last.d.Packet(data, ci.Timestamp, ci.Length)
+		last.d.Packet(data, time.Unix(0, ts), origLen)
 		if clock-lastTick >= int64(demuxer.TickInterval) {
 			for _, d := range demuxers {
 				d.Tick(now())
