@@ -31,8 +31,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/google/gopacket/pcapgo"
-
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/names"
@@ -164,53 +162,21 @@ func readEvents(path string, stdin io.Reader) ([]tcpeventsocket.Parsed, int, err
 	return c.evs, lines - len(c.evs), nil
 }
 
-// countingReader counts the bytes read through it.
-type countingReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *countingReader) Read(b []byte) (int, error) {
-	n, err := c.r.Read(b)
-	c.n += int64(n)
-	return n, err
-}
-
 // source is a capture file's records.
 type source interface {
 	// Next returns the next frame (valid until the next call), its
 	// timestamp in Unix nanoseconds, its original length and the index of
-	// its interface (0 in a pcap file); io.EOF at the end of the file.
+	// its interface (0 in a pcap file; in pcapng, of the current section);
+	// io.EOF at the end of the file.
 	Next() (data []byte, ts int64, origLen, ifc int, err error)
 	// LinkType returns the link type of an interface.
 	LinkType(ifc int) packet.LinkType
-	// Offset returns how far the file has been read: exactly past the
-	// last record for pcap; for pcapng, whose reader buffers on its own,
-	// an upper bound.
+	// Offset returns the offset in the file just past the last record.
 	Offset() int64
 }
 
-// ngSource reads pcapng through pcapgo.
-type ngSource struct {
-	ng *pcapgo.NgReader
-	r  *countingReader
-}
-
-func (s ngSource) Next() ([]byte, int64, int, int, error) {
-	data, ci, err := s.ng.ZeroCopyReadPacketData()
-	return data, ci.Timestamp.UnixNano(), ci.Length, ci.InterfaceIndex, err
-}
-
-func (s ngSource) LinkType(ifc int) packet.LinkType {
-	if i, err := s.ng.Interface(ifc); err == nil {
-		return packet.LinkType(i.LinkType)
-	}
-	return packet.LinkType(s.ng.LinkType())
-}
-
-func (s ngSource) Offset() int64 { return s.r.n }
-
-// newSource detects the format: pcap (read by pcapFile) or pcapng.
+// newSource detects the format: pcap (read by pcapFile) or pcapng (by
+// ngFile).
 func newSource(r io.Reader) (source, error) {
 	br := bufio.NewReaderSize(r, 1<<16) // large reads pass through it
 	b, err := br.Peek(4)
@@ -218,13 +184,12 @@ func newSource(r io.Reader) (source, error) {
 		return nil, fmt.Errorf("not a capture file: %w", err)
 	}
 	switch magic := binary.LittleEndian.Uint32(b); magic {
-	case 0x0a0d0d0a: // pcapng section header
-		counter := &countingReader{r: br}
-		ng, err := pcapgo.NewNgReader(counter, pcapgo.DefaultNgReaderOptions)
+	case ngSectionHeader:
+		f, err := newNgFile(br)
 		if err != nil {
 			return nil, fmt.Errorf("pcapng: %w", err)
 		}
-		return ngSource{ng: ng, r: counter}, nil
+		return f, nil
 	case 0xa1b2c3d4, 0xd4c3b2a1, 0xa1b23c4d, 0x4d3cb2a1:
 		f, err := newPcapFile(br)
 		if err != nil {

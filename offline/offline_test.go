@@ -3,6 +3,7 @@ package offline
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"flag"
 	"io"
 	"net/netip"
@@ -18,6 +19,7 @@ import (
 	"github.com/google/gopacket/pcapgo"
 
 	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/packet"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/golden/")
@@ -263,4 +265,66 @@ func copyTree(t *testing.T, from, to string) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// TestLinuxSLL2 splits the lab capture as tcpdump -i any records it (Linux
+// cooked v2 headers, link type 276), in pcap and in pcapng: the same flows,
+// files and packets as from the Ethernet capture, nothing undecodable.
+func TestLinuxSLL2(t *testing.T) {
+	lab, err := os.ReadFile("testdata/lab.pcap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cis, frames := readRecords(t, lab)
+	in := pcapBytes(binary.LittleEndian, 0xa1b23c4d, uint32(packet.LinkTypeLinuxSLL2))
+	ng := (&ng{o: binary.LittleEndian}).section().iface(uint16(packet.LinkTypeLinuxSLL2), 0, 9, 0)
+	for i, frame := range frames {
+		sll := make([]byte, 20, 20+len(frame)-14)
+		copy(sll, frame[12:14])                // protocol
+		binary.BigEndian.PutUint32(sll[4:], 2) // interface index
+		binary.BigEndian.PutUint16(sll[8:], 1) // ARPHRD_ETHER
+		sll[11] = 6                            // address length
+		copy(sll[12:], frame[6:12])            // source address
+		sll = append(sll, frame[14:]...)
+		ts, orig := cis[i].Timestamp.UnixNano(), uint32(cis[i].Length-14+20)
+		in = binary.LittleEndian.AppendUint32(in, uint32(ts/1e9))
+		in = binary.LittleEndian.AppendUint32(in, uint32(ts%1e9))
+		in = binary.LittleEndian.AppendUint32(in, uint32(len(sll)))
+		in = append(binary.LittleEndian.AppendUint32(in, orig), sll...)
+		ng.epb(0, uint64(ts), sll, orig)
+	}
+	ethernet := t.TempDir()
+	if _, err := Run(context.Background(), options(ethernet, "testdata/lab.pcap", "")); err != nil {
+		t.Fatal(err)
+	}
+	want := tree(t, ethernet)
+	for name, b := range map[string][]byte{"sll2.pcap": in, "sll2.pcapng": ng.b} {
+		path := filepath.Join(t.TempDir(), name)
+		os.WriteFile(path, b, 0o644)
+		out := t.TempDir()
+		sum, err := Run(context.Background(), options(out, path, ""))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if sum.Packets != 71 || sum.Undecodable != 0 || sum.Files != 3 {
+			t.Errorf("%s: %s", name, sum)
+		}
+		got := tree(t, out)
+		for file, b := range want {
+			g, ok := got[file]
+			if !ok {
+				t.Errorf("%s: no %s", name, file)
+				continue
+			}
+			if w, g := len(records(t, b)), len(records(t, g)); g != w {
+				t.Errorf("%s: %s has %d records, want %d", name, file, g, w)
+			}
+		}
+	}
+}
+
+// records returns the records of a file.
+func records(t *testing.T, b []byte) []gopacket.CaptureInfo {
+	cis, _ := readRecords(t, b)
+	return cis
 }

@@ -20,17 +20,97 @@ var errTooLong = fmt.Errorf("record longer than %d bytes", MaxRecordBytes)
 // pcapFile reads the records of a classic pcap file straight out of its
 // own buffer. gopacket's pcapgo reader copies every record twice and
 // returned a gopacket.CaptureInfo for each (about a tenth of an offline
-// run's CPU); it also allocates whatever length a record header claims,
-// and takes a file that ends right after a record header for a complete
-// one. pcapng files are still read by pcapgo.
+// run's CPU); it also keeps only 8 bits of the link type (LINUX_SLL2, 276,
+// which tcpdump -i any writes, became 20), allocates whatever length a
+// record header claims, and takes a file that ends right after a record
+// header for a complete one.
 type pcapFile struct {
-	r        io.Reader
-	bigEnd   bool
+	buffered
 	fracNs   int64 // nanoseconds per unit of a timestamp's fraction
 	linkType packet.LinkType
+}
+
+// buffered reads a file through a buffer that records are sliced from.
+type buffered struct {
+	r        io.Reader
 	buf      []byte
 	off, end int   // unread bytes are buf[off:end]
 	base     int64 // offset in the file of buf[0]
+	bigEnd   bool  // the byte order of the file's (or section's) numbers
+}
+
+func newBuffered(r io.Reader, offset int64) buffered {
+	return buffered{r: r, buf: make([]byte, 1<<20), base: offset}
+}
+
+// Offset returns the offset in the file just past the last record read.
+func (b *buffered) Offset() int64 { return b.base + int64(b.off) }
+
+// fill reads until buf[off:] holds at least n bytes (n ≤ len(buf)). It
+// returns io.EOF if the file ended with no byte of them, and
+// io.ErrUnexpectedEOF if it ended with some.
+func (b *buffered) fill(n int) error {
+	if len(b.buf)-b.off < n { // move the unread bytes to the front
+		b.base += int64(b.off)
+		b.end = copy(b.buf, b.buf[b.off:b.end])
+		b.off = 0
+	}
+	for b.end-b.off < n {
+		m, err := b.r.Read(b.buf[b.end:])
+		b.end += m
+		if b.end-b.off >= n {
+			return nil
+		}
+		if errors.Is(err, io.EOF) {
+			if b.end == b.off {
+				return io.EOF
+			}
+			return io.ErrUnexpectedEOF
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b *buffered) u16(p []byte) uint16 {
+	if b.bigEnd {
+		return binary.BigEndian.Uint16(p)
+	}
+	return binary.LittleEndian.Uint16(p)
+}
+
+func (b *buffered) u32(p []byte) uint32 {
+	if b.bigEnd {
+		return binary.BigEndian.Uint32(p)
+	}
+	return binary.LittleEndian.Uint32(p)
+}
+
+func (b *buffered) u64(p []byte) uint64 {
+	if b.bigEnd {
+		return binary.BigEndian.Uint64(p)
+	}
+	return binary.LittleEndian.Uint64(p)
+}
+
+// skip consumes n bytes, however many the buffer holds.
+func (b *buffered) skip(n int64) error {
+	for n > 0 {
+		if b.end == b.off {
+			if err := b.fill(1); err != nil {
+				if err == io.EOF {
+					err = io.ErrUnexpectedEOF
+				}
+				return err
+			}
+		}
+		m := min(n, int64(b.end-b.off))
+		b.off += int(m)
+		n -= m
+	}
+	return nil
 }
 
 // newPcapFile reads the file header.
@@ -39,7 +119,7 @@ func newPcapFile(r io.Reader) (*pcapFile, error) {
 	if _, err := io.ReadFull(r, h[:]); err != nil {
 		return nil, fmt.Errorf("file header: %w", err)
 	}
-	f := &pcapFile{r: r, fracNs: 1000, buf: make([]byte, 1<<20), base: int64(len(h))}
+	f := &pcapFile{buffered: newBuffered(r, int64(len(h))), fracNs: 1000}
 	switch binary.LittleEndian.Uint32(h[:4]) {
 	case 0xa1b2c3d4:
 	case 0xa1b23c4d:
@@ -57,23 +137,6 @@ func newPcapFile(r io.Reader) (*pcapFile, error) {
 	f.linkType = packet.LinkType(f.u32(h[20:]) & 0xffff) // the upper bits may hold FCS information
 	return f, nil
 }
-
-func (f *pcapFile) u16(b []byte) uint16 {
-	if f.bigEnd {
-		return binary.BigEndian.Uint16(b)
-	}
-	return binary.LittleEndian.Uint16(b)
-}
-
-func (f *pcapFile) u32(b []byte) uint32 {
-	if f.bigEnd {
-		return binary.BigEndian.Uint32(b)
-	}
-	return binary.LittleEndian.Uint32(b)
-}
-
-// Offset returns the offset in the file just past the last record read.
-func (f *pcapFile) Offset() int64 { return f.base + int64(f.off) }
 
 // LinkType returns the file's link type.
 func (f *pcapFile) LinkType(int) packet.LinkType { return f.linkType }
@@ -103,32 +166,4 @@ func (f *pcapFile) Next() (data []byte, ts int64, origLen, ifc int, err error) {
 	data = f.buf[f.off+16 : f.off+n]
 	f.off += n
 	return data, int64(sec)*1e9 + int64(frac)*f.fracNs, int(orig), 0, nil
-}
-
-// fill reads until buf[off:] holds at least n bytes (n ≤ len(buf)). It
-// returns io.EOF if the file ended with no byte of them, and
-// io.ErrUnexpectedEOF if it ended with some.
-func (f *pcapFile) fill(n int) error {
-	if len(f.buf)-f.off < n { // move the unread bytes to the front
-		f.base += int64(f.off)
-		f.end = copy(f.buf, f.buf[f.off:f.end])
-		f.off = 0
-	}
-	for f.end-f.off < n {
-		m, err := f.r.Read(f.buf[f.end:])
-		f.end += m
-		if f.end-f.off >= n {
-			return nil
-		}
-		if errors.Is(err, io.EOF) {
-			if f.end == f.off {
-				return io.EOF
-			}
-			return io.ErrUnexpectedEOF
-		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
 }
