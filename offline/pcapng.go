@@ -20,6 +20,10 @@ const (
 	ngByteOrder     = 0x1a2b3c4d
 )
 
+// maxNgInterfaces bounds the interfaces of a pcapng file, all sections
+// together.
+const maxNgInterfaces = 1 << 16
+
 // errNg is wrapped by the errors for a malformed pcapng file.
 var errNg = errors.New("malformed pcapng")
 
@@ -30,7 +34,8 @@ var errNg = errors.New("malformed pcapng")
 // (LINUX_SLL2 is 276).
 type ngFile struct {
 	buffered
-	ifaces []ngIface // of the current section
+	ifaces  []ngIface // of every section so far
+	section int       // the current section's first interface in ifaces
 }
 
 type ngIface struct {
@@ -52,7 +57,7 @@ func newNgFile(r io.Reader) (*ngFile, error) {
 	return f, nil
 }
 
-// LinkType returns the link type of an interface of the current section.
+// LinkType returns the link type of an interface (as Next numbers them).
 func (f *ngFile) LinkType(ifc int) packet.LinkType {
 	if ifc < len(f.ifaces) {
 		return f.ifaces[ifc].linkType
@@ -61,8 +66,9 @@ func (f *ngFile) LinkType(ifc int) packet.LinkType {
 }
 
 // Next returns the next packet: its frame (valid until the next call), its
-// timestamp in Unix nanoseconds, its original length and its interface in
-// the current section. At the end of the file it returns io.EOF.
+// timestamp in Unix nanoseconds, its original length and its interface,
+// numbered across sections (the second section's first interface follows
+// the first section's last). At the end of the file it returns io.EOF.
 func (f *ngFile) Next() (data []byte, ts int64, origLen, ifc int, err error) {
 	return f.next(false)
 }
@@ -117,48 +123,49 @@ func (f *ngFile) next(header bool) (data []byte, ts int64, origLen, ifc int, err
 			if len(body) < 16 || f.u16(body[4:]) != 1 {
 				return nil, 0, 0, 0, fmt.Errorf("%w: section header of version %x", errNg, body[4:min(8, len(body))])
 			}
-			f.ifaces = f.ifaces[:0]
+			f.section = len(f.ifaces)
 			if header {
 				f.off += int(n)
 				return nil, 0, 0, 0, nil
 			}
 		case ngInterface:
-			if len(body) < 8 {
-				return nil, 0, 0, 0, fmt.Errorf("%w: interface block of %d bytes", errNg, n)
+			if len(body) < 8 || len(f.ifaces) == maxNgInterfaces {
+				return nil, 0, 0, 0, fmt.Errorf("%w: interface block of %d bytes after %d interfaces", errNg, n, len(f.ifaces))
 			}
 			f.ifaces = append(f.ifaces, f.iface(body))
 		case ngEnhancedPkt, ngObsoletePkt:
 			if len(body) < 20 {
 				return nil, 0, 0, 0, fmt.Errorf("%w: packet block of %d bytes", errNg, n)
 			}
-			ifc := int(f.u32(body))
+			id := uint64(f.u32(body))
 			if typ == ngObsoletePkt {
-				ifc = int(f.u16(body))
+				id = uint64(f.u16(body))
 			}
 			caplen, orig := f.u32(body[12:]), f.u32(body[16:])
 			if caplen > MaxRecordBytes {
 				return nil, 0, 0, 0, fmt.Errorf("%w: %d", errTooLong, caplen)
 			}
-			if ifc >= len(f.ifaces) || caplen > uint32(len(body)-20) {
-				return nil, 0, 0, 0, fmt.Errorf("%w: packet of %d bytes on interface %d in a block of %d bytes (%d interfaces)", errNg, caplen, ifc, n, len(f.ifaces))
+			if id >= uint64(len(f.ifaces)-f.section) || caplen > uint32(len(body)-20) {
+				return nil, 0, 0, 0, fmt.Errorf("%w: packet of %d bytes on interface %d in a block of %d bytes (%d interfaces)", errNg, caplen, id, n, len(f.ifaces)-f.section)
 			}
+			ifc := f.section + int(id)
 			f.off += int(n)
 			units := uint64(f.u32(body[4:]))<<32 | uint64(f.u32(body[8:]))
 			return body[20 : 20+caplen], f.ifaces[ifc].nanos(units), int(orig), ifc, nil
-		case ngSimplePkt: // interface 0, no timestamp
-			if len(f.ifaces) == 0 || len(body) < 4 {
-				return nil, 0, 0, 0, fmt.Errorf("%w: simple packet block of %d bytes (%d interfaces)", errNg, n, len(f.ifaces))
+		case ngSimplePkt: // the section's first interface, no timestamp
+			if len(f.ifaces) == f.section || len(body) < 4 {
+				return nil, 0, 0, 0, fmt.Errorf("%w: simple packet block of %d bytes (%d interfaces)", errNg, n, len(f.ifaces)-f.section)
 			}
 			orig := f.u32(body)
 			caplen := min(orig, uint32(len(body)-4))
-			if s := f.ifaces[0].snaplen; s != 0 {
+			if s := f.ifaces[f.section].snaplen; s != 0 {
 				caplen = min(caplen, s)
 			}
 			if caplen > MaxRecordBytes {
 				return nil, 0, 0, 0, fmt.Errorf("%w: %d", errTooLong, caplen)
 			}
 			f.off += int(n)
-			return body[4 : 4+caplen], 0, int(orig), 0, nil
+			return body[4 : 4+caplen], 0, int(orig), f.section, nil
 		}
 		f.off += int(n)
 	}

@@ -103,7 +103,7 @@ func TestNgFile(t *testing.T) {
 			{"binary, half a second, plus 1000 s", 1764001000500000000, 300, 2, 113, ""},
 			{"a simple block: interface 0", 0, 27, 0, 1, "the padding is not data"},
 			{"obs", 5, 4, 1, 276, "obsolete block: 3 of 4 bytes, 5 ns"},
-			{"milliseconds, minus 10 s", 1763999990123000000, 24, 0, 228, "second section"},
+			{"milliseconds, minus 10 s", 1763999990123000000, 24, 3, 228, "second section: its interface 0 is the fourth"},
 		}
 		for name, wrap := range map[string]func(io.Reader) io.Reader{"whole": func(r io.Reader) io.Reader { return r },
 			"one byte": iotest.OneByteReader, "half": iotest.HalfReader} {
@@ -174,6 +174,12 @@ func TestNgFileCorrupt(t *testing.T) {
 	bad("no section header", func(b []byte) []byte { return b[28:] })
 	bad("byte-order magic", func(b []byte) []byte { b[8] = 0; return b })
 	bad("version 2", func(b []byte) []byte { b[12] = 2; return b })
+	many := (&ng{o: binary.LittleEndian}).section()
+	for i := 0; i <= maxNgInterfaces; i++ {
+		many.iface(1, 0, 0, 0)
+	}
+	many.epb(0, 1, []byte("x"), 1)
+	bad("too many interfaces", func([]byte) []byte { return many.b })
 	for _, size := range []int{MaxRecordBytes + 1, 2 << 20} { // in the buffer, and beyond it
 		huge := &ng{o: binary.LittleEndian}
 		huge.section().iface(1, 0, 0, 0).epb(0, 1, make([]byte, size), uint32(size))
