@@ -232,123 +232,150 @@ func (f *Flow) next() (cs []*chunk, final bool) {
 	return cs, f.final
 }
 
-// run is the writer goroutine.
+// run is the writer goroutine. Its state lives in a flowFile on the heap,
+// and its steps are methods with small frames: the goroutine then opens its
+// file within the 2 KiB stack it starts with (growing it cost about 2.5 µs
+// a flow, copying frames).
 func (f *Flow) run() {
-	tmp := f.s.partial + "/" + f.uuid + ".pcap" // a checked name (below): no cleaning needed
-	var (
-		file    = -1 // descriptor of the partial file
-		err     error
-		op      string
-		packets int // records written
-		total   int // records received
-		written int
-	)
-	fail := func(o string, e error) {
-		if err == nil {
-			op, err = o, e
-			if file >= 0 {
-				unix.Close(file)
-				file = -1
-			}
-			os.Remove(tmp)
-		}
-	}
-	var (
-		iov [][]byte     // reused: one writev per batch of chunks
-		vec []unix.Iovec // reused by raw writes
-	)
-	if nerr := names.CheckUUID(f.uuid); nerr != nil { // never a path out of the data directory
-		op, err = "name", nerr
+	w := &flowFile{f: f, tmp: f.s.partial + "/" + f.uuid + ".pcap", file: -1} // a checked name (below): no cleaning needed
+	if err := names.CheckUUID(f.uuid); err != nil {                           // never a path out of the data directory
+		w.op, w.err = "name", err
 	}
 	for {
 		<-f.wake
 		cs, final := f.next()
 		f.s.io <- struct{}{}
-		iov = iov[:0]
-		if err == nil && file < 0 {
-			if err = f.s.checkSpace(); err != nil {
-				op = "low_space"
-			} else if file, err = f.s.create(tmp); err != nil {
-				file = -1
-				op = "create"
-			} else {
-				iov = append(iov, fileHeader(f.s.snaplen, f.linkType))
-			}
-		}
-		n := 0
-		for _, c := range cs {
-			total += c.n
-			n += c.n
-			iov = append(iov, c.b)
-		}
-		if err == nil && len(iov) > 0 {
-			if w, werr := f.s.writev(file, iov, &vec); werr != nil {
-				fail("write", &os.PathError{Op: "write", Path: tmp, Err: werr})
-			} else {
-				written += w
-				packets += n
-			}
-		}
-		for _, c := range cs {
-			putChunk(c)
-		}
+		w.write(cs)
 		if final {
 			break
 		}
 		<-f.s.io
 	}
-	defer func() { <-f.s.io }()
-	if err == nil {
-		if cerr := unix.Close(file); cerr != nil {
-			file = -1
-			fail("close", &os.PathError{Op: "close", Path: tmp, Err: cerr})
+	w.finish()
+	<-f.s.io
+	w.account()
+}
+
+// flowFile is the state of a Flow's writer.
+type flowFile struct {
+	f       *Flow
+	tmp     string       // the partial file's path
+	file    int          // its descriptor, -1 when closed
+	err     error        // the first error; nothing is written after it
+	op      string       // what failed
+	packets int          // records written
+	total   int          // records received
+	written int          // bytes written
+	iov     [][]byte     // reused: one writev per batch of chunks
+	vec     []unix.Iovec // reused by raw writes
+}
+
+// fail records the first error and removes the partial file.
+func (w *flowFile) fail(op string, err error) {
+	if w.err == nil {
+		w.op, w.err = op, err
+		if w.file >= 0 {
+			unix.Close(w.file)
+			w.file = -1
 		}
+		os.Remove(w.tmp)
 	}
-	if err == nil && f.s.compress {
-		gz := tmp + ".gz"
-		if n, cerr := compressFile(tmp, gz); cerr != nil {
-			os.Remove(gz)
-			fail("compress", cerr)
+}
+
+// write writes a batch of chunks (creating the file first) and recycles
+// them.
+func (w *flowFile) write(cs []*chunk) {
+	s := w.f.s
+	w.iov = w.iov[:0]
+	if w.err == nil && w.file < 0 {
+		var err error
+		if err = s.checkSpace(); err != nil {
+			w.op, w.err = "low_space", err
+		} else if w.file, err = s.create(w.tmp); err != nil {
+			w.file = -1
+			w.op, w.err = "create", err
 		} else {
-			os.Remove(tmp)
-			tmp, written = gz, int(n)
+			w.iov = append(w.iov, fileHeader(s.snaplen, w.f.linkType))
 		}
 	}
-	if err == nil {
-		final := f.s.Path(f.uuid, f.first)
-		rerr := renameNoReplace(tmp, final)
-		if errors.Is(rerr, os.ErrNotExist) { // the day's directory is new (or was removed)
+	n := 0
+	for _, c := range cs {
+		w.total += c.n
+		n += c.n
+		w.iov = append(w.iov, c.b)
+	}
+	if w.err == nil && len(w.iov) > 0 {
+		if m, err := s.writev(w.file, w.iov, &w.vec); err != nil {
+			w.fail("write", &os.PathError{Op: "write", Path: w.tmp, Err: err})
+		} else {
+			w.written += m
+			w.packets += n
+		}
+	}
+	for _, c := range cs {
+		putChunk(c)
+	}
+}
+
+// finish closes the file, compresses it if asked, and renames it into
+// place.
+func (w *flowFile) finish() {
+	s := w.f.s
+	if w.err == nil {
+		if err := unix.Close(w.file); err != nil {
+			w.file = -1
+			w.fail("close", &os.PathError{Op: "close", Path: w.tmp, Err: err})
+		}
+	}
+	if w.err == nil && s.compress {
+		gz := w.tmp + ".gz"
+		if n, err := compressFile(w.tmp, gz); err != nil {
+			os.Remove(gz)
+			w.fail("compress", err)
+		} else {
+			os.Remove(w.tmp)
+			w.tmp, w.written = gz, int(n)
+		}
+	}
+	if w.err == nil {
+		final := s.Path(w.f.uuid, w.f.first)
+		err := renameNoReplace(w.tmp, final)
+		if errors.Is(err, os.ErrNotExist) { // the day's directory is new (or was removed)
 			if merr := os.MkdirAll(filepath.Dir(final), 0o755); merr != nil {
-				fail("mkdir", merr)
+				w.fail("mkdir", merr)
 			} else {
-				rerr = renameNoReplace(tmp, final)
+				err = renameNoReplace(w.tmp, final)
 			}
 		}
-		if rerr != nil {
-			fail("rename", rerr)
+		if err != nil {
+			w.fail("rename", err)
 		}
 	}
-	if errors.Is(err, ErrLowSpace) {
-		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeLowSpace).Add(float64(total))
+}
+
+// account counts the flow's outcome and logs its error.
+func (w *flowFile) account() {
+	s := w.f.s
+	switch {
+	case errors.Is(w.err, ErrLowSpace):
+		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeLowSpace).Add(float64(w.total))
 		metrics.FlowsEnded.WithLabelValues(metrics.FlowLowSpace).Inc()
-		f.s.logs.printf(op, "saver: not writing flows: %v", err)
-		f.s.errors.Add(1)
-		return
-	}
-	if err != nil {
-		metrics.WriteErrors.WithLabelValues(op).Inc()
-		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeWriteError).Add(float64(total))
+		s.logs.printf(w.op, "saver: not writing flows: %v", w.err)
+		s.errors.Add(1)
+	case w.err != nil:
+		metrics.WriteErrors.WithLabelValues(w.op).Inc()
+		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeWriteError).Add(float64(w.total))
 		metrics.FlowsEnded.WithLabelValues(metrics.FlowWriteError).Inc()
-		f.s.logs.printf(op, "saver: %s: %v", op, err)
-		f.s.errors.Add(1)
-		return
+		s.logs.printf(w.op, "saver: %s: %v", w.op, w.err)
+		s.errors.Add(1)
+	default:
+		s.files.Add(1)
+		s.bytes.Add(int64(w.written))
+		metrics.FilesWritten.Inc()
+		metrics.BytesWritten.Add(float64(w.written))
+		packetsSaved.Add(float64(w.packets))
+		flowsSaved.Inc()
 	}
-	f.s.files.Add(1)
-	f.s.bytes.Add(int64(written))
-	metrics.FilesWritten.Inc()
-	metrics.BytesWritten.Add(float64(written))
-	packetsSaved.Add(float64(packets))
-	flowsSaved.Inc()
 }
 
 // The success counters, resolved once: every flow ends in them.
