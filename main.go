@@ -448,6 +448,9 @@ func runOffline(ctx context.Context, c *config) (int, error) {
 	}
 	sum, err := offline.Run(ctx, o)
 	fmt.Printf("packet-headers: %s\n", sum)
+	if err == nil && sum.WriteErrors > 0 { // the output is incomplete: say so in the status too
+		err = fmt.Errorf("%d flows were not written (their errors are logged above)", sum.WriteErrors)
+	}
 	if err != nil {
 		return 1, err
 	}

@@ -126,6 +126,7 @@ func TestExitCodes(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "file")
 	os.WriteFile(file, nil, 0o644)
 	sock := "-tcpinfo.eventsocket=/nonexistent.sock"
+	split := []string{"-read", "offline/testdata/lab.pcap", "-datadir", t.TempDir(), "-quiet"}
 	for _, tt := range []struct {
 		args []string
 		code int
@@ -138,6 +139,9 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-datadir", filepath.Join(file, "sub"), "-interface=lo", sock}, 2, "datadir"},
 		{[]string{"-captureduration=-5s", sock}, 2, "captureduration"},
 		{[]string{"-uuid.kernel=false"}, 2, "no UUID source"},
+		{split, 0, ""},
+		{split, 1, "3 flows were not written"}, // the files are there already: none is replaced
+		{[]string{"-read", file}, 1, "not a capture file"},
 	} {
 		cmd := exec.Command(bin, tt.args...)
 		cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
