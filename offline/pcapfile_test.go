@@ -81,22 +81,7 @@ func TestPcapFileFormats(t *testing.T) {
 // refused.
 func TestPcapFileCorrupt(t *testing.T) {
 	whole := pcapBytes(binary.LittleEndian, 0xa1b2c3d4, 1, []byte("0123456789"), []byte("abcdef"))
-	second := 24 + 16 + 10
-	for cut := second + 1; cut < len(whole); cut++ {
-		f, err := newPcapFile(bytes.NewReader(whole[:cut]))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, _, _, _, err := f.Next(); err != nil {
-			t.Fatalf("cut at %d: first record: %v", cut, err)
-		}
-		if _, _, _, _, err := f.Next(); err != io.ErrUnexpectedEOF {
-			t.Errorf("cut at %d: %v, want io.ErrUnexpectedEOF", cut, err)
-		}
-		if f.Offset() != int64(second) {
-			t.Errorf("cut at %d: offset %d, want %d", cut, f.Offset(), second)
-		}
-	}
+	checkCuts(t, whole, 24+16+10, func(r io.Reader) (source, error) { return newPcapFile(r) })
 	huge := pcapBytes(binary.LittleEndian, 0xa1b2c3d4, 1, []byte("x"))
 	binary.LittleEndian.PutUint32(huge[16:], 0xffffffff)   // snapshot length
 	binary.LittleEndian.PutUint32(huge[24+8:], 2000000000) // captured length
@@ -110,6 +95,33 @@ func TestPcapFileCorrupt(t *testing.T) {
 	for _, bad := range [][]byte{whole[:20], append([]byte{1, 2, 3, 4}, whole[4:]...), append(append(whole[:4:4], 3, 0), whole[6:]...)} {
 		if _, err := newPcapFile(bytes.NewReader(bad)); err == nil {
 			t.Errorf("header %x accepted", bad[:8])
+		}
+	}
+}
+
+// checkCuts opens whole cut at every length from second, the offset of
+// its second record, on: the first record reads, then the end of the file
+// (cut at second) or io.ErrUnexpectedEOF (cut inside the second record),
+// with the offset still at second.
+func checkCuts(t *testing.T, whole []byte, second int, open func(io.Reader) (source, error)) {
+	t.Helper()
+	for cut := second; cut < len(whole); cut++ {
+		f, err := open(bytes.NewReader(whole[:cut]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, _, _, err := f.Next(); err != nil {
+			t.Fatalf("cut at %d: first record: %v", cut, err)
+		}
+		want := io.ErrUnexpectedEOF
+		if cut == second {
+			want = io.EOF
+		}
+		if _, _, _, _, err := f.Next(); err != want {
+			t.Errorf("cut at %d: %v, want %v", cut, err, want)
+		}
+		if f.Offset() != int64(second) {
+			t.Errorf("cut at %d: offset %d, want %d", cut, f.Offset(), second)
 		}
 	}
 }

@@ -139,18 +139,7 @@ func TestNgFileCorrupt(t *testing.T) {
 	w.section().iface(1, 0, 0, 0).epb(0, 1, []byte("0123456789"), 10)
 	first := len(w.b)
 	w.epb(0, 2, []byte("abc"), 3)
-	for cut := first + 1; cut < len(w.b); cut++ {
-		f, err := newNgFile(bytes.NewReader(w.b[:cut]))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, _, _, _, err := f.Next(); err != nil {
-			t.Fatalf("cut at %d: first packet: %v", cut, err)
-		}
-		if _, _, _, _, err := f.Next(); err != io.ErrUnexpectedEOF {
-			t.Errorf("cut at %d: %v, want io.ErrUnexpectedEOF", cut, err)
-		}
-	}
+	checkCuts(t, w.b, first, func(r io.Reader) (source, error) { return newNgFile(r) })
 	bad := func(name string, mend func(b []byte) []byte) {
 		t.Helper()
 		b := mend(append([]byte(nil), w.b...))
