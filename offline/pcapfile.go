@@ -9,9 +9,9 @@ import (
 	"github.com/m-lab/packet-headers/packet"
 )
 
-// MaxRecordBytes is the longest captured frame a classic pcap record may
-// hold: libpcap's largest snapshot length. A longer one is a corrupt file,
-// not a reason to allocate gigabytes.
+// MaxRecordBytes is the longest captured frame a pcap record or pcapng
+// packet block may hold: libpcap's largest snapshot length. A longer one is
+// a corrupt file, not a reason to allocate gigabytes.
 const MaxRecordBytes = 256 << 10
 
 // errTooLong is wrapped by the error for a record longer than MaxRecordBytes.

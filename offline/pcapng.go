@@ -120,8 +120,11 @@ func (f *ngFile) next(header bool) (data []byte, ts int64, origLen, ifc int, err
 		body := block[8 : n-4]
 		switch typ {
 		case ngSectionHeader:
-			if len(body) < 16 || f.u16(body[4:]) != 1 {
-				return nil, 0, 0, 0, fmt.Errorf("%w: section header of version %x", errNg, body[4:min(8, len(body))])
+			if len(body) < 16 {
+				return nil, 0, 0, 0, fmt.Errorf("%w: section header of %d bytes", errNg, n)
+			}
+			if v := f.u16(body[4:]); v != 1 {
+				return nil, 0, 0, 0, fmt.Errorf("%w: section header of version %d", errNg, v)
 			}
 			f.section = len(f.ifaces)
 			if header {
