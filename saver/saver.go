@@ -237,8 +237,10 @@ func (f *Flow) next() (cs []*chunk, final bool) {
 // file within the 2 KiB stack it starts with (growing it cost about 2.5 µs
 // a flow, copying frames).
 func (f *Flow) run() {
-	w := &flowFile{f: f, tmp: f.s.partial + "/" + f.uuid + ".pcap", file: -1} // a checked name (below): no cleaning needed
-	if err := names.CheckUUID(f.uuid); err != nil {                           // never a path out of the data directory
+	// The name is checked before anything is created: never a path out of
+	// the data directory, and no path cleaning needed.
+	w := &flowFile{f: f, tmp: f.s.partial + "/" + f.uuid + ".pcap", file: -1}
+	if err := names.CheckUUID(f.uuid); err != nil {
 		w.op, w.err = "name", err
 	}
 	for {
