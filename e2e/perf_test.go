@@ -213,12 +213,12 @@ func heldOpen(b *testing.B, l *lab, n int) row {
 // offlineThroughput splits a generated 1M-packet, 10k-flow capture offline
 // on one core, and tcpdump -r -s 128 -w the same file; it also times an
 // ideal loop writing the same files (see idealLoop). Each is run
-// three times, in turn, each time into an emptied directory (how costly a
+// five times, in turn, each time into an emptied directory (how costly a
 // run's fresh pages are depends on what the runs before it freed): the
 // medians are reported.
 func offlineThroughput(b *testing.B, l *lab) row {
 	in := filepath.Join(l.dir, "1m.pcap")
-	const packets, flows, rounds = 1000000, 10000, 3
+	const packets, flows, rounds = 1000000, 10000, 5
 	if err := synth.Write(in, packets, flows); err != nil {
 		b.Fatal(err)
 	}
