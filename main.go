@@ -224,6 +224,9 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("-uuid-prefix-file: %w", err)
 		}
+	} else if err := names.CheckUUID(uuid.FromCookie(0)); err != nil && c.read == "" && c.kernelUUIDs {
+		// The made-up prefix comes from the host name.
+		return fmt.Errorf("the default UUID prefix cannot name files (%w): give -uuid-prefix-file", err)
 	}
 	return nil
 }

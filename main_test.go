@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/m-lab/uuid"
 )
 
 // writeFile writes content to a new file and returns its path.
@@ -107,6 +109,13 @@ func TestParse(t *testing.T) {
 			t.Errorf("%v with GOMAXPROCS=%q: -maxprocs %d (%v), want %d", tt.args, tt.env, c.maxProcs, err, tt.want)
 		}
 	}
+	// Without a prefix file, the made-up prefix (from the host name) is
+	// checked too.
+	uuid.SetUUIDPrefixFile(writeFile(t, "bad/host_1764000000"))
+	if err := parse(nil, &config{}, nil); err == nil || !strings.Contains(err.Error(), "default UUID prefix") {
+		t.Errorf("a default prefix with a '/': %v", err)
+	}
+	uuid.SetUUIDPrefixFile(writeFile(t, "host_1764000000"))
 	var c config
 	if err := parse([]string{"-tcpinfo.eventsocket=x", "-interface=a", "-interface=b"}, &c, nil); err != nil || len(c.interfaces) != 2 {
 		t.Errorf("-interface is not repeatable: %v %v", c.interfaces, err)

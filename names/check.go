@@ -8,7 +8,7 @@ import (
 
 // MaxUUIDLen is the longest UUID accepted: a file name may have 255 bytes,
 // and the saver adds ".pcap.gz".
-const MaxUUIDLen = 200
+const MaxUUIDLen = 255 - len(".pcap.gz")
 
 // ErrBadUUID is wrapped by the errors CheckUUID returns.
 var ErrBadUUID = errors.New("UUID is not a usable file name")
