@@ -267,7 +267,6 @@ func (r *nativeReader) wait() error {
 		// error reported then is read now. And an interface deleted after
 		// it went down leaves no word in the socket. (Control: the socket
 		// may be closed meanwhile, and its number reused.)
-		var failed error
 		if err := r.rc.Control(func(fd uintptr) { failed = r.sockErr(int(fd)) }); err != nil {
 			return ErrClosed
 		}

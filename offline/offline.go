@@ -166,12 +166,13 @@ func readEvents(path string, stdin io.Reader) ([]tcpeventsocket.Parsed, int, err
 type source interface {
 	// Next returns the next frame (valid until the next call), its
 	// timestamp in Unix nanoseconds, its original length and the index of
-	// its interface (0 in a pcap file; in pcapng, of the current section);
-	// io.EOF at the end of the file.
+	// its interface (0 in a pcap file; in pcapng, numbered across
+	// sections); io.EOF at the end of the file.
 	Next() (data []byte, ts int64, origLen, ifc int, err error)
 	// LinkType returns the link type of an interface.
 	LinkType(ifc int) packet.LinkType
-	// Offset returns the offset in the file just past the last record.
+	// Offset returns the offset in the file just past the last record
+	// read, also after Next failed.
 	Offset() int64
 }
 
@@ -271,7 +272,6 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	var lastTick, lastSweep int64
 	lastProgress := time.Now()
 	var n uint64
-	lastGood := int64(0)
 	var last struct { // the last packet's interface and demuxer
 		ifc int
 		d   *demuxer.Demuxer
@@ -282,11 +282,11 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 			break
 		}
 		if err != nil {
-			readErr = fmt.Errorf("read %s: truncated or corrupt capture at offset %d (after packet %d): %w", o.Read, lastGood, n, err)
+			// A reader stays past the last good record when it fails.
+			readErr = fmt.Errorf("read %s: truncated or corrupt capture at offset %d (after packet %d): %w", o.Read, src.Offset(), n, err)
 			break
 		}
 		n++
-		lastGood = src.Offset()
 		clock = max(clock, ts)
 		apply(false)
 		if last.d == nil || ifc != last.ifc {

@@ -43,7 +43,8 @@ func newBuffered(r io.Reader, offset int64) buffered {
 	return buffered{r: r, buf: make([]byte, 1<<20), base: offset}
 }
 
-// Offset returns the offset in the file just past the last record read.
+// Offset returns the offset in the file just past the last record read; a
+// failed Next does not move it.
 func (b *buffered) Offset() int64 { return b.base + int64(b.off) }
 
 // fill reads until buf[off:] holds at least n bytes (n ≤ len(buf)). It
