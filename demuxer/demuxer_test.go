@@ -133,7 +133,7 @@ func (h *harness) files() int {
 	h.sv.Wait()
 	n := 0
 	filepath.Walk(h.sv.Dir(), func(p string, info os.FileInfo, err error) error {
-		if err == nil && !info.IsDir() && filepath.Ext(p) == ".pcap" && filepath.Base(filepath.Dir(p)) != saver.PartialDir {
+		if err == nil && !info.IsDir() && filepath.Ext(p) == ".pcap" && filepath.Base(filepath.Dir(p)) != saver.LegacyPartialDir {
 			n++
 		}
 		return nil

@@ -26,7 +26,6 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -318,7 +317,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		d.Close()
 	}
 	sv.Wait()
-	os.Remove(filepath.Join(sv.Dir(), saver.PartialDir)) // empty now; the output is only the files
+	os.Remove(sv.PartialDir()) // empty now; the output is only the files
 	for _, d := range demuxers {
 		c := d.Counts()
 		sum.Packets += c.Packets

@@ -42,7 +42,7 @@ func exists(s *Saver, uuid string) bool {
 }
 
 func partials(t *testing.T, s *Saver) int {
-	entries, _ := os.ReadDir(filepath.Join(s.Dir(), PartialDir))
+	entries, _ := os.ReadDir(s.PartialDir())
 	return len(entries)
 }
 

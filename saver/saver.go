@@ -11,29 +11,50 @@
 // Handing chunks over takes the Flow's own mutex once per chunk (thousands
 // of packets), never per packet, and never blocks the caller.
 //
-// A file is written under <dir>/.partial/ and renamed to its final name only
-// when complete (without replacing an existing file), so a pusher that
-// uploads <uuid>.pcap files never sees a partial one, even after a crash;
-// New removes what a crash left in .partial/. A UUID that is not a plain
-// file name (names.CheckUUID) is refused as a write error of its own
-// ("name"), so nothing is written outside the data directory. On a write
-// error the partial file is removed, the error counted and the flow's data
-// dropped; other flows are unaffected.
+// # Publication
+//
+// A file is written in the partial directory, by default a sibling of the
+// data directory (<parent>/.<name of datadir>.partial, on the same
+// filesystem), under a name of its own, and renamed to its final name only
+// when complete, without replacing an existing file. An uploader that
+// watches the data directory recursively for IN_CLOSE_WRITE and IN_MOVED_TO
+// (M-Lab's pusher) thus hears of each file exactly once, as one IN_MOVED_TO
+// under its final YYYY/MM/DD/<uuid>.pcap[.gz] name, and of nothing else:
+// no partial file is closed inside the watched tree, and a crash leaves
+// nothing there (New empties the partial directory). Where no sibling can
+// be made on the data directory's filesystem, the partial directory is
+// <datadir>/.partial, with a warning. PrepareDays creates each day's
+// directory a day ahead, so that a recursive watcher has its watch in place
+// before the day's first file arrives (TestPublication in e2e guards it).
+//
+// A flow's final name is decided when its last chunk is written (Rename
+// changes it until then), so a stream-mode file already being written can
+// still take the authoritative source's UUID. A UUID that is not a plain
+// file name (names.CheckUUID) is refused as a write error of its own ("name"),
+// so nothing is written outside the data directory. On a write error the
+// partial file is removed, the error counted and the flow's data dropped;
+// other flows are unaffected (TestNoCrossWiring).
 //
 // The file format is classic pcap with nanosecond timestamps (magic
-// 0xa1b23c4d), little-endian, with the snaplen and link type given.
+// 0xa1b23c4d), little-endian, with the snaplen and link type given. With
+// Compress, each batch of records written is one gzip member, compressed
+// straight from the buffered records (nothing is written twice).
 package saver
 
 import (
+	"bytes"
 	"compress/gzip"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"log"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -46,27 +67,34 @@ import (
 	"github.com/m-lab/packet-headers/packet"
 )
 
-// PartialDir is the subdirectory of the data directory that holds files
-// being written.
-const PartialDir = ".partial"
+// LegacyPartialDir is the subdirectory of the data directory that holds
+// files being written when no partial directory can be made beside it.
+const LegacyPartialDir = ".partial"
 
 // FileHeaderLen is the size of a pcap file header.
 const FileHeaderLen = 24
 
 // Options configures a Saver.
 type Options struct {
-	Dir     string // data directory; created if missing
-	Snaplen int    // the snaplen written in file headers; default 256
+	Dir string // data directory; created if missing
+	// PartialDir holds files being written; it must be outside Dir and on
+	// its filesystem. Default: <parent of Dir>/.<base of Dir>.partial, or
+	// Dir/.partial where that cannot be made.
+	PartialDir string
+	Snaplen    int // the snaplen written in file headers; default 256
 	// MinFreeBytes and MinFreePercent: while the data directory's
 	// filesystem has less free space than either, new files are not
 	// written (their flows are counted as low_space), so the disk never
 	// fills up. Zero disables each.
 	MinFreeBytes   int64
 	MinFreePercent float64
-	// Compress writes <uuid>.pcap.gz, one gzip member per file. A finished
-	// flow is compressed in one go with a pooled compressor, so compression
-	// costs no memory per live flow.
+	// Compress writes <uuid>.pcap.gz: each batch of records written (the
+	// whole file for most flows) is one gzip member, compressed from the
+	// buffered records with a pooled compressor, so compression costs no
+	// memory per live flow.
 	Compress bool
+	// Logf logs the saver's warnings; default log.Printf.
+	Logf func(format string, args ...any)
 }
 
 // ErrLowSpace is the reason a flow was not written: the filesystem has
@@ -94,6 +122,9 @@ type Saver struct {
 	raw    chan struct{}
 	rawOff atomic.Bool // a raw write was slow: writes are made the usual way
 	day    atomic.Pointer[day]
+	seq    atomic.Uint64 // numbers the partial files: two flows never share one
+	// prepared is the last day PrepareDays made directories for.
+	prepared atomic.Int64
 }
 
 // New prepares the data directory: it creates it and its partial directory,
@@ -106,29 +137,118 @@ func New(opts Options) (*Saver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("datadir %s: %w", opts.Dir, err)
 	}
-	s := &Saver{dir: dir, partial: filepath.Join(dir, PartialDir), snaplen: opts.Snaplen,
+	if opts.Logf == nil {
+		opts.Logf = log.Printf
+	}
+	s := &Saver{dir: dir, snaplen: opts.Snaplen,
 		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent, compress: opts.Compress,
 		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0)))}
+	s.prepared.Store(math.MinInt64)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("datadir: %w", err)
+	}
 	if localFS(dir) {
 		s.raw = make(chan struct{}, 1)
 	}
-	if err := os.MkdirAll(s.partial, 0o755); err != nil {
-		return nil, fmt.Errorf("datadir: %w", err)
+	if s.partial, err = partialDir(dir, opts.PartialDir, opts.Logf); err != nil {
+		return nil, err
 	}
-	leftovers, err := os.ReadDir(s.partial)
-	if err != nil {
-		return nil, fmt.Errorf("datadir: %w", err)
+	if s.partial != filepath.Join(dir, LegacyPartialDir) {
+		// What an earlier version left inside the data directory.
+		emptyDir(filepath.Join(dir, LegacyPartialDir))
+		os.Remove(filepath.Join(dir, LegacyPartialDir))
 	}
-	for _, e := range leftovers {
-		os.Remove(filepath.Join(s.partial, e.Name()))
+	if err := emptyDir(s.partial); err != nil {
+		return nil, fmt.Errorf("partial directory: %w", err)
 	}
+	// The probe is made in the partial directory only: a probe closed in the
+	// data directory would be an upload.
 	probe, err := os.CreateTemp(s.partial, "probe-*")
 	if err != nil {
 		return nil, fmt.Errorf("datadir %s is not writable: %w", dir, err)
 	}
 	probe.Close()
-	os.Remove(probe.Name())
+	if err := os.Remove(probe.Name()); err != nil {
+		return nil, fmt.Errorf("partial directory: %w", err)
+	}
 	return s, nil
+}
+
+// partialDir makes the directory where files are written before they are
+// renamed into dir: want if given (it must be outside dir, on its
+// filesystem), else a sibling of dir, else dir/.partial with a warning.
+func partialDir(dir, want string, logf func(string, ...any)) (string, error) {
+	if want != "" {
+		p, err := filepath.Abs(want)
+		if err != nil {
+			return "", fmt.Errorf("partial directory %s: %w", want, err)
+		}
+		if rel, err := filepath.Rel(dir, p); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+			return "", fmt.Errorf("partial directory %s is inside the data directory %s: uploaders watching it would see partial files", p, dir)
+		}
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			return "", fmt.Errorf("partial directory: %w", err)
+		}
+		if !sameFS(dir, p) {
+			return "", fmt.Errorf("partial directory %s is not on the data directory's filesystem (files are renamed from one to the other)", p)
+		}
+		return p, nil
+	}
+	parent, base := filepath.Split(dir)
+	if base != "" {
+		p := filepath.Join(parent, "."+base+".partial")
+		if err := os.MkdirAll(p, 0o755); err == nil && sameFS(dir, p) {
+			return p, nil
+		} else if err == nil {
+			os.Remove(p)
+		}
+	}
+	p := filepath.Join(dir, LegacyPartialDir)
+	logf("saver: WARNING: no partial directory can be made beside %s on its filesystem: writing files in %s, where an uploader that watches %s recursively will see them being written (give -partialdir)", dir, p, dir)
+	if err := os.MkdirAll(p, 0o755); err != nil {
+		return "", fmt.Errorf("datadir: %w", err)
+	}
+	return p, nil
+}
+
+// sameFS reports whether a and b are on one filesystem.
+func sameFS(a, b string) bool {
+	var sa, sb unix.Stat_t
+	return unix.Stat(a, &sa) == nil && unix.Stat(b, &sb) == nil && sa.Dev == sb.Dev
+}
+
+// emptyDir removes the files in dir: what a crash left being written.
+func emptyDir(dir string) error {
+	leftovers, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range leftovers {
+		os.Remove(filepath.Join(dir, e.Name()))
+	}
+	return nil
+}
+
+// PartialDir returns the absolute directory where files are written before
+// they are published.
+func (s *Saver) PartialDir() string { return s.partial }
+
+// PrepareDays makes the directories of the UTC day of now and of the next
+// day, once per day: a recursive watcher of the data directory (pusher's)
+// adds its watch on a new directory after hearing of it, and would miss a
+// file renamed into it meanwhile.
+func (s *Saver) PrepareDays(now time.Time) error {
+	n := dayNumber(now)
+	if s.prepared.Load() == n {
+		return nil
+	}
+	for i := int64(0); i < 2; i++ {
+		if err := os.MkdirAll(s.dayDir(time.Unix((n+i)*86400, 0)), 0o755); err != nil {
+			return fmt.Errorf("datadir: %w", err)
+		}
+	}
+	s.prepared.Store(n)
+	return nil
 }
 
 // Dir returns the absolute data directory.
@@ -153,17 +273,23 @@ type day struct {
 // dayDir returns <dir>/YYYY/MM/DD for the UTC day of t. The last day's is
 // kept: formatting a date for every flow cost more than its file's path.
 func (s *Saver) dayDir(t time.Time) string {
-	sec := t.Unix()
-	n := sec / 86400
-	if sec < 0 && sec%86400 != 0 {
-		n-- // round down before 1970
-	}
+	n := dayNumber(t)
 	if d := s.day.Load(); d != nil && d.n == n {
 		return d.dir
 	}
 	d := &day{n: n, dir: filepath.Join(s.dir, t.UTC().Format("2006/01/02"))}
 	s.day.Store(d)
 	return d.dir
+}
+
+// dayNumber returns the number of t's UTC day since 1970-01-01.
+func dayNumber(t time.Time) int64 {
+	sec := t.Unix()
+	n := sec / 86400
+	if sec < 0 && sec%86400 != 0 {
+		n-- // round down before 1970
+	}
+	return n
 }
 
 // Active returns the number of flows being written.
@@ -187,10 +313,11 @@ type Flow struct {
 	linkType packet.LinkType
 	first    time.Time
 
-	mu    sync.Mutex
-	queue []*chunk
-	final bool
-	wake  chan struct{}
+	mu     sync.Mutex
+	queue  []*chunk
+	final  bool
+	rename string // the name the flow takes instead of uuid, if not ""
+	wake   chan struct{}
 }
 
 // Start starts the writer of the flow named uuid, captured on a link of type
@@ -225,6 +352,15 @@ func (f *Flow) Push(buf *Buffer, final bool) {
 	}
 }
 
+// Rename gives the flow another UUID, as long as its last chunks have not
+// been pushed: the file is published under the last name given. It never
+// blocks on I/O.
+func (f *Flow) Rename(uuid string) {
+	f.mu.Lock()
+	f.rename = uuid
+	f.mu.Unlock()
+}
+
 func (f *Flow) next() (cs []*chunk, final bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -232,16 +368,30 @@ func (f *Flow) next() (cs []*chunk, final bool) {
 	return cs, f.final
 }
 
+// name returns the flow's UUID as it is now.
+func (f *Flow) name() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.rename != "" {
+		return f.rename
+	}
+	return f.uuid
+}
+
 // run is the writer goroutine. Its state lives in a flowFile on the heap,
 // and its steps are methods with small frames: the goroutine then opens its
 // file within the 2 KiB stack it starts with (growing it cost about 2.5 µs
 // a flow, copying frames).
 func (f *Flow) run() {
-	// The name is checked before anything is created: never a path out of
-	// the data directory, and no path cleaning needed.
-	w := &flowFile{f: f, tmp: f.s.partial + "/" + f.uuid + ".pcap", file: -1}
+	// The name is checked before anything is created (and again when it
+	// is published): never a path out of the data directory, and no path
+	// cleaning needed. The partial file's name is the flow's own: two flows
+	// named alike never share one (TestNoCrossWiring).
+	w := &flowFile{f: f, file: -1}
 	if err := names.CheckUUID(f.uuid); err != nil {
 		w.op, w.err = "name", err
+	} else {
+		w.tmp = f.s.partial + "/" + strconv.FormatUint(f.s.seq.Add(1), 10) + "-" + f.uuid + ".pcap"
 	}
 	for {
 		<-f.wake
@@ -272,15 +422,24 @@ type flowFile struct {
 	vec     []unix.Iovec // reused by raw writes
 }
 
+// closeFile closes the partial file's descriptor, once.
+func (w *flowFile) closeFile() error {
+	if w.file < 0 {
+		return nil
+	}
+	err := unix.Close(w.file)
+	w.file = -1 // closed even when close fails: the number may be another file's now
+	return err
+}
+
 // fail records the first error and removes the partial file.
 func (w *flowFile) fail(op string, err error) {
 	if w.err == nil {
 		w.op, w.err = op, err
-		if w.file >= 0 {
-			unix.Close(w.file)
-			w.file = -1
+		w.closeFile()
+		if w.tmp != "" {
+			os.Remove(w.tmp)
 		}
-		os.Remove(w.tmp)
 	}
 }
 
@@ -306,6 +465,11 @@ func (w *flowFile) write(cs []*chunk) {
 		n += c.n
 		w.iov = append(w.iov, c.b)
 	}
+	var z *compressor
+	if w.err == nil && s.compress && len(w.iov) > 0 {
+		z = getCompressor()
+		w.iov = z.compress(w.iov)
+	}
 	if w.err == nil && len(w.iov) > 0 {
 		if m, err := s.writev(w.file, w.iov, &w.vec); err != nil {
 			w.fail("write", &os.PathError{Op: "write", Path: w.tmp, Err: err})
@@ -314,33 +478,31 @@ func (w *flowFile) write(cs []*chunk) {
 			w.packets += n
 		}
 	}
+	if z != nil {
+		putCompressor(z)
+	}
 	for _, c := range cs {
 		putChunk(c)
 	}
 }
 
-// finish closes the file, compresses it if asked, and renames it into
-// place.
+// finish closes the file and renames it into place under the flow's name
+// as it is now.
 func (w *flowFile) finish() {
 	s := w.f.s
 	if w.err == nil {
-		if err := unix.Close(w.file); err != nil {
-			w.file = -1
+		if err := w.closeFile(); err != nil {
 			w.fail("close", &os.PathError{Op: "close", Path: w.tmp, Err: err})
 		}
 	}
-	if w.err == nil && s.compress {
-		gz := w.tmp + ".gz"
-		if n, err := compressFile(w.tmp, gz); err != nil {
-			os.Remove(gz)
-			w.fail("compress", err)
-		} else {
-			os.Remove(w.tmp)
-			w.tmp, w.written = gz, int(n)
+	uuid := w.f.name()
+	if w.err == nil && uuid != w.f.uuid {
+		if err := names.CheckUUID(uuid); err != nil {
+			w.fail("name", err)
 		}
 	}
 	if w.err == nil {
-		final := s.Path(w.f.uuid, w.f.first)
+		final := s.Path(uuid, w.f.first)
 		err := renameNoReplace(w.tmp, final)
 		if errors.Is(err, os.ErrNotExist) { // the day's directory is new (or was removed)
 			if merr := os.MkdirAll(filepath.Dir(final), 0o755); merr != nil {
@@ -386,50 +548,49 @@ var (
 	flowsSaved   = metrics.FlowsEnded.WithLabelValues(metrics.FlowSaved)
 )
 
+// compressor is a pooled gzip writer and the buffer it compresses into.
+type compressor struct {
+	zw  *gzip.Writer
+	out bytes.Buffer
+	iov [1][]byte
+}
+
 var (
 	compressors = sync.Pool{New: func() any {
 		metrics.CompressorsCreated.Inc()
-		w, _ := gzip.NewWriterLevel(nil, gzip.DefaultCompression)
-		return w
+		zw, _ := gzip.NewWriterLevel(nil, gzip.DefaultCompression)
+		return &compressor{zw: zw}
 	}}
 	compressorsInUse atomic.Int64
 )
 
+func getCompressor() *compressor {
+	compressorsInUse.Add(1)
+	return compressors.Get().(*compressor)
+}
+
+func putCompressor(z *compressor) {
+	z.iov[0] = nil
+	z.out.Reset()
+	compressors.Put(z)
+	compressorsInUse.Add(-1)
+}
+
 // CompressorsInUse returns how many pooled compressors are compressing now.
 func CompressorsInUse() int64 { return compressorsInUse.Load() }
 
-// compressFile compresses from into to as one gzip member, with a pooled
-// compressor, and returns the compressed size.
-func compressFile(from, to string) (int64, error) {
-	in, err := os.Open(from)
-	if err != nil {
-		return 0, err
+// compress compresses bufs (the file header and records of one batch) as
+// one gzip member and returns it as one buffer, valid until z is put back.
+// Writing to a bytes.Buffer cannot fail.
+func (z *compressor) compress(bufs [][]byte) [][]byte {
+	z.out.Reset()
+	z.zw.Reset(&z.out)
+	for _, b := range bufs {
+		z.zw.Write(b)
 	}
-	defer in.Close()
-	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return 0, err
-	}
-	zw := compressors.Get().(*gzip.Writer)
-	compressorsInUse.Add(1)
-	defer func() {
-		zw.Reset(nil) // keep no reference to the file
-		compressors.Put(zw)
-		compressorsInUse.Add(-1)
-	}()
-	zw.Reset(out)
-	_, err = io.Copy(zw, in)
-	if cerr := zw.Close(); err == nil {
-		err = cerr
-	}
-	var size int64
-	if st, serr := out.Stat(); serr == nil {
-		size = st.Size()
-	}
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	return size, err
+	z.zw.Close()
+	z.iov[0] = z.out.Bytes()
+	return z.iov[:]
 }
 
 // create creates a partial file, making the partial directory again if it
@@ -439,7 +600,9 @@ func compressFile(from, to string) (int64, error) {
 func (s *Saver) create(path string) (int, error) {
 	open := func() (int, error) {
 		for {
-			fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_CLOEXEC, 0o644)
+			// O_EXCL: a partial file is never shared, even with what a
+			// crash left.
+			fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, 0o644)
 			if err == unix.EINTR {
 				continue
 			}

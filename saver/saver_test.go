@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"flag"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/google/gopacket/layers"
 	"github.com/google/gopacket/pcapgo"
@@ -138,8 +140,8 @@ func TestGoldenFile(t *testing.T) {
 			t.Fatalf("record %d: %v %d %d", i, ci.Timestamp, ci.Length, len(data))
 		}
 	}
-	if entries, _ := os.ReadDir(filepath.Join(s.Dir(), PartialDir)); len(entries) != 0 {
-		t.Errorf("%d files left in %s", len(entries), PartialDir)
+	if entries, _ := os.ReadDir(s.PartialDir()); len(entries) != 0 {
+		t.Errorf("%d files left in %s", len(entries), s.PartialDir())
 	}
 }
 
@@ -158,21 +160,35 @@ func TestNeverOverwrites(t *testing.T) {
 			t.Errorf("after flow %d the file has %d bytes, want the first flow's %d", i, st.Size(), want)
 		}
 	}
-	if entries, _ := os.ReadDir(filepath.Join(s.Dir(), PartialDir)); len(entries) != 0 {
-		t.Errorf("the refused file was left in %s", PartialDir)
+	if entries, _ := os.ReadDir(s.PartialDir()); len(entries) != 0 {
+		t.Errorf("the refused file was left in %s", s.PartialDir())
 	}
 }
 
 func TestNewCleansLeftoversAndChecksDir(t *testing.T) {
-	dir := t.TempDir()
-	os.MkdirAll(filepath.Join(dir, PartialDir), 0o755)
-	left := filepath.Join(dir, PartialDir, "crashed.pcap")
-	os.WriteFile(left, []byte("partial"), 0o644)
-	if _, err := New(Options{Dir: dir}); err != nil {
+	dir := filepath.Join(t.TempDir(), "data")
+	// What a crash left: in the partial directory beside the data
+	// directory, and in the one an earlier version kept inside it.
+	var left []string
+	for _, p := range []string{filepath.Join(filepath.Dir(dir), ".data.partial"), filepath.Join(dir, LegacyPartialDir)} {
+		os.MkdirAll(p, 0o755)
+		left = append(left, filepath.Join(p, "crashed.pcap"))
+		os.WriteFile(left[len(left)-1], []byte("partial"), 0o644)
+	}
+	s, err := New(Options{Dir: dir})
+	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(left); !os.IsNotExist(err) {
-		t.Error("a partial file from an earlier run was not removed")
+	if want := filepath.Join(filepath.Dir(dir), ".data.partial"); s.PartialDir() != want {
+		t.Errorf("PartialDir() = %s, want %s", s.PartialDir(), want)
+	}
+	for _, l := range left {
+		if _, err := os.Stat(l); !os.IsNotExist(err) {
+			t.Errorf("a partial file from an earlier run was not removed: %s", l)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, LegacyPartialDir)); !os.IsNotExist(err) {
+		t.Error("the legacy partial directory inside the data directory was not removed")
 	}
 	file := filepath.Join(dir, "a-file")
 	os.WriteFile(file, nil, 0o644)
@@ -210,19 +226,50 @@ func BenchmarkAppend(b *testing.B) {
 	}
 }
 
-// TestCompressed writes the golden flow with -compress: one gzip member
-// that decompresses to the golden file, read back by gopacket, and by tshark
-// when it is installed; the compressor is pooled.
+// gunzip decompresses a file and returns its content and the number of
+// gzip members it has.
+func gunzip(t *testing.T, raw []byte) ([]byte, int) {
+	t.Helper()
+	br := bytes.NewReader(raw)
+	var out []byte
+	members := 0
+	for br.Len() > 0 {
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			t.Fatal(err)
+		}
+		zr.Multistream(false)
+		b, err := io.ReadAll(zr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, b...)
+		members++
+	}
+	return out, members
+}
+
+// TestCompressed writes the golden flow with -compress: a flow handed over
+// at once (buffer mode) is one gzip member, a flow written as it goes
+// (stream mode) one member per batch; both decompress to the golden file
+// and are read back by gopacket, and by tshark when it is installed; the
+// compressor is pooled.
 func TestCompressed(t *testing.T) {
 	s, err := New(Options{Dir: t.TempDir(), Snaplen: 256, Compress: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i, uuid := range []string{"host_1_000000000000ABCD", "host_1_000000000000ABCE", "host_1_000000000000ABCF"} {
+		stream := i == 2
 		var b Buffer
 		fill(&b, 150)
 		f := s.Start(uuid, packet.LinkTypeEthernet, t0)
-		f.Push(&b, false)
+		if stream {
+			f.Push(&b, false)
+			for queued(f) > 0 { // the first batch is taken
+				time.Sleep(time.Millisecond)
+			}
+		}
 		fill(&b, 50)
 		f.Push(&b, true)
 		s.Wait()
@@ -234,27 +281,21 @@ func TestCompressed(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		br := bytes.NewReader(raw)
-		zr, err := gzip.NewReader(br)
-		if err != nil {
-			t.Fatal(err)
-		}
-		zr.Multistream(false)
-		got, err := io.ReadAll(zr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if br.Len() != 0 {
-			t.Errorf("%d bytes after the first gzip member", br.Len())
+		got, members := gunzip(t, raw)
+		if !stream && members != 1 {
+			t.Errorf("flow %d: %d gzip members, want 1", i, members)
 		}
 		want, _ := os.ReadFile(filepath.Join("testdata", "golden.pcap"))
 		if !bytes.Equal(got, want) {
 			t.Errorf("flow %d: decompressed file differs from the golden file", i)
 		}
-		if r, err := pcapgo.NewReader(bytes.NewReader(got)); err != nil || r.LinkType() != layers.LinkTypeEthernet {
+		zr, _ := gzip.NewReader(bytes.NewReader(raw)) // as M-Lab's ETL reads it: every member
+		if r, err := pcapgo.NewReader(zr); err != nil || r.LinkType() != layers.LinkTypeEthernet {
 			t.Errorf("gopacket cannot read it: %v", err)
+		} else if n := readAll(r); n != 200 {
+			t.Errorf("gopacket read %d records through gzip, want 200", n)
 		}
-		t.Logf("%d bytes compressed to %d (%.0f%%)", len(got), len(raw), 100*float64(len(raw))/float64(len(got)))
+		t.Logf("%d bytes compressed to %d (%.0f%%) in %d members", len(got), len(raw), 100*float64(len(raw))/float64(len(got)), members)
 		if tshark, err := exec.LookPath("tshark"); err == nil {
 			out, err := exec.Command(tshark, "-r", path, "-T", "fields", "-e", "frame.number").Output()
 			if n := strings.Count(string(out), "\n"); err != nil || n != 200 {
@@ -264,6 +305,176 @@ func TestCompressed(t *testing.T) {
 	}
 	if CompressorsInUse() != 0 {
 		t.Errorf("%d compressors still in use", CompressorsInUse())
+	}
+}
+
+// queued returns the number of chunks a flow's writer has not taken yet.
+func queued(f *Flow) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.queue)
+}
+
+func readAll(r *pcapgo.Reader) int {
+	n := 0
+	for {
+		if _, _, err := r.ReadPacketData(); err != nil {
+			return n
+		}
+		n++
+	}
+}
+
+// TestCompressWritesOnce: with -compress, each flow's file is created and
+// closed once, in the partial directory, and holds only compressed bytes
+// (the records are compressed from the buffer, never written raw and read
+// back).
+func TestCompressWritesOnce(t *testing.T) {
+	s, err := New(Options{Dir: t.TempDir(), Compress: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if _, err := unix.InotifyAddWatch(fd, s.PartialDir(), unix.IN_CREATE|unix.IN_CLOSE_WRITE); err != nil {
+		t.Fatal(err)
+	}
+	const flows = 20
+	for i := 0; i < flows; i++ {
+		var b Buffer
+		fill(&b, 300)
+		s.Start(fmt.Sprintf("flow-%d", i), packet.LinkTypeEthernet, t0).Push(&b, true)
+	}
+	s.Wait()
+	buf := make([]byte, 1<<16)
+	n, _ := unix.Read(fd, buf)
+	creates, closes := 0, 0
+	for off := 0; off+unix.SizeofInotifyEvent <= n; {
+		ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+		if ev.Mask&unix.IN_CREATE != 0 {
+			creates++
+		}
+		if ev.Mask&unix.IN_CLOSE_WRITE != 0 {
+			closes++
+		}
+		off += unix.SizeofInotifyEvent + int(ev.Len)
+	}
+	if creates != flows || closes != flows {
+		t.Errorf("%d files created and %d closed after writing for %d flows, want one each", creates, closes, flows)
+	}
+}
+
+// TestNoCrossWiring: flows whose names are taken already (a rerun into a
+// directory that still holds some of its files) fail alone, while others
+// write at the same time: every missing file is written with exactly its
+// own packets, no existing file changes, and no descriptor is closed twice
+// (a flow whose rename was refused used to close its descriptor again,
+// which by then was another writer's file).
+func TestNoCrossWiring(t *testing.T) {
+	s := newSaver(t)
+	const flows = 600
+	record := func(i int) []byte { return bytes.Repeat([]byte{byte(i), byte(i >> 8)}, 40) }
+	for i := 0; i < flows; i += 2 { // every other name exists already
+		os.MkdirAll(filepath.Dir(s.Path("x", t0)), 0o755)
+		os.WriteFile(s.Path(fmt.Sprintf("flow-%d", i), t0), []byte("earlier run"), 0o644)
+	}
+	for i := 0; i < flows; i++ {
+		var b Buffer
+		for j := 0; j < 3+i%5; j++ {
+			b.Append(t0, 1514, record(i))
+		}
+		s.Start(fmt.Sprintf("flow-%d", i), packet.LinkTypeEthernet, t0).Push(&b, true)
+		if i%3 == 0 { // and the same name twice at once
+			var b Buffer
+			b.Append(t0, 1514, record(i))
+			s.Start(fmt.Sprintf("flow-%d", i), packet.LinkTypeEthernet, t0).Push(&b, true)
+		}
+	}
+	s.Wait()
+	for i := 0; i < flows; i++ {
+		got, err := os.ReadFile(s.Path(fmt.Sprintf("flow-%d", i), t0))
+		if err != nil {
+			t.Fatalf("flow %d: %v", i, err)
+		}
+		if i%2 == 0 {
+			if string(got) != "earlier run" {
+				t.Errorf("flow %d: an existing file was changed", i)
+			}
+			continue
+		}
+		r, err := pcapgo.NewReader(bytes.NewReader(got))
+		if err != nil {
+			t.Errorf("flow %d: %v", i, err)
+			continue
+		}
+		n := 0
+		for {
+			data, _, err := r.ReadPacketData()
+			if err != nil {
+				break
+			}
+			if !bytes.Equal(data, record(i)) {
+				t.Errorf("flow %d: holds another flow's record", i)
+				break
+			}
+			n++
+		}
+		if n != 3+i%5 && !(i%3 == 0 && n == 1) {
+			t.Errorf("flow %d: %d records, want %d (or 1 from its twin)", i, n, 3+i%5)
+		}
+	}
+	if entries, _ := os.ReadDir(s.PartialDir()); len(entries) != 0 {
+		t.Errorf("%d files left in %s", len(entries), s.PartialDir())
+	}
+}
+
+// TestRename: a flow renamed before its last chunk is published under the
+// new name only, in buffer and stream mode.
+func TestRename(t *testing.T) {
+	s := newSaver(t)
+	for _, stream := range []bool{false, true} {
+		old, renamed := fmt.Sprintf("kernel-%v", stream), fmt.Sprintf("tcpinfo-%v", stream)
+		var b Buffer
+		fill(&b, 300)
+		f := s.Start(old, packet.LinkTypeEthernet, t0)
+		if stream {
+			f.Push(&b, false)
+		}
+		f.Rename(renamed)
+		f.Push(&b, true)
+		s.Wait()
+		if _, err := os.Stat(s.Path(old, t0)); !os.IsNotExist(err) {
+			t.Errorf("stream %v: a file under the old name", stream)
+		}
+		if got, err := os.ReadFile(s.Path(renamed, t0)); err != nil || len(got) < 300*(RecordHeaderLen+54) {
+			t.Errorf("stream %v: the renamed file: %d bytes, %v", stream, len(got), err)
+		}
+	}
+	f := s.Start("good", packet.LinkTypeEthernet, t0)
+	f.Rename("../bad")
+	var b Buffer
+	fill(&b, 3)
+	f.Push(&b, true)
+	s.Wait()
+	if _, _, failed := s.Written(); failed != 1 {
+		t.Errorf("a rename to a path: %d failed flows, want 1", failed)
+	}
+}
+
+// TestPrepareDays: today's and tomorrow's directories exist before any file
+// is written in them.
+func TestPrepareDays(t *testing.T) {
+	s := newSaver(t)
+	if err := s.PrepareDays(t0); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"2026/11/25", "2026/11/26"} {
+		if st, err := os.Stat(filepath.Join(s.Dir(), d)); err != nil || !st.IsDir() {
+			t.Errorf("%s: %v", d, err)
+		}
 	}
 }
 
