@@ -19,8 +19,11 @@
 //   - Packets later than -captureduration after the first packet are not
 //     saved (counted as after_captureduration); the file is finished at once.
 //   - A flow ends when no packet arrived for -flowtimeout, or a short linger
-//     after both FINs or an RST, or after the UUID source announced the
-//     connection closed. An unnamed flow is kept until its UUID deadline, in
+//     after both FINs or an RST that its receiver accepts, or after the UUID
+//     source announced the connection closed. Deadlines are applied by Tick
+//     and, exactly, before each packet of the flow: a packet that comes
+//     after its flow's deadline starts a new flow, as it would have after
+//     a tick (TestDeadlinesBeforePackets). An unnamed flow is kept until its UUID deadline, in
 //     case the announcement is late. When a flow with a UUID ends, its file
 //     is finished: in buffer mode it is written in one go now, unless the
 //     flow is long (once named, its chunks were handed to the saver
@@ -30,7 +33,22 @@
 //   - A pure SYN on the 4-tuple of a tracked flow that does not repeat that
 //     flow's SYN (another initial sequence number) ends the old flow at once
 //     and starts a new one, so nothing of one connection lands in the
-//     other's file.
+//     other's file, but only where the server's TCP would take it for a new
+//     connection: when the old one was not synchronized yet, or had ended
+//     (both FINs, or an accepted RST: a port reused, TIME_WAIT included).
+//
+// # Packets the receiver ignores
+//
+// The trace keeps every packet, and a segment that the receiving TCP
+// would not accept changes nothing else about its flow: a SYN on a
+// synchronized connection (RFC 5961 section 4 answers it with a challenge
+// ACK), an RST whose sequence number is not exactly the next one expected
+// (section 3: an in-window RST gets a challenge ACK, others are dropped),
+// a FIN that is not in sequence. What the receiver expects is the highest
+// in-window sequence number each end has sent (what a capture sees, also
+// across its own drops), within the window the other end advertised
+// (scaled, RFC 7323), so injected packets far out of window do not move it
+// (TestInjectedSegments; in e2e, TestInjection).
 //
 // # Cost model and concurrency
 //
@@ -103,6 +121,9 @@ type Writer interface {
 // FlowWriter takes a flow's chunks; *saver.Flow implements it.
 type FlowWriter interface {
 	Push(buf *saver.Buffer, final bool)
+	// Rename changes the name the file is published under, until the
+	// final Push.
+	Rename(uuid string)
 }
 
 // SaverWriter adapts a *saver.Saver to Writer.
@@ -127,6 +148,21 @@ type Limits struct {
 
 // Active returns the number of flows tracked.
 func (l *Limits) Active() int64 { return l.active.Load() }
+
+// take counts one more flow unless MaxFlows are tracked already: the check
+// and the count are one step, so demuxers starting flows at once never
+// exceed it together (TestMaxFlowsAcrossDemuxers).
+func (l *Limits) take() bool {
+	for {
+		n := l.active.Load()
+		if l.MaxFlows > 0 && n >= l.MaxFlows {
+			return false
+		}
+		if l.active.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
 
 // SetOverMemory says whether the heap is above its limit; while it is, no
 // new flow is tracked. Tick sets it when MaxHeap is set.
@@ -167,17 +203,45 @@ type flow struct {
 	st           state
 	maskA, maskB bool
 	syn          bool // the flow began with a pure SYN; synSeq is its sequence number
-	finA, finB   bool
 	lookedUp     bool // Options.Lookup was asked
 	inWaiting    bool // in Demuxer.waiting (else in Demuxer.settled)
+	synced       bool // a SYN-ACK was seen, or ACKs from both ends: RFC 5961 applies
+	ended        bool // both FINs or an accepted RST: a new SYN is a new connection
 	synSeq       uint32
-	first, last  int64 // unix nanoseconds
-	endAt        int64 // when non-zero, the flow ends at this time
+	ends         [2]end // A and B
+	first, last  int64  // unix nanoseconds
+	endAt        int64  // when non-zero, the flow ends at this time
 	entry        *names.Entry
 	out          FlowWriter // once named in stream mode, or once spilled
+	outName      string     // the name out was started or renamed with
 	buf          saver.Buffer
 	idx          int // position in its list
 }
+
+// end is what a flow knows of one end's sequence space.
+type end struct {
+	// nxt is the next sequence number the receiver expects, as far as
+	// the capture shows: segments without a gap before them move it, and
+	// so do the receiver's acknowledgments (which also cover the capture's
+	// own drops). hi is the end of the highest in-window segment sent.
+	nxt, hi uint32
+	wnd     uint32 // the window it advertised last, scaled
+	finPos  uint32 // the sequence number of its last in-window FIN
+	seen    bool   // nxt and hi are set
+	acked   bool   // it sent an ACK without SYN
+	fin     bool   // its FIN was in sequence, or acknowledged
+	finSeen bool   // finPos is set
+	wsOK    bool   // its SYN had a window scale option
+	wscale  uint8
+}
+
+// maxWindow is the window assumed when an end's is not known (a flow seen
+// from its middle): the largest that RFC 7323 allows.
+const maxWindow = 1 << 30
+
+// minWindow is the least window the sequence check allows: a receiver
+// that advertised a zero window still takes retransmissions and probes.
+const minWindow = 1 << 16
 
 // counters are counted per packet in plain fields and published by Tick.
 type counters struct {
@@ -290,7 +354,11 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	f, srcIsA := d.lookup(p)
 	tsn := ts.UnixNano()
 	pureSYN := p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
-	if f != nil && pureSYN && (!f.syn || f.synSeq != p.Seq) {
+	if f != nil && (tsn-f.last >= int64(d.o.FlowTimeout) || f.endAt != 0 && tsn >= f.endAt) {
+		d.remove(f) // its deadline came before this packet, as a tick would have seen
+		f = nil
+	}
+	if f != nil && pureSYN && (!f.syn || f.synSeq != p.Seq) && (!f.synced || f.ended) {
 		d.remove(f) // a new connection on the 4-tuple of an old one
 		f = nil
 	}
@@ -302,14 +370,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	d.last = f
 	f.last = tsn
-	if p.Flags&packet.FlagFIN != 0 {
-		if srcIsA {
-			f.finA = true
-		} else {
-			f.finB = true
-		}
-	}
-	if f.endAt == 0 && (p.Flags&packet.FlagRST != 0 || f.finA && f.finB) {
+	if f.track(p, data, srcIsA) && f.endAt == 0 {
 		f.endAt = tsn + int64(d.o.Linger)
 	}
 	if f.st == waiting && !f.lookedUp && p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagACK && d.o.Lookup != nil {
@@ -345,12 +406,124 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 }
 
+// track follows the sequence space of the segment's sender (src is A when
+// srcIsA) and reports whether the segment ends the connection: an RST the
+// receiver accepts, or the second FIN in sequence. Segments the receiver
+// would drop or answer with a challenge ACK change nothing
+// (TestInjectedSegments).
+func (f *flow) track(p *packet.Parsed, data []byte, srcIsA bool) bool {
+	src, dst := &f.ends[0], &f.ends[1]
+	if !srcIsA {
+		src, dst = dst, src
+	}
+	flags := p.Flags
+	syn := flags&packet.FlagSYN != 0
+	if syn {
+		src.wscale, src.wsOK = p.WindowScale(data)
+		if flags&packet.FlagACK != 0 {
+			f.synced = true
+		}
+	} else if flags&packet.FlagACK != 0 {
+		src.acked = true
+		f.synced = f.synced || dst.acked
+	}
+	if flags&packet.FlagRST != 0 {
+		// RFC 5961 3.2: only an RST at exactly the next sequence number
+		// resets a synchronized connection (Linux also takes the FIN's own
+		// number); one answering a SYN must acknowledge it.
+		var ok bool
+		switch {
+		case src.seen:
+			ok = p.Seq == src.nxt || p.Seq == src.hi || src.fin && p.Seq == src.nxt-1
+		case dst.seen:
+			ok = flags&packet.FlagACK != 0 && p.Ack == dst.nxt
+		default:
+			ok = true // a lone RST: nothing to check it against
+		}
+		f.ended = f.ended || ok
+		return ok
+	}
+	seqEnd := p.Seq + uint32(p.PayloadLen)
+	if syn {
+		seqEnd++
+	}
+	fin := flags&packet.FlagFIN != 0
+	if !src.seen {
+		if fin {
+			src.finPos, src.finSeen, src.fin = seqEnd, true, true
+			seqEnd++
+		}
+		src.nxt, src.hi, src.seen = seqEnd, seqEnd, true
+	} else if w, dStart, dEnd := int32(dst.window()), int32(p.Seq-src.nxt), int32(seqEnd-src.nxt); dEnd >= -w && dStart <= w {
+		// In the receiver's window; nothing is missing before it when it
+		// reaches the next number expected.
+		if fin {
+			src.finPos, src.finSeen = seqEnd, true
+			if dStart <= 0 && dEnd >= 0 {
+				src.fin = true
+				seqEnd++
+			}
+		}
+		if dStart <= 0 && int32(seqEnd-src.nxt) > 0 {
+			src.nxt = seqEnd
+		}
+		if int32(seqEnd-src.hi) > 0 {
+			src.hi = seqEnd
+		}
+	}
+	if flags&packet.FlagACK != 0 && dst.seen {
+		// What src acknowledges of dst's data is what it received.
+		switch a := p.Ack; {
+		case dst.finSeen && a == dst.finPos+1:
+			dst.fin = true
+			dst.nxt, dst.hi = a, a
+		case int32(a-dst.nxt) > 0 && int32(a-dst.hi) <= 0:
+			dst.nxt = a
+		}
+	}
+	if !syn {
+		src.wnd = uint32(p.Window)
+		if src.wsOK && dst.wsOK {
+			src.wnd <<= src.wscale
+		}
+	}
+	if src.fin && dst.fin && !f.ended {
+		f.ended = true
+		return true
+	}
+	return false
+}
+
+// window returns the receive window an end allows (see minWindow and
+// maxWindow).
+func (e *end) window() uint32 {
+	switch {
+	case !e.seen && e.wnd == 0:
+		return maxWindow
+	case e.wnd < minWindow:
+		return minWindow
+	}
+	return min(e.wnd, maxWindow)
+}
+
+// writer returns the writer of a named flow, starting it, or renaming it
+// if the flow's UUID changed since (the authoritative source's name came
+// after another source's).
+func (d *Demuxer) writer(f *flow) FlowWriter {
+	name := f.entry.Name()
+	switch {
+	case f.out == nil:
+		f.out = d.o.Writer.Start(name, d.o.LinkType, time.Unix(0, f.first))
+	case name != f.outName:
+		f.out.Rename(name)
+	}
+	f.outName = name
+	return f.out
+}
+
 // push hands the full chunks of a named flow to its writer, starting it.
 func (d *Demuxer) push(f *flow) {
-	if f.out == nil {
-		f.out = d.o.Writer.Start(f.entry.UUID, d.o.LinkType, time.Unix(0, f.first))
-	}
-	f.out.Push(&f.buf, false)
+	d.writer(f).Push(&f.buf, false)
 }
 
 // lookup returns the flow of a decoded packet (nil if it has none) and
@@ -374,21 +547,20 @@ func (d *Demuxer) lookup(p *packet.Parsed) (*flow, bool) {
 // start begins tracking a flow, unless a limit refuses it.
 func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow {
 	l := d.o.Limits
-	switch {
-	case l.MaxFlows > 0 && l.active.Load() >= l.MaxFlows:
-		d.c.flowLimit++
-		if pureSYN {
-			d.c.refusedFlows++
-		}
-		return nil
-	case l.overMemory.Load():
+	if l.overMemory.Load() {
 		d.c.memLimit++
 		if pureSYN {
 			d.c.refusedMem++
 		}
 		return nil
 	}
-	l.active.Add(1)
+	if !l.take() {
+		d.c.flowLimit++
+		if pureSYN {
+			d.c.refusedFlows++
+		}
+		return nil
+	}
 	d.c.started++
 	f := &flow{key: k, first: tsn, syn: pureSYN, synSeq: seq}
 	f.maskA = d.o.Anonymizer.ShouldMask(&k.A)
@@ -437,7 +609,7 @@ func (d *Demuxer) name(f *flow, e *names.Entry) {
 	}
 	c.Inc()
 	if d.o.Stream {
-		f.out = d.o.Writer.Start(e.UUID, d.o.LinkType, time.Unix(0, f.first))
+		d.writer(f)
 	}
 	if f.buf.Bytes() >= d.spill && f.buf.Full() {
 		d.push(f)
@@ -446,10 +618,7 @@ func (d *Demuxer) name(f *flow, e *names.Entry) {
 
 // finish hands the whole file of a named flow to the saver.
 func (d *Demuxer) finish(f *flow) {
-	if f.out == nil {
-		f.out = d.o.Writer.Start(f.entry.UUID, d.o.LinkType, time.Unix(0, f.first))
-	}
-	f.out.Push(&f.buf, true)
+	d.writer(f).Push(&f.buf, true)
 	f.out = nil
 	f.buf = saver.Buffer{}
 	f.st = finished

@@ -23,27 +23,42 @@ import (
 
 var t0 = time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 
-// conn makes the frames of one TCP connection, as gopacket encodes them.
+// conn makes the frames of one TCP connection, as gopacket encodes them,
+// with the sequence and acknowledgment numbers a real one would have.
 type conn struct {
 	cli, srv netip.AddrPort
 	isn      uint32
+	next     [2]uint32 // the next sequence number of the client and the server
 }
 
+// srvISN is the server's initial sequence number.
+const srvISN = 7777
+
 func newConn(cliPort uint16, isn uint32) *conn {
-	return &conn{cli: netip.AddrPortFrom(netip.MustParseAddr("203.0.113.5"), cliPort), srv: netip.MustParseAddrPort("192.0.2.1:443"), isn: isn}
+	return &conn{cli: netip.AddrPortFrom(netip.MustParseAddr("203.0.113.5"), cliPort), srv: netip.MustParseAddrPort("192.0.2.1:443"), isn: isn,
+		next: [2]uint32{isn, srvISN}}
 }
 
 func (c *conn) frame(t testing.TB, fromClient bool, f func(*layers.TCP), payload int) []byte {
 	src, dst := c.cli, c.srv
+	side := 0
 	if !fromClient {
 		src, dst = dst, src
+		side = 1
 	}
 	ip := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: src.Addr().AsSlice(), DstIP: dst.Addr().AsSlice()}
-	tcp := &layers.TCP{SrcPort: layers.TCPPort(src.Port()), DstPort: layers.TCPPort(dst.Port()), Seq: c.isn, Window: 1000}
-	if !fromClient {
-		tcp.Seq = 7777
-	}
+	tcp := &layers.TCP{SrcPort: layers.TCPPort(src.Port()), DstPort: layers.TCPPort(dst.Port()), Seq: c.next[side], Ack: c.next[1-side], Window: 1000}
 	f(tcp)
+	end := tcp.Seq + uint32(payload)
+	if tcp.SYN {
+		end++
+	}
+	if tcp.FIN {
+		end++
+	}
+	if int32(end-c.next[side]) > 0 && !tcp.RST {
+		c.next[side] = end
+	}
 	tcp.SetNetworkLayerForChecksum(ip)
 	buf := gopacket.NewSerializeBuffer()
 	err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
@@ -56,10 +71,10 @@ func (c *conn) frame(t testing.TB, fromClient bool, f func(*layers.TCP), payload
 }
 
 func (c *conn) syn(t testing.TB) []byte {
-	return c.frame(t, true, func(p *layers.TCP) { p.SYN = true }, 0)
+	return c.frame(t, true, func(p *layers.TCP) { p.SYN, p.Seq = true, c.isn }, 0) // first or again
 }
 func (c *conn) synack(t testing.TB) []byte {
-	return c.frame(t, false, func(p *layers.TCP) { p.SYN, p.ACK = true, true }, 0)
+	return c.frame(t, false, func(p *layers.TCP) { p.SYN, p.ACK, p.Seq = true, true, srvISN }, 0)
 }
 func (c *conn) data(t testing.TB, fromClient bool, n int) []byte {
 	return c.frame(t, fromClient, func(p *layers.TCP) { p.ACK, p.PSH = true, true }, n)
@@ -608,5 +623,192 @@ func TestMaxHeapAtTick(t *testing.T) {
 	h.packet(201*ms, b.syn(t))
 	if h.d.Flows() != 2 {
 		t.Errorf("%d flows once the heap is below the limit again, want 2", h.d.Flows())
+	}
+}
+
+// TestInjectedSegments: on an established connection, segments that its
+// receiver would drop or answer with a challenge ACK (RFC 5961), sent as
+// either end, are kept in the flow's file and neither end it (after the
+// linger) nor split it; the connection's later packets land in the same
+// file. The exact RST ends it.
+func TestInjectedSegments(t *testing.T) {
+	tests := []struct {
+		name       string
+		fromClient bool
+		mod        func(p *layers.TCP, next uint32)
+		ends       bool
+	}{
+		{"RST in window, client", true, func(p *layers.TCP, n uint32) { p.RST, p.Seq = true, n+500 }, false},
+		{"RST in window, server", false, func(p *layers.TCP, n uint32) { p.RST, p.Seq = true, n+500 }, false},
+		{"RST far out of window", true, func(p *layers.TCP, n uint32) { p.RST, p.Seq = true, n+1<<31 }, false},
+		{"RST just before", false, func(p *layers.TCP, n uint32) { p.RST, p.Seq = true, n-10 }, false},
+		{"RST with ACK in window", true, func(p *layers.TCP, n uint32) { p.RST, p.ACK, p.Seq = true, true, n+1 }, false},
+		{"SYN with a fresh ISN, client", true, func(p *layers.TCP, n uint32) { p.SYN, p.Seq = true, 999999 }, false},
+		{"SYN with a fresh ISN, server", false, func(p *layers.TCP, n uint32) { p.SYN, p.Seq = true, 999999 }, false},
+		{"SYN-ACK, server", false, func(p *layers.TCP, n uint32) { p.SYN, p.ACK, p.Seq = true, true, 5 }, false},
+		{"FIN far out of window", true, func(p *layers.TCP, n uint32) { p.FIN, p.ACK, p.Seq = true, true, n+1<<30 }, false},
+		{"FIN ahead of a gap", false, func(p *layers.TCP, n uint32) { p.FIN, p.ACK, p.Seq = true, true, n+300 }, false},
+		{"data far out of window", true, func(p *layers.TCP, n uint32) { p.ACK, p.Seq = true, n+1<<31 }, false},
+		{"the exact RST, client", true, func(p *layers.TCP, n uint32) { p.RST, p.Seq = true, n }, true},
+		{"the exact RST, server", false, func(p *layers.TCP, n uint32) { p.RST, p.ACK, p.Seq = true, true, n }, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t, nil)
+			c := newConn(1000, 1)
+			h.open(0, "u", c)
+			h.packet(0, c.syn(t))
+			h.packet(1*ms, c.synack(t))
+			h.packet(2*ms, c.ack(t, true))
+			h.packet(3*ms, c.data(t, true, 100))
+			h.packet(4*ms, c.data(t, false, 200))
+			side := 0
+			if !tt.fromClient {
+				side = 1
+			}
+			spoof := *c // the injector's numbers, not the connection's
+			injected := spoof.frame(t, tt.fromClient, func(p *layers.TCP) { tt.mod(p, c.next[side]) }, 0)
+			h.packet(10*ms, injected)
+			h.tick(1500 * ms) // past the linger
+			if tt.ends {
+				if h.d.Flows() != 0 {
+					t.Fatal("the exact RST did not end the flow")
+				}
+				if got := len(h.file("u")); got != 6 {
+					t.Errorf("%d packets in the file, want 6", got)
+				}
+				return
+			}
+			h.packet(1600*ms, c.data(t, true, 100))
+			h.packet(1700*ms, c.fin(t, true))
+			h.packet(1701*ms, c.fin(t, false))
+			h.packet(1702*ms, c.ack(t, true))
+			h.tick(1800 * ms)
+			if h.d.Flows() != 1 {
+				t.Errorf("%d flows after the connection's last packets, want its one", h.d.Flows())
+			}
+			h.tick(3 * time.Second) // the linger after the real FINs
+			if h.d.Flows() != 0 {
+				t.Error("the real FINs did not end the flow")
+			}
+			got := h.file("u")
+			if len(got) != 10 {
+				t.Fatalf("%d packets in the file, want all 10, the injected one included", len(got))
+			}
+			if string(got[5]) != string(injected[:min(len(injected), len(got[5]))]) {
+				t.Error("the injected packet is not the file's sixth")
+			}
+		})
+	}
+}
+
+// TestPortReuseAfterRST: a connection reset at the exact sequence number,
+// then a new one on the same 4-tuple, each in its own file.
+func TestPortReuseAfterRST(t *testing.T) {
+	h := newHarness(t, nil)
+	c1, c2 := newConn(1000, 111), newConn(1000, 90000)
+	h.open(0, "first", c1)
+	h.packet(1*ms, c1.syn(t))
+	h.packet(2*ms, c1.synack(t))
+	h.packet(3*ms, c1.ack(t, true))
+	h.packet(4*ms, c1.frame(t, false, func(p *layers.TCP) { p.RST = true }, 0))
+	h.packet(20*ms, c2.syn(t)) // within the linger
+	h.open(21*ms, "second", c2)
+	h.packet(22*ms, c2.synack(t))
+	h.packet(23*ms, c2.ack(t, true))
+	h.d.Close()
+	if a, b := len(h.file("first")), len(h.file("second")); a != 4 || b != 3 {
+		t.Errorf("first %d packets (want 4), second %d (want 3)", a, b)
+	}
+}
+
+// TestDeadlinesBeforePackets: a packet that comes after its flow's
+// -flowtimeout, or after the linger of its FINs, with no tick between
+// (offline mode, or a busy capture), starts a new flow, as it would have
+// if a tick had come at the deadline: the old file holds none of it.
+func TestDeadlinesBeforePackets(t *testing.T) {
+	for _, linger := range []bool{false, true} {
+		h := newHarness(t, func(o *Options) { o.FlowTimeout = 5 * time.Second })
+		c := newConn(1000, 1)
+		h.open(0, "u", c)
+		h.packet(0, c.syn(t))
+		h.packet(1*ms, c.synack(t))
+		h.packet(2*ms, c.ack(t, true))
+		at := 6 * time.Second // past the flow timeout
+		if linger {
+			h.packet(3*ms, c.fin(t, true))
+			h.packet(4*ms, c.fin(t, false))
+			at = 1500 * ms // past the linger, within the timeout
+		}
+		h.packet(at, c.data(t, true, 10))
+		if got := len(h.file("u")); got != 3+2*btoi(linger) {
+			t.Errorf("linger %v: the old flow's file has %d packets, want %d", linger, got, 3+2*btoi(linger))
+		}
+		if h.d.Flows() != 1 {
+			t.Errorf("linger %v: %d flows, want the new one", linger, h.d.Flows())
+		}
+		h.d.Close()
+	}
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// TestMaxFlowsAcrossDemuxers: demuxers that start flows at once on two
+// goroutines never track more than -maxflows together.
+func TestMaxFlowsAcrossDemuxers(t *testing.T) {
+	lim := &Limits{MaxFlows: 50}
+	var ds [4]*Demuxer
+	frames := make([][][]byte, len(ds))
+	for i := range ds {
+		h := newHarness(t, func(o *Options) { o.Limits = lim })
+		ds[i] = h.d
+		for j := 0; j < 200; j++ {
+			frames[i] = append(frames[i], newConn(uint16(1+i*1000+j), 1).syn(t))
+		}
+	}
+	done := make(chan struct{})
+	for i := range ds {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for _, f := range frames[i] {
+				ds[i].Packet(f, t0, len(f))
+			}
+		}()
+	}
+	for range ds {
+		<-done
+	}
+	total := 0
+	for _, d := range ds {
+		total += d.Flows()
+	}
+	if total != 50 || lim.Active() != 50 {
+		t.Errorf("%d flows tracked (%d active), want exactly -maxflows 50", total, lim.Active())
+	}
+}
+
+// TestRenamedFlow: a flow named by one source, then renamed by the
+// authority (in buffer mode before its writer starts, in stream mode
+// after), is published under the authority's name only.
+func TestRenamedFlow(t *testing.T) {
+	for _, stream := range []bool{false, true} {
+		tb := names.New(&names.Options{Authority: "eventsocket"})
+		h := newHarness(t, func(o *Options) { o.Stream = stream; o.Names = tb })
+		h.names = tb
+		c := newConn(1000, 1)
+		tb.Open(t0, "kernel-name", c.key(), "kernel", 42)
+		h.packet(0, c.syn(t))
+		h.packet(1*ms, c.synack(t))
+		tb.Open(t0.Add(2*ms), "tcpinfo-name", c.key(), "eventsocket", 42)
+		h.packet(3*ms, c.ack(t, true))
+		h.d.Close()
+		if h.file("kernel-name") != nil || len(h.file("tcpinfo-name")) != 3 {
+			t.Errorf("stream %v: kernel's file %v, tcp-info's %d packets", stream, h.file("kernel-name") != nil, len(h.file("tcpinfo-name")))
+		}
 	}
 }

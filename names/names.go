@@ -9,6 +9,12 @@
 // rather than overwrite a file). A repeated Open for a UUID already known
 // changes nothing, which makes a tcp-info restart harmless.
 //
+// The Authority source's name for a socket (the same cookie) wins over
+// another source's whatever their order: an Open from the authority renames
+// the socket's entry, also after a flow claimed it (the flow's file is then
+// published under the new name, see Entry.Name), and the other source's
+// name stays an alias for Close (TestAuthorityWinsInAnyOrder).
+//
 // Memory is bounded: announcements that no flow claimed are forgotten after
 // the table's TTL, closed ones after a grace period, and the table holds at
 // most MaxEntries of them (extra Opens are counted and dropped).
@@ -18,6 +24,7 @@
 package names
 
 import (
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,18 +34,32 @@ import (
 
 // Entry is one announced connection.
 type Entry struct {
+	// UUID is the name the entry was claimed with; Name returns the name
+	// it has now.
 	UUID     string
 	Key      packet.Key
 	Source   string    // who announced it
 	Cookie   uint64    // the kernel's socket cookie, 0 if unknown
 	OpenedAt time.Time // the announcement's timestamp
 
-	closedAt atomic.Int64 // unix nanoseconds of the Close, 0 while open
+	closedAt atomic.Int64           // unix nanoseconds of the Close, 0 while open
+	renamed  atomic.Pointer[string] // the authority's name, given after the claim
 
 	// Guarded by Table.mu.
+	alias   string // another name of the entry in byUUID (the other source's)
 	claimed bool
 	created time.Time // when the table learnt of it (table clock)
 	seen    time.Time // when the table learnt of it or last changed it (table clock)
+}
+
+// Name returns the entry's name as it is now: UUID, or the authoritative
+// source's name given after a flow claimed the entry. It is safe to call
+// without the table's lock.
+func (e *Entry) Name() string {
+	if n := e.renamed.Load(); n != nil {
+		return *n
+	}
+	return e.UUID
 }
 
 // Closed returns when the connection was announced closed, or false while it
@@ -72,8 +93,9 @@ type Table struct {
 	now       func() time.Time
 	mu        sync.Mutex
 	byKey     map[packet.Key]*Entry // the newest announcement for a connection
-	byUUID    map[string]*Entry     // every open announcement, for Close
+	byUUID    map[string]*Entry     // every open announcement by each of its names, for Close
 	dropped   atomic.Uint64
+	renames   atomic.Uint64
 }
 
 // New returns an empty table.
@@ -106,13 +128,20 @@ func (t *Table) Open(ts time.Time, uuid string, k packet.Key, source string, coo
 		return false
 	}
 	if old, ok := t.byKey[k]; ok && (old.UUID == uuid || cookie != 0 && old.Cookie == cookie) {
-		if old.UUID != uuid && source == t.authority && old.Source != t.authority && !old.claimed {
+		if old.Name() != uuid && source == t.authority && old.Source != t.authority {
 			// The authoritative source names a socket another source
-			// named first, with another prefix: its name wins while no
-			// flow took the other.
-			delete(t.byUUID, old.UUID)
-			old.UUID, old.Source, old.OpenedAt = uuid, source, ts
+			// named first (with another prefix): its name wins, and the
+			// other stays an alias, for that source's Close.
+			t.renames.Add(1)
+			if old.alias == "" {
+				old.alias = old.UUID
+			}
 			t.byUUID[uuid] = old
+			if !old.claimed {
+				old.UUID, old.Source, old.OpenedAt = uuid, source, ts
+			} else {
+				old.renamed.Store(&uuid)
+			}
 			return true
 		}
 		return false // a repeat, late or from another source
@@ -137,7 +166,7 @@ func (t *Table) Close(ts time.Time, uuid string) bool {
 	if !ok {
 		return false
 	}
-	delete(t.byUUID, uuid)
+	t.forget(e)
 	ns := ts.UnixNano()
 	if ns == 0 {
 		ns = 1
@@ -186,9 +215,7 @@ func (t *Table) Sweep() int {
 		age := now.Sub(e.seen)
 		if (closed || !e.claimed) && age > t.ttl || age > 4*t.ttl {
 			delete(t.byKey, k)
-			if t.byUUID[e.UUID] == e {
-				delete(t.byUUID, e.UUID)
-			}
+			t.forget(e)
 		}
 	}
 	for u, e := range t.byUUID {
@@ -197,6 +224,15 @@ func (t *Table) Sweep() int {
 		}
 	}
 	return len(t.byKey)
+}
+
+// forget removes e's names from byUUID.
+func (t *Table) forget(e *Entry) {
+	for _, n := range [...]string{e.UUID, e.alias, e.Name()} {
+		if n != "" && t.byUUID[n] == e {
+			delete(t.byUUID, n)
+		}
+	}
 }
 
 // NamedSince reports whether connection k has an announcement that a new
@@ -225,3 +261,47 @@ func (t *Table) Len() int {
 
 // Dropped returns how many Opens were dropped because the table was full.
 func (t *Table) Dropped() uint64 { return t.dropped.Load() }
+
+// Renames returns how many entries the authority renamed.
+func (t *Table) Renames() uint64 { return t.renames.Load() }
+
+// Prefix is the prefix of the UUIDs made from socket cookies, as
+// m-lab/uuid makes them (<prefix>_<cookie as 16 upper-case hex digits>),
+// which may be learnt from another source's names: without a prefix file
+// shared with tcp-info, its made-up prefix can differ from this process's
+// by a second (TestLearnPrefix). It is safe for concurrent use.
+type Prefix struct {
+	p      atomic.Pointer[string]
+	learnt atomic.Bool
+}
+
+// NewPrefix returns a prefix that starts as p.
+func NewPrefix(p string) *Prefix {
+	x := &Prefix{}
+	x.p.Store(&p)
+	return x
+}
+
+// String returns the prefix as it is now.
+func (x *Prefix) String() string { return *x.p.Load() }
+
+// FromCookie names a socket cookie with the prefix.
+func (x *Prefix) FromCookie(cookie uint64) string {
+	return fmt.Sprintf("%s_%016X", *x.p.Load(), cookie)
+}
+
+// Learn takes the prefix of uuid, the name another source gave the socket
+// with this cookie, the first time it is called with a name of that form.
+// It returns the prefix learnt and true when it changed the prefix.
+func (x *Prefix) Learn(uuid string, cookie uint64) (string, bool) {
+	suffix := fmt.Sprintf("_%016X", cookie)
+	if cookie == 0 || x.learnt.Load() || len(uuid) <= len(suffix) || uuid[len(uuid)-len(suffix):] != suffix {
+		return "", false
+	}
+	if !x.learnt.CompareAndSwap(false, true) {
+		return "", false
+	}
+	p := uuid[:len(uuid)-len(suffix)]
+	old := x.p.Swap(&p)
+	return p, *old != p
+}

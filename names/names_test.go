@@ -173,3 +173,57 @@ func TestCheckUUID(t *testing.T) {
 		}
 	}
 }
+
+// TestAuthorityWinsInAnyOrder: tcp-info's name (the authority) for a socket
+// that the kernel source named first with another prefix replaces the
+// kernel's, before and after a flow claimed the entry; the kernel's name
+// still closes it; the kernel's name after tcp-info's changes nothing.
+func TestAuthorityWinsInAnyOrder(t *testing.T) {
+	for _, claimFirst := range []bool{false, true} {
+		tb := New(&Options{Authority: "eventsocket"})
+		tb.Open(t0, "host_1_00000000000000AA", key(1), "kernel", 0xAA)
+		var e *Entry
+		if claimFirst {
+			e = tb.Claim(key(1), t0)
+		}
+		if !tb.Open(t0, "host_2_00000000000000AA", key(1), "eventsocket", 0xAA) {
+			t.Errorf("claimed %v: the authority's name was not taken", claimFirst)
+		}
+		if !claimFirst {
+			e = tb.Claim(key(1), t0)
+		}
+		if e == nil || e.Name() != "host_2_00000000000000AA" {
+			t.Fatalf("claimed %v: entry %v, want tcp-info's name", claimFirst, e)
+		}
+		if tb.Open(t0, "host_1_00000000000000AA", key(1), "kernel", 0xAA) || e.Name() != "host_2_00000000000000AA" {
+			t.Errorf("claimed %v: the kernel's name after tcp-info's renamed the entry to %s", claimFirst, e.Name())
+		}
+		if !tb.Close(t0.Add(time.Second), "host_1_00000000000000AA") {
+			t.Errorf("claimed %v: the kernel's name no longer closes the entry", claimFirst)
+		}
+		if _, closed := e.Closed(); !closed || tb.Close(t0, "host_2_00000000000000AA") {
+			t.Errorf("claimed %v: closed %v; both names must be forgotten after one Close", claimFirst, closed)
+		}
+		if tb.Renames() != 1 {
+			t.Errorf("claimed %v: %d renames", claimFirst, tb.Renames())
+		}
+	}
+}
+
+// TestLearnPrefix: the prefix of the first name that ends in its cookie is
+// taken, once.
+func TestLearnPrefix(t *testing.T) {
+	p := NewPrefix("vm_1796148445_unsafe")
+	if p.FromCookie(0x1001) != "vm_1796148445_unsafe_0000000000001001" {
+		t.Errorf("FromCookie: %s", p.FromCookie(0x1001))
+	}
+	if _, ok := p.Learn("odd-name", 0x1001); ok || p.String() != "vm_1796148445_unsafe" {
+		t.Errorf("learnt from a name without the cookie: %s", p)
+	}
+	if got, ok := p.Learn("vm_1796148444_unsafe_0000000000001001", 0x1001); !ok || got != "vm_1796148444_unsafe" {
+		t.Errorf("Learn = %q %v", got, ok)
+	}
+	if _, ok := p.Learn("other_0000000000001002", 0x1002); ok || p.FromCookie(0x1002) != "vm_1796148444_unsafe_0000000000001002" {
+		t.Errorf("the prefix changed twice: %s", p)
+	}
+}

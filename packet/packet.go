@@ -80,6 +80,12 @@ type Parsed struct {
 	DstPort  uint16
 	Flags    uint8  // TCP flags byte
 	Seq      uint32 // TCP sequence number
+	Ack      uint32 // TCP acknowledgment number
+	Window   uint16 // TCP window field, unscaled
+	// PayloadLen is the TCP payload's length by the IP header's length
+	// fields (never read: the payload is not captured), 0 when the IP
+	// length is unknown (a GSO super-packet).
+	PayloadLen int
 
 	IPOffset  int // start of the IP header
 	SrcOffset int // start of the source address (4 or 16 bytes)
@@ -272,8 +278,40 @@ func (p *Parsed) decodeTCP(b []byte, off, ipEnd int) Kind {
 	p.SrcPort = binary.BigEndian.Uint16(t[0:2])
 	p.DstPort = binary.BigEndian.Uint16(t[2:4])
 	p.Seq = binary.BigEndian.Uint32(t[4:8])
+	p.Ack = binary.BigEndian.Uint32(t[8:12])
 	p.Flags = t[13]
+	p.Window = binary.BigEndian.Uint16(t[14:16])
 	p.TCPOffset = off
 	p.HeaderEnd = off + doff
+	p.PayloadLen = 0
+	if ipEnd != maxLen {
+		p.PayloadLen = ipEnd - p.HeaderEnd
+	}
 	return TCP
+}
+
+// WindowScale returns the shift of the window scale option (RFC 7323) of
+// the TCP header decoded from frame b, if it has one within the captured
+// bytes. It is meant for SYN segments, the only ones that carry it.
+func (p *Parsed) WindowScale(b []byte) (uint8, bool) {
+	end := min(p.HeaderEnd, len(b))
+	for i := p.TCPOffset + 20; i < end; {
+		switch kind := b[i]; kind {
+		case 0: // end of options
+			return 0, false
+		case 1: // no-operation
+			i++
+			continue
+		case 3:
+			if i+2 < end && b[i+1] == 3 {
+				return min(b[i+2], 14), true
+			}
+			return 0, false
+		}
+		if i+1 >= end || b[i+1] < 2 {
+			return 0, false
+		}
+		i += int(b[i+1])
+	}
+	return 0, false
 }
