@@ -3,10 +3,14 @@
 // file, <datadir>/YYYY/MM/DD/<uuid>.pcap, named by the UUID that tcp-info
 // gives the connection.
 //
-// Data flow: capture (libpcap, one handle per interface) -> demuxer (one per
-// capture, flows keyed by 4-tuple) -> saver (one writer goroutine per named
-// flow) -> file. UUIDs come from tcp-info's eventsocket (tcpeventsocket)
-// through the names table; anonymize masks remote addresses on the way.
+// Data flow: capture (a TPACKET_V3 ring per interface, read natively;
+// libpcap compiles the filter) -> demuxer (one per capture, flows keyed by
+// 4-tuple) -> saver (one writer goroutine per named flow) -> file. UUIDs
+// come into the names table from two sources: the kernel's socket cookies
+// (sockdiag: look-ups by 4-tuple once a handshake completes, and the
+// kernel's destroy broadcasts) and tcp-info's eventsocket (tcpeventsocket),
+// whose names win. anonymize masks remote addresses on the way. With -read,
+// offline splits a capture file through the same demuxer and saver.
 package main
 
 import (
@@ -23,6 +27,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -75,6 +80,8 @@ type config struct {
 	healthGrace     time.Duration
 	batchDelay      time.Duration
 	bufferSize      bytecount.ByteCount
+	partialDir      string
+	shutdownTimeout time.Duration
 }
 
 // freeSpace is the -minfreespace flag: bytes (a byte count such as 500MB)
@@ -138,6 +145,8 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
 	fs.BoolVar(&c.quiet, "quiet", false, "Offline mode: no progress line on a terminal")
 	fs.Var(&c.localAddrs, "localaddr", "Offline mode: an address of the server (repeatable), kept by -anonymize.ip=netblock; the local ends in -events are added")
+	fs.StringVar(&c.partialDir, "partialdir", "", "Directory where files are written before they are renamed into the datadir: outside it (an uploader watching the datadir sees only finished files) and on its filesystem; unset: .<datadir's name>.partial beside the datadir")
+	fs.DurationVar(&c.shutdownTimeout, "shutdown.timeout", 20*time.Second, "On SIGTERM or SIGINT, the longest the daemon waits for the files being written (after -sigtermwait) before it says which are not written and exits 1; a second signal exits at once")
 	return fs
 }
 
@@ -161,7 +170,14 @@ func parse(args []string, c *config, stderr io.Writer) error {
 	if err := flagx.ArgsFromEnvWithLog(fs, false); err != nil {
 		return err
 	}
+	// A flag is set on the command line or by its environment variable
+	// (flagx sets those through Value.Set, which fs.Visit does not see).
 	set := map[string]bool{}
+	fs.VisitAll(func(f *flag.Flag) {
+		if _, ok := os.LookupEnv(flagx.MakeShellVariableName(f.Name)); ok {
+			set[f.Name] = true
+		}
+	})
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if !set["maxprocs"] && (c.compress || os.Getenv("GOMAXPROCS") != "") {
 		c.maxProcs = 0 // compression wants every CPU; an explicit GOMAXPROCS wins
@@ -181,6 +197,8 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return fmt.Errorf("-maxheadersize must be between 64 and 65535, not %d", c.maxHeaderSize)
 	case c.healthGrace <= 0:
 		return fmt.Errorf("-health.grace must be positive, not %v", c.healthGrace)
+	case c.shutdownTimeout <= 0:
+		return fmt.Errorf("-shutdown.timeout must be positive, not %v", c.shutdownTimeout)
 	case c.batchDelay < 0 || c.batchDelay > time.Second:
 		return fmt.Errorf("-capture.batchdelay must be between 0 and 1s, not %v", c.batchDelay)
 	case c.bufferSize < 64*bytecount.Kilobyte || c.bufferSize > 2*bytecount.Gigabyte:
@@ -204,6 +222,7 @@ func parse(args []string, c *config, stderr io.Writer) error {
 	case len(c.localAddrs) > 0 && c.read == "":
 		return errors.New("-localaddr is for offline mode (-read); live mode knows its addresses")
 	}
+	c.interfaces = dedupe(c.interfaces)
 	for _, s := range c.localAddrs {
 		a, err := netip.ParseAddr(s)
 		if err != nil {
@@ -229,6 +248,19 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return fmt.Errorf("the default UUID prefix cannot name files (%w): give -uuid-prefix-file", err)
 	}
 	return nil
+}
+
+// dedupe returns the interfaces named, each once, in their first order: a
+// repeated -interface would open two captures on one interface, track
+// every flow twice and overwrite its metrics.
+func dedupe(ifaces []string) []string {
+	var out []string
+	for _, i := range ifaces {
+		if !slices.Contains(out, i) {
+			out = append(out, i)
+		}
+	}
+	return out
 }
 
 func main() {
@@ -278,9 +310,12 @@ func run(ctx context.Context, c *config) (int, error) {
 	if err != nil {
 		return 1, err
 	}
-	sv, err := saver.New(saver.Options{Dir: c.dataDir, Snaplen: c.maxHeaderSize, MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent, Compress: c.compress})
+	sv, err := saver.New(saver.Options{Dir: c.dataDir, PartialDir: c.partialDir, Snaplen: c.maxHeaderSize, MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent, Compress: c.compress})
 	if err != nil {
 		return 2, err
+	}
+	if err := sv.PrepareDays(time.Now()); err != nil {
+		return 1, err
 	}
 	checker := health.New(c.healthGrace)
 	srv, err := pm.Listen(c.listenAddr, map[string]http.Handler{
@@ -297,21 +332,34 @@ func run(ctx context.Context, c *config) (int, error) {
 	}()
 
 	table := newNames(c)
+	// Without a prefix file shared with tcp-info, tcp-info's prefix is
+	// learnt from its first Open (see eventHandler).
+	prefix := names.NewPrefix(strings.TrimSuffix(uuid.FromCookie(0), "_0000000000000000"))
 	var kernel *sockdiag.Source
 	var lookupConn, destroyConn sockdiag.Conn
 	if c.kernelUUIDs {
-		if destroyConn, err = sockdiag.ListenDestroy(); err != nil {
-			if errors.Is(err, sockdiag.ErrNeedNetAdmin) {
-				err = fmt.Errorf("%w: grant it (setcap cap_net_raw,cap_net_admin+ep, or the container's capabilities), or run with -uuid.kernel=false and -tcpinfo.eventsocket", err)
-			}
-			return 1, err
-		}
 		if lookupConn, err = sockdiag.Dial(); err != nil {
-			destroyConn.Close()
 			return 1, err
 		}
-		kernel = sockdiag.NewSource(table, sockdiag.Options{Local: local, UUID: uuid.FromCookie, GiveUp: c.uuidWait})
+		if destroyConn, err = listenDestroy(); errors.Is(err, sockdiag.ErrNeedNetAdmin) {
+			// As the predecessor ran (CAP_NET_RAW only): look-ups by
+			// 4-tuple need no capability; connections that close before
+			// theirs are not named (counted as gave_up_no_broadcasts).
+			log.Printf("packet-headers: %v: connections that close before their look-up (a few milliseconds after the handshake) are not named from the kernel; grant CAP_NET_ADMIN to name them", err)
+			destroyConn, err = nil, nil
+		}
+		if err != nil {
+			lookupConn.Close()
+			return 1, err
+		}
+		kernel = sockdiag.NewSource(table, sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.uuidWait, NoDestroy: destroyConn == nil})
 	}
+	pm.RegisterGaugeFunc("pcap_kernel_destroy_broadcasts", "1 while the kernel's socket destroy broadcasts are read (they need CAP_NET_ADMIN), 0 without them.", func() float64 {
+		if destroyConn != nil {
+			return 1
+		}
+		return 0
+	})
 
 	filter := func() string {
 		// At each (re)open: the interface may come back with new addresses.
@@ -329,7 +377,9 @@ func run(ctx context.Context, c *config) (int, error) {
 			}
 			if kernel != nil {
 				lookupConn.Close()
-				destroyConn.Close()
+				if destroyConn != nil {
+					destroyConn.Close()
+				}
 			}
 			return 1, err
 		}
@@ -395,9 +445,11 @@ func run(ctx context.Context, c *config) (int, error) {
 
 	// Background work that ends with bg.
 	bg, cancelBG := context.WithCancel(context.Background())
+	defer cancelBG()
 	var bgWG sync.WaitGroup
 	if c.eventSocket != "" {
-		client := tcpeventsocket.New(c.eventSocket, &eventHandler{t: table, checkPrefix: kernel != nil}, nil)
+		h := &eventHandler{t: table, prefix: prefix, learn: c.uuidPrefixFile == "", checkPrefix: kernel != nil}
+		client := tcpeventsocket.New(c.eventSocket, h, nil)
 		checker.Add("eventsocket", client.Connected)
 		bgWG.Add(1)
 		go func() {
@@ -406,11 +458,14 @@ func run(ctx context.Context, c *config) (int, error) {
 		}()
 	}
 	if kernel != nil {
-		bgWG.Add(2)
+		bgWG.Add(1)
 		go func() {
 			defer bgWG.Done()
 			kernel.RunLookups(bg, lookupConn)
 		}()
+	}
+	if destroyConn != nil {
+		bgWG.Add(1)
 		go func() {
 			defer bgWG.Done()
 			kernel.RunDestroy(bg, destroyConn)
@@ -419,21 +474,58 @@ func run(ctx context.Context, c *config) (int, error) {
 	bgWG.Add(1)
 	go func() {
 		defer bgWG.Done()
-		housekeeping(bg, c, table, checker)
+		housekeeping(bg, c, table, checker, sv)
 	}()
+	checker.Serving() // /readyz: every capture and the eventsocket are registered
 
 	<-ctx.Done()
+	// The first signal starts an orderly shutdown, bounded by
+	// -shutdown.timeout; a second one ends the daemon at once.
+	second := make(chan os.Signal, 1)
+	signal.Notify(second, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(second)
 	log.Printf("packet-headers: signal received, capturing %v more", c.sigtermWait)
-	time.Sleep(c.sigtermWait)
-	for _, h := range handles {
-		h.Close()
+	done := make(chan struct{})
+	go func() { // ends with the process if the shutdown does not
+		defer close(done)
+		time.Sleep(c.sigtermWait)
+		for _, h := range handles {
+			h.Close()
+		}
+		wg.Wait() // the demuxers hand every named flow to the saver
+		sv.Wait()
+	}()
+	select {
+	case <-done:
+	case sig := <-second:
+		return 1, fmt.Errorf("second signal (%v): exiting now; %s", sig, notWritten(sv))
+	case <-time.After(c.sigtermWait + c.shutdownTimeout):
+		return 1, fmt.Errorf("shutdown took longer than -sigtermwait and -shutdown.timeout (%v): exiting; %s", c.sigtermWait+c.shutdownTimeout, notWritten(sv))
 	}
-	wg.Wait() // the demuxers hand every named flow to the saver
-	sv.Wait()
 	cancelBG()
 	bgWG.Wait()
 	log.Printf("packet-headers: every named flow saved; exiting")
 	return 0, nil
+}
+
+// listenDestroy joins the kernel's destroy broadcasts; a variable so that
+// a test can make it fail as the kernel does without CAP_NET_ADMIN, where
+// the test's kernel would allow it.
+var listenDestroy = sockdiag.ListenDestroy
+
+// notWritten says which files were still being written.
+func notWritten(sv *saver.Saver) string {
+	w := sv.Writing()
+	if len(w) == 0 {
+		return "no file was being written"
+	}
+	const most = 20
+	more := ""
+	if len(w) > most {
+		more = fmt.Sprintf(" and %d more", len(w)-most)
+		w = w[:most]
+	}
+	return fmt.Sprintf("%d files not written: %s%s", len(sv.Writing()), strings.Join(w, ", "), more)
 }
 
 // runOffline splits a capture file into per-flow files and prints a
@@ -478,25 +570,32 @@ func newNames(c *config) *names.Table {
 // eventHandler feeds eventsocket events into the names table.
 type eventHandler struct {
 	t           *names.Table
-	checkPrefix bool // warn once if tcp-info's prefix differs from ours
+	prefix      *names.Prefix // the kernel source's
+	learn       bool          // take tcp-info's prefix (no -uuid-prefix-file)
+	checkPrefix bool          // warn once if tcp-info's prefix differs from ours
 	warned      bool
 }
 
 func (h *eventHandler) Open(ts time.Time, id string, local, remote netip.AddrPort, cookie uint64) {
-	if h.checkPrefix && !h.warned && cookie != 0 && uuid.FromCookie(cookie) != id {
+	if h.learn {
+		if p, changed := h.prefix.Learn(id, cookie); changed {
+			log.Printf("packet-headers: UUID prefix %s taken from tcp-info's events, so that flows named from kernel cookies get tcp-info's names", p)
+		}
+	} else if h.checkPrefix && !h.warned && cookie != 0 && h.prefix.FromCookie(cookie) != id {
 		h.warned = true
-		log.Printf("WARNING: tcp-info's UUIDs have another prefix than this daemon's (%s, not %s): give both the same -uuid-prefix-file, or flows named from kernel cookies will not match tcp-info's", id, uuid.FromCookie(cookie))
+		log.Printf("WARNING: tcp-info's UUIDs have another prefix than this daemon's (%s, not %s): give both the same -uuid-prefix-file, or flows named from kernel cookies will not match tcp-info's", id, h.prefix.FromCookie(cookie))
 	}
 	h.t.Open(ts, id, packet.KeyFromAddrPorts(local, remote), "eventsocket", cookie)
 }
 
 func (h *eventHandler) Close(ts time.Time, id string) { h.t.Close(ts, id) }
 
-// housekeeping enforces -maxidleram, samples the health checks and sweeps
-// the names table, every second, until ctx is done. (-maxheap is enforced
+// housekeeping enforces -maxidleram, samples the health checks, sweeps
+// the names table and makes the day directories ahead, every second, until
+// ctx is done. (-maxheap is enforced
 // by the demuxers' ticks: a wake-up of its own ten times a second cost the
 // capture several percent of its CPU.)
-func housekeeping(ctx context.Context, c *config, table *names.Table, checker *health.Checker) {
+func housekeeping(ctx context.Context, c *config, table *names.Table, checker *health.Checker, sv *saver.Saver) {
 	samples := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -514,6 +613,9 @@ func housekeeping(ctx context.Context, c *config, table *names.Table, checker *h
 				lastRelease = now
 			}
 			table.Sweep()
+			if err := sv.PrepareDays(now); err != nil {
+				log.Printf("packet-headers: %v", err)
+			}
 		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -109,6 +110,28 @@ func TestParse(t *testing.T) {
 			t.Errorf("%v with GOMAXPROCS=%q: -maxprocs %d (%v), want %d", tt.args, tt.env, c.maxProcs, err, tt.want)
 		}
 	}
+	// The same from the environment (flagx sets it through Value.Set,
+	// which fs.Visit does not see).
+	for _, tt := range []struct {
+		env  map[string]string
+		want int
+	}{
+		{map[string]string{"MAXPROCS": "1", "COMPRESS": "true"}, 1},
+		{map[string]string{"MAXPROCS": "2"}, 2},
+		{map[string]string{"COMPRESS": "true"}, 0},
+	} {
+		os.Unsetenv("GOMAXPROCS")
+		for k, v := range tt.env {
+			t.Setenv(k, v)
+		}
+		var c config
+		if err := parse(nil, &c, nil); err != nil || c.maxProcs != tt.want {
+			t.Errorf("environment %v: -maxprocs %d (%v), want %d", tt.env, c.maxProcs, err, tt.want)
+		}
+		for k := range tt.env {
+			os.Unsetenv(k)
+		}
+	}
 	// Without a prefix file, the made-up prefix (from the host name) is
 	// checked too.
 	uuid.SetUUIDPrefixFile(writeFile(t, "bad/host_1764000000"))
@@ -119,6 +142,10 @@ func TestParse(t *testing.T) {
 	var c config
 	if err := parse([]string{"-tcpinfo.eventsocket=x", "-interface=a", "-interface=b"}, &c, nil); err != nil || len(c.interfaces) != 2 {
 		t.Errorf("-interface is not repeatable: %v %v", c.interfaces, err)
+	}
+	c = config{}
+	if err := parse([]string{"-tcpinfo.eventsocket=x", "-interface=a", "-interface=b", "-interface=a"}, &c, nil); err != nil || !slices.Equal(c.interfaces, []string{"a", "b"}) {
+		t.Errorf("a repeated -interface: %v %v, want each once", c.interfaces, err)
 	}
 	if err := parse([]string{"-help"}, &c, &bytes.Buffer{}); !errors.Is(err, flag.ErrHelp) {
 		t.Errorf("-help: %v", err)

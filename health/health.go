@@ -3,7 +3,8 @@
 //
 //   - /readyz is 200 while every part is up: every capture running, the
 //     eventsocket connected (when one is configured). A part that is down
-//     makes it 503 at once.
+//     makes it 503 at once, and so does a daemon still starting (its parts
+//     are not all registered until Serving is called).
 //   - /healthz (liveness) is 200 unless a part has been down for longer
 //     than the grace period: then the daemon is not doing its job and a
 //     restart may help (the interface never came back, tcp-info's socket is
@@ -25,9 +26,10 @@ import (
 
 // Checker tracks parts by name.
 type Checker struct {
-	grace time.Duration
-	mu    sync.Mutex
-	parts map[string]*part
+	grace   time.Duration
+	mu      sync.Mutex
+	parts   map[string]*part
+	serving bool
 }
 
 type part struct {
@@ -47,6 +49,14 @@ func (c *Checker) Add(name string, up func() bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.parts[name] = &part{up: up, isUp: true}
+}
+
+// Serving says that every part is registered: /readyz answers 503
+// ("starting") until then.
+func (c *Checker) Serving() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.serving = true
 }
 
 // Sample reads every part's state at time now.
@@ -89,6 +99,11 @@ func (c *Checker) Status(now time.Time) (down, dead []string) {
 // Ready serves /readyz.
 func (c *Checker) Ready(w http.ResponseWriter, r *http.Request) {
 	down, _ := c.Status(time.Now())
+	c.mu.Lock()
+	if !c.serving {
+		down = append([]string{"starting"}, down...)
+	}
+	c.mu.Unlock()
 	reply(w, len(down) == 0, down)
 }
 

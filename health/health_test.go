@@ -42,6 +42,7 @@ func TestHandlers(t *testing.T) {
 	var up atomic.Bool
 	c := New(0)
 	c.Add("capture eth0", up.Load)
+	c.Serving()
 	c.Sample(time.Now().Add(-time.Second))
 	for _, tt := range []struct {
 		h    http.HandlerFunc
@@ -59,5 +60,28 @@ func TestHandlers(t *testing.T) {
 	c.Live(rec, httptest.NewRequest("GET", "/", nil))
 	if rec.Code != http.StatusOK || rec.Body.String() != "ok\n" {
 		t.Errorf("healthy: %d %q", rec.Code, rec.Body)
+	}
+}
+
+// TestReadyOnlyWhenServing: /readyz fails until every part is registered
+// (a daemon whose captures are still opening is not capturing yet), while
+// /healthz does not.
+func TestReadyOnlyWhenServing(t *testing.T) {
+	c := New(time.Minute)
+	get := func(h http.HandlerFunc) int {
+		rec := httptest.NewRecorder()
+		h(rec, httptest.NewRequest("GET", "/", nil))
+		return rec.Code
+	}
+	if got := get(c.Ready); got != http.StatusServiceUnavailable {
+		t.Errorf("ready before Serving: %d", got)
+	}
+	if got := get(c.Live); got != http.StatusOK {
+		t.Errorf("live before Serving: %d", got)
+	}
+	c.Add("capture eth0", func() bool { return true })
+	c.Serving()
+	if got := get(c.Ready); got != http.StatusOK {
+		t.Errorf("ready after Serving: %d", got)
 	}
 }

@@ -53,6 +53,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -125,6 +126,8 @@ type Saver struct {
 	seq    atomic.Uint64 // numbers the partial files: two flows never share one
 	// prepared is the last day PrepareDays made directories for.
 	prepared atomic.Int64
+	mu       sync.Mutex
+	writing  map[*Flow]struct{} // started and not finished, for Writing
 }
 
 // New prepares the data directory: it creates it and its partial directory,
@@ -142,7 +145,7 @@ func New(opts Options) (*Saver, error) {
 	}
 	s := &Saver{dir: dir, snaplen: opts.Snaplen,
 		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent, compress: opts.Compress,
-		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0)))}
+		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0))), writing: map[*Flow]struct{}{}}
 	s.prepared.Store(math.MinInt64)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("datadir: %w", err)
@@ -326,12 +329,31 @@ func (s *Saver) Start(uuid string, lt packet.LinkType, first time.Time) *Flow {
 	f := &Flow{s: s, uuid: uuid, linkType: lt, first: first, wake: make(chan struct{}, 1)}
 	s.wg.Add(1)
 	s.active.Add(1)
+	s.mu.Lock()
+	s.writing[f] = struct{}{}
+	s.mu.Unlock()
 	go func() {
 		defer s.wg.Done()
 		defer s.active.Add(-1)
 		f.run()
+		s.mu.Lock()
+		delete(s.writing, f)
+		s.mu.Unlock()
 	}()
 	return f
+}
+
+// Writing returns the UUIDs of the flows started and not finished yet,
+// sorted: what a shutdown cut short did not write.
+func (s *Saver) Writing() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]string, 0, len(s.writing))
+	for f := range s.writing {
+		out = append(out, f.name())
+	}
+	sort.Strings(out)
+	return out
 }
 
 // Push hands the writer buf's full chunks, or, when final is set, all of

@@ -40,6 +40,10 @@ type Options struct {
 	GiveUp time.Duration
 	// Now is the clock; default time.Now.
 	Now func() time.Time
+	// NoDestroy says that the destroy broadcasts are not read (the process
+	// lacks CAP_NET_ADMIN): a look-up that gives up then leaves its
+	// connection unnamed, counted as gave_up_no_broadcasts.
+	NoDestroy bool
 }
 
 // Source names connections from the kernel's socket cookies.
@@ -182,7 +186,11 @@ func (s *Source) reschedule(retry []*pending) []*pending {
 			// Not found twice after its handshake: closed before it could
 			// be looked up (its destroy broadcast names it), or a socket in
 			// another network namespace (never named).
-			metrics.KernelLookups.WithLabelValues("gave_up").Inc()
+			if s.o.NoDestroy {
+				metrics.KernelLookups.WithLabelValues("gave_up_no_broadcasts").Inc()
+			} else {
+				metrics.KernelLookups.WithLabelValues("gave_up").Inc()
+			}
 			continue
 		case p.handshake && p.fast < fastRetries:
 			// The kernel is finishing the handshake: look again soon,
