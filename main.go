@@ -542,7 +542,13 @@ func runOffline(ctx context.Context, c *config) (int, error) {
 		o.Progress = os.Stderr
 	}
 	sum, err := offline.Run(ctx, o)
+	for _, u := range sum.Unsupported {
+		fmt.Fprintf(os.Stderr, "packet-headers: %s\n", u)
+	}
 	fmt.Printf("packet-headers: %s\n", sum)
+	if err == nil && sum.Packets > 0 && sum.UnsupportedPackets == sum.Packets {
+		err = errors.New("no packet is on an interface of a supported link type")
+	}
 	if err == nil && sum.WriteErrors > 0 { // the output is incomplete: say so in the status too
 		err = fmt.Errorf("%d flows were not written (their errors are logged above)", sum.WriteErrors)
 	}

@@ -182,6 +182,10 @@ type Options struct {
 	Writer          Writer
 	Anonymizer      *anonymize.Anonymizer // nil masks nothing
 	Limits          *Limits               // nil sets no limit
+	// Fallback, when set, names a flow still unnamed when its UUID wait
+	// ends or at Close, instead of dropping its headers: offline mode
+	// loses no flow for lack of an announcement.
+	Fallback func(k packet.Key, first time.Time) *names.Entry
 	// Lookup, when set, is asked once per unnamed flow, at its first packet
 	// with an ACK and no SYN (a connection past its handshake: a SYN flood
 	// asks nothing), to find the flow's UUID elsewhere (the kernel). It must
@@ -252,21 +256,25 @@ type counters struct {
 
 // Counts are a demuxer's totals since it started.
 type Counts struct {
-	Packets        uint64 // frames given to Packet
-	Undecodable    uint64 // frames that were not decodable TCP/IP
-	Flows          uint64 // flows started
-	NoUUID         uint64 // packets of flows never named
-	AfterDuration  uint64 // packets after -captureduration
-	FlowLimit      uint64 // packets of flows refused by -maxflows
-	MemoryLimit    uint64 // packets of flows refused by -maxheap
-	ShutdownNoUUID uint64 // packets of flows still unnamed at Close
+	Packets        uint64            // frames given to Packet
+	Undecodable    uint64            // frames that were not decodable TCP/IP
+	Flows          uint64            // flows started
+	Named          map[string]uint64 // flows named, by the source that named them
+	NoUUID         uint64            // packets of flows never named
+	AfterDuration  uint64            // packets after -captureduration
+	FlowLimit      uint64            // packets of flows refused by -maxflows
+	MemoryLimit    uint64            // packets of flows refused by -maxheap
+	ShutdownNoUUID uint64            // packets of flows still unnamed at Close
 }
 
 // Counts returns the demuxer's totals. Like Packet, it must be called from
 // the demuxer's goroutine.
 func (d *Demuxer) Counts() Counts {
 	c := Counts{Packets: d.c.captured, Flows: d.c.started, NoUUID: d.c.noUUID, AfterDuration: d.c.afterDur,
-		FlowLimit: d.c.flowLimit, MemoryLimit: d.c.memLimit, ShutdownNoUUID: d.c.shutdown}
+		FlowLimit: d.c.flowLimit, MemoryLimit: d.c.memLimit, ShutdownNoUUID: d.c.shutdown, Named: map[string]uint64{}}
+	for src, n := range d.named {
+		c.Named[src] = n
+	}
 	for _, n := range d.c.undecodable {
 		c.Undecodable += n
 	}
@@ -292,6 +300,7 @@ type Demuxer struct {
 	m     resolvedMetrics
 	spill int                // a named flow's records are handed to the saver once it holds this many bytes
 	heap  []rtmetrics.Sample // for Limits.MaxHeap
+	named map[string]uint64  // flows named, by source
 }
 
 type resolvedMetrics struct {
@@ -313,7 +322,7 @@ func New(o Options) *Demuxer {
 	if o.MaxHeaderSize <= 0 {
 		o.MaxHeaderSize = 256
 	}
-	d := &Demuxer{o: o, flows: map[packet.Key]*flow{}, spill: SpillBytes,
+	d := &Demuxer{o: o, flows: map[packet.Key]*flow{}, spill: SpillBytes, named: map[string]uint64{},
 		heap: []rtmetrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}}
 	if o.Stream {
 		d.spill = 0 // every full chunk
@@ -608,6 +617,7 @@ func (d *Demuxer) name(f *flow, e *names.Entry) {
 		d.m.uuids[e.Source] = c
 	}
 	c.Inc()
+	d.named[e.Source]++
 	if d.o.Stream {
 		d.writer(f)
 	}
@@ -622,6 +632,16 @@ func (d *Demuxer) finish(f *flow) {
 	f.out = nil
 	f.buf = saver.Buffer{}
 	f.st = finished
+}
+
+// nameOrDiscard names a flow that got no UUID by the fallback, or drops
+// its headers.
+func (d *Demuxer) nameOrDiscard(f *flow, shutdown bool) {
+	if d.o.Fallback != nil {
+		d.name(f, d.o.Fallback(f.key, time.Unix(0, f.first)))
+		return
+	}
+	d.discard(f, shutdown)
 }
 
 // discard drops the headers of a flow that got no UUID.
@@ -670,7 +690,7 @@ func (d *Demuxer) Tick(now time.Time) {
 		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
 			d.name(f, e)
 		} else if nowN-f.first >= int64(d.o.UUIDWait) {
-			d.discard(f, false)
+			d.nameOrDiscard(f, false)
 		} else {
 			return false // an unnamed flow waits for its UUID deadline
 		}
@@ -743,12 +763,15 @@ func (d *Demuxer) check(f *flow, nowN int64) bool {
 // Close ends every flow at shutdown: flows with a UUID (one last claim is
 // tried) are handed to the saver, the others are dropped and counted.
 func (d *Demuxer) Close() {
-	for _, f := range d.flows {
+	// In the lists' order, not the map's: offline fallback names are made
+	// unique in the order flows are named, which must not vary.
+	all := append(append(make([]*flow, 0, len(d.flows)), d.waiting...), d.settled...)
+	for _, f := range all {
 		if f.st == waiting {
 			if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
 				d.name(f, e)
 			} else {
-				d.discard(f, true)
+				d.nameOrDiscard(f, true)
 			}
 		}
 		d.remove(f)

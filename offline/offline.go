@@ -9,8 +9,15 @@
 // -uuidwaitduration therefore behave as they did live, and the same input
 // always gives the same files, byte for byte.
 //
-// Without events, each flow is named by a deterministic fallback built from
-// its first packet's time and its 4-tuple (see FallbackName).
+// Each flow that no event names (all of them without events; with events,
+// those tcp-info never announced within -uuidwaitduration, such as most
+// short connections) is named by a deterministic fallback built from its
+// first packet's time, its 4-tuple and its interface (see FallbackName),
+// made unique within the run: no flow is lost for lack of a name, and the
+// summary says how many each source named.
+//
+// Interfaces of a link type the decoder does not know are reported by
+// name (Summary.Unsupported); BSD loopback captures (macOS) are read.
 //
 // A Run belongs to one goroutine; it starts the saver's writer goroutines
 // and waits for them before it returns.
@@ -71,12 +78,19 @@ type Summary struct {
 	Events, BadEvents    int
 	NoUUID               uint64 // packets of flows never named
 	AfterDuration        uint64 // packets after -captureduration
+	// NamedByEvents and NamedByFallback count the flows each source named.
+	NamedByEvents, NamedByFallback uint64
+	// Unsupported says, per interface whose link type the decoder does not
+	// know, which it is; their frames are counted as undecodable.
+	Unsupported []string
+	// UnsupportedPackets counts the frames of those interfaces.
+	UnsupportedPackets uint64
 }
 
 // String is the one-line summary.
 func (s Summary) String() string {
-	return fmt.Sprintf("read %d packets (%d undecodable) in %d flows; wrote %d files (%d bytes); dropped %d packets without UUID and %d after -captureduration; %d events (%d skipped); %d write errors",
-		s.Packets, s.Undecodable, s.Flows, s.Files, s.Bytes, s.NoUUID, s.AfterDuration, s.Events, s.BadEvents, s.WriteErrors)
+	return fmt.Sprintf("read %d packets (%d undecodable) in %d flows; wrote %d files (%d bytes); named %d flows from events and %d by fallback; dropped %d packets without UUID and %d after -captureduration; %d events (%d skipped); %d write errors",
+		s.Packets, s.Undecodable, s.Flows, s.Files, s.Bytes, s.NamedByEvents, s.NamedByFallback, s.NoUUID, s.AfterDuration, s.Events, s.BadEvents, s.WriteErrors)
 }
 
 // FallbackName is the name of a flow when no events are given: the UTC time
@@ -95,21 +109,50 @@ func FallbackName(k packet.Key, first time.Time, a *anonymize.Anonymizer) string
 	return fmt.Sprintf("offline_%s_%s_%s", first.UTC().Format("20060102T150405.000000000Z"), ep(k.A, k.APort), ep(k.B, k.BPort))
 }
 
-// fallbackNamer names every flow that the table cannot name.
-type fallbackNamer struct {
-	t    *names.Table
+// fallbacks makes the fallback names of a run unique: the base name of
+// FallbackName, then _if<N> for a pcapng interface other than the first,
+// then _<n> for the nth flow with the same name (timestamps that jump
+// back, one connection twice on one interface). The input's order decides,
+// so the same input always gives the same names.
+type fallbacks struct {
 	anon *anonymize.Anonymizer
+	used map[string]int
+}
+
+func (f *fallbacks) name(k packet.Key, first time.Time, ifc int) *names.Entry {
+	base := FallbackName(k, first, f.anon)
+	if ifc > 0 {
+		base += fmt.Sprintf("_if%d", ifc)
+	}
+	name := base
+	for f.used[name] > 0 {
+		f.used[base]++
+		name = fmt.Sprintf("%s_%d", base, f.used[base])
+	}
+	f.used[name]++
+	return &names.Entry{UUID: name, Key: k, Source: FallbackSource, OpenedAt: first}
+}
+
+// FallbackSource is the source of fallback names.
+const FallbackSource = "fallback"
+
+// fallbackNamer names every flow that the table cannot name, at its first
+// packet (without events there is nothing to wait for).
+type fallbackNamer struct {
+	t   *names.Table
+	fb  *fallbacks
+	ifc int
 }
 
 func (f fallbackNamer) Claim(k packet.Key, first time.Time) *names.Entry {
 	if e := f.t.Claim(k, first); e != nil {
 		return e
 	}
-	return &names.Entry{UUID: FallbackName(k, first, f.anon), Key: k, Source: "fallback", OpenedAt: first}
+	return f.fb.name(k, first, f.ifc)
 }
 
 func (f fallbackNamer) Release(e *names.Entry) {
-	if e.Source != "fallback" {
+	if e.Source != FallbackSource {
 		f.t.Release(e)
 	}
 }
@@ -239,18 +282,28 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	now := func() time.Time { return time.Unix(0, clock) }
 	table := names.New(&names.Options{TTL: max(o.CaptureDuration, o.FlowTimeout) + o.UUIDWait, Now: now})
 	anon := anonymize.New(o.Anonymize, local)
-	var namer demuxer.Namer = table
-	if o.Events == "" {
-		namer = fallbackNamer{t: table, anon: anon}
-	}
+	fb := &fallbacks{anon: anon, used: map[string]int{}}
 	demuxers := map[int]*demuxer.Demuxer{} // by interface (pcapng) or 0
+	unsupported := map[int]bool{}
 	get := func(ifc int) *demuxer.Demuxer {
 		d, ok := demuxers[ifc]
 		if !ok {
-			d = demuxer.New(demuxer.Options{Interface: fmt.Sprint("offline", ifc), LinkType: src.LinkType(ifc),
+			lt := src.LinkType(ifc)
+			if !lt.Supported() {
+				unsupported[ifc] = true
+				sum.Unsupported = append(sum.Unsupported, fmt.Sprintf("interface %d: link type %v is not supported (only %s): its packets are not decoded", ifc, lt, packet.SupportedLinkTypes))
+			}
+			dopts := demuxer.Options{Interface: fmt.Sprint("offline", ifc), LinkType: lt,
 				MaxHeaderSize: o.MaxHeaderSize, CaptureDuration: o.CaptureDuration, FlowTimeout: o.FlowTimeout,
-				UUIDWait: o.UUIDWait, Stream: o.Stream, Names: namer, Writer: demuxer.SaverWriter{Saver: sv},
-				Anonymizer: anon})
+				UUIDWait: o.UUIDWait, Stream: o.Stream, Names: table, Writer: demuxer.SaverWriter{Saver: sv},
+				Anonymizer: anon}
+			if o.Events == "" {
+				dopts.Names = fallbackNamer{t: table, fb: fb, ifc: ifc}
+			} else {
+				// Flows that no event names within -uuidwaitduration.
+				dopts.Fallback = func(k packet.Key, first time.Time) *names.Entry { return fb.name(k, first, ifc) }
+			}
+			d = demuxer.New(dopts)
 			demuxers[ifc] = d
 		}
 		return d
@@ -291,7 +344,8 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		if last.d == nil || ifc != last.ifc {
 			last.ifc, last.d = ifc, get(ifc)
 		}
-		last.d.Packet(data, time.Unix(0, ts), origLen)
+		// The tick that the packet's time calls for comes before the
+		// packet, as the wall clock's would have live.
 		if clock-lastTick >= int64(demuxer.TickInterval) {
 			for _, d := range demuxers {
 				d.Tick(now())
@@ -302,6 +356,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 				lastSweep = clock
 			}
 		}
+		last.d.Packet(data, time.Unix(0, ts), origLen)
 		if o.Progress != nil && n%4096 == 0 && time.Since(lastProgress) >= time.Second {
 			lastProgress = time.Now()
 			files, _, _ := sv.Written()
@@ -312,16 +367,26 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		fmt.Fprintln(o.Progress)
 	}
 	apply(true)
-	for _, d := range demuxers {
-		d.Tick(now())
-		d.Close()
+	ifcs := make([]int, 0, len(demuxers))
+	for ifc := range demuxers {
+		ifcs = append(ifcs, ifc)
+	}
+	sort.Ints(ifcs)
+	for _, ifc := range ifcs {
+		demuxers[ifc].Tick(now())
+		demuxers[ifc].Close()
 	}
 	sv.Wait()
 	os.Remove(sv.PartialDir()) // empty now; the output is only the files
-	for _, d := range demuxers {
+	for ifc, d := range demuxers {
 		c := d.Counts()
 		sum.Packets += c.Packets
 		sum.Undecodable += c.Undecodable
+		if unsupported[ifc] {
+			sum.UnsupportedPackets += c.Packets
+		}
+		sum.NamedByEvents += c.Named["eventsocket"]
+		sum.NamedByFallback += c.Named[FallbackSource]
 		sum.Flows += c.Flows
 		sum.NoUUID += c.NoUUID + c.ShutdownNoUUID
 		sum.AfterDuration += c.AfterDuration

@@ -14,6 +14,7 @@ package packet
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 )
 
@@ -22,13 +23,43 @@ type LinkType uint32
 
 // The link types the decoder understands.
 const (
+	LinkTypeNull      LinkType = 0 // BSD loopback: a 4-byte address family in the capturing host's byte order
 	LinkTypeEthernet  LinkType = 1
 	LinkTypeRaw       LinkType = 101
 	LinkTypeLinuxSLL  LinkType = 113
 	LinkTypeIPv4      LinkType = 228
 	LinkTypeIPv6      LinkType = 229
 	LinkTypeLinuxSLL2 LinkType = 276
+	LinkTypeLoop      LinkType = 108 // OpenBSD loopback: the family in network byte order
 )
+
+var linkTypeNames = map[LinkType]string{
+	LinkTypeNull: "NULL (BSD loopback)", LinkTypeEthernet: "EN10MB (Ethernet)", 9: "PPP", 50: "PPP_HDLC",
+	LinkTypeRaw: "RAW (raw IP)", 105: "IEEE802_11 (Wi-Fi)", LinkTypeLoop: "LOOP (OpenBSD loopback)",
+	LinkTypeLinuxSLL: "LINUX_SLL (Linux cooked v1)", 127: "IEEE802_11_RADIOTAP", 141: "MTP3",
+	LinkTypeIPv4: "IPV4", LinkTypeIPv6: "IPV6", 239: "NFLOG", 220: "USB_LINUX_MMAPPED", 247: "IPOIB",
+	LinkTypeLinuxSLL2: "LINUX_SLL2 (Linux cooked v2)",
+}
+
+// String returns the link type's libpcap name and number.
+func (lt LinkType) String() string {
+	if n, ok := linkTypeNames[lt]; ok {
+		return fmt.Sprintf("%d, %s", uint32(lt), n)
+	}
+	return fmt.Sprintf("%d", uint32(lt))
+}
+
+// Supported reports whether Decode understands the link type.
+func (lt LinkType) Supported() bool {
+	switch lt {
+	case LinkTypeNull, LinkTypeEthernet, LinkTypeRaw, LinkTypeLoop, LinkTypeLinuxSLL, LinkTypeIPv4, LinkTypeIPv6, LinkTypeLinuxSLL2:
+		return true
+	}
+	return false
+}
+
+// SupportedLinkTypes names the link types Decode understands.
+const SupportedLinkTypes = "Ethernet, Linux cooked v1 and v2, raw IP, BSD and OpenBSD loopback"
 
 // Kind says what a frame turned out to be. Only TCP is kept; every other
 // kind is counted under its name.
@@ -144,6 +175,25 @@ func (p *Parsed) Decode(lt LinkType, b []byte) Kind {
 		}
 		etype = binary.BigEndian.Uint16(b[0:2])
 		off = 20
+	case LinkTypeNull, LinkTypeLoop:
+		if len(b) < 4 {
+			return Truncated
+		}
+		// The family of the capturing host, in its byte order for NULL:
+		// a value that does not fit 16 bits was written the other way.
+		family := binary.LittleEndian.Uint32(b)
+		if lt == LinkTypeLoop || family > 0xffff {
+			family = binary.BigEndian.Uint32(b)
+		}
+		switch family {
+		case 2: // AF_INET everywhere
+			etype = 0x0800
+		case 10, 24, 28, 30: // AF_INET6 of Linux, NetBSD and OpenBSD, FreeBSD, macOS
+			etype = 0x86dd
+		default:
+			return UnknownLink
+		}
+		off = 4
 	case LinkTypeRaw, LinkTypeIPv4, LinkTypeIPv6:
 		if len(b) < 1 {
 			return Truncated

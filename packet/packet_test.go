@@ -72,6 +72,13 @@ func TestDecode(t *testing.T) {
 	sllHdr := []byte{0, 0, 0, 1, 0, 6, 2, 0, 0, 0, 0, 1, 0, 0, 0x08, 0x00}
 	sll := append(sllHdr, build(t, v4, tcp(v4, false))...)
 	raw := build(t, v4, tcp(v4, false))
+	raw6 := build(t, v6, tcp(v6, false), payload(10))
+	// BSD loopback: the address family in the capturing host's byte order
+	// (NULL), or in network byte order (LOOP).
+	nullLE := append([]byte{2, 0, 0, 0}, raw...)
+	nullBE6 := append([]byte{0, 0, 0, 30}, raw6...) // macOS's AF_INET6, big-endian host
+	loop6 := append([]byte{0, 0, 0, 24}, raw6...)
+	nullOther := append([]byte{7, 0, 0, 0}, raw...)
 
 	frag := build(t, eth(layers.EthernetTypeIPv4), &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: src4, DstIP: dst4, FragOffset: 100}, payload(40))
 	udp := build(t, eth(layers.EthernetTypeIPv4), &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: src4, DstIP: dst4}, payload(20))
@@ -101,6 +108,11 @@ func TestDecode(t *testing.T) {
 		{"two vlan tags", LinkTypeEthernet, vlan, TCP, true, 42, 62},
 		{"linux sll", LinkTypeLinuxSLL, sll, TCP, true, 36, 56},
 		{"raw ip", LinkTypeRaw, raw, TCP, true, 20, 40},
+		{"bsd loopback ipv4, little-endian", LinkTypeNull, nullLE, TCP, true, 24, 44},
+		{"bsd loopback ipv6 (macOS), big-endian", LinkTypeNull, nullBE6, TCP, false, 44, 64},
+		{"openbsd loopback ipv6", LinkTypeLoop, loop6, TCP, false, 44, 64},
+		{"bsd loopback, another family", LinkTypeNull, nullOther, UnknownLink, false, 0, 0},
+		{"bsd loopback, truncated", LinkTypeNull, nullLE[:3], Truncated, false, 0, 0},
 		{"truncated options still decode", LinkTypeEthernet, v4tcp[:60], TCP, true, 34, 70},
 		{"truncated fixed tcp header", LinkTypeEthernet, v4tcp[:40], Truncated, true, 0, 0},
 		{"truncated ethernet", LinkTypeEthernet, v4tcp[:10], Truncated, false, 0, 0},
