@@ -3,11 +3,15 @@
 //
 // Netblock mode keeps the network and hides the host: IPv4 addresses are
 // masked to their /24, IPv6 addresses to their /48, and IPv4-mapped IPv6
-// addresses as IPv4. The server's own addresses are left as they are. The
-// IPv4 header checksum and the TCP checksum cover the addresses, so an
-// unadjusted checksum would reveal the masked bits; both are updated
-// incrementally (RFC 1624, eqn. 3), which keeps a right checksum right and
-// turns any checksum into the one the masked header would have had.
+// addresses as IPv4. The server's own addresses are left as they are. So
+// are the addresses that IPv6 extension headers carry: a Routing header's
+// (types 0, 2 and 4; other types' data is zeroed) and the Home Address
+// option's. The IPv4 header checksum and the TCP checksum cover addresses
+// (the TCP pseudo-header's being the home address and the final
+// destination where those headers are present), so an unadjusted checksum
+// would reveal the masked bits; both are updated incrementally (RFC 1624,
+// eqn. 3), which keeps a right checksum right and turns any checksum into
+// the one the masked header would have had.
 //
 // An Anonymizer is immutable after New and safe for concurrent use. Apply
 // works in place, costs a few dozen instructions and never allocates.
@@ -90,20 +94,64 @@ func (a *Anonymizer) ShouldMask(addr *[16]byte) bool {
 // updates the checksums that cover them. Fields that lie past the end of b
 // (a truncated capture) are left alone.
 func (a *Anonymizer) Apply(b []byte, p *packet.Parsed, maskSrc, maskDst bool) {
-	if a == nil || a.mode == None || (!maskSrc && !maskDst) {
+	if a == nil || a.mode == None {
 		return
 	}
+	if p.IPv4 {
+		var delta uint32
+		if maskSrc {
+			delta += mask(b, p.SrcOffset, true)
+		}
+		if maskDst {
+			delta += mask(b, p.DstOffset, true)
+		}
+		updateChecksum(b, p.IPOffset+10, delta)
+		updateChecksum(b, p.TCPOffset+16, delta)
+		return
+	}
+	// IPv6: the TCP pseudo-header's source is the Home Address option's
+	// address when there is one, its destination the Routing header's
+	// final one while segments are left; only their deltas go into the
+	// checksum (TestExtensionHeaders).
+	srcPseudo, dstPseudo := p.SrcOffset, p.DstOffset
+	if p.HomeOffset != 0 {
+		srcPseudo = p.HomeOffset
+	}
+	if p.RouteFinal != 0 {
+		dstPseudo = p.RouteFinal
+	}
 	var delta uint32
+	maskAt := func(off int) {
+		if d := mask(b, off, false); off == srcPseudo || off == dstPseudo {
+			delta += d
+		}
+	}
 	if maskSrc {
-		delta += mask(b, p.SrcOffset, p.IPv4)
+		maskAt(p.SrcOffset)
 	}
 	if maskDst {
-		delta += mask(b, p.DstOffset, p.IPv4)
+		maskAt(p.DstOffset)
 	}
-	if p.IPv4 {
-		updateChecksum(b, p.IPOffset+10, delta)
+	if p.HomeOffset != 0 && (maskSrc || a.shouldMaskAt(b, p.HomeOffset)) {
+		maskAt(p.HomeOffset)
+	}
+	for i := 0; i < p.RouteAddrs; i++ {
+		if off := p.RouteOffset + 16*i; a.shouldMaskAt(b, off) {
+			maskAt(off)
+		}
+	}
+	if p.RouteOpaque != 0 && p.RouteOpaqueEnd <= len(b) {
+		clear(b[p.RouteOpaque:p.RouteOpaqueEnd]) // addresses in a form not located
 	}
 	updateChecksum(b, p.TCPOffset+16, delta)
+}
+
+// shouldMaskAt reports whether the 16-byte address at off in b is masked.
+func (a *Anonymizer) shouldMaskAt(b []byte, off int) bool {
+	if off+16 > len(b) {
+		return false
+	}
+	return a.ShouldMask((*[16]byte)(b[off : off+16]))
 }
 
 // MaskAddr returns the masked form of an address, as Apply writes it.

@@ -126,6 +126,17 @@ type Parsed struct {
 	// past the end of the captured bytes when the capture was truncated
 	// inside the TCP options.
 	HeaderEnd int
+
+	// Addresses in IPv6 extension headers (IPv6 only; 0 when absent):
+	// RouteOffset is where the Routing header's RouteAddrs 16-byte
+	// addresses start (types 0, 2 and 4), RouteFinal the offset of the one
+	// that is the final destination while segments are left (the TCP
+	// pseudo-header's destination, RFC 8200 8.1), and HomeOffset that of
+	// the Home Address destination option (RFC 6275), the pseudo-header's
+	// source. RouteOpaque, RouteOpaqueEnd bound the data of a Routing
+	// header of another type, whose addresses are not located.
+	RouteOffset, RouteAddrs, RouteFinal, HomeOffset int
+	RouteOpaque, RouteOpaqueEnd                     int
 }
 
 // SrcAddr returns the source address, unmapped for IPv4.
@@ -276,6 +287,7 @@ func (p *Parsed) decodeIPv6(b []byte, off int) Kind {
 	p.Dst = [16]byte(ip[24:40])
 	p.SrcOffset = off + 8
 	p.DstOffset = off + 24
+	p.RouteOffset, p.RouteAddrs, p.RouteFinal, p.HomeOffset, p.RouteOpaque, p.RouteOpaqueEnd = 0, 0, 0, 0, 0, 0
 	off += 40
 	for n := 0; ; n++ {
 		switch next {
@@ -303,12 +315,54 @@ func (p *Parsed) decodeIPv6(b []byte, off int) Kind {
 		default:
 			hlen = (int(b[off+1]) + 1) * 8
 		}
-		next = b[off]
-		off += hlen
-		if off > end {
+		if off+hlen > end {
 			return BadIP
 		}
+		if next == 43 || next == 60 {
+			if off+hlen > len(b) {
+				return Truncated // the addresses it may carry must be saved whole
+			}
+			p.extAddrs(b[off:off+hlen], off, next)
+		}
+		next = b[off]
+		off += hlen
 	}
+}
+
+// extAddrs locates the addresses of a Routing (43) or Destination Options
+// (60) header h that starts at off in the frame.
+func (p *Parsed) extAddrs(h []byte, off int, kind byte) {
+	if kind == 60 {
+		for i := 2; i+1 < len(h); {
+			switch {
+			case h[i] == 0: // Pad1
+				i++
+				continue
+			case h[i] == 0xc9 && h[i+1] == 16 && i+18 <= len(h): // Home Address
+				p.HomeOffset = off + i + 2
+			}
+			i += 2 + int(h[i+1])
+		}
+		return
+	}
+	segLeft := int(h[3])
+	n := 0
+	switch h[2] {
+	case 0, 2: // source route (deprecated), Mobile IPv6's type 2: the last address is the final one
+		n = (len(h) - 8) / 16
+		if segLeft > 0 && n > 0 {
+			p.RouteFinal = off + 8 + (n-1)*16
+		}
+	case 4: // segment routing: Segment List[0] is the final segment
+		n = min(int(h[4])+1, (len(h)-8)/16)
+		if segLeft > 0 && n > 0 {
+			p.RouteFinal = off + 8
+		}
+	default:
+		p.RouteOpaque, p.RouteOpaqueEnd = off+8, off+len(h)
+		return
+	}
+	p.RouteOffset, p.RouteAddrs = off+8, n
 }
 
 // decodeTCP decodes the TCP header at off; ipEnd is where the IP packet ends
