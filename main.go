@@ -140,7 +140,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.Var(&c.minFree, "minfreespace", "Keep this much free space in the datadir's filesystem, as bytes (500MB) or a percentage (5%): below it, new flows are not written (counted); 0 disables")
 	fs.DurationVar(&c.healthGrace, "health.grace", time.Minute, "/healthz fails once a capture or the eventsocket has been down this long (/readyz fails at once)")
 	fs.IntVar(&c.maxProcs, "maxprocs", 1, "Processors that run the daemon's Go code (GOMAXPROCS) in live mode; 0: Go's default (one per CPU, as with -compress unless set). One keeps the capture path free of wake-ups between Go's threads")
-	fs.BoolVar(&c.compress, "compress", false, "Write <uuid>.pcap.gz (one gzip member per file), compressed when the flow is finished with pooled compressors")
+	fs.BoolVar(&c.compress, "compress", false, "Write <uuid>.pcap.gz, compressed from the buffered records with pooled compressors (one gzip member per batch written: the whole file for most flows)")
 	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
 	fs.BoolVar(&c.quiet, "quiet", false, "Offline mode: no progress line on a terminal")

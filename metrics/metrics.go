@@ -3,8 +3,8 @@
 //
 // Event counters are package-level vectors. Hot loops never touch them per
 // packet: the demuxer counts in plain local fields and adds its counts here
-// in batches. Kernel counters (libpcap's received and dropped frames) are
-// read at scrape time by a custom collector. Everything here is safe for
+// in batches. Kernel counters (the capture ring's received and dropped
+// frames) are read at scrape time by a custom collector. Everything here is safe for
 // concurrent use.
 package metrics
 
@@ -46,10 +46,10 @@ const (
 )
 
 var (
-	// PacketsCaptured counts frames read from libpcap, per interface.
+	// PacketsCaptured counts frames read from the capture, per interface.
 	PacketsCaptured = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "pcap_packets_captured_total",
-		Help: "Frames read from libpcap, per interface.",
+		Help: "Frames read from the capture, per interface.",
 	}, []string{"interface"})
 
 	// PacketsTotal counts captured frames by what became of them.
@@ -138,10 +138,10 @@ var (
 		Help: "Flows named, by the source of the UUID (eventsocket: tcp-info; kernel: sock_diag socket cookies).",
 	}, []string{"source"})
 
-	// CaptureErrors counts read errors from libpcap other than timeouts.
+	// CaptureErrors counts read errors of the capture other than timeouts.
 	CaptureErrors = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "pcap_capture_errors_total",
-		Help: "Errors reading from libpcap, per interface.",
+		Help: "Errors reading the capture, per interface.",
 	}, []string{"interface"})
 
 	// KernelLookups counts look-ups of connections' socket cookies in the
@@ -176,7 +176,7 @@ var (
 	})
 )
 
-// StatsFunc returns libpcap's received, kernel-dropped and interface-dropped
+// StatsFunc returns the capture's received, kernel-dropped and interface-dropped
 // counters for one capture.
 type StatsFunc func() (received, dropped, ifaceDropped uint64, err error)
 
@@ -193,15 +193,16 @@ var captures = &captureCollector{
 	sources: map[string]StatsFunc{},
 	ups:     map[string]func() bool{},
 	up:      prometheus.NewDesc("pcap_capture_up", "1 while capturing on the interface, 0 while it is gone and being reopened.", []string{"interface"}, nil),
-	rx:      prometheus.NewDesc("pcap_kernel_received_total", "Frames that passed the capture filter, per interface (libpcap ps_recv).", []string{"interface"}, nil),
-	drp:     prometheus.NewDesc("pcap_kernel_dropped_total", "Frames dropped because the capture buffer was full, per interface (libpcap ps_drop).", []string{"interface"}, nil),
-	ifdrp:   prometheus.NewDesc("pcap_interface_dropped_total", "Frames dropped by the interface or driver, per interface (libpcap ps_ifdrop).", []string{"interface"}, nil),
+	rx:      prometheus.NewDesc("pcap_kernel_received_total", "Frames that passed the capture filter, per interface (the ring's tp_packets, or libpcap's ps_recv).", []string{"interface"}, nil),
+	drp:     prometheus.NewDesc("pcap_kernel_dropped_total", "Frames dropped because the capture buffer was full, per interface (the ring's tp_drops, or libpcap's ps_drop).", []string{"interface"}, nil),
+	ifdrp:   prometheus.NewDesc("pcap_interface_dropped_total", "Frames dropped by the interface or driver, per interface (libpcap's ps_ifdrop; 0 for the ring).", []string{"interface"}, nil),
 }
 
 func init() {
 	prometheus.MustRegister(captures)
-	// Every label value that can occur is exported from the start, at 0, so
-	// that rates and dashboards work before the first event of a kind.
+	// The label values of outcomes are exported from the start, at 0, so
+	// that rates and dashboards work before the first event of a kind;
+	// per-interface series appear with their interface.
 	for _, o := range []string{OutcomeSaved, OutcomeNoUUID, OutcomeAfterCaptureDur, OutcomeFlowLimit, OutcomeMemoryLimit,
 		OutcomeUndecodable, OutcomeWriteError, OutcomeShutdownWithoutUUID, OutcomeLowSpace} {
 		PacketsTotal.WithLabelValues(o)
@@ -212,8 +213,17 @@ func init() {
 	for _, l := range []string{OutcomeFlowLimit, OutcomeMemoryLimit} {
 		FlowsRefused.WithLabelValues(l)
 	}
-	for _, op := range []string{"mkdir", "create", "write", "close", "compress", "rename"} {
+	for _, op := range []string{"name", "mkdir", "create", "write", "close", "rename"} {
 		WriteErrors.WithLabelValues(op)
+	}
+	for _, o := range []string{"found", "not_found", "not_established", "already_named", "not_local", "queue_full", "gave_up", "gave_up_no_broadcasts", "error", "malformed"} {
+		KernelLookups.WithLabelValues(o)
+	}
+	for _, o := range []string{"named", "disconnected", "ignored", "lost", "malformed"} {
+		KernelDestroyEvents.WithLabelValues(o)
+	}
+	for _, c := range []string{"send", "recv"} {
+		KernelNetlinkCalls.WithLabelValues(c)
 	}
 	for _, t := range []string{"open", "close", "unknown"} {
 		EventSocketEvents.WithLabelValues(t)

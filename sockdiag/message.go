@@ -4,7 +4,8 @@
 // and listens to the kernel's destroy broadcasts, which carry the cookie and
 // 4-tuple of every TCP socket that goes away. The UUID is
 // uuid.FromCookie(cookie), so with the same -uuid-prefix-file it is exactly
-// tcp-info's UUID for the same socket.
+// tcp-info's UUID for the same socket (Options.UUID names the cookie; the
+// daemon may take tcp-info's prefix from its events).
 //
 // Costs: the demuxer asks for a connection once (Request never blocks); the
 // Source sends look-ups in batches (one sendmsg for up to 64 connections)
@@ -18,10 +19,15 @@
 // One case cannot be named: a socket that its own application closes with
 // SO_LINGER 0 (a reset) before the look-up runs. The kernel disconnects such
 // a socket before destroying it, so its destroy broadcast no longer carries
-// the remote port, and the 4-tuple cannot be known. Look-ups start as soon
-// as the demuxer sees the SYN-ACK and are retried every 0.5 ms until the
-// handshake completes, so only connections reset by the server within a few
-// milliseconds of their handshake (and under load) are lost this way.
+// the remote port, and the 4-tuple cannot be known. A look-up is requested
+// when the demuxer sees a flow's first packet with an ACK and no SYN (the
+// handshake's last ACK) and retried every 0.5 ms while the kernel still
+// holds a request socket, so only connections reset by the server within a
+// few milliseconds of their handshake (and under load) are lost this way.
+//
+// Without CAP_NET_ADMIN the kernel refuses the destroy broadcasts
+// (ErrNeedNetAdmin): the look-ups still work, and connections that close
+// before theirs stay unnamed (Options.NoDestroy counts them).
 package sockdiag
 
 import (
