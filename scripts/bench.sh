@@ -5,7 +5,7 @@
 # Usage: scripts/bench.sh [go test -bench pattern]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/local/go/bin"
+source scripts/go.sh
 pattern="${1:-.}"
 echo "== $(nproc) cores, $(go version)"
 go test -run '^$' -bench "$pattern" -benchmem -count 1 ./capture/ ./packet/ ./anonymize/ ./saver/ ./demuxer/ ./sockdiag/ ./offline/ | grep -E '^(Benchmark|ok|FAIL)'

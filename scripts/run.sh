@@ -5,13 +5,12 @@
 # Usage, as root on Debian: scripts/run.sh [flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/local/go/bin"
 
 if ! dpkg -s libpcap-dev >/dev/null 2>&1; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q libpcap-dev gcc
 fi
-command -v go >/dev/null || { echo "Go 1.26 or newer is required (https://go.dev/dl/)"; exit 1; }
+source scripts/go.sh
 
 mkdir -p bin
 go build -o bin/packet-headers .

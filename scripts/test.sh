@@ -5,9 +5,8 @@
 # Usage, as root on Debian: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH 2>/dev/null || echo /root/go)/bin"
 
-packages=(libpcap-dev tcpdump tshark iproute2 iperf3 ethtool gcc)
+packages=(libpcap-dev tcpdump tshark iproute2 iperf3 ethtool gcc inotify-tools python3-scapy util-linux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -17,7 +16,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
-command -v go >/dev/null || { echo "Go 1.26 or newer is required (https://go.dev/dl/)"; exit 1; }
+source scripts/go.sh
+export PATH="$PATH:$(go env GOPATH)/bin"
 
 echo "== gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
@@ -25,7 +25,7 @@ if [ -n "$unformatted" ]; then echo "not gofmt'ed: $unformatted"; exit 1; fi
 echo "== go vet"
 go vet ./...
 echo "== staticcheck"
-go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+go tool staticcheck ./...
 
 echo "== go test -race (unit, fuzz seeds, end-to-end)"
 go test -race -count=1 -timeout 30m ./...
