@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -35,6 +36,7 @@ type daemon struct {
 	stoppedAt time.Time // when SIGTERM was sent
 	capDur    time.Duration
 	netblock  bool
+	hostname  string    // when set, the daemon runs with this host name
 	cmd       *exec.Cmd // set by lab.startDaemon
 }
 
@@ -71,10 +73,31 @@ type record struct {
 // (buffer mode; stream mode; netblock anonymization with a short
 // -captureduration) side by side in a server namespace, drives real IPv4
 // and IPv6 traffic into it, stops the daemons with SIGTERM and checks their
-// files against the reference capture.
+// files against the reference capture: once with a UUID prefix file shared
+// by tcp-info and the daemons, once with none (then tcp-info's made-up
+// prefix, which may differ from the daemons' by a second, is learnt from its
+// events, so that every file has tcp-info's name whichever source named it
+// first).
 func TestEndToEnd(t *testing.T) {
-	l := newLab(t, 1)
-	l.startTCPInfo("tcp-info.log", "")
+	for _, tt := range []struct {
+		name   string
+		subnet int
+		prefix bool
+	}{{"no prefix file", 1, false}, {"shared prefix file", 10, true}} {
+		t.Run(tt.name, func(t *testing.T) { endToEnd(t, tt.subnet, tt.prefix) })
+	}
+}
+
+func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
+	l := newLab(t, subnet)
+	var prefixArgs []string
+	prefix := ""
+	if sharedPrefix {
+		prefix = filepath.Join(l.dir, "uuid-prefix")
+		os.WriteFile(prefix, []byte("e2ehost_1764000000"), 0o644)
+		prefixArgs = []string{"-uuid-prefix-file", prefix}
+	}
+	l.startTCPInfo("tcp-info.log", prefix)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	events := l.recordEvents(ctx)
@@ -87,7 +110,10 @@ func TestEndToEnd(t *testing.T) {
 		{name: "netblock", args: []string{"-anonymize.ip=netblock", "-captureduration=2s", "-uuidwaitduration=1s"}, capDur: 2 * time.Second, netblock: true},
 	}
 	for i, d := range daemons {
-		l.startDaemon(d, 9990+i, append([]string{"-tcpinfo.eventsocket", l.tcpinfoSock, "-interface", l.nsIf}, d.args...)...)
+		if !sharedPrefix {
+			d.hostname = "e2e-other-host"
+		}
+		l.startDaemon(d, 9990+i, append(append([]string{"-tcpinfo.eventsocket", l.tcpinfoSock, "-interface", l.nsIf}, prefixArgs...), d.args...)...)
 	}
 	for _, d := range daemons {
 		waitFor(t, 10*time.Second, d.name+" daemon's eventsocket connection", func() bool {
@@ -350,7 +376,15 @@ func readPcap(t testing.TB, path string) ([]record, *pcapgo.Reader) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	r, err := pcapgo.NewReader(f)
+	var in io.Reader = f
+	if strings.HasSuffix(path, ".gz") { // as M-Lab's ETL reads them: every gzip member
+		zr, err := gzip.NewReader(f)
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		in = zr
+	}
+	r, err := pcapgo.NewReader(in)
 	if err != nil {
 		t.Fatalf("%s: %v", path, err)
 	}
@@ -443,19 +477,29 @@ func connAt(conns []*refConn, ts time.Time) *refConn {
 	return best
 }
 
-// daemonFiles returns the daemon's files by UUID, and flags partial files.
+// daemonFiles returns the daemon's files by UUID, and flags partial files
+// left behind.
 func daemonFiles(t *testing.T, d *daemon) map[string]string {
 	files := map[string]string{}
 	filepath.Walk(d.dataDir, func(path string, info os.FileInfo, err error) error {
 		if err == nil && !info.IsDir() {
-			if strings.Contains(path, "/.partial/") {
-				t.Errorf("%s: partial file left behind: %s", d.name, path)
+			if strings.Contains(path, "/.") {
+				t.Errorf("%s: a hidden file in the data directory: %s", d.name, path)
 			}
-			files[strings.TrimSuffix(filepath.Base(path), ".pcap")] = path
+			files[strings.TrimSuffix(strings.TrimSuffix(filepath.Base(path), ".gz"), ".pcap")] = path
 		}
 		return nil
 	})
+	if entries, _ := os.ReadDir(d.partialDir()); len(entries) != 0 {
+		t.Errorf("%s: %d partial files left behind in %s", d.name, len(entries), d.partialDir())
+	}
 	return files
+}
+
+// partialDir is where the daemon writes files before it publishes them:
+// beside the data directory (saver.PartialDir).
+func (d *daemon) partialDir() string {
+	return filepath.Join(filepath.Dir(d.dataDir), "."+filepath.Base(d.dataDir)+".partial")
 }
 
 // checkFile reads a file and checks it against its reference connection.

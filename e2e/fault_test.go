@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"compress/gzip"
 	"fmt"
 	"io"
 	"net"
@@ -57,7 +58,7 @@ func clientEnd(c net.Conn) netip.AddrPort {
 func filePorts(t testing.TB, dir string, serverPort uint16) map[netip.AddrPort]int {
 	out := map[netip.AddrPort]int{}
 	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
-		if err != nil || info.IsDir() || strings.Contains(p, "/.partial/") {
+		if err != nil || info.IsDir() {
 			return nil
 		}
 		recs, _ := readPcap(t, p)
@@ -207,12 +208,11 @@ func TestSIGKILL(t *testing.T) {
 	wg.Wait()
 	for _, d := range []*daemon{stream, buffer} {
 		complete, leftovers := 0, 0
+		if entries, err := os.ReadDir(d.partialDir()); err == nil {
+			leftovers = len(entries)
+		}
 		filepath.Walk(d.dataDir, func(p string, info os.FileInfo, err error) error {
 			if err != nil || info.IsDir() {
-				return nil
-			}
-			if strings.Contains(p, "/.partial/") {
-				leftovers++
 				return nil
 			}
 			if msg := readWhole(p); msg != "" {
@@ -221,12 +221,12 @@ func TestSIGKILL(t *testing.T) {
 			complete++
 			return nil
 		})
-		t.Logf("%s daemon killed: %d complete files, %d partial files left in .partial/", d.name, complete, leftovers)
+		t.Logf("%s daemon killed: %d complete files, %d partial files left in %s", d.name, complete, leftovers, d.partialDir())
 		if d.name == "stream" && leftovers == 0 || complete == 0 {
 			t.Errorf("%s: %d complete and %d partial files: the kill did not come while files were written and done", d.name, complete, leftovers)
 		}
 		cmd := l.startDaemon(d, 9992) // restart on the same datadir
-		if entries, _ := os.ReadDir(filepath.Join(d.dataDir, ".partial")); len(entries) != 0 {
+		if entries, _ := os.ReadDir(d.partialDir()); len(entries) != 0 {
 			t.Errorf("%s: %d leftovers not cleaned at restart", d.name, len(entries))
 		}
 		stop(t, cmd, syscall.SIGTERM, 6*time.Second)
@@ -240,7 +240,15 @@ func readWhole(path string) string {
 		return err.Error()
 	}
 	defer f.Close()
-	r, err := pcapgo.NewReader(f)
+	var in io.Reader = f
+	if strings.HasSuffix(path, ".gz") {
+		zr, err := gzip.NewReader(f)
+		if err != nil {
+			return err.Error()
+		}
+		in = zr
+	}
+	r, err := pcapgo.NewReader(in)
 	if err != nil {
 		return err.Error()
 	}

@@ -311,7 +311,14 @@ func (l *lab) startDaemon(d *daemon, port int, args ...string) *exec.Cmd {
 	all := append([]string{"-datadir", d.dataDir, "-prometheusx.listen-address", fmt.Sprintf(":%d", port)}, args...)
 	logName := "daemon-" + d.name + ".log"
 	os.Remove(filepath.Join(l.dir, logName))
-	d.cmd = l.start(logName, filepath.Join(l.bin, "packet-headers"), all...)
+	if d.hostname != "" {
+		// A UTS namespace of its own: without a prefix file, its made-up
+		// UUID prefix (<hostname>_<boot time>_unsafe) is not tcp-info's.
+		all = append([]string{"--uts", "sh", "-c", "hostname " + d.hostname + ` && exec "$0" "$@"`, filepath.Join(l.bin, "packet-headers")}, all...)
+		d.cmd = l.start(logName, "unshare", all...)
+	} else {
+		d.cmd = l.start(logName, filepath.Join(l.bin, "packet-headers"), all...)
+	}
 	waitFor(l.t, 10*time.Second, d.name+" daemon to capture", func() bool {
 		return strings.Contains(l.log(logName), "capturing on")
 	})
