@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/m-lab/go/bytecount"
 	apps "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
@@ -146,6 +147,90 @@ func TestDashboardQueriesKnownMetrics(t *testing.T) {
 		base := strings.TrimSuffix(m, "_bucket")
 		if strings.HasPrefix(m, "pcap_") && !bytes.Contains(readme, []byte("`"+base)) {
 			t.Errorf("the dashboard queries %s, which README does not list", m)
+		}
+	}
+}
+
+// unitConfig reads what systemd would run for the unit: its Environment=
+// assignments, overridden by those of its EnvironmentFile= (here envFile, as
+// if installed as /etc/default/packet-headers), ExecStart's arguments with
+// ${VAR} and $VAR expanded, and the unit's other settings by key.
+func unitConfig(t *testing.T, unit []byte, envFile string) (env map[string]string, args []string, settings map[string]string) {
+	t.Helper()
+	env, settings = map[string]string{}, map[string]string{}
+	var fileEnv map[string]string
+	for _, line := range strings.Split(string(unit), "\n") {
+		key, value, ok := strings.Cut(strings.TrimSpace(line), "=")
+		if !ok || strings.HasPrefix(key, "#") {
+			continue
+		}
+		switch key {
+		case "Environment":
+			k, v, _ := strings.Cut(value, "=")
+			env[k] = v
+		case "EnvironmentFile":
+			if strings.TrimPrefix(value, "-") != "/etc/default/packet-headers" {
+				t.Errorf("EnvironmentFile=%s, want /etc/default/packet-headers", value)
+			}
+			fileEnv = map[string]string{}
+			for _, l := range strings.Split(envFile, "\n") {
+				if k, v, ok := strings.Cut(strings.TrimSpace(l), "="); ok && !strings.HasPrefix(k, "#") {
+					fileEnv[k] = v
+				}
+			}
+		case "ExecStart":
+			args = strings.Fields(value)
+		default:
+			settings[key] = value
+		}
+	}
+	for k, v := range fileEnv { // EnvironmentFile= wins over Environment=
+		env[k] = v
+	}
+	for i, a := range args {
+		args[i] = os.Expand(a, func(k string) string { return env[k] })
+	}
+	return env, args, settings
+}
+
+// TestSystemdUnitSettings: the unit as installed honours DATADIR and
+// MINFREESPACE from /etc/default/packet-headers (a command-line flag would
+// win over them), and its MemoryMax leaves room above its -maxheap.
+func TestSystemdUnitSettings(t *testing.T) {
+	b, err := os.ReadFile("deploy/systemd/packet-headers.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		envFile      string
+		datadir, min string
+	}{
+		{"", "/var/lib/packet-headers/pcap", "5%"},
+		{"# settings\nDATADIR=/srv/pcap\nMINFREESPACE=10%\n", "/srv/pcap", "10%"},
+	} {
+		env, args, settings := unitConfig(t, b, tt.envFile)
+		if len(args) == 0 || args[0] != "/usr/local/bin/packet-headers" {
+			t.Fatalf("ExecStart %q", args)
+		}
+		for k, v := range env {
+			t.Setenv(k, v)
+		}
+		var c config
+		if err := parse(args[1:], &c, &bytes.Buffer{}); err != nil {
+			t.Fatalf("env file %q: %v", tt.envFile, err)
+		}
+		for k := range env {
+			os.Unsetenv(k)
+		}
+		if c.dataDir != tt.datadir || c.minFree.text != tt.min {
+			t.Errorf("env file %q: -datadir %s -minfreespace %s, want %s and %s", tt.envFile, c.dataDir, c.minFree.text, tt.datadir, tt.min)
+		}
+		var limit bytecount.ByteCount
+		if err := limit.Set(strings.TrimSuffix(settings["MemoryMax"], "G") + "GB"); err != nil {
+			t.Fatalf("MemoryMax=%s: %v", settings["MemoryMax"], err)
+		}
+		if int64(limit) < int64(c.maxHeap)*5/4 {
+			t.Errorf("MemoryMax=%s leaves less than 25%% above -maxheap %v: the cgroup would kill the daemon before its own guard acts", settings["MemoryMax"], c.maxHeap)
 		}
 	}
 }
