@@ -487,13 +487,14 @@ func (w *flowFile) write(cs []*chunk) {
 		n += c.n
 		w.iov = append(w.iov, c.b)
 	}
+	bufs := w.iov
 	var z *compressor
-	if w.err == nil && s.compress && len(w.iov) > 0 {
+	if w.err == nil && s.compress && len(bufs) > 0 {
 		z = getCompressor()
-		w.iov = z.compress(w.iov)
+		bufs = z.compress(bufs) // the compressor's, until it is put back
 	}
-	if w.err == nil && len(w.iov) > 0 {
-		if m, err := s.writev(w.file, w.iov, &w.vec); err != nil {
+	if w.err == nil && len(bufs) > 0 {
+		if m, err := s.writev(w.file, bufs, &w.vec); err != nil {
 			w.fail("write", &os.PathError{Op: "write", Path: w.tmp, Err: err})
 		} else {
 			w.written += m

@@ -590,3 +590,55 @@ func TestPathDays(t *testing.T) {
 		}
 	}
 }
+
+// TestCompressedStreams: compressed flows written in several batches each,
+// many at once, each decompress to exactly their own records (a writer
+// once kept the pooled compressor's buffer list as its own, so that two
+// writers could write through one).
+func TestCompressedStreams(t *testing.T) {
+	s, err := New(Options{Dir: t.TempDir(), Compress: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const flows, batches = 40, 6
+	fs := make([]*Flow, flows)
+	bufs := make([]Buffer, flows)
+	for i := range fs {
+		fs[i] = s.Start(fmt.Sprintf("flow-%d", i), packet.LinkTypeEthernet, t0)
+	}
+	for b := 0; b < batches; b++ {
+		for i := range fs {
+			for j := 0; j < 200; j++ {
+				bufs[i].Append(t0, 1514, bytes.Repeat([]byte{byte(i)}, 60))
+			}
+			fs[i].Push(&bufs[i], b == batches-1)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	s.Wait()
+	for i := range fs {
+		raw, err := os.ReadFile(s.Path(fmt.Sprintf("flow-%d", i), t0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _ := gunzip(t, raw)
+		r, err := pcapgo.NewReader(bytes.NewReader(got))
+		if err != nil {
+			t.Fatalf("flow %d: %v", i, err)
+		}
+		n := 0
+		for {
+			data, _, err := r.ReadPacketData()
+			if err != nil {
+				break
+			}
+			if data[0] != byte(i) {
+				t.Fatalf("flow %d: a record of flow %d", i, data[0])
+			}
+			n++
+		}
+		if n != batches*200 {
+			t.Errorf("flow %d: %d records, want %d", i, n, batches*200)
+		}
+	}
+}
