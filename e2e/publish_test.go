@@ -1,0 +1,269 @@
+package e2e
+
+import (
+	"errors"
+	"io"
+	"io/fs"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// watcher hears what M-Lab's pusher hears: it watches a directory and every
+// directory below it (as rjeczalik/notify's "dir/..." does: a directory
+// created later is watched, with the directories already in it, but files
+// already in it are not reported) for IN_CLOSE_WRITE and IN_MOVED_TO, and
+// opens and reads every file it hears of at once, as pusher's listener and
+// tarcache do.
+type watcher struct {
+	t    testing.TB
+	root string
+	f    *os.File
+	done chan struct{}
+
+	mu    sync.Mutex
+	dirs  map[int32]string
+	heard map[string]int // by path below root
+	bad   []string       // files that were not whole, or gone, when heard
+}
+
+// pusherMask is what pusher's listener asks notify for.
+const pusherMask = unix.IN_CLOSE_WRITE | unix.IN_MOVED_TO
+
+func watch(t testing.TB, root string) *watcher {
+	t.Helper()
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &watcher{t: t, root: root, f: os.NewFile(uintptr(fd), "inotify"), done: make(chan struct{}),
+		dirs: map[int32]string{}, heard: map[string]int{}}
+	w.add(root)
+	go w.run()
+	t.Cleanup(w.stop)
+	return w
+}
+
+// add watches dir and the directories below it.
+func (w *watcher) add(dir string) {
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		wd, err := unix.InotifyAddWatch(int(w.f.Fd()), p, pusherMask|unix.IN_CREATE|unix.IN_ONLYDIR)
+		if err == nil {
+			w.mu.Lock()
+			w.dirs[int32(wd)] = p
+			w.mu.Unlock()
+		}
+		return nil
+	})
+}
+
+func (w *watcher) run() {
+	defer close(w.done)
+	buf := make([]byte, 1<<16)
+	for {
+		n, err := w.f.Read(buf)
+		if err != nil {
+			return // closed
+		}
+		for off := 0; off+unix.SizeofInotifyEvent <= n; {
+			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+			name := strings.TrimRight(string(buf[off+unix.SizeofInotifyEvent:off+unix.SizeofInotifyEvent+int(ev.Len)]), "\x00")
+			off += unix.SizeofInotifyEvent + int(ev.Len)
+			w.mu.Lock()
+			dir := w.dirs[ev.Wd]
+			w.mu.Unlock()
+			path := filepath.Join(dir, name)
+			switch {
+			case ev.Mask&unix.IN_ISDIR != 0:
+				if ev.Mask&(unix.IN_CREATE|unix.IN_MOVED_TO) != 0 {
+					w.add(path)
+				}
+			case ev.Mask&pusherMask != 0:
+				rel, _ := filepath.Rel(w.root, path)
+				msg := readWhole(path) // pusher opens it now and tars it
+				w.mu.Lock()
+				w.heard[rel]++
+				if msg != "" {
+					w.bad = append(w.bad, rel+": "+msg)
+				}
+				w.mu.Unlock()
+			}
+		}
+	}
+}
+
+func (w *watcher) stop() {
+	select {
+	case <-w.done:
+		return
+	default:
+	}
+	time.Sleep(100 * time.Millisecond) // the last events
+	w.f.Close()
+	<-w.done
+}
+
+// finalName is what a finished file is named below the data directory.
+var finalName = regexp.MustCompile(`^20[0-9]{2}/[0-9]{2}/[0-9]{2}/[^./][^/]*\.pcap(\.gz)?$`)
+
+// check stops the watcher and checks what it heard against the files in
+// the data directory: each exactly once, under its final name, whole when
+// heard, and nothing else (no partial file, no probe, no duplicate).
+func (w *watcher) check(t *testing.T, what string) int {
+	t.Helper()
+	w.stop()
+	var files []string
+	filepath.WalkDir(w.root, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			rel, _ := filepath.Rel(w.root, p)
+			files = append(files, rel)
+		}
+		return nil
+	})
+	sort.Strings(files)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, b := range w.bad {
+		t.Errorf("%s: a file was not whole when the uploader heard of it: %s", what, b)
+	}
+	for p, n := range w.heard {
+		switch {
+		case !finalName.MatchString(p):
+			t.Errorf("%s: the uploader heard of %s (%d times), which is not a finished file's name", what, p, n)
+		case n != 1:
+			t.Errorf("%s: the uploader heard of %s %d times", what, p, n)
+		}
+	}
+	for _, f := range files {
+		if w.heard[f] == 0 {
+			t.Errorf("%s: the uploader never heard of %s", what, f)
+		}
+	}
+	t.Logf("%s: %d files, each heard once under its final name", what, len(files))
+	if len(files) == 0 {
+		t.Errorf("%s: no file written", what)
+	}
+	return len(files)
+}
+
+// TestPublication runs daemons in every mode (buffer, stream, -compress in
+// both, a shutdown while long flows stream, a SIGKILL and a restart on the
+// same data directory) with a recursive inotify watcher that hears what
+// M-Lab's pusher hears on each data directory: every finished file exactly
+// once, as one event under its final YYYY/MM/DD/<uuid>.pcap[.gz] name,
+// whole, and nothing else.
+func TestPublication(t *testing.T) {
+	l := newLab(t, 11)
+	l.server(8091)
+	daemons := []*daemon{
+		{name: "buffer"},
+		{name: "stream", args: []string{"-stream"}},
+		{name: "compress", args: []string{"-compress"}},
+		{name: "stream-compress", args: []string{"-stream", "-compress"}},
+		{name: "crash", args: []string{"-stream"}},
+	}
+	watchers := map[string]*watcher{}
+	for i, d := range daemons {
+		watchers[d.name] = watch(t, filepath.Join(l.dir, "data-"+d.name)) // before the daemon makes anything
+		l.startDaemon(d, 9990+i, d.args...)
+	}
+	var long sync.WaitGroup
+	for _, a := range []netip.Addr{l.srv4, l.srv6} { // streamed while they last, cut by the shutdown
+		long.Add(1)
+		go func() {
+			defer long.Done()
+			longFlow(a, 8091, 16<<10, 40)
+		}()
+	}
+	for i := 0; i < 3; i++ {
+		flows(t, l.srv4, 8091, 20)
+		flows(t, l.srv6, 8091, 20)
+	}
+	time.Sleep(1500 * time.Millisecond) // the short flows are written; the long ones stream
+	crash := daemons[len(daemons)-1]
+	crash.cmd.Process.Kill()
+	crash.cmd.Wait()
+	leftovers, _ := os.ReadDir(crash.partialDir())
+	t.Logf("crash daemon killed with %d files being written", len(leftovers))
+	restarted := l.startDaemon(crash, 9999, crash.args...)
+	flows(t, l.srv4, 8091, 20)
+	time.Sleep(1500 * time.Millisecond)
+	for _, d := range daemons {
+		cmd := d.cmd
+		if d == crash {
+			cmd = restarted
+		}
+		if _, err := stop(t, cmd, syscall.SIGTERM, 6*time.Second); err != nil {
+			t.Errorf("%s: %v", d.name, err)
+		}
+	}
+	long.Wait()
+	for _, d := range daemons {
+		watchers[d.name].check(t, d.name)
+		daemonFiles(t, d) // nothing left in the partial directory
+	}
+}
+
+// TestSecondSignal: during the orderly shutdown that a SIGTERM starts
+// (here a long -sigtermwait while a flow streams), a second SIGTERM ends
+// the daemon at once with status 1, saying which files were not written.
+func TestSecondSignal(t *testing.T) {
+	l := newLab(t, 14)
+	l.server(8094)
+	d := &daemon{name: "signals"}
+	cmd := l.startDaemon(d, 9990, "-stream", "-sigtermwait=30s")
+	stopFlow := make(chan struct{})
+	go func() {
+		c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, 8094).String())
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		go io.Copy(io.Discard, c)
+		c.Write([]byte("e"))
+		for {
+			select {
+			case <-stopFlow:
+				return
+			case <-time.After(50 * time.Millisecond):
+				c.Write(make([]byte, 1000))
+			}
+		}
+	}()
+	defer close(stopFlow)
+	waitFor(t, 10*time.Second, "the flow to be named and streamed", func() bool {
+		v, _ := metricValue(scrape(d.metrics), "pcap_saver_active")
+		return v > 0
+	})
+	cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, 5*time.Second, "the shutdown to start", func() bool { return strings.Contains(l.log("daemon-signals.log"), "signal received") })
+	start := time.Now()
+	_, err := stop(t, cmd, syscall.SIGTERM, 3*time.Second)
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+		t.Fatalf("after a second SIGTERM: %v, want exit status 1 at once", err)
+	}
+	log := l.log("daemon-signals.log")
+	if !strings.Contains(log, "second signal") || !strings.Contains(log, "1 files not written: ") {
+		t.Errorf("the daemon did not say what was not written:\n%s", log)
+	}
+	t.Logf("exited %v after the second signal", time.Since(start).Round(time.Millisecond))
+}
