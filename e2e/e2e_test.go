@@ -311,6 +311,8 @@ func checkMetrics(t *testing.T, d *daemon, text string) {
 // flowKey is a direction-independent 4-tuple.
 type flowKey struct{ a, b netip.AddrPort }
 
+func (k flowKey) String() string { return k.a.String() + "-" + k.b.String() }
+
 func keyOf(x, y netip.AddrPort) flowKey {
 	if x.Addr().Less(y.Addr()) || x.Addr() == y.Addr() && x.Port() < y.Port() {
 		return flowKey{x, y}
