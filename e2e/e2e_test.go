@@ -37,6 +37,7 @@ type daemon struct {
 	capDur    time.Duration
 	netblock  bool
 	hostname  string    // when set, the daemon runs with this host name
+	wrap      []string  // when set, the command that runs the daemon's command line
 	cmd       *exec.Cmd // set by lab.startDaemon
 }
 

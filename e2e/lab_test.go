@@ -311,7 +311,9 @@ func (l *lab) startDaemon(d *daemon, port int, args ...string) *exec.Cmd {
 	all := append([]string{"-datadir", d.dataDir, "-prometheusx.listen-address", fmt.Sprintf(":%d", port)}, args...)
 	logName := "daemon-" + d.name + ".log"
 	os.Remove(filepath.Join(l.dir, logName))
-	if d.hostname != "" {
+	if len(d.wrap) > 0 {
+		d.cmd = l.start(logName, d.wrap[0], append(append(d.wrap[1:len(d.wrap):len(d.wrap)], filepath.Join(l.bin, "packet-headers")), all...)...)
+	} else if d.hostname != "" {
 		// A UTS namespace of its own: without a prefix file, its made-up
 		// UUID prefix (<hostname>_<boot time>_unsafe) is not tcp-info's.
 		all = append([]string{"--uts", "sh", "-c", "hostname " + d.hostname + ` && exec "$0" "$@"`, filepath.Join(l.bin, "packet-headers")}, all...)

@@ -408,8 +408,14 @@ func idealLoop(in, dir string) (demux, files time.Duration, flows, bytes int, er
 }
 
 // TestMain runs idealLoop when offlineThroughput starts this binary for it
-// (IDEAL_LOOP=<input>:<directory>), and the tests otherwise.
+// (IDEAL_LOOP=<input>:<directory>), runs a command under a seccomp filter
+// when TestPredecessorDeployment starts it for that, and the tests
+// otherwise.
 func TestMain(m *testing.M) {
+	if len(os.Args) > 2 && os.Args[1] == refuseNetlinkGroupsArg {
+		fmt.Fprintln(os.Stderr, execRefusingNetlinkGroups(os.Args[2:]))
+		os.Exit(1)
+	}
 	if spec := os.Getenv("IDEAL_LOOP"); spec != "" {
 		in, dir, _ := strings.Cut(spec, ":")
 		demux, files, n, bytes, err := idealLoop(in, dir)

@@ -1,0 +1,249 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
+	apps "k8s.io/api/apps/v1"
+	"sigs.k8s.io/yaml"
+
+	"golang.org/x/sys/unix"
+)
+
+// refuseNetlinkGroupsArg makes the test binary run the rest of its command
+// line under a seccomp filter that refuses to join netlink multicast groups
+// with EPERM, as a kernel does to a process without CAP_NET_ADMIN that
+// joins the socket destroy broadcasts (this machine's kernel may allow it).
+const refuseNetlinkGroupsArg = "exec-refusing-netlink-groups"
+
+// execRefusingNetlinkGroups installs that filter on this thread and execs
+// argv; it returns only on failure.
+func execRefusingNetlinkGroups(argv []string) error {
+	if runtime.GOARCH != "amd64" {
+		return fmt.Errorf("the seccomp filter is written for amd64, not %s", runtime.GOARCH)
+	}
+	const (
+		ld, jeq = unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K
+		ret     = unix.BPF_RET | unix.BPF_K
+		allow   = unix.SECCOMP_RET_ALLOW
+		eperm   = unix.SECCOMP_RET_ERRNO | uint32(unix.EPERM)
+	)
+	// struct seccomp_data: nr at 0, arch at 4, args[i] at 16+8i (low
+	// half first on amd64).
+	filter := []unix.SockFilter{
+		{Code: ld, K: 4},
+		{Code: jeq, Jf: 6, K: unix.AUDIT_ARCH_X86_64},
+		{Code: ld, K: 0},
+		{Code: jeq, Jf: 4, K: unix.SYS_SETSOCKOPT},
+		{Code: ld, K: 24},
+		{Code: jeq, Jf: 2, K: unix.SOL_NETLINK},
+		{Code: ld, K: 32},
+		{Code: jeq, Jt: 1, K: unix.NETLINK_ADD_MEMBERSHIP},
+		{Code: ret, K: allow},
+		{Code: ret, K: eperm},
+	}
+	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
+	runtime.LockOSThread() // the filter is this thread's, and exec keeps it
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return err
+	}
+	if err := unix.Prctl(unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&prog)), 0, 0); err != nil {
+		return err
+	}
+	return syscall.Exec(argv[0], argv, os.Environ())
+}
+
+// predecessorFlags is the predecessor's production command line
+// (../shared/CONTEXT.md), run with only CAP_NET_RAW.
+const predecessorFlags = "-datadir=/var/spool/ndt/pcap -tcpinfo.eventsocket=/var/local/tcpinfoeventsocket/tcpevents.sock -stream=false -anonymize.ip=none -maxidleram=1500MB -maxheap=2GB -flowtimeout=5s -maxflows=150"
+
+// TestPredecessorDeployment runs the daemon as the predecessor ran in
+// production: its command line, without a UUID prefix file, beside tcp-info,
+// with CAP_NET_RAW alone (capabilities really dropped), and a kernel that
+// refuses the destroy broadcasts to a process without CAP_NET_ADMIN (a
+// seccomp filter stands in for that refusal where this kernel allows
+// them). The daemon must capture, say once what it cannot name, show it in
+// its metrics, and write every flow tcp-info announces.
+func TestPredecessorDeployment(t *testing.T) {
+	if runtime.GOARCH != "amd64" {
+		t.Skip("the seccomp stand-in is written for amd64")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := newLab(t, 13)
+	l.startTCPInfo("tcp-info.log", "")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events := l.recordEvents(ctx)
+	refFile, tcpdump := l.startReference()
+	d := &daemon{name: "predecessor", capDur: 30 * time.Second,
+		wrap: []string{"setpriv", "--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw", "--bounding-set=-all,+net_raw", self, refuseNetlinkGroupsArg}}
+	dataDir := filepath.Join(l.dir, "data-"+d.name)
+	args := strings.Fields(strings.NewReplacer("/var/spool/ndt/pcap", dataDir, "/var/local/tcpinfoeventsocket/tcpevents.sock", l.tcpinfoSock).Replace(predecessorFlags))
+	l.startDaemon(d, 9990, append(args, "-interface", l.nsIf)...)
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+	if m := regexp.MustCompile(`CapEff:\s*([0-9a-f]+)`).FindSubmatch(status); m == nil || string(m[1]) != fmt.Sprintf("%016x", 1<<unix.CAP_NET_RAW) {
+		t.Fatalf("the daemon's effective capabilities are %q, want CAP_NET_RAW alone", m)
+	}
+	waitFor(t, 10*time.Second, "the eventsocket connection", func() bool {
+		return strings.Contains(scrape(d.metrics), "pcap_eventsocket_connected 1")
+	})
+	captureStart := time.Now()
+	l.server(8093)
+	// About the busiest production load (50-60 concurrent flows, each
+	// tracked for its linger after the FINs): within -maxflows=150.
+	for round := 0; round < 6; round++ {
+		flows(t, l.srv4, 8093, 10)
+		flows(t, l.srv6, 8093, 10)
+		time.Sleep(500 * time.Millisecond)
+	}
+	time.Sleep(2500 * time.Millisecond)
+	metricsText := stopAll(t, l, []*daemon{d}, tcpdump)
+	cancel()
+
+	log := l.log("daemon-predecessor.log")
+	if n := strings.Count(log, "destroy broadcasts needs CAP_NET_ADMIN"); n != 1 {
+		t.Errorf("the daemon said %d times that it lacks CAP_NET_ADMIN, want once:\n%s", n, log)
+	}
+	if v, ok := metricValue(metricsText[d.name], "pcap_kernel_destroy_broadcasts"); !ok || v != 0 {
+		t.Errorf("pcap_kernel_destroy_broadcasts %v (%v), want 0", v, ok)
+	}
+	if v, _ := metricValue(metricsText[d.name], `pcap_flows_refused_total{limit="flow_limit"}`); v != 0 {
+		t.Errorf("%v flows refused by -maxflows: the lab's load should stay within it", v)
+	}
+	ref := readReference(t, refFile)
+	events.mu.Lock()
+	opens := events.opens
+	events.mu.Unlock()
+	checkDaemon(t, l, d, opens, ref, captureStart)
+}
+
+// TestManifestOutput runs the daemon with the arguments of the shipped
+// Kubernetes manifest (its paths mapped into the lab, the capture limited
+// to the lab's interface) beside tcp-info with the manifest's prefix file,
+// and checks the output against what the pipeline behind it expects: the
+// manifest's pusher watches the daemon's data directory and hears each file
+// once; every file is what M-Lab's ETL parses (parser/pcap.go): named
+// <uuid>.pcap.gz with tcp-info's UUID as its base name, gzip around a
+// classic pcap that pcapgo reads, every packet decoded as Ethernet with an
+// IP layer, one 4-tuple per file.
+func TestManifestOutput(t *testing.T) {
+	b, err := os.ReadFile("../deploy/kubernetes/packet-headers.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ds apps.DaemonSet
+	if err := yaml.UnmarshalStrict(b, &ds); err != nil {
+		t.Fatal(err)
+	}
+	var phArgs, pusherArgs []string
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		switch c.Name {
+		case "packet-headers":
+			phArgs = c.Args
+		case "pusher":
+			pusherArgs = c.Args
+		}
+	}
+	l := newLab(t, 15)
+	root := filepath.Join(l.dir, "node") // the node's paths, under the lab's directory
+	prefix := filepath.Join(root, "var/local/uuid/prefix")
+	os.MkdirAll(filepath.Dir(prefix), 0o755)
+	os.WriteFile(prefix, []byte("e2enode_1764000000"), 0o644)
+	l.startTCPInfo("tcp-info.log", prefix)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events := l.recordEvents(ctx)
+	var args []string
+	dataDir := ""
+	for _, a := range phArgs {
+		if strings.HasPrefix(a, "-tcpinfo.eventsocket=") {
+			a = "-tcpinfo.eventsocket=" + l.tcpinfoSock
+		} else if k, v, ok := strings.Cut(a, "="); ok && strings.HasPrefix(v, "/") {
+			a = k + "=" + filepath.Join(root, v)
+			if k == "-datadir" {
+				dataDir = filepath.Join(root, v)
+			}
+		}
+		args = append(args, a)
+	}
+	// The pusher of the manifest watches <directory>/<datatype>.
+	var dir, datatype string
+	for _, a := range pusherArgs {
+		if v, ok := strings.CutPrefix(a, "-directory="); ok {
+			dir = filepath.Join(root, v)
+		}
+		if v, ok := strings.CutPrefix(a, "-datatype="); ok {
+			datatype, _, _ = strings.Cut(v, "=")
+		}
+	}
+	if dataDir == "" || filepath.Join(dir, datatype) != dataDir {
+		t.Fatalf("the manifest's pusher watches %s, the daemon writes to %s", filepath.Join(dir, datatype), dataDir)
+	}
+	w := watch(t, dataDir)
+	d := &daemon{name: "manifest", capDur: 30 * time.Second}
+	l.startDaemon(d, 9990, append(args, "-interface", l.nsIf)...)
+	d.dataDir = dataDir
+	waitFor(t, 10*time.Second, "the eventsocket connection", func() bool {
+		return strings.Contains(scrape(d.metrics), "pcap_eventsocket_connected 1")
+	})
+	l.server(8095)
+	traffic(t, l, 8095)
+	time.Sleep(2500 * time.Millisecond)
+	if _, err := stop(t, d.cmd, syscall.SIGTERM, 6*time.Second); err != nil {
+		t.Fatalf("%v\n%s", err, l.log("daemon-manifest.log"))
+	}
+	cancel()
+	w.check(t, "the manifest's pusher")
+
+	events.mu.Lock()
+	opens := events.opens
+	events.mu.Unlock()
+	etlName := regexp.MustCompile(`^(.*)\.pcap\.gz$`) // parser/pcap.go's IsParsable and GetUUID
+	named := 0
+	for u, path := range daemonFiles(t, d) {
+		m := etlName.FindStringSubmatch(filepath.Base(path))
+		if m == nil {
+			t.Errorf("%s: ETL does not parse a file named so", path)
+			continue
+		}
+		if _, ok := opens[m[1]]; ok {
+			named++
+		}
+		recs, r := readPcap(t, path) // gzip.NewReader, then pcapgo, as ETL does
+		if r.LinkType() != layers.LinkTypeEthernet {
+			t.Errorf("%s: link type %v, ETL decodes Ethernet", u, r.LinkType())
+		}
+		keys := map[flowKey]bool{}
+		for i, rec := range recs {
+			p := gopacket.NewPacket(rec.data, layers.LayerTypeEthernet, gopacket.DecodeOptions{Lazy: true, NoCopy: true})
+			if p.Layer(layers.LayerTypeIPv4) == nil && p.Layer(layers.LayerTypeIPv6) == nil || p.Layer(layers.LayerTypeTCP) == nil {
+				t.Errorf("%s: packet %d has no IP and TCP layer when decoded as Ethernet", u, i)
+				break
+			}
+			if rp, ok := decode(t, rec); ok {
+				keys[rp.key] = true
+			}
+		}
+		if len(keys) != 1 {
+			t.Errorf("%s: %d 4-tuples in one file", u, len(keys))
+		}
+	}
+	t.Logf("%d files under tcp-info's UUIDs, every file as ETL parses it", named)
+	if named < 100 {
+		t.Errorf("only %d files under tcp-info's UUIDs", named)
+	}
+}
