@@ -262,8 +262,81 @@ func TestSecondSignal(t *testing.T) {
 		t.Fatalf("after a second SIGTERM: %v, want exit status 1 at once", err)
 	}
 	log := l.log("daemon-signals.log")
-	if !strings.Contains(log, "second signal") || !strings.Contains(log, "1 files not written: ") {
+	// The streamed flow, and the metric scrapes' flows still in their linger.
+	if !regexp.MustCompile(`second signal \(terminated\): exiting now; [1-9][0-9]* files not written: [^ ]+_[0-9A-F]{16}`).MatchString(log) {
 		t.Errorf("the daemon did not say what was not written:\n%s", log)
 	}
 	t.Logf("exited %v after the second signal", time.Since(start).Round(time.Millisecond))
+}
+
+// TestStuckDisk freezes the data directory's filesystem (fsfreeze on a
+// loop-mounted ext4, as a snapshot does) while a flow streams, then sends
+// SIGTERM: the shutdown is bounded by -shutdown.timeout, after which the
+// daemon names the files it could not write and exits 1 (once the
+// filesystem thaws: a process cannot finish exiting while a thread waits on
+// a frozen filesystem).
+func TestStuckDisk(t *testing.T) {
+	for _, tool := range []string{"fsfreeze", "mkfs.ext4"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s (util-linux, e2fsprogs)", tool)
+		}
+	}
+	l := newLab(t, 16)
+	img, mnt := filepath.Join(l.dir, "disk.img"), filepath.Join(l.dir, "disk")
+	os.MkdirAll(mnt, 0o755)
+	run(t, "truncate", "-s", "64M", img)
+	run(t, "mkfs.ext4", "-q", img)
+	run(t, "mount", "-o", "loop", img, mnt)
+	t.Cleanup(func() {
+		exec.Command("fsfreeze", "-u", mnt).Run() // even when the test failed while frozen
+		exec.Command("umount", "-l", mnt).Run()
+	})
+	l.server(8096)
+	d := &daemon{name: "stuck"}
+	cmd := l.startDaemon(d, 9990, "-stream", "-sigtermwait=0s", "-shutdown.timeout=2s", "-datadir", filepath.Join(mnt, "data"))
+	stopFlow := make(chan struct{})
+	defer close(stopFlow)
+	go func() {
+		c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, 8096).String())
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		go io.Copy(io.Discard, c)
+		c.Write([]byte("e"))
+		for {
+			select {
+			case <-stopFlow:
+				return
+			case <-time.After(20 * time.Millisecond):
+				c.Write(make([]byte, 4000))
+			}
+		}
+	}()
+	waitFor(t, 10*time.Second, "the flow to stream", func() bool {
+		v, _ := metricValue(scrape(d.metrics), "pcap_saver_active")
+		return v > 0
+	})
+	time.Sleep(500 * time.Millisecond)
+	run(t, "fsfreeze", "-f", mnt)
+	time.Sleep(500 * time.Millisecond) // writes are stuck now
+	cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, 10*time.Second, "the shutdown's bound", func() bool {
+		return strings.Contains(l.log("daemon-stuck.log"), "shutdown took longer than")
+	})
+	run(t, "fsfreeze", "-u", mnt)
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+			t.Errorf("exit: %v, want status 1", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the daemon did not exit after the filesystem thawed")
+	}
+	if log := l.log("daemon-stuck.log"); !regexp.MustCompile(`[1-9][0-9]* files not written: [^ ]+_[0-9A-F]{16}`).MatchString(log) {
+		t.Errorf("the daemon did not name the files not written:\n%s", log)
+	}
 }

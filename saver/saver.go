@@ -59,7 +59,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -117,13 +116,9 @@ type Saver struct {
 	// io bounds the writers doing file I/O at once: thousands of flows
 	// ending together (a shutdown, the end of an offline input) would
 	// otherwise park thousands of threads on the data directory's lock.
-	io chan struct{}
-	// raw is the one slot for a raw write (see rawWritev); nil where
-	// writes may wait on more than this machine's memory and disks.
-	raw    chan struct{}
-	rawOff atomic.Bool // a raw write was slow: writes are made the usual way
-	day    atomic.Pointer[day]
-	seq    atomic.Uint64 // numbers the partial files: two flows never share one
+	io  chan struct{}
+	day atomic.Pointer[day]
+	seq atomic.Uint64 // numbers the partial files: two flows never share one
 	// prepared is the last day PrepareDays made directories for.
 	prepared atomic.Int64
 	mu       sync.Mutex
@@ -149,9 +144,6 @@ func New(opts Options) (*Saver, error) {
 	s.prepared.Store(math.MinInt64)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("datadir: %w", err)
-	}
-	if localFS(dir) {
-		s.raw = make(chan struct{}, 1)
 	}
 	if s.partial, err = partialDir(dir, opts.PartialDir, opts.Logf); err != nil {
 		return nil, err
@@ -433,15 +425,14 @@ func (f *Flow) run() {
 // flowFile is the state of a Flow's writer.
 type flowFile struct {
 	f       *Flow
-	tmp     string       // the partial file's path
-	file    int          // its descriptor, -1 when closed
-	err     error        // the first error; nothing is written after it
-	op      string       // what failed
-	packets int          // records written
-	total   int          // records received
-	written int          // bytes written
-	iov     [][]byte     // reused: one writev per batch of chunks
-	vec     []unix.Iovec // reused by raw writes
+	tmp     string   // the partial file's path
+	file    int      // its descriptor, -1 when closed
+	err     error    // the first error; nothing is written after it
+	op      string   // what failed
+	packets int      // records written
+	total   int      // records received
+	written int      // bytes written
+	iov     [][]byte // reused: one writev per batch of chunks
 }
 
 // closeFile closes the partial file's descriptor, once.
@@ -494,7 +485,7 @@ func (w *flowFile) write(cs []*chunk) {
 		bufs = z.compress(bufs) // the compressor's, until it is put back
 	}
 	if w.err == nil && len(bufs) > 0 {
-		if m, err := s.writev(w.file, bufs, &w.vec); err != nil {
+		if m, err := writeAll(w.file, bufs); err != nil {
 			w.fail("write", &os.PathError{Op: "write", Path: w.tmp, Err: err})
 		} else {
 			w.written += m
@@ -693,46 +684,18 @@ func (r *rateLog) printf(kind, format string, args ...any) {
 // iovMax is the most buffers one writev takes (IOV_MAX on Linux).
 const iovMax = 1024
 
-// writev writes all of bufs to the file fd in as few system calls as the
-// kernel allows (usually one) and returns the number of bytes written. It
-// writes raw (see rawWritev) when the raw slot is free, else through Go's
-// system-call bookkeeping; vec is scratch space for raw writes.
-func (s *Saver) writev(fd int, bufs [][]byte, vec *[]unix.Iovec) (int, error) {
-	if s.takeRaw() {
-		defer s.giveRaw(time.Now())
-		return writeAll(fd, bufs, func(fd int, b [][]byte) (int, error) { return rawWritev(fd, b, vec) })
-	}
-	return writeAll(fd, bufs, unix.Writev)
-}
-
-// takeRaw takes the raw slot if raw writes are allowed and it is free.
-func (s *Saver) takeRaw() bool {
-	if s.rawOff.Load() {
-		return false
-	}
-	select {
-	case s.raw <- struct{}{}: // never ready when s.raw is nil
-		return true
-	default:
-		return false
-	}
-}
-
-// giveRaw gives the raw slot back after a write that began at start, and
-// turns raw writes off for good if it was slow.
-func (s *Saver) giveRaw(start time.Time) {
-	<-s.raw
-	if d := time.Since(start); d > slowRawWrite && !s.rawOff.Swap(true) {
-		log.Printf("saver: a write took %v: writing the usual way from now on", d.Round(time.Millisecond))
-	}
-}
-
-// writeAll writes all of bufs with write, a writev, IOV_MAX buffers at a
-// time and again after a short write.
-func writeAll(fd int, bufs [][]byte, write func(int, [][]byte) (int, error)) (int, error) {
+// writeAll writes all of bufs to the file fd with writev(2), IOV_MAX
+// buffers at a time and again after a short write, and returns the number
+// of bytes written. It goes through Go's system-call bookkeeping, which
+// lets the runtime hand the processor on while the kernel waits: a write
+// that bypassed it (a raw system call, once used here to spare the
+// monitor thread's wake-ups) held the only processor of -maxprocs 1 for as
+// long as a frozen or stuck filesystem blocked it, and stopped the capture,
+// the timers and the signal handling with it (TestStuckDisk in e2e).
+func writeAll(fd int, bufs [][]byte) (int, error) {
 	total := 0
 	for len(bufs) > 0 {
-		n, err := write(fd, bufs[:min(len(bufs), iovMax)])
+		n, err := unix.Writev(fd, bufs[:min(len(bufs), iovMax)])
 		if err == unix.EINTR {
 			continue
 		}
@@ -754,57 +717,6 @@ func writeAll(fd int, bufs [][]byte, write func(int, [][]byte) (int, error)) (in
 		}
 	}
 	return total, nil
-}
-
-// slowRawWrite is how long a raw write may take before writes are made
-// the usual way for good. A variable for tests only.
-var slowRawWrite = 100 * time.Millisecond
-
-// rawWritev is writev(2) without Go's system-call bookkeeping. That
-// bookkeeping wakes the runtime's monitor thread (sysmon) whenever it
-// sleeps, and sysmon then polls every 20 µs for a millisecond or more: in
-// the lab each 256 KiB write of a long flow cost tens of context switches,
-// 15-20% of the daemon's CPU on this VM. A raw write keeps its processor
-// (P) while the kernel copies into the page cache, well under a
-// millisecond; with one P (-maxprocs) the capture waits meanwhile, its
-// frames held in the kernel's buffer. So: one raw writer at a time; only
-// on a local filesystem (ext4, XFS, btrfs, tmpfs, overlayfs), whose
-// buffered writes wait on nothing but memory and the dirty-page throttle
-// (a pause of at most 200 ms); and never again once one has taken longer
-// than slowRawWrite (a disk that cannot keep up).
-func rawWritev(fd int, bufs [][]byte, vec *[]unix.Iovec) (int, error) {
-	v := (*vec)[:0]
-	for _, b := range bufs {
-		if len(b) == 0 {
-			continue
-		}
-		iv := unix.Iovec{Base: &b[0]}
-		iv.SetLen(len(b))
-		v = append(v, iv)
-	}
-	*vec = v
-	if len(v) == 0 {
-		return 0, nil
-	}
-	n, _, e := unix.RawSyscall(unix.SYS_WRITEV, uintptr(fd), uintptr(unsafe.Pointer(&v[0])), uintptr(len(v)))
-	clear(v) // keep no pointer to the chunks
-	if e != 0 {
-		return 0, e
-	}
-	return int(n), nil
-}
-
-// localFS reports whether dir is on a local filesystem (see rawWritev).
-func localFS(dir string) bool {
-	var st unix.Statfs_t
-	if unix.Statfs(dir, &st) != nil {
-		return false
-	}
-	switch st.Type {
-	case unix.EXT4_SUPER_MAGIC, unix.XFS_SUPER_MAGIC, unix.BTRFS_SUPER_MAGIC, unix.TMPFS_MAGIC, unix.OVERLAYFS_SUPER_MAGIC:
-		return true
-	}
-	return false
 }
 
 // renameNoReplace renames without replacing an existing file, so that a

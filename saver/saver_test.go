@@ -510,67 +510,22 @@ func countRecords(t *testing.T, path string) int {
 	}
 }
 
-// TestWritev writes through the raw slot and, while it is taken, the usual
-// way: both write every buffer (empty ones too) and report errors.
+// TestWritev writes every buffer (empty ones too) and reports errors.
 func TestWritev(t *testing.T) {
-	s := &Saver{raw: make(chan struct{}, 1)}
-	for _, taken := range []bool{false, true} {
-		if taken {
-			s.raw <- struct{}{}
-		}
-		f, err := os.CreateTemp(t.TempDir(), "w")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var vec []unix.Iovec
-		n, err := s.writev(int(f.Fd()), [][]byte{[]byte("abc"), {}, []byte("defg")}, &vec)
-		if err != nil || n != 7 {
-			t.Errorf("raw slot taken: %v: wrote %d, %v", taken, n, err)
-		}
-		if got, _ := os.ReadFile(f.Name()); string(got) != "abcdefg" {
-			t.Errorf("raw slot taken: %v: file holds %q", taken, got)
-		}
-		f.Close()
-		if _, err := s.writev(int(f.Fd()), [][]byte{[]byte("x")}, &vec); err == nil {
-			t.Errorf("raw slot taken: %v: a write to a closed descriptor succeeded", taken)
-		}
-		if len(s.raw) != map[bool]int{false: 0, true: 1}[taken] {
-			t.Errorf("raw slot taken: %v: the slot holds %d after the writes", taken, len(s.raw))
-		}
-	}
-}
-
-// TestRawWriteRules: raw writes only on a local filesystem, and never again
-// after a slow one.
-func TestRawWriteRules(t *testing.T) {
-	if !localFS(t.TempDir()) || localFS("/proc") {
-		t.Errorf("local: the test's directory %v, /proc %v; want true, false", localFS(t.TempDir()), localFS("/proc"))
-	}
-	s, err := New(Options{Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s.raw == nil {
-		t.Fatal("no raw writes on a local filesystem")
-	}
-	defer func(d time.Duration) { slowRawWrite = d }(slowRawWrite)
-	slowRawWrite = 0 // every write is slow
 	f, err := os.CreateTemp(t.TempDir(), "w")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	var vec []unix.Iovec
-	for i := 0; i < 2; i++ {
-		if n, err := s.writev(int(f.Fd()), [][]byte{[]byte("ab")}, &vec); n != 2 || err != nil {
-			t.Fatalf("write %d: %d, %v", i, n, err)
-		}
-		if !s.rawOff.Load() {
-			t.Errorf("after write %d: raw writes still on", i)
-		}
+	n, err := writeAll(int(f.Fd()), [][]byte{[]byte("abc"), {}, []byte("defg")})
+	if err != nil || n != 7 {
+		t.Errorf("wrote %d, %v", n, err)
 	}
-	if got, _ := os.ReadFile(f.Name()); string(got) != "abab" {
+	if got, _ := os.ReadFile(f.Name()); string(got) != "abcdefg" {
 		t.Errorf("file holds %q", got)
+	}
+	f.Close()
+	if _, err := writeAll(int(f.Fd()), [][]byte{[]byte("x")}); err == nil {
+		t.Error("a write to a closed descriptor succeeded")
 	}
 }
 
