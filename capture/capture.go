@@ -17,6 +17,7 @@ import (
 	"log"
 	"net"
 	"net/netip"
+	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -28,11 +29,13 @@ import (
 )
 
 // ErrTimeout is returned by Read when no packet arrived within the read
-// timeout; the caller may do housekeeping and read again.
-var ErrTimeout = errors.New("capture: read timeout")
+// timeout; the caller may do housekeeping and read again. It wraps
+// os.ErrDeadlineExceeded, so that a consumer need not import this package.
+var ErrTimeout = fmt.Errorf("capture: read timeout: %w", os.ErrDeadlineExceeded)
 
-// ErrClosed is returned by Read once the handle is closed.
-var ErrClosed = errors.New("capture: handle closed")
+// ErrClosed is returned by Read once the handle is closed. It wraps
+// net.ErrClosed.
+var ErrClosed = fmt.Errorf("capture: handle closed: %w", net.ErrClosed)
 
 // ErrFailed is wrapped by Read's errors when the capture cannot go on (the
 // interface went away): the handle must be closed and opened again.

@@ -70,12 +70,13 @@ package demuxer
 
 import (
 	"errors"
+	"net"
+	"os"
 	rtmetrics "runtime/metrics"
 	"sync/atomic"
 	"time"
 
 	"github.com/m-lab/packet-headers/anonymize"
-	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
@@ -84,7 +85,7 @@ import (
 )
 
 // TickInterval is how often, in packet or wall-clock time, Run calls Tick.
-// (When the traffic stops, the next tick may come up to capture.BusyTimeout
+// (When the traffic stops, the next tick may come up to the capture's BusyTimeout
 // after the last packet, then every TickInterval.)
 const TickInterval = 100 * time.Millisecond
 
@@ -804,7 +805,7 @@ func (d *Demuxer) publish() {
 	d.m.undecodableAll.Add(float64(undecodable))
 }
 
-// Source is a capture: *capture.Handle implements it.
+// Source is a capture: the capture package's handles implement it.
 type Source interface {
 	Read() (data []byte, ts time.Time, origLen int, err error)
 }
@@ -813,7 +814,8 @@ type Source interface {
 // every TickInterval (by packet time, or by clock when no packet comes).
 // At the end it closes the demuxer, handing every named flow to the saver.
 // Read errors other than timeouts are passed to onError and reading goes on;
-// Run returns nil when src reports capture.ErrClosed.
+// Run returns nil when src reports net.ErrClosed; os.ErrDeadlineExceeded
+// is a timeout (the capture package's errors wrap both).
 func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
 	defer d.Close()
 	// A first tick, so that the limits apply from the first packet on;
@@ -829,8 +831,8 @@ func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) e
 			if ts.UnixNano() < nextTick {
 				continue
 			}
-		case errors.Is(err, capture.ErrTimeout):
-		case errors.Is(err, capture.ErrClosed):
+		case errors.Is(err, os.ErrDeadlineExceeded):
+		case errors.Is(err, net.ErrClosed):
 			return nil
 		default:
 			onError(err)

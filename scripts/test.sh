@@ -19,6 +19,7 @@ fi
 source scripts/go.sh
 export PATH="$PATH:$(go env GOPATH)/bin"
 
+echo "== stage 1: static checks and unit tests"
 echo "== gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
 if [ -n "$unformatted" ]; then echo "not gofmt'ed: $unformatted"; exit 1; fi
@@ -26,9 +27,16 @@ echo "== go vet"
 go vet ./...
 echo "== staticcheck"
 go tool staticcheck ./...
+# The core (everything but the capture, the command and the end-to-end
+# tests) builds and passes its tests without cgo.
+core=$(go list ./... | grep -v -e '/e2e$' -e '/capture$' -e '^github.com/m-lab/packet-headers$')
+echo "== CGO_ENABLED=0 go test (the core, without cgo)"
+CGO_ENABLED=0 go test -count=1 $core
+echo "== go test -race (unit)"
+go test -race -count=1 -timeout 15m $(go list ./... | grep -v '/e2e$')
 
-echo "== go test -race (unit, fuzz seeds, end-to-end)"
-go test -race -count=1 -timeout 30m ./...
+echo "== stage 2: end-to-end tests (root: network namespaces, capture, tcp-info)"
+go test -race -count=1 -timeout 30m ./e2e
 
 # A count, not a duration: with a duration, Go 1.26's fuzzing coordinator
 # may report its own deadline as a failure ("context deadline exceeded",
