@@ -413,6 +413,7 @@ func run(ctx context.Context, c *config) (int, error) {
 	pm.RegisterGaugeFunc("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(saver.CompressorsInUse()) })
 
 	anon := anonymize.New(mode, local)
+	writer := demuxer.WriterFunc(func(u string, lt packet.LinkType, first time.Time) demuxer.FlowWriter { return sv.Start(u, lt, first) })
 	var wg sync.WaitGroup // owns the capture loops
 	for _, h := range handles {
 		h := h
@@ -425,7 +426,7 @@ func run(ctx context.Context, c *config) (int, error) {
 		opts := demuxer.Options{
 			Interface: h.Name(), LinkType: h.LinkType(), MaxHeaderSize: c.maxHeaderSize,
 			CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout, UUIDWait: c.uuidWait,
-			Stream: c.stream, Names: table, Writer: demuxer.SaverWriter{Saver: sv},
+			Stream: c.stream, Names: table, Writer: writer,
 			Anonymizer: anon, Limits: limits,
 		}
 		if kernel != nil {

@@ -80,7 +80,7 @@ import (
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
-	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/record"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -113,26 +113,26 @@ type Namer interface {
 	Release(e *names.Entry)
 }
 
-// Writer starts the writer of a named flow. *saver.Saver implements it
-// through SaverWriter.
+// Writer starts the writer of a named flow (the saver, adapted by the
+// composition root with WriterFunc).
 type Writer interface {
 	Start(uuid string, lt packet.LinkType, first time.Time) FlowWriter
 }
 
+// WriterFunc adapts a function to Writer.
+type WriterFunc func(uuid string, lt packet.LinkType, first time.Time) FlowWriter
+
+// Start implements Writer.
+func (f WriterFunc) Start(uuid string, lt packet.LinkType, first time.Time) FlowWriter {
+	return f(uuid, lt, first)
+}
+
 // FlowWriter takes a flow's chunks; *saver.Flow implements it.
 type FlowWriter interface {
-	Push(buf *saver.Buffer, final bool)
+	Push(buf *record.Buffer, final bool)
 	// Rename changes the name the file is published under, until the
 	// final Push.
 	Rename(uuid string)
-}
-
-// SaverWriter adapts a *saver.Saver to Writer.
-type SaverWriter struct{ *saver.Saver }
-
-// Start implements Writer.
-func (s SaverWriter) Start(uuid string, lt packet.LinkType, first time.Time) FlowWriter {
-	return s.Saver.Start(uuid, lt, first)
 }
 
 // Limits bounds the number of flows tracked across all demuxers. The zero
@@ -219,7 +219,7 @@ type flow struct {
 	entry        *names.Entry
 	out          FlowWriter // once named in stream mode, or once spilled
 	outName      string     // the name out was started or renamed with
-	buf          saver.Buffer
+	buf          record.Buffer
 	idx          int // position in its list
 }
 
@@ -631,7 +631,7 @@ func (d *Demuxer) name(f *flow, e *names.Entry) {
 func (d *Demuxer) finish(f *flow) {
 	d.writer(f).Push(&f.buf, true)
 	f.out = nil
-	f.buf = saver.Buffer{}
+	f.buf = record.Buffer{}
 	f.st = finished
 }
 
@@ -655,7 +655,7 @@ func (d *Demuxer) discard(f *flow, shutdown bool) {
 		d.c.uuidTimeout++
 	}
 	f.buf.Reset()
-	f.buf = saver.Buffer{}
+	f.buf = record.Buffer{}
 	f.st = discarded
 }
 

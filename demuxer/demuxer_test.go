@@ -18,6 +18,7 @@ import (
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/record"
 	"github.com/m-lab/packet-headers/saver"
 )
 
@@ -105,7 +106,7 @@ func newHarness(t *testing.T, mod func(*Options)) *harness {
 	h := &harness{t: t, names: names.New(nil), sv: sv, lim: &Limits{}}
 	o := Options{Interface: "test", LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
 		CaptureDuration: 30 * time.Second, FlowTimeout: 30 * time.Second, UUIDWait: 5 * time.Second,
-		Names: h.names, Writer: SaverWriter{sv}, Limits: h.lim}
+		Names: h.names, Writer: WriterFunc(func(u string, lt packet.LinkType, first time.Time) FlowWriter { return sv.Start(u, lt, first) }), Limits: h.lim}
 	if mod != nil {
 		mod(&o)
 	}
@@ -437,7 +438,7 @@ func benchmarkPacket(b *testing.B, run int) {
 	sv, _ := saver.New(saver.Options{Dir: b.TempDir()})
 	tbl := names.New(nil)
 	d := New(Options{Interface: "bench", LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
-		CaptureDuration: time.Hour, FlowTimeout: time.Hour, UUIDWait: time.Hour, Names: tbl, Writer: SaverWriter{sv},
+		CaptureDuration: time.Hour, FlowTimeout: time.Hour, UUIDWait: time.Hour, Names: tbl, Writer: WriterFunc(func(u string, lt packet.LinkType, first time.Time) FlowWriter { return sv.Start(u, lt, first) }),
 		Anonymizer: anonymize.New(anonymize.Netblock, []netip.Addr{netip.MustParseAddr("192.0.2.1")})})
 	var frames [][]byte
 	for i := 0; i < 1000; i++ {
@@ -560,12 +561,12 @@ func TestSpill(t *testing.T) {
 	}
 	h.open(at(n/2), "long", c)
 	h.tick(at(n / 2))
-	if f.out == nil || f.buf.Bytes() >= saver.ChunkSize {
+	if f.out == nil || f.buf.Bytes() >= record.ChunkSize {
 		t.Fatalf("once named, the flow holds %d bytes (writer started: %v); want its full chunks handed over", f.buf.Bytes(), f.out != nil)
 	}
 	for i := n / 2; i < n; i++ {
 		h.packet(at(i), frame(i))
-		if got := f.buf.Bytes(); got >= SpillBytes+saver.ChunkSize {
+		if got := f.buf.Bytes(); got >= SpillBytes+record.ChunkSize {
 			t.Fatalf("packet %d: the named flow holds %d bytes, more than SpillBytes and a chunk", i, got)
 		}
 	}

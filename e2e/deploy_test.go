@@ -105,7 +105,7 @@ func TestPredecessorDeployment(t *testing.T) {
 	l.server(8093)
 	// About the busiest production load (50-60 concurrent flows, each
 	// tracked for its linger after the FINs): within -maxflows=150.
-	for round := 0; round < 6; round++ {
+	for round := 0; round < 9; round++ {
 		flows(t, l.srv4, 8093, 10)
 		flows(t, l.srv6, 8093, 10)
 		time.Sleep(500 * time.Millisecond)

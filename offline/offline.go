@@ -283,6 +283,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	table := names.New(&names.Options{TTL: max(o.CaptureDuration, o.FlowTimeout) + o.UUIDWait, Now: now})
 	anon := anonymize.New(o.Anonymize, local)
 	fb := &fallbacks{anon: anon, used: map[string]int{}}
+	writer := demuxer.WriterFunc(func(u string, lt packet.LinkType, first time.Time) demuxer.FlowWriter { return sv.Start(u, lt, first) })
 	demuxers := map[int]*demuxer.Demuxer{} // by interface (pcapng) or 0
 	unsupported := map[int]bool{}
 	get := func(ifc int) *demuxer.Demuxer {
@@ -295,7 +296,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 			}
 			dopts := demuxer.Options{Interface: fmt.Sprint("offline", ifc), LinkType: lt,
 				MaxHeaderSize: o.MaxHeaderSize, CaptureDuration: o.CaptureDuration, FlowTimeout: o.FlowTimeout,
-				UUIDWait: o.UUIDWait, Stream: o.Stream, Names: table, Writer: demuxer.SaverWriter{Saver: sv},
+				UUIDWait: o.UUIDWait, Stream: o.Stream, Names: table, Writer: writer,
 				Anonymizer: anon}
 			if o.Events == "" {
 				dopts.Names = fallbackNamer{t: table, fb: fb, ifc: ifc}

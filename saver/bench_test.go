@@ -10,6 +10,7 @@ import (
 	"github.com/google/gopacket/pcapgo"
 
 	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/record"
 )
 
 // labHeaders returns the headers of a real capture's frames, cut where the
@@ -70,7 +71,7 @@ func BenchmarkSaveFlow(b *testing.B) {
 			b.ReportAllocs()
 			raw := 0
 			for i := 0; i < b.N; i++ {
-				var buf Buffer
+				var buf record.Buffer
 				for j, h := range flow {
 					buf.Append(t0.Add(time.Duration(j)*137*time.Microsecond), 1514, h)
 				}

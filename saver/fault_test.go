@@ -10,6 +10,7 @@ import (
 
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/record"
 )
 
 // tmpfs mounts a small tmpfs for a test; it needs root.
@@ -27,7 +28,7 @@ func tmpfs(t *testing.T, size string) string {
 
 // save writes one flow of n records of 200 bytes and waits for it.
 func save(s *Saver, uuid string, n int) {
-	var b Buffer
+	var b record.Buffer
 	hdr := make([]byte, 200)
 	for i := 0; i < n; i++ {
 		b.Append(t0, 1514, hdr)

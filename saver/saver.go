@@ -1,8 +1,8 @@
 // Package saver writes each flow's headers into its own pcap file,
 // <dir>/YYYY/MM/DD/<uuid>.pcap, dated by the flow's first packet (UTC).
 //
-// The demuxer appends records to a flow's Buffer (chunks of ready-made pcap
-// records, so writing is a plain copy). Once the flow has a UUID it hands
+// The demuxer appends records to a flow's record.Buffer (chunks of
+// ready-made pcap records, so writing is a plain copy). Once the flow has a UUID it hands
 // whole chunks to a Flow: a goroutine that owns the file. In buffer mode the
 // Flow is started when the flow ends, with every chunk at once (or, for a
 // long flow, once it holds a few hundred kilobytes, which it then gets at a
@@ -65,6 +65,7 @@ import (
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/record"
 )
 
 // LegacyPartialDir is the subdirectory of the data directory that holds
@@ -309,7 +310,7 @@ type Flow struct {
 	first    time.Time
 
 	mu     sync.Mutex
-	queue  []*chunk
+	queue  []*record.Chunk
 	final  bool
 	rename string // the name the flow takes instead of uuid, if not ""
 	wake   chan struct{}
@@ -351,8 +352,8 @@ func (s *Saver) Writing() []string {
 // Push hands the writer buf's full chunks, or, when final is set, all of
 // them and the end of the flow. It never blocks on I/O. After a final Push
 // the Flow must not be used again.
-func (f *Flow) Push(buf *Buffer, final bool) {
-	cs, _ := buf.take(final)
+func (f *Flow) Push(buf *record.Buffer, final bool) {
+	cs, _ := buf.Take(final)
 	if len(cs) == 0 && !final {
 		return
 	}
@@ -375,7 +376,7 @@ func (f *Flow) Rename(uuid string) {
 	f.mu.Unlock()
 }
 
-func (f *Flow) next() (cs []*chunk, final bool) {
+func (f *Flow) next() (cs []*record.Chunk, final bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	cs, f.queue = f.queue, nil
@@ -458,7 +459,7 @@ func (w *flowFile) fail(op string, err error) {
 
 // write writes a batch of chunks (creating the file first) and recycles
 // them.
-func (w *flowFile) write(cs []*chunk) {
+func (w *flowFile) write(cs []*record.Chunk) {
 	s := w.f.s
 	w.iov = w.iov[:0]
 	if w.err == nil && w.file < 0 {
@@ -474,9 +475,9 @@ func (w *flowFile) write(cs []*chunk) {
 	}
 	n := 0
 	for _, c := range cs {
-		w.total += c.n
-		n += c.n
-		w.iov = append(w.iov, c.b)
+		w.total += c.Records()
+		n += c.Records()
+		w.iov = append(w.iov, c.Bytes())
 	}
 	bufs := w.iov
 	var z *compressor
@@ -496,7 +497,7 @@ func (w *flowFile) write(cs []*chunk) {
 		putCompressor(z)
 	}
 	for _, c := range cs {
-		putChunk(c)
+		c.Release()
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/record"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
@@ -26,57 +27,10 @@ var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 var t0 = time.Date(2026, 11, 25, 23, 59, 59, 999999999, time.UTC)
 
 // fill appends n records of varying sizes, as a flow would.
-func fill(b *Buffer, n int) {
+func fill(b *record.Buffer, n int) {
 	for i := 0; i < n; i++ {
 		hdr := bytes.Repeat([]byte{byte(i)}, 54+i%40)
 		b.Append(t0.Add(time.Duration(i)*time.Millisecond), 1514, hdr)
-	}
-}
-
-func TestBufferChunks(t *testing.T) {
-	var b Buffer
-	fill(&b, 1)
-	if b.Full() || len(b.chunks) != 1 || cap(b.chunks[0].b) != firstChunk {
-		t.Fatalf("one record: %d chunks, first of cap %d", len(b.chunks), cap(b.chunks[0].b))
-	}
-	fill(&b, 300)
-	if !b.Full() || b.Packets() != 301 {
-		t.Fatalf("Full %v, Packets %d", b.Full(), b.Packets())
-	}
-	total := b.Bytes()
-	cs, n := b.take(false)
-	if len(b.chunks) != 1 || n+b.Packets() != 301 || len(cs) == 0 {
-		t.Errorf("take(false) took %d chunks, %d packets; %d chunks and %d packets left", len(cs), n, len(b.chunks), b.Packets())
-	}
-	sum := b.Bytes()
-	for _, c := range cs {
-		sum += len(c.b)
-	}
-	if sum != total {
-		t.Errorf("bytes %d after take, want %d", sum, total)
-	}
-	b.Reset()
-	if b.Packets() != 0 || b.Bytes() != 0 || len(b.chunks) != 0 {
-		t.Error("Reset left records")
-	}
-}
-
-func TestAppendSteadyStateDoesNotAllocate(t *testing.T) {
-	var b Buffer
-	hdr := make([]byte, 66)
-	allocs := testing.AllocsPerRun(10000, func() {
-		b.Append(t0, 1514, hdr)
-		if b.Full() {
-			cs, _ := b.take(false)
-			for _, c := range cs {
-				putChunk(c)
-			}
-		}
-	})
-	// A chunk holds ~100 such records: handing it over costs one small
-	// slice, amortized to well under one allocation per packet.
-	if allocs > 0.05 {
-		t.Errorf("%v allocations per appended packet", allocs)
 	}
 }
 
@@ -93,7 +47,7 @@ func newSaver(t *testing.T) *Saver {
 // it), and that gopacket reads it back as written.
 func TestGoldenFile(t *testing.T) {
 	s := newSaver(t)
-	var b Buffer
+	var b record.Buffer
 	fill(&b, 150)
 	f := s.Start("host_1_000000000000ABCD", packet.LinkTypeEthernet, t0)
 	f.Push(&b, false)
@@ -148,7 +102,7 @@ func TestGoldenFile(t *testing.T) {
 func TestNeverOverwrites(t *testing.T) {
 	s := newSaver(t)
 	for i, n := range []int{3, 5} {
-		var b Buffer
+		var b record.Buffer
 		fill(&b, n)
 		s.Start("same-uuid", packet.LinkTypeEthernet, t0).Push(&b, true)
 		s.Wait()
@@ -156,7 +110,7 @@ func TestNeverOverwrites(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want := int64(FileHeaderLen + 3*RecordHeaderLen + 54 + 55 + 56); st.Size() != want {
+		if want := int64(FileHeaderLen + 3*record.RecordHeaderLen + 54 + 55 + 56); st.Size() != want {
 			t.Errorf("after flow %d the file has %d bytes, want the first flow's %d", i, st.Size(), want)
 		}
 	}
@@ -211,21 +165,6 @@ func TestRelativeDir(t *testing.T) {
 	}
 }
 
-func BenchmarkAppend(b *testing.B) {
-	var buf Buffer
-	hdr := make([]byte, 66)
-	b.ReportAllocs()
-	for b.Loop() {
-		buf.Append(t0, 1514, hdr)
-		if buf.Full() {
-			cs, _ := buf.take(false)
-			for _, c := range cs {
-				putChunk(c)
-			}
-		}
-	}
-}
-
 // gunzip decompresses a file and returns its content and the number of
 // gzip members it has.
 func gunzip(t *testing.T, raw []byte) ([]byte, int) {
@@ -261,7 +200,7 @@ func TestCompressed(t *testing.T) {
 	}
 	for i, uuid := range []string{"host_1_000000000000ABCD", "host_1_000000000000ABCE", "host_1_000000000000ABCF"} {
 		stream := i == 2
-		var b Buffer
+		var b record.Buffer
 		fill(&b, 150)
 		f := s.Start(uuid, packet.LinkTypeEthernet, t0)
 		if stream {
@@ -344,7 +283,7 @@ func TestCompressWritesOnce(t *testing.T) {
 	}
 	const flows = 20
 	for i := 0; i < flows; i++ {
-		var b Buffer
+		var b record.Buffer
 		fill(&b, 300)
 		s.Start(fmt.Sprintf("flow-%d", i), packet.LinkTypeEthernet, t0).Push(&b, true)
 	}
@@ -376,20 +315,20 @@ func TestCompressWritesOnce(t *testing.T) {
 func TestNoCrossWiring(t *testing.T) {
 	s := newSaver(t)
 	const flows = 600
-	record := func(i int) []byte { return bytes.Repeat([]byte{byte(i), byte(i >> 8)}, 40) }
+	rec := func(i int) []byte { return bytes.Repeat([]byte{byte(i), byte(i >> 8)}, 40) }
 	for i := 0; i < flows; i += 2 { // every other name exists already
 		os.MkdirAll(filepath.Dir(s.Path("x", t0)), 0o755)
 		os.WriteFile(s.Path(fmt.Sprintf("flow-%d", i), t0), []byte("earlier run"), 0o644)
 	}
 	for i := 0; i < flows; i++ {
-		var b Buffer
+		var b record.Buffer
 		for j := 0; j < 3+i%5; j++ {
-			b.Append(t0, 1514, record(i))
+			b.Append(t0, 1514, rec(i))
 		}
 		s.Start(fmt.Sprintf("flow-%d", i), packet.LinkTypeEthernet, t0).Push(&b, true)
 		if i%3 == 0 { // and the same name twice at once
-			var b Buffer
-			b.Append(t0, 1514, record(i))
+			var b record.Buffer
+			b.Append(t0, 1514, rec(i))
 			s.Start(fmt.Sprintf("flow-%d", i), packet.LinkTypeEthernet, t0).Push(&b, true)
 		}
 	}
@@ -416,7 +355,7 @@ func TestNoCrossWiring(t *testing.T) {
 			if err != nil {
 				break
 			}
-			if !bytes.Equal(data, record(i)) {
+			if !bytes.Equal(data, rec(i)) {
 				t.Errorf("flow %d: holds another flow's record", i)
 				break
 			}
@@ -437,7 +376,7 @@ func TestRename(t *testing.T) {
 	s := newSaver(t)
 	for _, stream := range []bool{false, true} {
 		old, renamed := fmt.Sprintf("kernel-%v", stream), fmt.Sprintf("tcpinfo-%v", stream)
-		var b Buffer
+		var b record.Buffer
 		fill(&b, 300)
 		f := s.Start(old, packet.LinkTypeEthernet, t0)
 		if stream {
@@ -449,13 +388,13 @@ func TestRename(t *testing.T) {
 		if _, err := os.Stat(s.Path(old, t0)); !os.IsNotExist(err) {
 			t.Errorf("stream %v: a file under the old name", stream)
 		}
-		if got, err := os.ReadFile(s.Path(renamed, t0)); err != nil || len(got) < 300*(RecordHeaderLen+54) {
+		if got, err := os.ReadFile(s.Path(renamed, t0)); err != nil || len(got) < 300*(record.RecordHeaderLen+54) {
 			t.Errorf("stream %v: the renamed file: %d bytes, %v", stream, len(got), err)
 		}
 	}
 	f := s.Start("good", packet.LinkTypeEthernet, t0)
 	f.Rename("../bad")
-	var b Buffer
+	var b record.Buffer
 	fill(&b, 3)
 	f.Push(&b, true)
 	s.Wait()
@@ -481,7 +420,7 @@ func TestPrepareDays(t *testing.T) {
 // TestBigFlow writes a flow of more chunks than one writev takes.
 func TestBigFlow(t *testing.T) {
 	s := newSaver(t)
-	var b Buffer
+	var b record.Buffer
 	fill(&b, 200000) // about 2,500 chunks
 	s.Start("big", packet.LinkTypeEthernet, t0).Push(&b, true)
 	s.Wait()
@@ -557,7 +496,7 @@ func TestCompressedStreams(t *testing.T) {
 	}
 	const flows, batches = 40, 6
 	fs := make([]*Flow, flows)
-	bufs := make([]Buffer, flows)
+	bufs := make([]record.Buffer, flows)
 	for i := range fs {
 		fs[i] = s.Start(fmt.Sprintf("flow-%d", i), packet.LinkTypeEthernet, t0)
 	}

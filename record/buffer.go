@@ -1,4 +1,12 @@
-package saver
+// Package record encodes captured frames as pcap records and holds a
+// flow's records in pooled chunks: the demuxer appends to a Buffer, the
+// saver takes its Chunks and writes them as they are.
+//
+// A Buffer belongs to one goroutine at a time; Take transfers chunks, and
+// Release gives a chunk back to its pool once written. Appending copies a
+// frame's headers once and allocates only when a chunk fills
+// (TestAppendSteadyStateDoesNotAllocate, BenchmarkAppend).
+package record
 
 import (
 	"encoding/binary"
@@ -22,33 +30,42 @@ const (
 	ChunkSize = 8 << 10
 )
 
-// chunk is a block of whole pcap records. Chunks are pooled by capacity.
-type chunk struct {
+// Chunk is a block of whole pcap records. Chunks are pooled by capacity.
+type Chunk struct {
 	b []byte
 	n int // records in b
 }
 
+// Bytes returns the chunk's records, valid until Release.
+func (c *Chunk) Bytes() []byte { return c.b }
+
+// Records returns the number of records in the chunk.
+func (c *Chunk) Records() int { return c.n }
+
+// Release gives the chunk back to its pool; it must not be used again.
+func (c *Chunk) Release() { putChunk(c) }
+
 var (
-	smallPool  = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, firstChunk)} }}
-	mediumPool = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, secondChunk)} }}
-	largePool  = sync.Pool{New: func() any { return &chunk{b: make([]byte, 0, ChunkSize)} }}
+	smallPool  = sync.Pool{New: func() any { return &Chunk{b: make([]byte, 0, firstChunk)} }}
+	mediumPool = sync.Pool{New: func() any { return &Chunk{b: make([]byte, 0, secondChunk)} }}
+	largePool  = sync.Pool{New: func() any { return &Chunk{b: make([]byte, 0, ChunkSize)} }}
 )
 
 // getChunk returns a chunk for a buffer that has n chunks already, with room
 // for at least need bytes.
-func getChunk(n, need int) *chunk {
+func getChunk(n, need int) *Chunk {
 	switch {
 	case n == 0 && need <= firstChunk:
-		return smallPool.Get().(*chunk)
+		return smallPool.Get().(*Chunk)
 	case n <= 1 && need <= secondChunk:
-		return mediumPool.Get().(*chunk)
+		return mediumPool.Get().(*Chunk)
 	case need <= ChunkSize:
-		return largePool.Get().(*chunk)
+		return largePool.Get().(*Chunk)
 	}
-	return &chunk{b: make([]byte, 0, need)} // a -maxheadersize larger than a chunk
+	return &Chunk{b: make([]byte, 0, need)} // a -maxheadersize larger than a chunk
 }
 
-func putChunk(c *chunk) {
+func putChunk(c *Chunk) {
 	c.b, c.n = c.b[:0], 0 // keep no stale length; bytes are overwritten before reuse
 	switch cap(c.b) {
 	case firstChunk:
@@ -64,7 +81,7 @@ func putChunk(c *chunk) {
 // buffer. A Buffer belongs to one goroutine at a time; handing its chunks to
 // a Flow transfers them.
 type Buffer struct {
-	chunks  []*chunk
+	chunks  []*Chunk
 	packets int
 	bytes   int
 }
@@ -75,7 +92,7 @@ type Buffer struct {
 // allocates only when a chunk is full.
 func (b *Buffer) Append(ts time.Time, origLen int, hdr []byte) []byte {
 	need := RecordHeaderLen + len(hdr)
-	var c *chunk
+	var c *Chunk
 	if n := len(b.chunks); n > 0 && cap(b.chunks[n-1].b)-len(b.chunks[n-1].b) >= need {
 		c = b.chunks[n-1]
 	} else {
@@ -117,9 +134,9 @@ func (b *Buffer) Reset() {
 	b.packets, b.bytes = 0, 0
 }
 
-// take removes and returns the chunks, all of them when all is set, else all
-// but the last (the one still being filled), with their packet count.
-func (b *Buffer) take(all bool) (cs []*chunk, packets int) {
+// Take removes and returns the chunks, all of them when all is set, else
+// all but the last (the one still being filled), with their packet count.
+func (b *Buffer) Take(all bool) (cs []*Chunk, packets int) {
 	n := len(b.chunks)
 	if !all {
 		n--
@@ -127,7 +144,7 @@ func (b *Buffer) take(all bool) (cs []*chunk, packets int) {
 	if n <= 0 {
 		return nil, 0
 	}
-	cs = make([]*chunk, n)
+	cs = make([]*Chunk, n)
 	copy(cs, b.chunks[:n])
 	rest := copy(b.chunks, b.chunks[n:])
 	clear(b.chunks[rest:])
