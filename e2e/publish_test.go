@@ -222,17 +222,12 @@ func TestPublication(t *testing.T) {
 	}
 }
 
-// TestSecondSignal: during the orderly shutdown that a SIGTERM starts
-// (here a long -sigtermwait while a flow streams), a second SIGTERM ends
-// the daemon at once with status 1, saying which files were not written.
-func TestSecondSignal(t *testing.T) {
-	l := newLab(t, 14)
-	l.server(8094)
-	d := &daemon{name: "signals"}
-	cmd := l.startDaemon(d, 9990, "-stream", "-sigtermwait=30s")
-	stopFlow := make(chan struct{})
+// streamFlow keeps a connection to an echo server busy, size bytes every
+// interval, until the function it returns is called.
+func streamFlow(to netip.AddrPort, every time.Duration, size int) (stop func()) {
+	done := make(chan struct{})
 	go func() {
-		c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, 8094).String())
+		c, err := net.Dial("tcp", to.String())
 		if err != nil {
 			return
 		}
@@ -241,14 +236,25 @@ func TestSecondSignal(t *testing.T) {
 		c.Write([]byte("e"))
 		for {
 			select {
-			case <-stopFlow:
+			case <-done:
 				return
-			case <-time.After(50 * time.Millisecond):
-				c.Write(make([]byte, 1000))
+			case <-time.After(every):
+				c.Write(make([]byte, size))
 			}
 		}
 	}()
-	defer close(stopFlow)
+	return func() { close(done) }
+}
+
+// TestSecondSignal: during the orderly shutdown that a SIGTERM starts
+// (here a long -sigtermwait while a flow streams), a second SIGTERM ends
+// the daemon at once with status 1, saying which files were not written.
+func TestSecondSignal(t *testing.T) {
+	l := newLab(t, 14)
+	l.server(8094)
+	d := &daemon{name: "signals"}
+	cmd := l.startDaemon(d, 9990, "-stream", "-sigtermwait=30s")
+	defer streamFlow(netip.AddrPortFrom(l.srv4, 8094), 50*time.Millisecond, 1000)()
 	waitFor(t, 10*time.Second, "the flow to be named and streamed", func() bool {
 		v, _ := metricValue(scrape(d.metrics), "pcap_saver_active")
 		return v > 0
@@ -294,25 +300,7 @@ func TestStuckDisk(t *testing.T) {
 	l.server(8096)
 	d := &daemon{name: "stuck"}
 	cmd := l.startDaemon(d, 9990, "-stream", "-sigtermwait=0s", "-shutdown.timeout=2s", "-datadir", filepath.Join(mnt, "data"))
-	stopFlow := make(chan struct{})
-	defer close(stopFlow)
-	go func() {
-		c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, 8096).String())
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		go io.Copy(io.Discard, c)
-		c.Write([]byte("e"))
-		for {
-			select {
-			case <-stopFlow:
-				return
-			case <-time.After(20 * time.Millisecond):
-				c.Write(make([]byte, 4000))
-			}
-		}
-	}()
+	defer streamFlow(netip.AddrPortFrom(l.srv4, 8096), 20*time.Millisecond, 4000)()
 	waitFor(t, 10*time.Second, "the flow to stream", func() bool {
 		v, _ := metricValue(scrape(d.metrics), "pcap_saver_active")
 		return v > 0
