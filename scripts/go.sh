@@ -26,16 +26,16 @@ else
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-1.19-go ca-certificates
   fi
   arch=$(dpkg --print-architecture)
+  cache="${GO_BOOTSTRAP_CACHE:-/var/cache/packet-headers-go}" # the module zip, kept for the next install
   tmp=$(mktemp -d)
-  (cd "$tmp" && GOMODCACHE="$tmp/mod" GOPATH="$tmp/gopath" GOFLAGS=-modcacherw GOTOOLCHAIN=local \
+  (cd "$tmp" && GOMODCACHE="$cache" GOPATH="$tmp/gopath" GOFLAGS=-modcacherw GOTOOLCHAIN=local \
     /usr/lib/go-1.19/bin/go mod download "golang.org/toolchain@v0.0.1-go${go_want}.linux-${arch}")
-  src="$tmp/mod/golang.org/toolchain@v0.0.1-go${go_want}.linux-${arch}"
-  [ -x "$src/bin/go" ] || chmod -R u+rwX,go+rX "$src"
-  chmod +x "$src"/bin/* "$src"/pkg/tool/*/*
-  rm -rf "$GO_INSTALL_DIR"
+  rm -rf "$tmp" "$GO_INSTALL_DIR"
   mkdir -p "$(dirname "$GO_INSTALL_DIR")"
-  mv "$src" "$GO_INSTALL_DIR"
-  rm -rf "$tmp"
+  cp -R "$cache/golang.org/toolchain@v0.0.1-go${go_want}.linux-${arch}" "$GO_INSTALL_DIR"
+  # Module files are not executable: the toolchain's commands must be.
+  chmod -R u+w "$GO_INSTALL_DIR"
+  chmod +x "$GO_INSTALL_DIR"/bin/* "$GO_INSTALL_DIR"/pkg/tool/*/*
   go_ok "$GO_INSTALL_DIR" || { echo "the Go brought to $GO_INSTALL_DIR does not run"; exit 1; }
   export PATH="$GO_INSTALL_DIR/bin:$PATH"
   echo "== installed $("$GO_INSTALL_DIR/bin/go" version) in $GO_INSTALL_DIR"

@@ -35,6 +35,19 @@ CGO_ENABLED=0 go test -count=1 $core
 echo "== go test -race (unit)"
 go test -race -count=1 -timeout 15m $(go list ./... | grep -v '/e2e$')
 
+# The README's commands on a bare Debian machine: with no Go on the PATH,
+# scripts/go.sh brings the toolchain go.mod names (into a scratch directory
+# here), and it builds the daemon.
+echo "== Go bootstrap on a machine without Go"
+scratch=$(mktemp -d)
+env -i HOME="$HOME" PATH=/usr/sbin:/usr/bin:/sbin:/bin GO_INSTALL_DIR="$scratch/go" GOMODCACHE="$(go env GOMODCACHE)" \
+  bash -c 'set -euo pipefail
+    if command -v go >/dev/null; then echo "a Go on the bare PATH"; exit 1; fi
+    source scripts/go.sh
+    [ "$(command -v go)" = "$GO_INSTALL_DIR/bin/go" ] || { echo "go.sh did not install Go"; exit 1; }
+    go build -o /dev/null .'
+rm -rf "$scratch"
+
 echo "== stage 2: end-to-end tests (root: network namespaces, capture, tcp-info)"
 go test -race -count=1 -timeout 30m ./e2e
 
