@@ -406,7 +406,9 @@ func (f *Flow) run() {
 	if err := names.CheckUUID(f.uuid); err != nil {
 		w.op, w.err = "name", err
 	} else {
-		w.tmp = f.s.partial + "/" + strconv.FormatUint(f.s.seq.Add(1), 10) + "-" + f.uuid + ".pcap"
+		// Numbered, not named after the UUID, which may take all of a
+		// file name's 255 bytes (TestLongestUUID).
+		w.tmp = f.s.partial + "/" + strconv.FormatUint(f.s.seq.Add(1), 10) + ".pcap"
 	}
 	for {
 		<-f.wake

@@ -18,6 +18,7 @@ import (
 	"github.com/google/gopacket/pcapgo"
 	"golang.org/x/sys/unix"
 
+	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
 )
@@ -533,6 +534,31 @@ func TestCompressedStreams(t *testing.T) {
 		}
 		if n != batches*200 {
 			t.Errorf("flow %d: %d records, want %d", i, n, batches*200)
+		}
+	}
+}
+
+// TestLongestUUID: a UUID as long as CheckUUID allows names a file, plain
+// and compressed.
+func TestLongestUUID(t *testing.T) {
+	for _, compress := range []bool{false, true} {
+		s, err := New(Options{Dir: t.TempDir(), Compress: compress})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 100; i++ { // a daemon that has written some flows already
+			var b record.Buffer
+			fill(&b, 1)
+			s.Start(fmt.Sprintf("f%d", i), packet.LinkTypeEthernet, t0).Push(&b, true)
+		}
+		s.Wait()
+		u := strings.Repeat("u", names.MaxUUIDLen)
+		var b record.Buffer
+		fill(&b, 3)
+		s.Start(u, packet.LinkTypeEthernet, t0).Push(&b, true)
+		s.Wait()
+		if _, err := os.Stat(s.Path(u, t0)); err != nil {
+			t.Errorf("compress %v: %v", compress, err)
 		}
 	}
 }
