@@ -23,7 +23,8 @@
 //     source announced the connection closed. Deadlines are applied by Tick
 //     and, exactly, before each packet of the flow: a packet that comes
 //     after its flow's deadline starts a new flow, as it would have after
-//     a tick (TestDeadlinesBeforePackets). An unnamed flow is kept until its UUID deadline, in
+//     a tick (TestDeadlinesBeforePackets). An unnamed flow is kept until
+//     its UUID deadline, in
 //     case the announcement is late. When a flow with a UUID ends, its file
 //     is finished: in buffer mode it is written in one go now, unless the
 //     flow is long (once named, its chunks were handed to the saver
@@ -44,11 +45,14 @@
 // synchronized connection (RFC 5961 section 4 answers it with a challenge
 // ACK), an RST whose sequence number is not exactly the next one expected
 // (section 3: an in-window RST gets a challenge ACK, others are dropped),
-// a FIN that is not in sequence. What the receiver expects is the highest
-// in-window sequence number each end has sent (what a capture sees, also
-// across its own drops), within the window the other end advertised
-// (scaled, RFC 7323), so injected packets far out of window do not move it
-// (TestInjectedSegments; in e2e, TestInjection).
+// a FIN that is neither in sequence nor acknowledged. What the receiver
+// expects is followed per end: segments without a gap before them and the
+// receiver's own acknowledgments move it (so the capture's drops do not
+// stall it), and only segments within the window the receiver advertised
+// (scaled, RFC 7323) count, so injected packets far out of window move
+// nothing. An RST is also taken at the end of the highest in-window
+// segment an end sent, where a sender's own RST is when the capture missed
+// data before it (TestInjectedSegments; in e2e, TestInjection).
 //
 // # Cost model and concurrency
 //
