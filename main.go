@@ -341,7 +341,7 @@ func run(ctx context.Context, c *config) (int, error) {
 		if lookupConn, err = sockdiag.Dial(); err != nil {
 			return 1, err
 		}
-		if destroyConn, err = listenDestroy(); errors.Is(err, sockdiag.ErrNeedNetAdmin) {
+		if destroyConn, err = sockdiag.ListenDestroy(); errors.Is(err, sockdiag.ErrNeedNetAdmin) {
 			// As the predecessor ran (CAP_NET_RAW only): look-ups by
 			// 4-tuple need no capability; connections that close before
 			// theirs are not named (counted as gave_up_no_broadcasts).
@@ -509,24 +509,20 @@ func run(ctx context.Context, c *config) (int, error) {
 	return 0, nil
 }
 
-// listenDestroy joins the kernel's destroy broadcasts; a variable so that
-// a test can make it fail as the kernel does without CAP_NET_ADMIN, where
-// the test's kernel would allow it.
-var listenDestroy = sockdiag.ListenDestroy
-
 // notWritten says which files were still being written.
 func notWritten(sv *saver.Saver) string {
 	w := sv.Writing()
-	if len(w) == 0 {
+	n := len(w)
+	if n == 0 {
 		return "no file was being written"
 	}
 	const most = 20
 	more := ""
-	if len(w) > most {
-		more = fmt.Sprintf(" and %d more", len(w)-most)
+	if n > most {
+		more = fmt.Sprintf(" and %d more", n-most)
 		w = w[:most]
 	}
-	return fmt.Sprintf("%d files not written: %s%s", len(sv.Writing()), strings.Join(w, ", "), more)
+	return fmt.Sprintf("%d files not written: %s%s", n, strings.Join(w, ", "), more)
 }
 
 // runOffline splits a capture file into per-flow files and prints a
