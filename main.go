@@ -401,6 +401,7 @@ func run(ctx context.Context, c *config) (int, error) {
 
 	limits := &demuxer.Limits{MaxFlows: c.maxFlows, MaxHeap: uint64(c.maxHeap)}
 	pm.RegisterGaugeFunc("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(limits.Active()) })
+	pm.RegisterCounterFunc("pcap_uuid_renames_total", "Flows the authoritative source (tcp-info) named after the kernel source had named them otherwise: their files take tcp-info's UUID.", func() float64 { return float64(table.Renames()) })
 	pm.RegisterGaugeFunc("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(table.Len()) })
 	pm.RegisterGaugeFunc("pcap_saver_active", "Flow files being written.", func() float64 { return float64(sv.Active()) })
 	pm.RegisterGaugeFunc("pcap_datadir_free_bytes", "Free space in the data directory's filesystem (for unprivileged users).", func() float64 {

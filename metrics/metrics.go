@@ -284,6 +284,12 @@ func RegisterGaugeFunc(name, help string, f func() float64) {
 	promauto.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
 }
 
+// RegisterCounterFunc exports a counter whose value, kept by its owner, is
+// read at scrape time.
+func RegisterCounterFunc(name, help string, f func() float64) {
+	promauto.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, f)
+}
+
 // Server serves /metrics and /debug/pprof/.
 type Server struct {
 	srv  *http.Server
