@@ -2,12 +2,12 @@
 // <dir>/YYYY/MM/DD/<uuid>.pcap, dated by the flow's first packet (UTC).
 //
 // The demuxer appends records to a flow's record.Buffer (chunks of
-// ready-made pcap records, so writing is a plain copy). Once the flow has a UUID it hands
-// whole chunks to a Flow: a goroutine that owns the file. In buffer mode the
-// Flow is started when the flow ends, with every chunk at once (or, for a
-// long flow, once it holds a few hundred kilobytes, which it then gets at a
-// time); in stream mode it is started when the flow is named and gets
-// chunks as they fill.
+// ready-made pcap records, so writing is a plain copy). Once the flow has
+// a UUID it hands whole chunks to a Flow: a goroutine that owns the file.
+// In buffer mode the Flow is started when the flow ends, with every chunk
+// at once (or, for a long flow, once it holds a few hundred kilobytes,
+// which it then gets at a time); in stream mode it is started when the
+// flow is named and gets chunks as they fill.
 // Handing chunks over takes the Flow's own mutex once per chunk (thousands
 // of packets), never per packet, and never blocks the caller.
 //
@@ -94,8 +94,6 @@ type Options struct {
 	// buffered records with a pooled compressor, so compression costs no
 	// memory per live flow.
 	Compress bool
-	// Logf logs the saver's warnings; default log.Printf.
-	Logf func(format string, args ...any)
 }
 
 // ErrLowSpace is the reason a flow was not written: the filesystem has
@@ -136,9 +134,6 @@ func New(opts Options) (*Saver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("datadir %s: %w", opts.Dir, err)
 	}
-	if opts.Logf == nil {
-		opts.Logf = log.Printf
-	}
 	s := &Saver{dir: dir, snaplen: opts.Snaplen,
 		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent, compress: opts.Compress,
 		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0))), writing: map[*Flow]struct{}{}}
@@ -146,7 +141,7 @@ func New(opts Options) (*Saver, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("datadir: %w", err)
 	}
-	if s.partial, err = partialDir(dir, opts.PartialDir, opts.Logf); err != nil {
+	if s.partial, err = partialDir(dir, opts.PartialDir); err != nil {
 		return nil, err
 	}
 	if s.partial != filepath.Join(dir, LegacyPartialDir) {
@@ -173,7 +168,7 @@ func New(opts Options) (*Saver, error) {
 // partialDir makes the directory where files are written before they are
 // renamed into dir: want if given (it must be outside dir, on its
 // filesystem), else a sibling of dir, else dir/.partial with a warning.
-func partialDir(dir, want string, logf func(string, ...any)) (string, error) {
+func partialDir(dir, want string) (string, error) {
 	if want != "" {
 		p, err := filepath.Abs(want)
 		if err != nil {
@@ -200,7 +195,7 @@ func partialDir(dir, want string, logf func(string, ...any)) (string, error) {
 		}
 	}
 	p := filepath.Join(dir, LegacyPartialDir)
-	logf("saver: WARNING: no partial directory can be made beside %s on its filesystem: writing files in %s, where an uploader that watches %s recursively will see them being written (give -partialdir)", dir, p, dir)
+	log.Printf("saver: WARNING: no partial directory can be made beside %s on its filesystem: writing files in %s, where an uploader that watches %s recursively will see them being written (give -partialdir)", dir, p, dir)
 	if err := os.MkdirAll(p, 0o755); err != nil {
 		return "", fmt.Errorf("datadir: %w", err)
 	}
