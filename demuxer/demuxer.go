@@ -666,11 +666,19 @@ func (d *Demuxer) discard(f *flow, shutdown bool) {
 // remove ends a flow: its file is finished if it has a UUID, and it is
 // forgotten.
 func (d *Demuxer) remove(f *flow) {
-	switch f.st {
-	case named:
+	if f.st == waiting {
+		// One last claim: its name may have come since the last tick, which
+		// may be a second away when the traffic stops, or late on a loaded
+		// machine (a connection ended by a new one on its 4-tuple, a
+		// deadline applied at a packet; TestSplitClaimsLastChance).
+		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
+			d.name(f, e)
+		} else {
+			d.nameOrDiscard(f, false)
+		}
+	}
+	if f.st == named {
 		d.finish(f)
-	case waiting:
-		d.discard(f, false)
 	}
 	if f.entry != nil {
 		d.o.Names.Release(f.entry)

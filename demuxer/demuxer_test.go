@@ -813,3 +813,37 @@ func TestRenamedFlow(t *testing.T) {
 		}
 	}
 }
+
+// TestSplitClaimsLastChance: a connection so short that no tick came
+// between its name's arrival and a new connection on its 4-tuple (a
+// loaded machine, or traffic that stopped: the next tick may be a second
+// away) is named when the new SYN ends it, not dropped; so is a flow whose
+// timeout a packet applies.
+func TestSplitClaimsLastChance(t *testing.T) {
+	h := newHarness(t, nil)
+	c1, c2 := newConn(1000, 111), newConn(1000, 90000)
+	h.packet(0, c1.syn(t))
+	h.packet(1*ms, c1.synack(t))
+	h.packet(2*ms, c1.ack(t, true))
+	h.packet(3*ms, c1.fin(t, false))
+	h.packet(4*ms, c1.fin(t, true))
+	h.packet(5*ms, c1.ack(t, false))
+	h.open(6*ms, "first", c1) // the kernel's name, with no tick since
+	h.packet(200*ms, c2.syn(t))
+	h.open(201*ms, "second", c2)
+	h.packet(202*ms, c2.synack(t))
+	h.d.Close()
+	if a, b := len(h.file("first")), len(h.file("second")); a != 6 || b != 2 {
+		t.Errorf("first %d packets (want 6), second %d (want 2)", a, b)
+	}
+
+	h = newHarness(t, func(o *Options) { o.FlowTimeout = time.Second })
+	c := newConn(2000, 1)
+	h.packet(0, c.syn(t))
+	h.open(1*ms, "timed-out", c)
+	h.packet(2*time.Second, c.data(t, true, 10)) // past the timeout, before any tick
+	h.d.Close()
+	if got := len(h.file("timed-out")); got != 1 {
+		t.Errorf("the timed-out flow: %d packets, want its SYN", got)
+	}
+}
