@@ -57,24 +57,14 @@ func clientEnd(c net.Conn) netip.AddrPort {
 // client end of their first packet.
 func filePorts(t testing.TB, dir string, serverPort uint16) map[netip.AddrPort]int {
 	out := map[netip.AddrPort]int{}
-	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
-		if err != nil || info.IsDir() {
-			return nil
-		}
-		recs, _ := readPcap(t, p)
-		if len(recs) == 0 {
-			return nil
-		}
-		if rp, ok := decode(t, recs[0]); ok {
-			switch serverPort {
-			case rp.key.a.Port():
-				out[rp.key.b]++
-			case rp.key.b.Port():
-				out[rp.key.a]++
-			} // else a flow to another port (a metrics scrape)
-		}
-		return nil
-	})
+	for k, paths := range filesByKey(t, dir) {
+		switch serverPort {
+		case k.a.Port():
+			out[k.b] += len(paths)
+		case k.b.Port():
+			out[k.a] += len(paths)
+		} // else a flow to another port (a metrics scrape)
+	}
 	return out
 }
 

@@ -62,7 +62,7 @@ print(len(kinds))
 
 // filesByKey returns the paths of a daemon's files by the 4-tuple of their
 // first packet, in the order of their first packets.
-func filesByKey(t *testing.T, dir string) map[flowKey][]string {
+func filesByKey(t testing.TB, dir string) map[flowKey][]string {
 	type file struct {
 		path  string
 		first time.Time
