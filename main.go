@@ -132,7 +132,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.StringVar(&c.uuidPrefixFile, "uuid-prefix-file", "", "File holding the UUID prefix (<hostname>_<boot time>), the one tcp-info is given, so that both name a socket alike; unset: a made-up prefix containing _unsafe")
 	fs.BoolVar(&c.kernelUUIDs, "uuid.kernel", true, "Name flows from the kernel's socket cookies (sock_diag): all flows without -tcpinfo.eventsocket, those tcp-info never announced with it")
 	fs.DurationVar(&c.uuidWait, "uuidwaitduration", 5*time.Second, "Drop a flow's headers if no UUID arrived this long after its first packet")
-	fs.DurationVar(&c.batchDelay, "capture.batchdelay", capture.DefaultGather, "Longest a captured packet waits in the kernel's buffer so that packets are read in batches: more saves CPU under load, less names very short connections from the kernel sooner (0: read each packet at once)")
+	fs.DurationVar(&c.batchDelay, "capture.batchdelay", capture.DefaultBatchDelay, "Longest a captured packet waits in the kernel's buffer so that packets are read in batches: more saves CPU under load, less names very short connections from the kernel sooner (0: read each packet at once)")
 	fs.Var(&c.bufferSize, "capture.buffersize", "Kernel capture buffer per interface (e.g. 32MB): more absorbs longer bursts without kernel drops")
 	fs.Int64Var(&c.maxFlows, "maxflows", 0, "Track at most this many concurrent flows; beyond it new flows are not tracked (0: unlimited)")
 	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks")
@@ -370,7 +370,7 @@ func run(ctx context.Context, c *config) (int, error) {
 	}
 	var handles []*capture.Live
 	for _, ifc := range ifaces {
-		h, err := capture.OpenLive(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize, BufferSize: int(c.bufferSize), Gather: c.batchDelay}, filter)
+		h, err := capture.OpenLive(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize, BufferSize: int(c.bufferSize), BatchDelay: c.batchDelay}, filter)
 		if err != nil {
 			for _, h := range handles {
 				h.Close()

@@ -1,10 +1,10 @@
 // Package capture opens live captures on network interfaces with a tight
-// BPF filter and reads their frames with no cgo or system call per frame:
+// BPF filter and reads their frames with no cgo or system call per frame,
 // in place from the kernel's ring of an AF_PACKET socket of its own (see
-// nativeReader), or, where that does not apply, through libpcap
-// (gopacket/pcap) and a ring that a C thread fills (see ringReader). It
-// also finds the interfaces and local addresses to capture on. Everything
-// cgo is here; callers see plain Go types.
+// nativeReader). libpcap (gopacket/pcap) compiles the filter, and reads
+// the interfaces the native reader does not: those that are neither
+// Ethernet nor loopback. It also finds the interfaces and local addresses
+// to capture on. Everything cgo is here; callers see plain Go types.
 //
 // A Handle's Read must be called from one goroutine; Stats and Close may be
 // called from any goroutine, at any time.
@@ -41,10 +41,10 @@ var ErrClosed = fmt.Errorf("capture: handle closed: %w", net.ErrClosed)
 // interface went away): the handle must be closed and opened again.
 var ErrFailed = errors.New("capture failed")
 
-// DefaultGather is the Gather that makes a batch of some hundred frames at
-// tens of thousands of frames per second, and delays a frame by at most
-// 5 ms.
-const DefaultGather = 5 * time.Millisecond
+// DefaultBatchDelay is the BatchDelay that makes a batch of some hundred
+// frames at tens of thousands of frames per second, and delays a frame by
+// at most 5 ms.
+const DefaultBatchDelay = 5 * time.Millisecond
 
 // Options configures a live capture. The zero value asks for the defaults
 // (and immediate delivery).
@@ -52,13 +52,15 @@ type Options struct {
 	Snaplen     int           // bytes captured per frame; default 256
 	BufferSize  int           // kernel ring size in bytes; default 8 MiB
 	ReadTimeout time.Duration // longest a Read blocks without a packet on an idle capture (else BusyTimeout); default 100ms
-	// Gather is the longest a frame waits in the kernel's buffer so that
-	// frames are read in batches: the kernel fills blocks of frames and
-	// wakes the reader when one is full or this old, one wake-up for many
-	// frames (rounded up to a millisecond; DefaultGather is a good value).
-	// Zero delivers every frame as it comes, one wake-up each.
-	Gather time.Duration
-	Filter string // BPF filter expression; empty captures everything
+	// BatchDelay is the longest a frame waits in the kernel's buffer so
+	// that frames are read in batches: the kernel fills blocks of frames
+	// and wakes the reader when one is full or this old, one wake-up for
+	// many frames (rounded up to a millisecond; DefaultBatchDelay is a good
+	// value). Zero delivers every frame as it comes, one wake-up each.
+	BatchDelay time.Duration
+	Filter     string // BPF filter expression; empty captures everything
+
+	libpcap bool // read through libpcap even where the native reader works (tests of the fallback)
 }
 
 func (o *Options) withDefaults() Options {
@@ -75,10 +77,10 @@ func (o *Options) withDefaults() Options {
 	if o.ReadTimeout > 0 {
 		r.ReadTimeout = o.ReadTimeout
 	}
-	if o.Gather > 0 {
-		r.Gather = max(o.Gather.Round(time.Millisecond), time.Millisecond)
+	if o.BatchDelay > 0 {
+		r.BatchDelay = max(o.BatchDelay.Round(time.Millisecond), time.Millisecond)
 	}
-	r.Filter = o.Filter
+	r.Filter, r.libpcap = o.Filter, o.libpcap
 	return r
 }
 
@@ -93,8 +95,8 @@ type Stats struct {
 type Handle struct {
 	name     string
 	linkType packet.LinkType
-	h        *pcap.Handle // nil with the native reader
-	r        frames       // nil: frames are read one by one through gopacket
+	h        *pcap.Handle  // the fallback: frames read one by one through gopacket
+	r        *nativeReader // nil with the fallback
 
 	mu     sync.Mutex // guards closed, h and r against use after Close by Stats
 	closed bool
@@ -105,7 +107,7 @@ type Handle struct {
 // in the kernel by opts.Filter.
 func Open(iface string, opts *Options) (*Handle, error) {
 	o := opts.withDefaults()
-	if useNative && o.Gather > 0 {
+	if !o.libpcap {
 		r, err := openNative(iface, o)
 		if err == nil {
 			return &Handle{name: iface, linkType: linkTypeNative, r: r}, nil
@@ -121,17 +123,17 @@ func Open(iface string, opts *Options) (*Handle, error) {
 		func() error { return in.SetSnapLen(o.Snaplen) },
 		func() error { return in.SetPromisc(false) },
 		// libpcap's timeout is how long the kernel holds frames in a
-		// block (TPACKET_V3) before it wakes the reader; without Gather,
-		// immediate mode delivers each frame at once (TPACKET_V2), and the
-		// timeout only bounds gopacket's own reads.
+		// block (TPACKET_V3) before it wakes the reader; without a batch
+		// delay, immediate mode delivers each frame at once (TPACKET_V2),
+		// and the timeout only bounds gopacket's own reads.
 		func() error {
-			if o.Gather > 0 {
-				return in.SetTimeout(o.Gather)
+			if o.BatchDelay > 0 {
+				return in.SetTimeout(o.BatchDelay)
 			}
 			return in.SetTimeout(o.ReadTimeout)
 		},
 		func() error { return in.SetBufferSize(o.BufferSize) },
-		func() error { return in.SetImmediateMode(o.Gather == 0) },
+		func() error { return in.SetImmediateMode(o.BatchDelay == 0) },
 	} {
 		if err := set(); err != nil {
 			return nil, fmt.Errorf("capture on %s: %w", iface, err)
@@ -147,31 +149,10 @@ func Open(iface string, opts *Options) (*Handle, error) {
 			return nil, fmt.Errorf("capture on %s: filter %q: %w", iface, o.Filter, err)
 		}
 	}
-	c := &Handle{name: iface, linkType: packet.LinkType(h.LinkType()), h: h}
-	if !useRing {
-		return c, nil
-	}
-	if rr, err := newRingReader(h, o.Snaplen, o.ReadTimeout); err != nil {
-		ringOnce.Do(func() { log.Printf("capture: reading frames one by one through gopacket: %v", err) })
-	} else {
-		c.r = rr
-	}
-	return c, nil
+	return &Handle{name: iface, linkType: packet.LinkType(h.LinkType()), h: h}, nil
 }
 
-// frames reads frames with no cgo or system call per frame: *nativeReader
-// or *ringReader.
-type frames interface {
-	read() ([]byte, time.Time, int, error) // see Handle.Read
-	stats() (Stats, error)                 // called with Handle.mu held
-	close()                                // called once, with Handle.mu held
-}
-
-var ringOnce, nativeOnce sync.Once
-
-// useRing and useNative are false only in tests of the fallbacks: libpcap
-// through the ring, and gopacket's own reads.
-var useRing, useNative = true, true
+var nativeOnce sync.Once
 
 // Name returns the interface's name.
 func (c *Handle) Name() string { return c.name }
@@ -237,7 +218,7 @@ func (c *Handle) Close() {
 	if !c.closed {
 		c.closed = true
 		if c.r != nil {
-			c.r.close() // before the pcap_t it may use
+			c.r.close()
 		}
 		if c.h != nil {
 			c.h.Close()
@@ -373,7 +354,7 @@ func Filter(local []netip.Addr) string {
 const BusyTimeout = time.Second
 
 // deadline keeps a poller's read deadline. While frames come, the kernel's
-// block timeout (or each frame, without Gather) wakes the reader anyway,
+// block timeout (or each frame, without a batch delay) wakes the reader anyway,
 // and a deadline ReadTimeout ahead would never be reached: yet Go's monitor
 // thread (sysmon) sleeps only until the earliest timer, however often that
 // timer is pushed back, and waking it costs a context switch (about 40 µs

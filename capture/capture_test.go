@@ -108,47 +108,39 @@ func sinkConn(t *testing.T, ln net.Listener) net.Conn {
 }
 
 // TestReadLoopback reads real frames of a loopback TCP connection through
-// each reader: native (block mode), libpcap through the ring (block mode
-// when native is off, and immediate mode), and gopacket's reads (the last
-// fallback); and checks that Close wakes a waiting Read.
+// each reader: native, with a batch delay (TPACKET_V3) and without
+// (TPACKET_V2), and libpcap's, the fallback; and checks that Close wakes a
+// waiting Read.
 func TestReadLoopback(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("live capture needs root")
 	}
-	for _, gather := range []time.Duration{DefaultGather, 20 * time.Millisecond} {
-		t.Run(fmt.Sprintf("native/gather=%v", gather), func(t *testing.T) { testRead(t, gather, "native") })
+	for _, delay := range []time.Duration{DefaultBatchDelay, 20 * time.Millisecond, 0} {
+		t.Run(fmt.Sprintf("native/batchdelay=%v", delay), func(t *testing.T) {
+			testRead(t, &Options{BatchDelay: delay}, "native")
+		})
+		t.Run(fmt.Sprintf("libpcap/batchdelay=%v", delay), func(t *testing.T) {
+			testRead(t, &Options{BatchDelay: delay, libpcap: true}, "libpcap")
+		})
 	}
-	t.Run("ring/gather=5ms", func(t *testing.T) {
-		useNative = false
-		defer func() { useNative = true }()
-		testRead(t, DefaultGather, "ring")
-	})
-	t.Run("ring/immediate", func(t *testing.T) { testRead(t, 0, "ring") })
-	t.Run("gopacket", func(t *testing.T) {
-		useRing = false
-		defer func() { useRing = true }()
-		testRead(t, 0, "gopacket")
-	})
 }
 
 func (c *Handle) reader() string {
-	switch c.r.(type) {
-	case *nativeReader:
+	if c.r != nil {
 		return "native"
-	case *ringReader:
-		return "ring"
 	}
-	return "gopacket"
+	return "libpcap"
 }
 
-func testRead(t *testing.T, gather time.Duration, reader string) {
+func testRead(t *testing.T, o *Options, reader string) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
 	port := ln.Addr().(*net.TCPAddr).Port
-	h, err := Open("lo", &Options{Filter: fmt.Sprintf("tcp port %d", port), ReadTimeout: 50 * time.Millisecond, Gather: gather})
+	o.Filter, o.ReadTimeout = fmt.Sprintf("tcp port %d", port), 50*time.Millisecond
+	h, err := Open("lo", o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,75 +206,6 @@ func testRead(t *testing.T, gather time.Duration, reader string) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Read did not return after Close")
-	}
-}
-
-// TestRingFull: with a ring that holds a few dozen frames and a reader
-// that does not read for a while, the C thread waits for room (frames wait
-// in the kernel's buffer) and no frame is lost.
-func TestRingFull(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("live capture needs root")
-	}
-	ringSize = 8 << 10
-	defer func() { ringSize = 1 << 20 }()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	h, err := Open("lo", &Options{Filter: fmt.Sprintf("tcp port %d", ln.Addr().(*net.TCPAddr).Port), ReadTimeout: 50 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	c := sinkConn(t, ln)
-	c.(*net.TCPConn).SetNoDelay(true)
-	const writes = 300
-	for i := 0; i < writes; i++ {
-		c.Write([]byte{byte(i)})
-		time.Sleep(50 * time.Microsecond)
-	}
-	time.Sleep(300 * time.Millisecond) // the ring is full long before this
-	c.Close()
-	// Every byte the client sent, by sequence number: a frame lost, or one
-	// overwritten in the ring before it was read, would be missing or wrong.
-	port := ln.Addr().(*net.TCPAddr).Port
-	sent := map[uint32]byte{}
-	for deadline := time.Now().Add(5 * time.Second); len(sent) < writes && time.Now().Before(deadline); {
-		data, _, _, err := h.Read()
-		if err == ErrTimeout {
-			continue
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		ip := data[14:]
-		tcp := ip[int(ip[0]&0xf)*4:]
-		if int(tcp[2])<<8|int(tcp[3]) != port {
-			continue
-		}
-		seq := uint32(tcp[4])<<24 | uint32(tcp[5])<<16 | uint32(tcp[6])<<8 | uint32(tcp[7])
-		for i, b := range tcp[int(tcp[12]>>4)*4:] {
-			sent[seq+uint32(i)] = b
-		}
-	}
-	if len(sent) != writes {
-		t.Fatalf("read %d of the %d bytes the client sent", len(sent), writes)
-	}
-	first := uint32(0)
-	for seq := range sent {
-		if _, ok := sent[seq-1]; !ok {
-			first = seq
-		}
-	}
-	for i := uint32(0); i < writes; i++ {
-		if b, ok := sent[first+i]; !ok || b != byte(i) {
-			t.Fatalf("byte %d: %d, %v; want %d", i, b, ok, byte(i))
-		}
-	}
-	if s, err := h.Stats(); err != nil || s.Dropped != 0 {
-		t.Errorf("stats %+v, %v: the kernel dropped frames", s, err)
 	}
 }
 

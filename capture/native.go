@@ -23,38 +23,44 @@ import (
 // makes them, a few hundred small frames.
 const nativeBlockSize = 256 << 10
 
-// sllOffset is where the sockaddr_ll of a frame begins, after its
-// tpacket3_hdr (TPACKET_ALIGN(sizeof(struct tpacket3_hdr))); its packet
-// type is 10 bytes in.
-const sllOffset = 48
+// Where a frame's sockaddr_ll begins, after its header
+// (TPACKET_ALIGN(sizeof(struct tpacket3_hdr)) or that of tpacket2_hdr); its
+// packet type is 10 bytes in.
+const (
+	sllOffsetV3 = 48
+	sllOffsetV2 = 32
+)
 
-// nativeReader reads a capture straight from the TPACKET_V3 ring of an
-// AF_PACKET socket of its own: the kernel fills blocks of frames in memory
-// it shares with the process and hands a block over when it is full or
-// Gather old; the reader walks the block's frames in place and gives it
-// back. There is no copy, no thread and no cgo or system call while frames
-// flow, and one wake-up per block: the reader waits in Go's network poller
-// on the socket itself, which the kernel makes readable when it hands a
-// block over. (The ring reader, which needs a C thread to call libpcap,
-// costs a wake-up of that thread, a copy of every frame and a wake-up of
-// the Go reader per block; this one costs the last alone.)
+// nativeReader reads a capture straight from the ring of an AF_PACKET
+// socket of its own, which the kernel fills in memory it shares with the
+// process. There is no copy, no thread and no cgo or system call while
+// frames flow: the reader walks the frames in place, gives them back, and
+// waits in Go's network poller on the socket itself, which the kernel makes
+// readable when it hands frames over. With a batch delay the ring is
+// TPACKET_V3: the kernel hands a block of frames over when it is full or
+// BatchDelay old, one wake-up for many frames. Without (immediate
+// delivery) it is TPACKET_V2, frames of fixed size handed over one by one,
+// as libpcap does in immediate mode.
 //
 // libpcap still compiles the filter (pcap_compile, through gopacket);
 // Open falls back to libpcap's own capture when the interface is not an
-// Ethernet or loopback one, or when Gather is zero (immediate delivery).
-// Like libpcap, it puts back VLAN tags the kernel took out, and drops the
-// outgoing copy of each loopback frame (the incoming one follows).
+// Ethernet or loopback one. Like libpcap, the reader puts back VLAN tags
+// the kernel took out, and drops the outgoing copy of each loopback frame
+// (the incoming one follows). TestNativeMatchesLibpcap holds it to
+// libpcap's frames, byte for byte, in both modes.
 type nativeReader struct {
 	fd       int
 	file     *os.File // the socket, in Go's poller
 	rc       syscall.RawConn
 	m        *mapping
 	ring     []byte
-	blocks   int
-	cur      int  // the block being read, or waited for
+	v2       bool // a ring of frames (immediate delivery), not of blocks
+	slots    int  // blocks (V3) or frames (V2) in the ring
+	slotSize int
+	cur      int  // the slot being read, or waited for
 	owned    bool // the kernel handed cur over: its frames are being read
 	left     int  // frames of cur not read yet
-	off      int  // offset in cur of the next frame
+	off      int  // offset in cur of the next frame (V3)
 	loopback bool
 	ifindex  int
 	ifname   string
@@ -74,6 +80,18 @@ type mapping struct {
 }
 
 func (m *mapping) release() { m.once.Do(func() { unix.Munmap(m.mem) }) }
+
+// frameSizeV2 is the size of a TPACKET_V2 frame for snaplen bytes: the
+// header, the sockaddr_ll and the kernel's alignment of the network header
+// take 80 bytes before an Ethernet frame's IP header; a power of two, so
+// that frames tile the blocks.
+func frameSizeV2(snaplen int) int {
+	size := 128
+	for size < snaplen+128 {
+		size <<= 1
+	}
+	return size
+}
 
 // openNative opens a native capture on iface, or says why it cannot.
 func openNative(iface string, o Options) (*nativeReader, error) {
@@ -108,16 +126,33 @@ func openNative(iface string, o Options) (*nativeReader, error) {
 	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}); err != nil {
 		return fail("attach filter", err)
 	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_VERSION, unix.TPACKET_V3); err != nil {
-		return fail("TPACKET_V3", err)
+	r := &nativeReader{fd: fd, v2: o.BatchDelay == 0, ifindex: ifc.Index, ifname: iface,
+		deadline: deadline{idle: o.ReadTimeout}, vlan: make([]byte, o.Snaplen+4)}
+	blockSize := nativeBlockSize
+	if r.v2 {
+		r.slotSize = frameSizeV2(o.Snaplen)
+		blockSize = max(blockSize, r.slotSize)
+		blocks := max(o.BufferSize/blockSize, 2)
+		r.slots = blocks * blockSize / r.slotSize
+		if err := unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_VERSION, unix.TPACKET_V2); err != nil {
+			return fail("TPACKET_V2", err)
+		}
+		req := unix.TpacketReq{Block_size: uint32(blockSize), Block_nr: uint32(blocks), Frame_size: uint32(r.slotSize), Frame_nr: uint32(r.slots)}
+		if err := unix.SetsockoptTpacketReq(fd, unix.SOL_PACKET, unix.PACKET_RX_RING, &req); err != nil {
+			return fail("ring", err)
+		}
+	} else {
+		r.slotSize, r.slots = blockSize, max(o.BufferSize/blockSize, 2)
+		if err := unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_VERSION, unix.TPACKET_V3); err != nil {
+			return fail("TPACKET_V3", err)
+		}
+		req := unix.TpacketReq3{Block_size: uint32(blockSize), Block_nr: uint32(r.slots), Frame_size: uint32(blockSize), Frame_nr: uint32(r.slots),
+			Retire_blk_tov: uint32(max(o.BatchDelay.Milliseconds(), 1))}
+		if err := unix.SetsockoptTpacketReq3(fd, unix.SOL_PACKET, unix.PACKET_RX_RING, &req); err != nil {
+			return fail("ring", err)
+		}
 	}
-	blocks := max(o.BufferSize/nativeBlockSize, 2)
-	req := unix.TpacketReq3{Block_size: nativeBlockSize, Block_nr: uint32(blocks), Frame_size: nativeBlockSize, Frame_nr: uint32(blocks),
-		Retire_blk_tov: uint32(max(o.Gather.Milliseconds(), 1))}
-	if err := unix.SetsockoptTpacketReq3(fd, unix.SOL_PACKET, unix.PACKET_RX_RING, &req); err != nil {
-		return fail("ring", err)
-	}
-	if ring, err = unix.Mmap(fd, 0, blocks*nativeBlockSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err != nil {
+	if ring, err = unix.Mmap(fd, 0, r.slots*r.slotSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err != nil {
 		return fail("mmap", err)
 	}
 	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifc.Index}); err != nil {
@@ -136,9 +171,7 @@ func openNative(iface string, o Options) (*nativeReader, error) {
 		unix.Munmap(ring)
 		return nil, err
 	}
-	r := &nativeReader{fd: fd, file: file, rc: rc, m: &mapping{mem: ring}, ring: ring, blocks: blocks,
-		loopback: ll.Hatype == unix.ARPHRD_LOOPBACK, ifindex: ifc.Index, ifname: iface, deadline: deadline{idle: o.ReadTimeout},
-		vlan: make([]byte, o.Snaplen+4)}
+	r.file, r.rc, r.m, r.ring, r.loopback = file, rc, &mapping{mem: ring}, ring, ll.Hatype == unix.ARPHRD_LOOPBACK
 	runtime.AddCleanup(r, (*mapping).release, r.m)
 	return r, nil
 }
@@ -161,19 +194,34 @@ func pollable(fd int, name string) (*os.File, syscall.RawConn, error) {
 	return file, rc, nil
 }
 
-// desc returns the header of block i.
+// desc returns the header of block i (V3).
 func (r *nativeReader) desc(i int) *unix.TpacketHdrV1 {
 	// struct tpacket_block_desc: version, offset_to_priv, then the header.
-	return (*unix.TpacketHdrV1)(unsafe.Pointer(&r.ring[i*nativeBlockSize+8]))
+	return (*unix.TpacketHdrV1)(unsafe.Pointer(&r.ring[i*r.slotSize+8]))
 }
 
-// ready reports whether the kernel handed the current block over.
+// frameV2 returns the header of frame i (V2).
+func (r *nativeReader) frameV2(i int) *unix.Tpacket2Hdr {
+	return (*unix.Tpacket2Hdr)(unsafe.Pointer(&r.ring[i*r.slotSize]))
+}
+
+// status returns the status word of slot i, which the kernel and the
+// reader hand each other.
+func (r *nativeReader) status(i int) *uint32 {
+	if r.v2 {
+		return &r.frameV2(i).Status
+	}
+	return &r.desc(i).Block_status
+}
+
+// ready reports whether the kernel handed the current slot over.
 func (r *nativeReader) ready() bool {
-	return atomic.LoadUint32(&r.desc(r.cur).Block_status)&unix.TP_STATUS_USER != 0
+	return atomic.LoadUint32(r.status(r.cur))&unix.TP_STATUS_USER != 0
 }
 
 // read returns the next frame; see Handle.Read. The frame's bytes stay in
-// the ring until the next read, which gives its block back when it is done.
+// the ring until the next read, which gives its slot back when it is done.
+// (BenchmarkNativeRead: no allocation.)
 func (r *nativeReader) read() ([]byte, time.Time, int, error) {
 	for {
 		if r.closed.Load() {
@@ -181,34 +229,23 @@ func (r *nativeReader) read() ([]byte, time.Time, int, error) {
 			return nil, time.Time{}, 0, ErrClosed
 		}
 		if r.left > 0 {
-			base := r.cur * nativeBlockSize
-			h := (*unix.Tpacket3Hdr)(unsafe.Pointer(&r.ring[base+r.off]))
-			frame := r.off
-			r.left--
-			r.off += int(h.Next_offset)
-			start, end := frame+int(h.Mac), frame+int(h.Mac)+int(h.Snaplen)
-			if end > nativeBlockSize || frame+sllOffset+11 > nativeBlockSize {
-				r.left = 0 // not a block the kernel wrote: skip it
-				continue
+			data, ts, origLen, ok := r.next()
+			if ok {
+				return data, ts, origLen, nil
 			}
-			if r.loopback && r.ring[base+frame+sllOffset+10] == unix.PACKET_OUTGOING {
-				continue // its incoming copy follows
-			}
-			data := r.ring[base+start : base+end : base+end]
-			origLen := int(h.Len)
-			if h.Status&unix.TP_STATUS_VLAN_VALID != 0 && len(data) >= 12 {
-				data, origLen = r.withTag(data, h), origLen+4
-			}
-			return data, time.Unix(int64(h.Sec), int64(h.Nsec)), origLen, nil
+			continue
 		}
-		if r.owned { // every frame of the block was read: give it back
-			atomic.StoreUint32(&r.desc(r.cur).Block_status, unix.TP_STATUS_KERNEL)
-			r.cur = (r.cur + 1) % r.blocks
+		if r.owned { // every frame of the slot was read: give it back
+			atomic.StoreUint32(r.status(r.cur), unix.TP_STATUS_KERNEL)
+			r.cur = (r.cur + 1) % r.slots
 			r.owned = false
 		}
 		if r.ready() {
-			d := r.desc(r.cur)
-			r.owned, r.left, r.off = true, int(d.Num_pkts), int(d.Offset_to_first_pkt)
+			r.owned, r.left = true, 1
+			if !r.v2 {
+				d := r.desc(r.cur)
+				r.left, r.off = int(d.Num_pkts), int(d.Offset_to_first_pkt)
+			}
 			continue
 		}
 		if err := r.wait(); err != nil {
@@ -220,25 +257,57 @@ func (r *nativeReader) read() ([]byte, time.Time, int, error) {
 	}
 }
 
+// next takes the next frame of the current slot; ok is false for a frame
+// to skip.
+func (r *nativeReader) next() (data []byte, ts time.Time, origLen int, ok bool) {
+	base := r.cur * r.slotSize
+	var start, end, sll int
+	var status uint32
+	var tpid, tci uint16
+	r.left--
+	if r.v2 {
+		h := r.frameV2(r.cur)
+		start, end, sll = int(h.Mac), int(h.Mac)+int(h.Snaplen), sllOffsetV2
+		ts, origLen, status, tpid, tci = time.Unix(int64(h.Sec), int64(h.Nsec)), int(h.Len), h.Status, h.Vlan_tpid, h.Vlan_tci
+	} else {
+		h := (*unix.Tpacket3Hdr)(unsafe.Pointer(&r.ring[base+r.off]))
+		frame := r.off
+		r.off += int(h.Next_offset)
+		start, end, sll = frame+int(h.Mac), frame+int(h.Mac)+int(h.Snaplen), frame+sllOffsetV3
+		ts, origLen, status, tpid, tci = time.Unix(int64(h.Sec), int64(h.Nsec)), int(h.Len), h.Status, h.Hv1.Vlan_tpid, uint16(h.Hv1.Vlan_tci)
+	}
+	if end > r.slotSize || sll+11 > r.slotSize {
+		r.left = 0 // not a slot the kernel wrote: skip it
+		return nil, ts, 0, false
+	}
+	if r.loopback && r.ring[base+sll+10] == unix.PACKET_OUTGOING {
+		return nil, ts, 0, false // its incoming copy follows
+	}
+	data = r.ring[base+start : base+end : base+end]
+	if status&unix.TP_STATUS_VLAN_VALID != 0 && len(data) >= 12 {
+		if status&unix.TP_STATUS_VLAN_TPID_VALID == 0 {
+			tpid = 0x8100
+		}
+		data, origLen = r.withTag(data, tpid, tci), origLen+4
+	}
+	return data, ts, origLen, true
+}
+
 // withTag returns the frame with the VLAN tag the kernel took out of it put
 // back after the MAC addresses, as libpcap does.
-func (r *nativeReader) withTag(data []byte, h *unix.Tpacket3Hdr) []byte {
-	tpid := uint16(0x8100)
-	if h.Status&unix.TP_STATUS_VLAN_TPID_VALID != 0 {
-		tpid = h.Hv1.Vlan_tpid
-	}
+func (r *nativeReader) withTag(data []byte, tpid, tci uint16) []byte {
 	if len(data)+4 > len(r.vlan) { // (the filter truncates to the snaplen: never)
 		r.vlan = make([]byte, len(data)+4)
 	}
 	out := r.vlan[:len(data)+4]
 	copy(out, data[:12])
 	out[12], out[13] = byte(tpid>>8), byte(tpid)
-	out[14], out[15] = byte(h.Hv1.Vlan_tci>>8), byte(h.Hv1.Vlan_tci)
+	out[14], out[15] = byte(tci>>8), byte(tci)
 	copy(out[16:], data[12:])
 	return out
 }
 
-// wait sleeps in Go's poller until the kernel hands a block over, the
+// wait sleeps in Go's poller until the kernel hands a slot over, the
 // socket reports an error, or the read deadline (see deadline) passes.
 func (r *nativeReader) wait() error {
 	if err := r.deadline.set(r.file); err != nil {
@@ -250,7 +319,7 @@ func (r *nativeReader) wait() error {
 		if r.ready() {
 			return true
 		}
-		if woken { // readable without a block: the socket has an error
+		if woken { // readable without a slot: the socket has an error
 			if failed = r.sockErr(int(fd)); failed != nil {
 				return true
 			}
@@ -318,12 +387,22 @@ func (r *nativeReader) sockErr(fd int) error {
 // stats adds the kernel's counters since the last call to the totals.
 // Handle.mu serializes it with close.
 func (r *nativeReader) stats() (Stats, error) {
-	s, err := unix.GetsockoptTpacketStatsV3(r.fd, unix.SOL_PACKET, unix.PACKET_STATISTICS)
-	if err != nil {
-		return Stats{}, err
+	var packets, drops uint32
+	if r.v2 {
+		s, err := unix.GetsockoptTpacketStats(r.fd, unix.SOL_PACKET, unix.PACKET_STATISTICS)
+		if err != nil {
+			return Stats{}, err
+		}
+		packets, drops = s.Packets, s.Drops
+	} else {
+		s, err := unix.GetsockoptTpacketStatsV3(r.fd, unix.SOL_PACKET, unix.PACKET_STATISTICS)
+		if err != nil {
+			return Stats{}, err
+		}
+		packets, drops = s.Packets, s.Drops
 	}
-	r.totals.Received += uint64(s.Packets)
-	r.totals.Dropped += uint64(s.Drops)
+	r.totals.Received += uint64(packets)
+	r.totals.Dropped += uint64(drops)
 	return r.totals, nil
 }
 

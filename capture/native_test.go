@@ -20,15 +20,12 @@ import (
 func TestWithTag(t *testing.T) {
 	r := &nativeReader{vlan: make([]byte, 64)}
 	frame := []byte{1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0x08, 0x00, 0x45, 0}
-	h := &unix.Tpacket3Hdr{Status: unix.TP_STATUS_VLAN_VALID, Hv1: unix.TpacketHdrVariant1{Vlan_tci: 0x2064}}
 	want := []byte{1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0x81, 0x00, 0x20, 0x64, 0x08, 0x00, 0x45, 0}
-	if got := r.withTag(frame, h); !bytes.Equal(got, want) {
+	if got := r.withTag(frame, 0x8100, 0x2064); !bytes.Equal(got, want) {
 		t.Errorf("802.1Q: %x, want %x", got, want)
 	}
-	h.Status |= unix.TP_STATUS_VLAN_TPID_VALID
-	h.Hv1.Vlan_tpid = 0x88a8
 	want[12], want[13] = 0x88, 0xa8
-	if got := r.withTag(frame, h); !bytes.Equal(got, want) {
+	if got := r.withTag(frame, 0x88a8, 0x2064); !bytes.Equal(got, want) {
 		t.Errorf("802.1ad: %x, want %x", got, want)
 	}
 }
@@ -65,26 +62,32 @@ func rootListener(t *testing.T) (net.Listener, int) {
 }
 
 // TestNativeMatchesLibpcap captures one loopback connection with the native
-// reader and with libpcap at once: both see the same frames, byte for byte
-// (each loopback frame once, not its outgoing copy too), with timestamps a
-// few microseconds apart at most (each socket reads the clock itself).
+// reader and with libpcap at once, with a batch delay (TPACKET_V3) and
+// without (TPACKET_V2): both see the same frames, byte for byte (each
+// loopback frame once, not its outgoing copy too), with timestamps a few
+// microseconds apart at most (each socket reads the clock itself).
 func TestNativeMatchesLibpcap(t *testing.T) {
+	for _, delay := range []time.Duration{DefaultBatchDelay, 0} {
+		t.Run(fmt.Sprintf("batchdelay=%v", delay), func(t *testing.T) { testMatchesLibpcap(t, delay) })
+	}
+}
+
+func testMatchesLibpcap(t *testing.T, delay time.Duration) {
 	ln, port := rootListener(t)
-	o := &Options{Filter: fmt.Sprintf("tcp port %d", port), ReadTimeout: 300 * time.Millisecond, Gather: DefaultGather}
+	o := &Options{Filter: fmt.Sprintf("tcp port %d", port), ReadTimeout: 300 * time.Millisecond, BatchDelay: delay}
 	native, err := Open("lo", o)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer native.Close()
-	useNative = false
+	o.libpcap = true
 	lib, err := Open("lo", o)
-	useNative = true
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer lib.Close()
-	if native.reader() != "native" || lib.reader() != "ring" {
-		t.Fatalf("readers %s and %s, want native and ring", native.reader(), lib.reader())
+	if native.reader() != "native" || native.r.v2 != (delay == 0) || lib.reader() != "libpcap" {
+		t.Fatalf("readers %s (V2 %v) and %s, want native and libpcap", native.reader(), native.r.v2, lib.reader())
 	}
 	c := sinkConn(t, ln)
 	for i := 0; i < 50; i++ {
@@ -108,23 +111,30 @@ func TestNativeMatchesLibpcap(t *testing.T) {
 	}
 }
 
-// TestNativeDrops: with a ring of two blocks and a reader that does not
-// read, the kernel drops frames and Stats says so; reading then goes on
-// with the frames that fitted, and later ones.
+// TestNativeDrops: with the smallest ring (two blocks) and a reader that
+// does not read, the kernel drops frames and Stats says so; reading then
+// goes on with the frames that fitted, and later ones. In both ring
+// versions.
 func TestNativeDrops(t *testing.T) {
+	for _, delay := range []time.Duration{time.Millisecond, 0} {
+		t.Run(fmt.Sprintf("batchdelay=%v", delay), func(t *testing.T) { testDrops(t, delay) })
+	}
+}
+
+func testDrops(t *testing.T, delay time.Duration) {
 	ln, port := rootListener(t)
 	h, err := Open("lo", &Options{Filter: fmt.Sprintf("tcp port %d", port),
-		ReadTimeout: 300 * time.Millisecond, Gather: time.Millisecond, BufferSize: 1})
+		ReadTimeout: 300 * time.Millisecond, BatchDelay: delay, BufferSize: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	if h.reader() != "native" || h.r.(*nativeReader).blocks != 2 {
+	if h.reader() != "native" || h.r.slots*h.r.slotSize != 2*nativeBlockSize {
 		t.Fatalf("reader %s, want native with two blocks", h.reader())
 	}
 	c := sinkConn(t, ln)
 	c.(*net.TCPConn).SetNoDelay(true)
-	for i := 0; i < 20000; i++ { // thousands of frames: more than two 256 KiB blocks hold
+	for i := 0; i < 20000; i++ { // thousands of frames: more than two 256 KiB blocks hold, in frames of either kind
 		c.Write([]byte{1})
 	}
 	time.Sleep(100 * time.Millisecond)
@@ -149,9 +159,9 @@ func TestNativeDrops(t *testing.T) {
 // fakeNative returns a native reader over two blocks laid out as the kernel
 // writes them, each holding n copies of frame.
 func fakeNative(frame []byte, n int) *nativeReader {
-	r := &nativeReader{ring: make([]byte, 2*nativeBlockSize), blocks: 2, m: &mapping{}, vlan: make([]byte, 300)}
+	r := &nativeReader{ring: make([]byte, 2*nativeBlockSize), slots: 2, slotSize: nativeBlockSize, m: &mapping{}, vlan: make([]byte, 300)}
 	const first = 48 // after the block descriptor
-	step := (sllOffset + 20 + len(frame) + 15) &^ 15
+	step := (sllOffsetV3 + 20 + len(frame) + 15) &^ 15
 	for b := 0; b < 2; b++ {
 		base := b * nativeBlockSize
 		d := r.desc(b)
@@ -160,7 +170,7 @@ func fakeNative(frame []byte, n int) *nativeReader {
 			off := first + i*step
 			h := (*unix.Tpacket3Hdr)(unsafe.Pointer(&r.ring[base+off]))
 			h.Next_offset, h.Sec, h.Nsec = uint32(step), uint32(1700000000+i), uint32(i)
-			h.Snaplen, h.Len, h.Mac = uint32(len(frame)), uint32(len(frame)+1000), uint16(sllOffset+20)
+			h.Snaplen, h.Len, h.Mac = uint32(len(frame)), uint32(len(frame)+1000), uint16(sllOffsetV3+20)
 			copy(r.ring[base+off+int(h.Mac):], frame)
 		}
 	}
@@ -183,19 +193,72 @@ func TestNativeLayout(t *testing.T) {
 	}
 }
 
-// BenchmarkNativeRead measures taking a frame from the kernel's ring.
-func BenchmarkNativeRead(b *testing.B) {
-	frame := make([]byte, 66)
-	r := fakeNative(frame, 1000)
-	b.ReportAllocs()
-	for b.Loop() {
-		if _, _, _, err := r.read(); err != nil {
-			b.Fatal(err)
+// fakeNativeV2 returns a native reader over a ring of n frames laid out as
+// the kernel writes them (TPACKET_V2), each holding frame.
+func fakeNativeV2(frame []byte, n int) *nativeReader {
+	size := frameSizeV2(256)
+	r := &nativeReader{ring: make([]byte, n*size), v2: true, slots: n, slotSize: size, m: &mapping{}, vlan: make([]byte, 300)}
+	for i := 0; i < n; i++ {
+		h := r.frameV2(i)
+		h.Status, h.Sec, h.Nsec = unix.TP_STATUS_USER, uint32(1700000000+i), uint32(i)
+		h.Snaplen, h.Len, h.Mac = uint32(len(frame)), uint32(len(frame)+1000), 66
+		copy(r.ring[i*size+66:], frame)
+	}
+	return r
+}
+
+// TestNativeLayoutV2 reads frames from a TPACKET_V2 ring laid out as the
+// kernel does, gives each frame back once the next is read, and puts back
+// a VLAN tag the kernel took out.
+func TestNativeLayoutV2(t *testing.T) {
+	frame := bytes.Repeat([]byte{7}, 66)
+	r := fakeNativeV2(frame, 4)
+	r.frameV2(3).Status |= unix.TP_STATUS_VLAN_VALID
+	r.frameV2(3).Vlan_tci = 0x2064
+	for i := 0; i < 4; i++ {
+		data, ts, origLen, err := r.read()
+		want, wantLen := frame, 1066
+		if i == 3 {
+			want, wantLen = append(append(bytes.Clone(frame[:12]), 0x81, 0, 0x20, 0x64), frame[12:]...), 1070
 		}
-		if r.left == 0 { // play the kernel: hand the other block over again
-			r.desc(1 - r.cur).Block_status = unix.TP_STATUS_USER
+		if err != nil || !bytes.Equal(data, want) || origLen != wantLen || ts.Nanosecond() != i {
+			t.Fatalf("frame %d: %x, %v, %d, %v", i, data, ts, origLen, err)
+		}
+		for j := 0; j < 4; j++ {
+			if got := r.frameV2(j).Status & unix.TP_STATUS_USER; (j >= i) != (got != 0) {
+				t.Errorf("reading frame %d, frame %d's status is %d", i, j, r.frameV2(j).Status)
+			}
 		}
 	}
+}
+
+// BenchmarkNativeRead measures taking a frame from the kernel's ring, in
+// blocks (V3) and in frames (V2).
+func BenchmarkNativeRead(b *testing.B) {
+	frame := make([]byte, 66)
+	b.Run("v3", func(b *testing.B) {
+		r := fakeNative(frame, 1000)
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, _, _, err := r.read(); err != nil {
+				b.Fatal(err)
+			}
+			if r.left == 0 { // play the kernel: hand the other block over again
+				r.desc(1 - r.cur).Block_status = unix.TP_STATUS_USER
+			}
+		}
+	})
+	b.Run("v2", func(b *testing.B) {
+		r := fakeNativeV2(frame, 1000)
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, _, _, err := r.read(); err != nil {
+				b.Fatal(err)
+			}
+			// play the kernel: hand the frame given back over again
+			r.frameV2((r.cur + r.slots - 1) % r.slots).Status = unix.TP_STATUS_USER
+		}
+	})
 }
 
 // TestNativeInterfaceGone: a capture whose interface is deleted fails (to be
@@ -218,7 +281,7 @@ func TestNativeInterfaceGone(t *testing.T) {
 			t.Cleanup(func() { exec.Command("ip", "link", "del", name).Run() })
 			ip("link", "set", name, "up")
 			ip("link", "set", name+"p", "up")
-			h, err := Open(name, &Options{Filter: "tcp", ReadTimeout: 50 * time.Millisecond, Gather: DefaultGather})
+			h, err := Open(name, &Options{Filter: "tcp", ReadTimeout: 50 * time.Millisecond, BatchDelay: DefaultBatchDelay})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -233,7 +296,7 @@ func TestNativeInterfaceGone(t *testing.T) {
 						t.Fatalf("read while down: %v, want ErrTimeout", err)
 					}
 				}
-				if !h.r.(*nativeReader).down {
+				if !h.r.down {
 					t.Error("the reader did not hear that the interface went down")
 				}
 			}

@@ -107,7 +107,7 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 
 	daemons := []*daemon{
 		{name: "buffer", args: nil, capDur: 30 * time.Second},
-		{name: "stream", args: []string{"-stream"}, capDur: 30 * time.Second},
+		{name: "stream", args: []string{"-stream", "-capture.batchdelay=0"}, capDur: 30 * time.Second},
 		{name: "netblock", args: []string{"-anonymize.ip=netblock", "-captureduration=2s", "-uuidwaitduration=1s"}, capDur: 2 * time.Second, netblock: true},
 	}
 	for i, d := range daemons {
