@@ -2,12 +2,12 @@ package capture
 
 import (
 	"errors"
+	"fmt"
 	"log"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/packet"
 )
 
@@ -15,9 +15,10 @@ import (
 const RetryInterval = time.Second
 
 // Live is a capture on one interface that survives the interface going away:
-// when a read fails, it closes the handle, reports timeouts to its reader
-// (who goes on with its housekeeping), and opens the interface again every
-// RetryInterval until it can, with a fresh filter. Read belongs to one
+// when a read fails, it closes the handle, returns the failure once (for the
+// reader to count), then reports timeouts to its reader (who goes on with
+// its housekeeping), and opens the interface again every RetryInterval
+// until it can, with a fresh filter. Read belongs to one
 // goroutine; Stats, Up and Close may be called from any.
 type Live struct {
 	name   string
@@ -62,9 +63,10 @@ func (l *Live) current() (*Handle, bool) {
 	return l.h, l.closed
 }
 
-// Read reads the next frame, like Handle.Read. While the interface is gone
-// it returns ErrTimeout every read timeout and tries to reopen it every
-// RetryInterval. It returns ErrClosed after Close.
+// Read reads the next frame, like Handle.Read. When the capture fails it
+// returns the error (wrapping ErrFailed) once; while the interface is gone
+// it then returns ErrTimeout every read timeout and tries to reopen it
+// every RetryInterval. It returns ErrClosed after Close.
 func (l *Live) Read() ([]byte, time.Time, int, error) {
 	h := l.rh
 	if h == nil {
@@ -85,8 +87,6 @@ func (l *Live) Read() ([]byte, time.Time, int, error) {
 	}
 	l.rh = nil // after a timeout or an error, look at the handle again
 	if errors.Is(err, ErrFailed) {
-		metrics.CaptureErrors.WithLabelValues(l.name).Inc()
-		log.Printf("capture: %v; reopening every %v", err, RetryInterval)
 		l.mu.Lock()
 		if l.h == h {
 			l.h = nil
@@ -95,7 +95,7 @@ func (l *Live) Read() ([]byte, time.Time, int, error) {
 		l.mu.Unlock()
 		h.Close()
 		l.up.Store(false)
-		return nil, time.Time{}, 0, ErrTimeout
+		return nil, time.Time{}, 0, fmt.Errorf("%w; reopening every %v", err, RetryInterval)
 	}
 	if errors.Is(err, ErrClosed) {
 		if _, closed := l.current(); !closed {
