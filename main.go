@@ -20,17 +20,14 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
-	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -41,15 +38,11 @@ import (
 
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
-	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/health"
 	pm "github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/offline"
-	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/saver"
-	"github.com/m-lab/packet-headers/sockdiag"
-	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
 
 // config holds every flag.
@@ -235,7 +228,7 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		// cannot (a trailing newline, a '/') is refused here, not flow by flow.
 		prefix, err := os.ReadFile(c.uuidPrefixFile)
 		if err == nil {
-			err = names.CheckUUID(string(prefix) + "_0000000000000000")
+			err = saver.CheckUUID(string(prefix) + "_0000000000000000")
 		}
 		if err == nil {
 			err = uuid.SetUUIDPrefixFile(c.uuidPrefixFile)
@@ -243,7 +236,7 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("-uuid-prefix-file: %w", err)
 		}
-	} else if err := names.CheckUUID(uuid.FromCookie(0)); err != nil && c.read == "" && c.kernelUUIDs {
+	} else if err := saver.CheckUUID(uuid.FromCookie(0)); err != nil && c.read == "" && c.kernelUUIDs {
 		// The made-up prefix comes from the host name.
 		return fmt.Errorf("the default UUID prefix cannot name files (%w): give -uuid-prefix-file", err)
 	}
@@ -284,230 +277,6 @@ func main() {
 		fmt.Fprintf(os.Stderr, "packet-headers: %v\n", err)
 	}
 	os.Exit(code)
-}
-
-// run runs the daemon until ctx is done and returns the exit code.
-func run(ctx context.Context, c *config) (int, error) {
-	mode, err := anonymize.ParseMode(c.anonymize.Value)
-	if err != nil {
-		return 2, err
-	}
-	if c.maxProcs > 0 {
-		// With one processor, a goroutine made runnable (the capture's,
-		// once per block of frames) never wakes a second thread to look
-		// for work: in the lab, two processors cost 20-30% more CPU per
-		// packet. The daemon's Go work is about 0.2 µs per packet.
-		runtime.GOMAXPROCS(c.maxProcs)
-	}
-	ifaces, err := capture.Interfaces(c.interfaces)
-	if err != nil {
-		return 2, err
-	}
-	if len(ifaces) == 0 {
-		return 2, errors.New("no interface to capture on: none is up with an address (name one with -interface)")
-	}
-	local, err := capture.LocalAddrs()
-	if err != nil {
-		return 1, err
-	}
-	sv, err := saver.New(saver.Options{Dir: c.dataDir, PartialDir: c.partialDir, Snaplen: c.maxHeaderSize, MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent, Compress: c.compress})
-	if err != nil {
-		return 2, err
-	}
-	if err := sv.PrepareDays(time.Now()); err != nil {
-		return 1, err
-	}
-	checker := health.New(c.healthGrace)
-	srv, err := pm.Listen(c.listenAddr, map[string]http.Handler{
-		"/healthz": http.HandlerFunc(checker.Live),
-		"/readyz":  http.HandlerFunc(checker.Ready),
-	})
-	if err != nil {
-		return 1, err
-	}
-	defer func() {
-		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-	}()
-
-	table := newNames(c)
-	// Without a prefix file shared with tcp-info, tcp-info's prefix is
-	// learnt from its first Open (see eventHandler).
-	prefix := names.NewPrefix(strings.TrimSuffix(uuid.FromCookie(0), "_0000000000000000"))
-	var kernel *sockdiag.Source
-	var lookupConn, destroyConn sockdiag.Conn
-	if c.kernelUUIDs {
-		if lookupConn, err = sockdiag.Dial(); err != nil {
-			return 1, err
-		}
-		if destroyConn, err = sockdiag.ListenDestroy(); errors.Is(err, sockdiag.ErrNeedNetAdmin) {
-			// As the predecessor ran (CAP_NET_RAW only): look-ups by
-			// 4-tuple need no capability; connections that close before
-			// theirs are not named (counted as gave_up_no_broadcasts).
-			log.Printf("packet-headers: %v: connections that close before their look-up (a few milliseconds after the handshake) are not named from the kernel; grant CAP_NET_ADMIN to name them", err)
-			destroyConn, err = nil, nil
-		}
-		if err != nil {
-			lookupConn.Close()
-			return 1, err
-		}
-		kernel = sockdiag.NewSource(table, sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.uuidWait, NoDestroy: destroyConn == nil})
-	}
-	pm.RegisterGaugeFunc("pcap_kernel_destroy_broadcasts", "1 while the kernel's socket destroy broadcasts are read (they need CAP_NET_ADMIN), 0 without them.", func() float64 {
-		if destroyConn != nil {
-			return 1
-		}
-		return 0
-	})
-
-	filter := func() string {
-		// At each (re)open: the interface may come back with new addresses.
-		if now, err := capture.LocalAddrs(); err == nil {
-			return capture.Filter(now)
-		}
-		return capture.Filter(local)
-	}
-	var handles []*capture.Live
-	for _, ifc := range ifaces {
-		h, err := capture.OpenLive(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize, BufferSize: int(c.bufferSize), BatchDelay: c.batchDelay}, filter)
-		if err != nil {
-			for _, h := range handles {
-				h.Close()
-			}
-			if kernel != nil {
-				lookupConn.Close()
-				if destroyConn != nil {
-					destroyConn.Close()
-				}
-			}
-			return 1, err
-		}
-		handles = append(handles, h)
-	}
-	names := make([]string, len(handles))
-	for i, h := range handles {
-		names[i] = h.Name()
-	}
-	sources := []string{}
-	if c.eventSocket != "" {
-		sources = append(sources, "tcp-info eventsocket")
-	}
-	if kernel != nil {
-		sources = append(sources, "kernel socket cookies")
-	}
-	log.Printf("packet-headers: capturing on %s, %d local addresses, writing to %s (anonymize=%s, stream=%v, UUIDs from %s)",
-		strings.Join(names, ","), len(local), sv.Dir(), mode, c.stream, strings.Join(sources, " and "))
-
-	limits := &demuxer.Limits{MaxFlows: c.maxFlows, MaxHeap: uint64(c.maxHeap)}
-	pm.RegisterGaugeFunc("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(limits.Active()) })
-	pm.RegisterCounterFunc("pcap_uuid_renames_total", "Flows the authoritative source (tcp-info) named after the kernel source had named them otherwise: their files take tcp-info's UUID.", func() float64 { return float64(table.Renames()) })
-	pm.RegisterGaugeFunc("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(table.Len()) })
-	pm.RegisterGaugeFunc("pcap_saver_active", "Flow files being written.", func() float64 { return float64(sv.Active()) })
-	pm.RegisterGaugeFunc("pcap_datadir_free_bytes", "Free space in the data directory's filesystem (for unprivileged users).", func() float64 {
-		var st unix.Statfs_t
-		if unix.Statfs(sv.Dir(), &st) != nil {
-			return -1
-		}
-		return float64(st.Bavail) * float64(st.Bsize)
-	})
-	pm.RegisterGaugeFunc("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(saver.CompressorsInUse()) })
-
-	anon := anonymize.New(mode, local)
-	writer := demuxer.WriterFunc(func(u string, lt packet.LinkType, first time.Time) demuxer.FlowWriter { return sv.Start(u, lt, first) })
-	var wg sync.WaitGroup // owns the capture loops
-	for _, h := range handles {
-		h := h
-		unregister := pm.RegisterCapture(h.Name(), func() (uint64, uint64, uint64, error) {
-			s, err := h.Stats()
-			return s.Received, s.Dropped, s.IfaceDropped, err
-		}, h.Up)
-		defer unregister()
-		checker.Add("capture "+h.Name(), h.Up)
-		opts := demuxer.Options{
-			Interface: h.Name(), LinkType: h.LinkType(), MaxHeaderSize: c.maxHeaderSize,
-			CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout, UUIDWait: c.uuidWait,
-			Stream: c.stream, Names: table, Writer: writer,
-			Anonymizer: anon, Limits: limits,
-		}
-		if kernel != nil {
-			opts.Lookup = kernel.Request
-		}
-		d := demuxer.New(opts)
-		errs := pm.CaptureErrors.WithLabelValues(h.Name())
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			d.Run(h, time.Now, func(err error) {
-				errs.Inc()
-				log.Printf("capture: %v", err)
-			})
-		}()
-	}
-
-	// Background work that ends with bg.
-	bg, cancelBG := context.WithCancel(context.Background())
-	defer cancelBG()
-	var bgWG sync.WaitGroup
-	if c.eventSocket != "" {
-		h := &eventHandler{t: table, prefix: prefix, learn: c.uuidPrefixFile == "", checkPrefix: kernel != nil}
-		client := tcpeventsocket.New(c.eventSocket, h, nil)
-		checker.Add("eventsocket", client.Connected)
-		bgWG.Add(1)
-		go func() {
-			defer bgWG.Done()
-			client.Run(bg)
-		}()
-	}
-	if kernel != nil {
-		bgWG.Add(1)
-		go func() {
-			defer bgWG.Done()
-			kernel.RunLookups(bg, lookupConn)
-		}()
-	}
-	if destroyConn != nil {
-		bgWG.Add(1)
-		go func() {
-			defer bgWG.Done()
-			kernel.RunDestroy(bg, destroyConn)
-		}()
-	}
-	bgWG.Add(1)
-	go func() {
-		defer bgWG.Done()
-		housekeeping(bg, c, table, checker, sv)
-	}()
-	checker.Serving() // /readyz: every capture and the eventsocket are registered
-
-	<-ctx.Done()
-	// The first signal starts an orderly shutdown, bounded by
-	// -shutdown.timeout; a second one ends the daemon at once.
-	second := make(chan os.Signal, 1)
-	signal.Notify(second, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(second)
-	log.Printf("packet-headers: signal received, capturing %v more", c.sigtermWait)
-	done := make(chan struct{})
-	go func() { // ends with the process if the shutdown does not
-		defer close(done)
-		time.Sleep(c.sigtermWait)
-		for _, h := range handles {
-			h.Close()
-		}
-		wg.Wait() // the demuxers hand every named flow to the saver
-		sv.Wait()
-	}()
-	select {
-	case <-done:
-	case sig := <-second:
-		return 1, fmt.Errorf("second signal (%v): exiting now; %s", sig, notWritten(sv))
-	case <-time.After(c.sigtermWait + c.shutdownTimeout):
-		return 1, fmt.Errorf("shutdown took longer than -sigtermwait and -shutdown.timeout (%v): exiting; %s", c.sigtermWait+c.shutdownTimeout, notWritten(sv))
-	}
-	cancelBG()
-	bgWG.Wait()
-	log.Printf("packet-headers: every named flow saved; exiting")
-	return 0, nil
 }
 
 // notWritten says which files were still being written.
@@ -560,39 +329,6 @@ func isTerminal(f *os.File) bool {
 	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
 	return err == nil
 }
-
-func newNames(c *config) *names.Table {
-	// An announcement that no flow claimed within this long never will be.
-	ttl := max(c.captureDuration, c.flowTimeout) + c.uuidWait
-	o := &names.Options{TTL: ttl}
-	if c.eventSocket != "" {
-		o.Authority = "eventsocket" // tcp-info's names win
-	}
-	return names.New(o)
-}
-
-// eventHandler feeds eventsocket events into the names table.
-type eventHandler struct {
-	t           *names.Table
-	prefix      *names.Prefix // the kernel source's
-	learn       bool          // take tcp-info's prefix (no -uuid-prefix-file)
-	checkPrefix bool          // warn once if tcp-info's prefix differs from ours
-	warned      bool
-}
-
-func (h *eventHandler) Open(ts time.Time, id string, local, remote netip.AddrPort, cookie uint64) {
-	if h.learn {
-		if p, changed := h.prefix.Learn(id, cookie); changed {
-			log.Printf("packet-headers: UUID prefix %s taken from tcp-info's events, so that flows named from kernel cookies get tcp-info's names", p)
-		}
-	} else if h.checkPrefix && !h.warned && cookie != 0 && h.prefix.FromCookie(cookie) != id {
-		h.warned = true
-		log.Printf("WARNING: tcp-info's UUIDs have another prefix than this daemon's (%s, not %s): give both the same -uuid-prefix-file, or flows named from kernel cookies will not match tcp-info's", id, h.prefix.FromCookie(cookie))
-	}
-	h.t.Open(ts, id, packet.KeyFromAddrPorts(local, remote), "eventsocket", cookie)
-}
-
-func (h *eventHandler) Close(ts time.Time, id string) { h.t.Close(ts, id) }
 
 // housekeeping enforces -maxidleram, samples the health checks, sweeps
 // the names table and makes the day directories ahead, every second, until

@@ -831,17 +831,18 @@ type Source interface {
 func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
 	defer d.Close()
 	// A first tick, so that the limits apply from the first packet on;
-	// the next one is due TickInterval later (in unix nanoseconds).
+	// the next one is due TickInterval later.
+	var ticks Schedule
 	now := clock()
+	ticks.Due(now.UnixNano(), TickInterval)
 	d.Tick(now)
-	nextTick := now.UnixNano() + int64(TickInterval)
 	for {
 		data, ts, origLen, err := src.Read()
 		switch {
 		case err == nil:
 			d.Packet(data, ts, origLen)
-			if ts.UnixNano() < nextTick {
-				continue
+			if !ticks.Pending(ts.UnixNano()) {
+				continue // (no clock read per packet)
 			}
 		case errors.Is(err, os.ErrDeadlineExceeded):
 		case errors.Is(err, net.ErrClosed):
@@ -850,9 +851,26 @@ func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) e
 			onError(err)
 			time.Sleep(TickInterval) // a failing capture must not spin
 		}
-		if now = clock(); now.UnixNano() >= nextTick {
+		if now = clock(); ticks.Due(now.UnixNano(), TickInterval) {
 			d.Tick(now)
-			nextTick = now.UnixNano() + int64(TickInterval)
 		}
 	}
+}
+
+// Schedule says when periodic work is due, in Unix nanoseconds of a
+// clock: the wall clock live, the packets' time offline. The zero value is
+// due at once.
+type Schedule struct{ next int64 }
+
+// Pending reports whether the work is due at now, without scheduling it.
+func (s *Schedule) Pending(now int64) bool { return now >= s.next }
+
+// Due reports whether the work is due at now; if it is, the next time is
+// every later.
+func (s *Schedule) Due(now int64, every time.Duration) bool {
+	if now < s.next {
+		return false
+	}
+	s.next = now + int64(every)
+	return true
 }

@@ -41,6 +41,7 @@ import (
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/pipeline"
 	"github.com/m-lab/packet-headers/saver"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
@@ -160,12 +161,14 @@ func (f fallbackNamer) Release(e *names.Entry) {
 // eventCollector gathers the events of a file.
 type eventCollector struct{ evs []tcpeventsocket.Parsed }
 
-func (c *eventCollector) Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64) {
+func (c *eventCollector) Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64) error {
 	c.evs = append(c.evs, tcpeventsocket.Parsed{Open: true, Timestamp: ts, UUID: uuid, Local: local, Remote: remote, Cookie: cookie})
+	return nil
 }
 
-func (c *eventCollector) Close(ts time.Time, uuid string) {
+func (c *eventCollector) Close(ts time.Time, uuid string) error {
 	c.evs = append(c.evs, tcpeventsocket.Parsed{Timestamp: ts, UUID: uuid})
+	return nil
 }
 
 // open opens a file or "-", decompressing gzip.
@@ -272,18 +275,19 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	if err != nil {
 		return sum, fmt.Errorf("read %s: %w", o.Read, err)
 	}
-	sv, err := saver.New(saver.Options{Dir: o.Dir, Snaplen: o.MaxHeaderSize, Compress: o.Compress})
-	if err != nil {
-		return sum, err
-	}
-
 	// The packets' clock, in Unix nanoseconds: the latest timestamp read.
 	var clock int64
 	now := func() time.Time { return time.Unix(0, clock) }
-	table := names.New(&names.Options{TTL: max(o.CaptureDuration, o.FlowTimeout) + o.UUIDWait, Now: now})
-	anon := anonymize.New(o.Anonymize, local)
-	fb := &fallbacks{anon: anon, used: map[string]int{}}
-	writer := demuxer.WriterFunc(func(u string, lt packet.LinkType, first time.Time) demuxer.FlowWriter { return sv.Start(u, lt, first) })
+	p, err := pipeline.New(pipeline.Config{
+		Saver:         saver.Options{Dir: o.Dir, Snaplen: o.MaxHeaderSize, Compress: o.Compress},
+		MaxHeaderSize: o.MaxHeaderSize, CaptureDuration: o.CaptureDuration, FlowTimeout: o.FlowTimeout,
+		UUIDWait: o.UUIDWait, Stream: o.Stream, Anonymize: o.Anonymize, Local: local, Now: now,
+	})
+	if err != nil {
+		return sum, err
+	}
+	sv, table := p.Saver, p.Names
+	fb := &fallbacks{anon: p.Anon, used: map[string]int{}}
 	demuxers := map[int]*demuxer.Demuxer{} // by interface (pcapng) or 0
 	unsupported := map[int]bool{}
 	get := func(ifc int) *demuxer.Demuxer {
@@ -294,17 +298,14 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 				unsupported[ifc] = true
 				sum.Unsupported = append(sum.Unsupported, fmt.Sprintf("interface %d: link type %v is not supported (only %s): its packets are not decoded", ifc, lt, packet.SupportedLinkTypes))
 			}
-			dopts := demuxer.Options{Interface: fmt.Sprint("offline", ifc), LinkType: lt,
-				MaxHeaderSize: o.MaxHeaderSize, CaptureDuration: o.CaptureDuration, FlowTimeout: o.FlowTimeout,
-				UUIDWait: o.UUIDWait, Stream: o.Stream, Names: table, Writer: writer,
-				Anonymizer: anon}
-			if o.Events == "" {
-				dopts.Names = fallbackNamer{t: table, fb: fb, ifc: ifc}
-			} else {
-				// Flows that no event names within -uuidwaitduration.
-				dopts.Fallback = func(k packet.Key, first time.Time) *names.Entry { return fb.name(k, first, ifc) }
-			}
-			d = demuxer.New(dopts)
+			d = p.Demuxer(fmt.Sprint("offline", ifc), lt, func(do *demuxer.Options) {
+				if o.Events == "" {
+					do.Names = fallbackNamer{t: table, fb: fb, ifc: ifc}
+				} else {
+					// Flows that no event names within -uuidwaitduration.
+					do.Fallback = func(k packet.Key, first time.Time) *names.Entry { return fb.name(k, first, ifc) }
+				}
+			})
 			demuxers[ifc] = d
 		}
 		return d
@@ -312,17 +313,20 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	apply := func(all bool) {
 		for len(evs) > 0 && (all || evs[0].Timestamp.UnixNano() <= clock) {
 			e := evs[0]
+			err := p.Close(e.Timestamp, e.UUID)
 			if e.Open {
-				table.Open(e.Timestamp, e.UUID, packet.KeyFromAddrPorts(e.Local, e.Remote), "eventsocket", e.Cookie)
-			} else {
-				table.Close(e.Timestamp, e.UUID)
+				err = p.Open(e.Timestamp, e.UUID, e.Local, e.Remote, e.Cookie)
+			}
+			if err != nil { // a UUID that cannot name a file
+				sum.Events--
+				sum.BadEvents++
 			}
 			evs = evs[1:]
 		}
 	}
 
 	var readErr error
-	var lastTick, lastSweep int64
+	var ticks, sweeps demuxer.Schedule
 	lastProgress := time.Now()
 	var n uint64
 	var last struct { // the last packet's interface and demuxer
@@ -347,14 +351,12 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		}
 		// The tick that the packet's time calls for comes before the
 		// packet, as the wall clock's would have live.
-		if clock-lastTick >= int64(demuxer.TickInterval) {
+		if ticks.Due(clock, demuxer.TickInterval) {
 			for _, d := range demuxers {
 				d.Tick(now())
 			}
-			lastTick = clock
-			if clock-lastSweep >= int64(time.Second) {
+			if sweeps.Due(clock, time.Second) {
 				table.Sweep()
-				lastSweep = clock
 			}
 		}
 		last.d.Packet(data, time.Unix(0, ts), origLen)
@@ -377,7 +379,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		demuxers[ifc].Tick(now())
 		demuxers[ifc].Close()
 	}
-	sv.Wait()
+	p.Wait()
 	os.Remove(sv.PartialDir()) // empty now; the output is only the files
 	for ifc, d := range demuxers {
 		c := d.Counts()

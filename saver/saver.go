@@ -30,7 +30,7 @@
 // A flow's final name is decided when its last chunk is written (Rename
 // changes it until then), so a stream-mode file already being written can
 // still take the authoritative source's UUID. A UUID that is not a plain
-// file name (names.CheckUUID) is refused as a write error of its own ("name"),
+// file name (CheckUUID) is refused as a write error of its own ("name"),
 // so nothing is written outside the data directory. On a write error the
 // partial file is removed, the error counted and the flow's data dropped;
 // other flows are unaffected (TestNoCrossWiring).
@@ -63,7 +63,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/metrics"
-	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
 )
@@ -398,7 +397,7 @@ func (f *Flow) run() {
 	// cleaning needed. The partial file's name is the flow's own: two flows
 	// named alike never share one (TestNoCrossWiring).
 	w := &flowFile{f: f, file: -1}
-	if err := names.CheckUUID(f.uuid); err != nil {
+	if err := CheckUUID(f.uuid); err != nil {
 		w.op, w.err = "name", err
 	} else {
 		// Numbered, not named after the UUID, which may take all of a
@@ -509,7 +508,7 @@ func (w *flowFile) finish() {
 	}
 	uuid := w.f.name()
 	if w.err == nil && uuid != w.f.uuid {
-		if err := names.CheckUUID(uuid); err != nil {
+		if err := CheckUUID(uuid); err != nil {
 			w.fail("name", err)
 		}
 	}

@@ -18,7 +18,6 @@ import (
 	"github.com/google/gopacket/pcapgo"
 	"golang.org/x/sys/unix"
 
-	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
 )
@@ -552,7 +551,7 @@ func TestLongestUUID(t *testing.T) {
 			s.Start(fmt.Sprintf("f%d", i), packet.LinkTypeEthernet, t0).Push(&b, true)
 		}
 		s.Wait()
-		u := strings.Repeat("u", names.MaxUUIDLen)
+		u := strings.Repeat("u", MaxUUIDLen)
 		var b record.Buffer
 		fill(&b, 3)
 		s.Start(u, packet.LinkTypeEthernet, t0).Push(&b, true)

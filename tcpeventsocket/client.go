@@ -21,22 +21,25 @@ import (
 	"log"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/m-lab/packet-headers/metrics"
-	"github.com/m-lab/packet-headers/names"
 )
 
 // Handler receives events. Its methods are called from the client's
-// goroutine, one at a time, and must not block.
+// goroutine, one at a time, and must not block. An event the handler
+// refuses (a UUID that cannot name a file, say) is counted as malformed.
 type Handler interface {
 	// Open is called for a connection that tcp-info saw open; local is the
 	// server's end; cookie is the kernel's socket cookie (0 if not sent).
-	Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64)
+	Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64) error
 	// Close is called for a connection that tcp-info saw close.
-	Close(ts time.Time, uuid string)
+	Close(ts time.Time, uuid string) error
 }
+
+var refusedOnce sync.Once
 
 // Event types, as tcp-info's eventsocket package numbers them.
 const (
@@ -75,9 +78,9 @@ type Parsed struct {
 }
 
 // ParseLine decodes one event line. An unknown event type is an error
-// wrapping ErrUnknownType; invalid JSON, a missing UUID, a UUID that is not
-// a plain file name (see names.CheckUUID) and an Open without a valid ID are
-// errors wrapping ErrMalformed.
+// wrapping ErrUnknownType; invalid JSON, a missing UUID and an Open without
+// a valid ID are errors wrapping ErrMalformed. Whether the UUID can name a
+// file is for the handler to check.
 func ParseLine(line []byte) (Parsed, error) {
 	var ev event
 	if err := json.Unmarshal(line, &ev); err != nil {
@@ -85,9 +88,6 @@ func ParseLine(line []byte) (Parsed, error) {
 	}
 	if ev.Event == nil || ev.UUID == "" {
 		return Parsed{}, fmt.Errorf("%w: no Event or UUID", ErrMalformed)
-	}
-	if err := names.CheckUUID(ev.UUID); err != nil {
-		return Parsed{}, fmt.Errorf("%w: %v", ErrMalformed, err)
 	}
 	switch *ev.Event {
 	case eventClose:
@@ -238,10 +238,17 @@ func dispatch(line []byte, h Handler) {
 		return
 	}
 	if ev.Open {
-		metrics.EventSocketEvents.WithLabelValues("open").Inc()
-		h.Open(ev.Timestamp, ev.UUID, ev.Local, ev.Remote, ev.Cookie)
+		err = h.Open(ev.Timestamp, ev.UUID, ev.Local, ev.Remote, ev.Cookie)
 	} else {
+		err = h.Close(ev.Timestamp, ev.UUID)
+	}
+	switch {
+	case err != nil:
+		metrics.EventSocketMalformed.Inc()
+		refusedOnce.Do(func() { log.Printf("eventsocket: event refused (counted as malformed; logged once): %v", err) })
+	case ev.Open:
+		metrics.EventSocketEvents.WithLabelValues("open").Inc()
+	default:
 		metrics.EventSocketEvents.WithLabelValues("close").Inc()
-		h.Close(ev.Timestamp, ev.UUID)
 	}
 }

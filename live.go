@@ -1,0 +1,374 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/m-lab/uuid"
+	"golang.org/x/sys/unix"
+
+	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/capture"
+	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/health"
+	pm "github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/names"
+	"github.com/m-lab/packet-headers/pipeline"
+	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/sockdiag"
+	"github.com/m-lab/packet-headers/tcpeventsocket"
+)
+
+// exitError is an error with the exit status it calls for.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e exitError) Error() string { return e.err.Error() }
+
+// usage marks err as bad input: exit status 2.
+func usage(err error) error { return exitError{2, err} }
+
+// run runs the daemon until ctx is done and returns the exit code.
+func run(ctx context.Context, c *config) (int, error) {
+	err := live(ctx, c)
+	var ee exitError
+	switch {
+	case err == nil:
+		return 0, nil
+	case errors.As(err, &ee):
+		return ee.code, ee.err
+	}
+	return 1, err
+}
+
+// live composes the daemon: the pipeline, its sources (captures, the
+// kernel's and tcp-info's UUIDs) and its reports (metrics, health), and
+// shuts it down when ctx is done. Everything opened is closed by a defer.
+func live(ctx context.Context, c *config) error {
+	mode, err := anonymize.ParseMode(c.anonymize.Value)
+	if err != nil {
+		return usage(err)
+	}
+	if c.maxProcs > 0 {
+		// One processor: a goroutine made runnable (the capture's, once
+		// per block of frames) never wakes a second thread to look for
+		// work (the lab's CPU row, BenchmarkLab, measures the difference).
+		runtime.GOMAXPROCS(c.maxProcs)
+	}
+	ifaces, local, err := interfaces(c)
+	if err != nil {
+		return err
+	}
+	p, err := newPipeline(c, mode, local)
+	if err != nil {
+		return err
+	}
+	checker := health.New(c.healthGrace)
+	stopHTTP, err := serveHTTP(c, checker)
+	if err != nil {
+		return err
+	}
+	defer stopHTTP()
+	// Without a prefix file shared with tcp-info, tcp-info's prefix is
+	// learnt from its first Open (see eventHandler).
+	prefix := names.NewPrefix(strings.TrimSuffix(uuid.FromCookie(0), "_0000000000000000"))
+	k, err := openKernel(c, p, local, prefix)
+	if err != nil {
+		return err
+	}
+	defer k.close()
+	handles, err := openCaptures(c, ifaces, local)
+	if err != nil {
+		return err
+	}
+	defer closeAll(handles)
+	registerMetrics(p, k)
+	logStart(c, p, handles, local, mode, k)
+
+	bg, cancelBG := context.WithCancel(context.Background())
+	defer cancelBG()
+	var bgWG sync.WaitGroup // owns the background goroutines
+	startBackground(bg, &bgWG, c, p, k, prefix, checker)
+	var captures sync.WaitGroup // owns the capture loops
+	for _, h := range handles {
+		defer startCapture(&captures, p, k, h, checker)()
+	}
+	checker.Serving() // /readyz: every capture and the eventsocket are registered
+	<-ctx.Done()
+	if err := shutdown(c, p, handles, &captures); err != nil {
+		return err // at once: a stuck disk may hold the background too
+	}
+	cancelBG()
+	bgWG.Wait()
+	return nil
+}
+
+// interfaces returns the interfaces to capture on and the local addresses.
+func interfaces(c *config) ([]capture.Interface, []netip.Addr, error) {
+	ifaces, err := capture.Interfaces(c.interfaces)
+	if err == nil && len(ifaces) == 0 {
+		err = errors.New("no interface to capture on: none is up with an address (name one with -interface)")
+	}
+	if err != nil {
+		return nil, nil, usage(err)
+	}
+	local, err := capture.LocalAddrs()
+	return ifaces, local, err
+}
+
+// newPipeline builds the pipeline the flags describe, and today's and
+// tomorrow's directories.
+func newPipeline(c *config, mode anonymize.Mode, local []netip.Addr) (*pipeline.Pipeline, error) {
+	p, err := pipeline.New(pipeline.Config{
+		Saver: saver.Options{Dir: c.dataDir, PartialDir: c.partialDir, Snaplen: c.maxHeaderSize,
+			MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent, Compress: c.compress},
+		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
+		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Local: local,
+		Authoritative: c.eventSocket != "", MaxFlows: c.maxFlows, MaxHeap: uint64(c.maxHeap),
+	})
+	if err != nil {
+		return nil, usage(err)
+	}
+	return p, p.Saver.PrepareDays(time.Now())
+}
+
+// serveHTTP serves metrics, pprof and the health checks; stop ends it.
+func serveHTTP(c *config, checker *health.Checker) (stop func(), err error) {
+	srv, err := pm.Listen(c.listenAddr, map[string]http.Handler{
+		"/healthz": http.HandlerFunc(checker.Live),
+		"/readyz":  http.HandlerFunc(checker.Ready),
+	})
+	if err != nil {
+		return nil, err
+	}
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}, nil
+}
+
+// startBackground starts the UUID sources' loops and the housekeeping, on
+// goroutines that wg owns and ctx ends.
+func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, p *pipeline.Pipeline, k *kernelNames, prefix *names.Prefix, checker *health.Checker) {
+	goRun := func(f func()) {
+		wg.Add(1)
+		go func() { defer wg.Done(); f() }()
+	}
+	if c.eventSocket != "" {
+		h := &eventHandler{p: p, prefix: prefix, learn: c.uuidPrefixFile == "", checkPrefix: k.src != nil}
+		client := tcpeventsocket.New(c.eventSocket, h, nil)
+		checker.Add("eventsocket", client.Connected)
+		goRun(func() { client.Run(ctx) })
+	}
+	k.start(ctx, goRun)
+	goRun(func() { housekeeping(ctx, c, p.Names, checker, p.Saver) })
+}
+
+// startCapture runs a demuxer on the capture h, on a goroutine that wg
+// owns and closing h ends; the function returned unregisters its metrics.
+func startCapture(wg *sync.WaitGroup, p *pipeline.Pipeline, k *kernelNames, h *capture.Live, checker *health.Checker) (unregister func()) {
+	unregister = pm.RegisterCapture(h.Name(), func() (uint64, uint64, uint64, error) {
+		s, err := h.Stats()
+		return s.Received, s.Dropped, s.IfaceDropped, err
+	}, h.Up)
+	checker.Add("capture "+h.Name(), h.Up)
+	d := p.Demuxer(h.Name(), h.LinkType(), func(o *demuxer.Options) {
+		if k.src != nil {
+			o.Lookup = k.src.Request
+		}
+	})
+	errs := pm.CaptureErrors.WithLabelValues(h.Name())
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		d.Run(h, time.Now, func(err error) { errs.Inc(); log.Printf("capture: %v", err) })
+	}()
+	return unregister
+}
+
+func closeAll(handles []*capture.Live) {
+	for _, h := range handles {
+		h.Close()
+	}
+}
+
+// shutdown keeps capturing for -sigtermwait, then closes the captures and
+// waits until every named flow is written, for at most -shutdown.timeout;
+// a second signal ends it at once.
+func shutdown(c *config, p *pipeline.Pipeline, handles []*capture.Live, captures *sync.WaitGroup) error {
+	second := make(chan os.Signal, 1)
+	signal.Notify(second, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(second)
+	log.Printf("packet-headers: signal received, capturing %v more", c.sigtermWait)
+	done := make(chan struct{})
+	go func() { // ends with the process if the shutdown does not
+		defer close(done)
+		time.Sleep(c.sigtermWait)
+		closeAll(handles)
+		captures.Wait() // the demuxers hand every named flow to the saver
+		p.Wait()
+	}()
+	select {
+	case <-done:
+	case sig := <-second:
+		return fmt.Errorf("second signal (%v): exiting now; %s", sig, notWritten(p.Saver))
+	case <-time.After(c.sigtermWait + c.shutdownTimeout):
+		return fmt.Errorf("shutdown took longer than -sigtermwait and -shutdown.timeout (%v): exiting; %s", c.sigtermWait+c.shutdownTimeout, notWritten(p.Saver))
+	}
+	log.Printf("packet-headers: every named flow saved; exiting")
+	return nil
+}
+
+// kernelNames is the kernel's UUID source (sockdiag), or nothing with
+// -uuid.kernel=false.
+type kernelNames struct {
+	src             *sockdiag.Source
+	lookup, destroy sockdiag.Conn // destroy is nil without CAP_NET_ADMIN
+}
+
+func openKernel(c *config, p *pipeline.Pipeline, local []netip.Addr, prefix *names.Prefix) (*kernelNames, error) {
+	k := &kernelNames{}
+	if !c.kernelUUIDs {
+		return k, nil
+	}
+	var err error
+	if k.lookup, err = sockdiag.Dial(); err != nil {
+		return nil, err
+	}
+	if k.destroy, err = sockdiag.ListenDestroy(); errors.Is(err, sockdiag.ErrNeedNetAdmin) {
+		// As the predecessor ran (CAP_NET_RAW only): look-ups by 4-tuple
+		// need no capability; connections that close before theirs are
+		// not named (counted as gave_up_no_broadcasts).
+		log.Printf("packet-headers: %v: connections that close before their look-up (a few milliseconds after the handshake) are not named from the kernel; grant CAP_NET_ADMIN to name them", err)
+		k.destroy, err = nil, nil
+	}
+	if err != nil {
+		k.lookup.Close()
+		return nil, err
+	}
+	k.src = sockdiag.NewSource(p.Names, sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.uuidWait, NoDestroy: k.destroy == nil})
+	return k, nil
+}
+
+// start runs the kernel source's loops.
+func (k *kernelNames) start(ctx context.Context, goRun func(func())) {
+	if k.src != nil {
+		goRun(func() { k.src.RunLookups(ctx, k.lookup) })
+	}
+	if k.destroy != nil {
+		goRun(func() { k.src.RunDestroy(ctx, k.destroy) })
+	}
+}
+
+// close closes the kernel source's netlink sockets, those of loops that
+// never started among them (a loop closes its own too: twice is harmless).
+func (k *kernelNames) close() {
+	if k.src == nil {
+		return
+	}
+	k.lookup.Close()
+	if k.destroy != nil {
+		k.destroy.Close()
+	}
+}
+
+// openCaptures opens a resilient capture on every interface, or none.
+func openCaptures(c *config, ifaces []capture.Interface, local []netip.Addr) ([]*capture.Live, error) {
+	filter := func() string {
+		// At each (re)open: the interface may come back with new addresses.
+		if now, err := capture.LocalAddrs(); err == nil {
+			return capture.Filter(now)
+		}
+		return capture.Filter(local)
+	}
+	var handles []*capture.Live
+	for _, ifc := range ifaces {
+		h, err := capture.OpenLive(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize, BufferSize: int(c.bufferSize), BatchDelay: c.batchDelay}, filter)
+		if err != nil {
+			closeAll(handles)
+			return nil, err
+		}
+		handles = append(handles, h)
+	}
+	return handles, nil
+}
+
+// registerMetrics exports what the pipeline's parts count, read at scrape
+// time.
+func registerMetrics(p *pipeline.Pipeline, k *kernelNames) {
+	pm.RegisterGaugeFunc("pcap_kernel_destroy_broadcasts", "1 while the kernel's socket destroy broadcasts are read (they need CAP_NET_ADMIN), 0 without them.", func() float64 {
+		if k.destroy != nil {
+			return 1
+		}
+		return 0
+	})
+	pm.RegisterGaugeFunc("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(p.Limits.Active()) })
+	pm.RegisterCounterFunc("pcap_uuid_renames_total", "Flows the authoritative source (tcp-info) named after the kernel source had named them otherwise: their files take tcp-info's UUID.", func() float64 { return float64(p.Names.Renames()) })
+	pm.RegisterGaugeFunc("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(p.Names.Len()) })
+	pm.RegisterGaugeFunc("pcap_saver_active", "Flow files being written.", func() float64 { return float64(p.Saver.Active()) })
+	pm.RegisterGaugeFunc("pcap_datadir_free_bytes", "Free space in the data directory's filesystem (for unprivileged users).", func() float64 {
+		var st unix.Statfs_t
+		if unix.Statfs(p.Saver.Dir(), &st) != nil {
+			return -1
+		}
+		return float64(st.Bavail) * float64(st.Bsize)
+	})
+	pm.RegisterGaugeFunc("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(saver.CompressorsInUse()) })
+}
+
+func logStart(c *config, p *pipeline.Pipeline, handles []*capture.Live, local []netip.Addr, mode anonymize.Mode, k *kernelNames) {
+	ifnames := make([]string, len(handles))
+	for i, h := range handles {
+		ifnames[i] = h.Name()
+	}
+	sources := []string{}
+	if c.eventSocket != "" {
+		sources = append(sources, "tcp-info eventsocket")
+	}
+	if k.src != nil {
+		sources = append(sources, "kernel socket cookies")
+	}
+	log.Printf("packet-headers: capturing on %s, %d local addresses, writing to %s (anonymize=%s, stream=%v, UUIDs from %s)",
+		strings.Join(ifnames, ","), len(local), p.Saver.Dir(), mode, c.stream, strings.Join(sources, " and "))
+}
+
+// eventHandler feeds eventsocket events into the pipeline, and keeps the
+// kernel source's prefix in step with tcp-info's.
+type eventHandler struct {
+	p           *pipeline.Pipeline
+	prefix      *names.Prefix // the kernel source's
+	learn       bool          // take tcp-info's prefix (no -uuid-prefix-file)
+	checkPrefix bool          // warn once if tcp-info's prefix differs from ours
+	warned      bool
+}
+
+func (h *eventHandler) Open(ts time.Time, id string, local, remote netip.AddrPort, cookie uint64) error {
+	if err := h.p.Open(ts, id, local, remote, cookie); err != nil {
+		return err
+	}
+	if h.learn {
+		if p, changed := h.prefix.Learn(id, cookie); changed {
+			log.Printf("packet-headers: UUID prefix %s taken from tcp-info's events, so that flows named from kernel cookies get tcp-info's names", p)
+		}
+	} else if h.checkPrefix && !h.warned && cookie != 0 && h.prefix.FromCookie(cookie) != id {
+		h.warned = true
+		log.Printf("WARNING: tcp-info's UUIDs have another prefix than this daemon's (%s, not %s): give both the same -uuid-prefix-file, or flows named from kernel cookies will not match tcp-info's", id, h.prefix.FromCookie(cookie))
+	}
+	return nil
+}
+
+func (h *eventHandler) Close(ts time.Time, id string) error { return h.p.Close(ts, id) }

@@ -1,0 +1,121 @@
+// Package pipeline builds everything downstream of the packet sources, the
+// same way for the live daemon and for offline mode: the saver, the names
+// table (and the rule for how long an announcement waits), the anonymizer,
+// the flow limits and each demuxer's options. It is also the one path from
+// a UUID announcement into the names table, and checks there that the
+// announced UUID can name a file.
+//
+// The composition roots (package main for live capture, package offline)
+// give it the sources and a clock; it imports no capture code and builds
+// without cgo.
+package pipeline
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/names"
+	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/saver"
+)
+
+// EventSource is the names source of tcp-info's announcements.
+const EventSource = "eventsocket"
+
+// Config is what the pipeline is built from.
+type Config struct {
+	Saver           saver.Options
+	MaxHeaderSize   int
+	CaptureDuration time.Duration
+	FlowTimeout     time.Duration
+	UUIDWait        time.Duration
+	Stream          bool
+	Anonymize       anonymize.Mode
+	// Local are the server's addresses, which netblock anonymization keeps.
+	Local []netip.Addr
+	// Authoritative makes tcp-info's announcements win over the kernel's
+	// names for the same socket (live mode with an eventsocket).
+	Authoritative bool
+	MaxFlows      int64  // 0: no limit
+	MaxHeap       uint64 // 0: no limit
+	// Now is the names table's clock: nil for the wall clock; offline
+	// mode's is the packets' time.
+	Now func() time.Time
+}
+
+// Pipeline is the shared part of a run. Its fields are for the
+// composition root: to wire sources to it, report on it and shut it down.
+type Pipeline struct {
+	Saver  *saver.Saver
+	Names  *names.Table
+	Anon   *anonymize.Anonymizer
+	Limits *demuxer.Limits
+	c      Config
+	writer demuxer.Writer
+}
+
+// New builds the pipeline; it fails only when the saver cannot use its
+// directories.
+func New(c Config) (*Pipeline, error) {
+	sv, err := saver.New(c.Saver)
+	if err != nil {
+		return nil, err
+	}
+	// An announcement that no flow claimed within this long never will be.
+	o := &names.Options{TTL: max(c.CaptureDuration, c.FlowTimeout) + c.UUIDWait, Now: c.Now}
+	if c.Authoritative {
+		o.Authority = EventSource
+	}
+	return &Pipeline{
+		Saver:  sv,
+		Names:  names.New(o),
+		Anon:   anonymize.New(c.Anonymize, c.Local),
+		Limits: &demuxer.Limits{MaxFlows: c.MaxFlows, MaxHeap: c.MaxHeap},
+		c:      c,
+		writer: demuxer.WriterFunc(func(u string, lt packet.LinkType, first time.Time) demuxer.FlowWriter {
+			return sv.Start(u, lt, first)
+		}),
+	}, nil
+}
+
+// Demuxer returns a demuxer for one interface's frames with the pipeline's
+// options; with, when not nil, adds the source's own (a kernel look-up, a
+// fallback namer).
+func (p *Pipeline) Demuxer(iface string, lt packet.LinkType, with func(*demuxer.Options)) *demuxer.Demuxer {
+	o := demuxer.Options{
+		Interface: iface, LinkType: lt, MaxHeaderSize: p.c.MaxHeaderSize,
+		CaptureDuration: p.c.CaptureDuration, FlowTimeout: p.c.FlowTimeout, UUIDWait: p.c.UUIDWait,
+		Stream: p.c.Stream, Names: p.Names, Writer: p.writer, Anonymizer: p.Anon, Limits: p.Limits,
+	}
+	if with != nil {
+		with(&o)
+	}
+	return demuxer.New(o)
+}
+
+// Open announces a connection tcp-info opened. A UUID that cannot name a
+// file is refused with an error wrapping saver.ErrBadUUID, and changes
+// nothing (TestAnnouncements).
+func (p *Pipeline) Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64) error {
+	if err := saver.CheckUUID(uuid); err != nil {
+		return fmt.Errorf("Open of %v-%v: %w", local, remote, err)
+	}
+	p.Names.Open(ts, uuid, packet.KeyFromAddrPorts(local, remote), EventSource, cookie)
+	return nil
+}
+
+// Close announces that tcp-info saw a connection close; a UUID that
+// cannot name a file is refused, as by Open.
+func (p *Pipeline) Close(ts time.Time, uuid string) error {
+	if err := saver.CheckUUID(uuid); err != nil {
+		return fmt.Errorf("Close: %w", err)
+	}
+	p.Names.Close(ts, uuid)
+	return nil
+}
+
+// Wait waits until every flow handed to the saver is written.
+func (p *Pipeline) Wait() { p.Saver.Wait() }
