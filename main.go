@@ -3,14 +3,12 @@
 // file, <datadir>/YYYY/MM/DD/<uuid>.pcap, named by the UUID that tcp-info
 // gives the connection.
 //
-// Data flow: capture (a TPACKET_V3 ring per interface, read natively;
-// libpcap compiles the filter) -> demuxer (one per capture, flows keyed by
-// 4-tuple) -> saver (one writer goroutine per named flow) -> file. UUIDs
-// come into the names table from two sources: the kernel's socket cookies
-// (sockdiag: look-ups by 4-tuple once a handshake completes, and the
-// kernel's destroy broadcasts) and tcp-info's eventsocket (tcpeventsocket),
-// whose names win. anonymize masks remote addresses on the way. With -read,
-// offline splits a capture file through the same demuxer and saver.
+// main parses the flags and composes the daemon (live.go): the captures
+// (capture: the kernel's ring per interface, read natively) and the UUID
+// sources (sockdiag: the kernel's socket cookies; tcpeventsocket: tcp-info's
+// eventsocket, whose names win) feed the pipeline that pipeline.New builds
+// (demuxer -> saver, with names and anonymize), the same one that offline
+// mode (-read) drives from a capture file. docs/architecture.md draws it.
 package main
 
 import (

@@ -357,12 +357,12 @@ const BusyTimeout = time.Second
 // block timeout (or each frame, without a batch delay) wakes the reader anyway,
 // and a deadline ReadTimeout ahead would never be reached: yet Go's monitor
 // thread (sysmon) sleeps only until the earliest timer, however often that
-// timer is pushed back, and waking it costs a context switch (about 40 µs
-// on a virtual machine, a tenth of the daemon's CPU at 50k frames/s). So
-// once a wait ends with frames, the deadline is set BusyTimeout ahead, and
-// moved only when less than half of that is left; once a wait times out,
-// ReadTimeout applies again. A Read therefore returns ErrTimeout at most
-// BusyTimeout after the last frame.
+// timer is pushed back, and each of its wake-ups is a context switch (the
+// lab's CPU row, BenchmarkLab, measures what they cost). So once a wait
+// ends with frames, the deadline is set BusyTimeout ahead, and moved only
+// when less than half of that is left; once a wait times out, ReadTimeout
+// applies again. A Read therefore returns ErrTimeout at most BusyTimeout
+// after the last frame (TestDeadline).
 type deadline struct {
 	idle time.Duration // ReadTimeout
 	busy bool          // the last wait ended with frames
