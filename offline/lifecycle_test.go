@@ -209,3 +209,36 @@ func TestLinkTypes(t *testing.T) {
 		t.Error("Supported")
 	}
 }
+
+// TestRepeatedOpen: tcp-info repeats the Opens of open connections when it
+// restarts. A repeated Open changes nothing: the connection, 3 s long, is
+// one file under its UUID, with every packet, and its Close ends it.
+func TestRepeatedOpen(t *testing.T) {
+	frames := []frame{{0, 0, segment(t, 1000, true, 100, 0, "S", 0)},
+		{0, time.Millisecond, segment(t, 1000, false, 5000, 101, "SA", 0)}}
+	seq := uint32(101)
+	for i := 0; i < 6; i++ {
+		frames = append(frames, frame{0, time.Duration(i+1) * 500 * time.Millisecond, segment(t, 1000, true, seq, 5001, "A", 19)})
+		seq += 19
+	}
+	in := writeCapture(t, []layers.LinkType{layers.LinkTypeEthernet}, frames)
+	open := func(at time.Duration) string {
+		return `{"Event":0,"Timestamp":"` + t0.Add(at).Format(time.RFC3339Nano) + `","UUID":"host_1_00000000000000AA","ID":{"SPort":443,"DPort":1000,"SrcIP":"192.0.2.1","DstIP":"203.0.113.5","Cookie":170}}`
+	}
+	closeEv := `{"Event":1,"Timestamp":"` + t0.Add(3100*time.Millisecond).Format(time.RFC3339Nano) + `","UUID":"host_1_00000000000000AA"}`
+	events := filepath.Join(t.TempDir(), "events.jsonl")
+	os.WriteFile(events, []byte(strings.Join([]string{open(time.Millisecond), open(200 * time.Millisecond), closeEv}, "\n")+"\n"), 0o644)
+	o := options(t.TempDir(), in, events)
+	sum, err := Run(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := tree(t, o.Dir)
+	b, ok := files[filepath.Join("2026/11/25", "host_1_00000000000000AA.pcap")]
+	if !ok || len(files) != 1 {
+		t.Fatalf("files %v, want one, under the announced UUID (%s)", keys(files), sum)
+	}
+	if ci, _ := readRecords(t, b); len(ci) != len(frames) {
+		t.Errorf("%d packets in the file, want all %d", len(ci), len(frames))
+	}
+}

@@ -313,9 +313,11 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	apply := func(all bool) {
 		for len(evs) > 0 && (all || evs[0].Timestamp.UnixNano() <= clock) {
 			e := evs[0]
-			err := p.Close(e.Timestamp, e.UUID)
+			var err error
 			if e.Open {
 				err = p.Open(e.Timestamp, e.UUID, e.Local, e.Remote, e.Cookie)
+			} else {
+				err = p.Close(e.Timestamp, e.UUID)
 			}
 			if err != nil { // a UUID that cannot name a file
 				sum.Events--
