@@ -12,17 +12,18 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/m-lab/uuid"
-	"golang.org/x/sys/unix"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/health"
-	pm "github.com/m-lab/packet-headers/metrics"
+	pm "github.com/m-lab/packet-headers/metrics/exporter"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/pipeline"
 	"github.com/m-lab/packet-headers/saver"
@@ -76,8 +77,8 @@ func live(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
-	checker := health.New(c.healthGrace)
-	stopHTTP, err := serveHTTP(c, checker)
+	checker, reg := health.New(c.healthGrace), pm.NewRegistry()
+	stopHTTP, err := serveHTTP(c, reg, checker)
 	if err != nil {
 		return err
 	}
@@ -95,17 +96,18 @@ func live(ctx context.Context, c *config) error {
 		return err
 	}
 	defer closeAll(handles)
-	registerMetrics(p, k)
 	logStart(c, p, handles, local, mode, k)
 
+	x := &parts{p: p, kernel: k, memoryReleases: new(atomic.Uint64)}
 	bg, cancelBG := context.WithCancel(context.Background())
 	defer cancelBG()
 	var bgWG sync.WaitGroup // owns the background goroutines
-	startBackground(bg, &bgWG, c, p, k, prefix, checker)
+	x.events = startBackground(bg, &bgWG, c, x, prefix, checker)
 	var captures sync.WaitGroup // owns the capture loops
 	for _, h := range handles {
-		defer startCapture(&captures, p, k, h, checker)()
+		x.captures = append(x.captures, startCapture(&captures, p, k, h, checker))
 	}
+	reg.MustRegister(families(x))
 	checker.Serving() // /readyz: every capture and the eventsocket are registered
 	<-ctx.Done()
 	if err := shutdown(c, p, handles, &captures); err != nil {
@@ -145,9 +147,10 @@ func newPipeline(c *config, mode anonymize.Mode, local []netip.Addr) (*pipeline.
 	return p, p.Saver.PrepareDays(time.Now())
 }
 
-// serveHTTP serves metrics, pprof and the health checks; stop ends it.
-func serveHTTP(c *config, checker *health.Checker) (stop func(), err error) {
-	srv, err := pm.Listen(c.listenAddr, map[string]http.Handler{
+// serveHTTP serves the registry's metrics, pprof and the health checks;
+// stop ends it.
+func serveHTTP(c *config, reg *prometheus.Registry, checker *health.Checker) (stop func(), err error) {
+	srv, err := pm.Listen(c.listenAddr, reg, map[string]http.Handler{
 		"/healthz": http.HandlerFunc(checker.Live),
 		"/readyz":  http.HandlerFunc(checker.Ready),
 	})
@@ -162,42 +165,39 @@ func serveHTTP(c *config, checker *health.Checker) (stop func(), err error) {
 }
 
 // startBackground starts the UUID sources' loops and the housekeeping, on
-// goroutines that wg owns and ctx ends.
-func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, p *pipeline.Pipeline, k *kernelNames, prefix *names.Prefix, checker *health.Checker) {
+// goroutines that wg owns and ctx ends; it returns the eventsocket client,
+// if any.
+func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *parts, prefix *names.Prefix, checker *health.Checker) (client *tcpeventsocket.Client) {
 	goRun := func(f func()) {
 		wg.Add(1)
 		go func() { defer wg.Done(); f() }()
 	}
 	if c.eventSocket != "" {
-		h := &eventHandler{p: p, prefix: prefix, learn: c.uuidPrefixFile == "", checkPrefix: k.src != nil}
-		client := tcpeventsocket.New(c.eventSocket, h, nil)
+		h := &eventHandler{p: x.p, prefix: prefix, learn: c.uuidPrefixFile == "", checkPrefix: x.kernel.src != nil}
+		client = tcpeventsocket.New(c.eventSocket, h, nil)
 		checker.Add("eventsocket", client.Connected)
 		goRun(func() { client.Run(ctx) })
 	}
-	k.start(ctx, goRun)
-	goRun(func() { housekeeping(ctx, c, p.Names, checker, p.Saver) })
+	x.kernel.start(ctx, goRun)
+	goRun(func() { housekeeping(ctx, c, x.p.Names, checker, x.p.Saver, x.memoryReleases) })
+	return client
 }
 
 // startCapture runs a demuxer on the capture h, on a goroutine that wg
-// owns and closing h ends; the function returned unregisters its metrics.
-func startCapture(wg *sync.WaitGroup, p *pipeline.Pipeline, k *kernelNames, h *capture.Live, checker *health.Checker) (unregister func()) {
-	unregister = pm.RegisterCapture(h.Name(), func() (uint64, uint64, uint64, error) {
-		s, err := h.Stats()
-		return s.Received, s.Dropped, s.IfaceDropped, err
-	}, h.Up)
+// owns and closing h ends.
+func startCapture(wg *sync.WaitGroup, p *pipeline.Pipeline, k *kernelNames, h *capture.Live, checker *health.Checker) *liveCapture {
 	checker.Add("capture "+h.Name(), h.Up)
-	d := p.Demuxer(h.Name(), h.LinkType(), func(o *demuxer.Options) {
+	lc := &liveCapture{h: h, d: p.Demuxer(h.LinkType(), func(o *demuxer.Options) {
 		if k.src != nil {
 			o.Lookup = k.src.Request
 		}
-	})
-	errs := pm.CaptureErrors.WithLabelValues(h.Name())
+	})}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		d.Run(h, time.Now, func(err error) { errs.Inc(); log.Printf("capture: %v", err) })
+		lc.d.Run(h, time.Now, func(err error) { lc.errors.Add(1); log.Printf("capture: %v", err) })
 	}()
-	return unregister
+	return lc
 }
 
 func closeAll(handles []*capture.Live) {
@@ -305,29 +305,6 @@ func openCaptures(c *config, ifaces []capture.Interface, local []netip.Addr) ([]
 		handles = append(handles, h)
 	}
 	return handles, nil
-}
-
-// registerMetrics exports what the pipeline's parts count, read at scrape
-// time.
-func registerMetrics(p *pipeline.Pipeline, k *kernelNames) {
-	pm.RegisterGaugeFunc("pcap_kernel_destroy_broadcasts", "1 while the kernel's socket destroy broadcasts are read (they need CAP_NET_ADMIN), 0 without them.", func() float64 {
-		if k.destroy != nil {
-			return 1
-		}
-		return 0
-	})
-	pm.RegisterGaugeFunc("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(p.Limits.Active()) })
-	pm.RegisterCounterFunc("pcap_uuid_renames_total", "Flows the authoritative source (tcp-info) named after the kernel source had named them otherwise: their files take tcp-info's UUID.", func() float64 { return float64(p.Names.Renames()) })
-	pm.RegisterGaugeFunc("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(p.Names.Len()) })
-	pm.RegisterGaugeFunc("pcap_saver_active", "Flow files being written.", func() float64 { return float64(p.Saver.Active()) })
-	pm.RegisterGaugeFunc("pcap_datadir_free_bytes", "Free space in the data directory's filesystem (for unprivileged users).", func() float64 {
-		var st unix.Statfs_t
-		if unix.Statfs(p.Saver.Dir(), &st) != nil {
-			return -1
-		}
-		return float64(st.Bavail) * float64(st.Bsize)
-	})
-	pm.RegisterGaugeFunc("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(saver.CompressorsInUse()) })
 }
 
 func logStart(c *config, p *pipeline.Pipeline, handles []*capture.Live, local []netip.Addr, mode anonymize.Mode, k *kernelNames) {

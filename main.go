@@ -26,6 +26,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,7 +38,6 @@ import (
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/health"
-	pm "github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/offline"
 	"github.com/m-lab/packet-headers/saver"
@@ -333,7 +333,7 @@ func isTerminal(f *os.File) bool {
 // ctx is done. (-maxheap is enforced
 // by the demuxers' ticks: a wake-up of its own ten times a second cost the
 // capture several percent of its CPU.)
-func housekeeping(ctx context.Context, c *config, table *names.Table, checker *health.Checker, sv *saver.Saver) {
+func housekeeping(ctx context.Context, c *config, table *names.Table, checker *health.Checker, sv *saver.Saver, releases *atomic.Uint64) {
 	samples := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -347,7 +347,7 @@ func housekeeping(ctx context.Context, c *config, table *names.Table, checker *h
 			metrics.Read(samples)
 			if samples[0].Value.Uint64() > uint64(c.maxIdleRAM) && now.Sub(lastRelease) > 10*time.Second {
 				debug.FreeOSMemory()
-				pm.MemoryReleases.Inc()
+				releases.Add(1)
 				lastRelease = now
 			}
 			table.Sweep()

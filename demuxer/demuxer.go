@@ -77,6 +77,7 @@ import (
 	"net"
 	"os"
 	rtmetrics "runtime/metrics"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -85,7 +86,6 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TickInterval is how often, in packet or wall-clock time, Run calls Tick.
@@ -175,7 +175,6 @@ func (l *Limits) SetOverMemory(over bool) { l.overMemory.Store(over) }
 
 // Options configures a Demuxer.
 type Options struct {
-	Interface       string          // for metric labels
 	LinkType        packet.LinkType // of the capture
 	MaxHeaderSize   int             // longest record kept per packet
 	CaptureDuration time.Duration
@@ -302,19 +301,52 @@ type Demuxer struct {
 	last  *flow
 	c     counters
 	pub   counters // what was published already
-	m     resolvedMetrics
+	stats Stats
 	spill int                // a named flow's records are handed to the saver once it holds this many bytes
 	heap  []rtmetrics.Sample // for Limits.MaxHeap
 	named map[string]uint64  // flows named, by source
 }
 
-type resolvedMetrics struct {
-	captured, afterDur, noUUID, flowLimit, memLimit, shutdown prometheus.Counter
-	undecodable                                               [packet.NumKinds]prometheus.Counter
-	undecodableAll                                            prometheus.Counter
-	refusedFlows, refusedMem, uuidTimeout, endedShutdown      prometheus.Counter
-	uuids                                                     map[string]prometheus.Counter
+// Stats are a demuxer's counts as published at its last tick, for readers
+// on other goroutines (the daemon's metrics). Safe for concurrent use.
+type Stats struct {
+	Captured    atomic.Uint64     // frames given to Packet
+	Started     atomic.Uint64     // flows started
+	Packets     *metrics.Counters // frames not saved, by PacketOutcomes
+	Undecodable *metrics.Counters // frames not decodable, by packet.Kind
+	Refused     *metrics.Counters // new flows refused, by RefusalLimits
+	Ended       *metrics.Counters // flows ended without a file, by EndOutcomes
+	UUIDWait    *metrics.Histogram
+	mu          sync.Mutex
+	named       map[string]uint64
 }
+
+// Named returns the flows named, by the source that named them.
+func (s *Stats) Named() map[string]uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]uint64, len(s.named))
+	for k, v := range s.named {
+		out[k] = v
+	}
+	return out
+}
+
+// PacketOutcomes are the reasons the demuxer does not save a frame.
+var PacketOutcomes = []string{"no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid"}
+
+// RefusalLimits are the limits that refuse new flows: -maxflows, -maxheap.
+var RefusalLimits = []string{"flow_limit", "memory_limit"}
+
+// EndOutcomes are the ends of flows that get no file: no UUID in time, or
+// none at shutdown.
+var EndOutcomes = []string{"uuid_timeout", "shutdown"}
+
+// UUIDWaitBuckets are the bounds, in seconds, of Stats.UUIDWait.
+var UUIDWaitBuckets = []float64{0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10}
+
+// Stats returns the demuxer's published counts.
+func (d *Demuxer) Stats() *Stats { return &d.stats }
 
 // New returns a demuxer with no flows.
 func New(o Options) *Demuxer {
@@ -332,23 +364,13 @@ func New(o Options) *Demuxer {
 	if o.Stream {
 		d.spill = 0 // every full chunk
 	}
-	d.m = resolvedMetrics{
-		captured:       metrics.PacketsCaptured.WithLabelValues(o.Interface),
-		afterDur:       metrics.PacketsTotal.WithLabelValues(metrics.OutcomeAfterCaptureDur),
-		noUUID:         metrics.PacketsTotal.WithLabelValues(metrics.OutcomeNoUUID),
-		flowLimit:      metrics.PacketsTotal.WithLabelValues(metrics.OutcomeFlowLimit),
-		memLimit:       metrics.PacketsTotal.WithLabelValues(metrics.OutcomeMemoryLimit),
-		shutdown:       metrics.PacketsTotal.WithLabelValues(metrics.OutcomeShutdownWithoutUUID),
-		undecodableAll: metrics.PacketsTotal.WithLabelValues(metrics.OutcomeUndecodable),
-		refusedFlows:   metrics.FlowsRefused.WithLabelValues(metrics.OutcomeFlowLimit),
-		refusedMem:     metrics.FlowsRefused.WithLabelValues(metrics.OutcomeMemoryLimit),
-		uuidTimeout:    metrics.FlowsEnded.WithLabelValues(metrics.FlowUUIDTimeout),
-		endedShutdown:  metrics.FlowsEnded.WithLabelValues(metrics.FlowShutdown),
-		uuids:          map[string]prometheus.Counter{},
-	}
+	kinds := make([]string, 0, packet.NumKinds-1)
 	for k := packet.Kind(1); k < packet.NumKinds; k++ {
-		d.m.undecodable[k] = metrics.Undecodable.WithLabelValues(k.String())
+		kinds = append(kinds, k.String())
 	}
+	d.stats.Packets, d.stats.Undecodable = metrics.NewCounters(PacketOutcomes...), metrics.NewCounters(kinds...)
+	d.stats.Refused, d.stats.Ended = metrics.NewCounters(RefusalLimits...), metrics.NewCounters(EndOutcomes...)
+	d.stats.UUIDWait, d.stats.named = metrics.NewHistogram(UUIDWaitBuckets...), map[string]uint64{}
 	return d
 }
 
@@ -615,13 +637,7 @@ func (d *Demuxer) untrack(f *flow) {
 func (d *Demuxer) name(f *flow, e *names.Entry) {
 	f.entry = e
 	f.st = named
-	metrics.UUIDWait.Observe(max(0, e.OpenedAt.Sub(time.Unix(0, f.first)).Seconds()))
-	c, ok := d.m.uuids[e.Source]
-	if !ok {
-		c = metrics.UUIDs.WithLabelValues(e.Source)
-		d.m.uuids[e.Source] = c
-	}
-	c.Inc()
+	d.stats.UUIDWait.Observe(max(0, e.OpenedAt.Sub(time.Unix(0, f.first)).Seconds()))
 	d.named[e.Source]++
 	if d.o.Stream {
 		d.writer(f)
@@ -653,7 +669,7 @@ func (d *Demuxer) nameOrDiscard(f *flow, shutdown bool) {
 func (d *Demuxer) discard(f *flow, shutdown bool) {
 	if shutdown {
 		d.c.shutdown += uint64(f.buf.Packets())
-		d.m.endedShutdown.Inc()
+		d.stats.Ended.Inc("shutdown")
 	} else {
 		d.c.noUUID += uint64(f.buf.Packets())
 		d.c.uuidTimeout++
@@ -793,28 +809,40 @@ func (d *Demuxer) Close() {
 }
 
 func (d *Demuxer) publish() {
-	add := func(c prometheus.Counter, now uint64, was *uint64) {
+	st := &d.stats
+	add := func(to *metrics.Counters, value string, now uint64, was *uint64) {
 		if now != *was {
-			c.Add(float64(now - *was))
+			to.Add(value, now-*was)
 			*was = now
 		}
 	}
-	add(d.m.captured, d.c.captured, &d.pub.captured)
-	add(d.m.afterDur, d.c.afterDur, &d.pub.afterDur)
-	add(d.m.noUUID, d.c.noUUID, &d.pub.noUUID)
-	add(d.m.flowLimit, d.c.flowLimit, &d.pub.flowLimit)
-	add(d.m.memLimit, d.c.memLimit, &d.pub.memLimit)
-	add(d.m.shutdown, d.c.shutdown, &d.pub.shutdown)
-	add(d.m.refusedFlows, d.c.refusedFlows, &d.pub.refusedFlows)
-	add(d.m.refusedMem, d.c.refusedMem, &d.pub.refusedMem)
-	add(d.m.uuidTimeout, d.c.uuidTimeout, &d.pub.uuidTimeout)
-	add(metrics.FlowsStarted, d.c.started, &d.pub.started)
+	if d.c.captured != d.pub.captured {
+		st.Captured.Add(d.c.captured - d.pub.captured)
+		d.pub.captured = d.c.captured
+	}
+	if d.c.started != d.pub.started {
+		st.Started.Add(d.c.started - d.pub.started)
+		d.pub.started = d.c.started
+	}
+	add(st.Packets, "after_captureduration", d.c.afterDur, &d.pub.afterDur)
+	add(st.Packets, "no_uuid", d.c.noUUID, &d.pub.noUUID)
+	add(st.Packets, "flow_limit", d.c.flowLimit, &d.pub.flowLimit)
+	add(st.Packets, "memory_limit", d.c.memLimit, &d.pub.memLimit)
+	add(st.Packets, "shutdown_no_uuid", d.c.shutdown, &d.pub.shutdown)
+	add(st.Refused, "flow_limit", d.c.refusedFlows, &d.pub.refusedFlows)
+	add(st.Refused, "memory_limit", d.c.refusedMem, &d.pub.refusedMem)
+	add(st.Ended, "uuid_timeout", d.c.uuidTimeout, &d.pub.uuidTimeout)
 	var undecodable uint64
 	for k := packet.Kind(1); k < packet.NumKinds; k++ {
 		undecodable += d.c.undecodable[k] - d.pub.undecodable[k]
-		add(d.m.undecodable[k], d.c.undecodable[k], &d.pub.undecodable[k])
+		add(st.Undecodable, k.String(), d.c.undecodable[k], &d.pub.undecodable[k])
 	}
-	d.m.undecodableAll.Add(float64(undecodable))
+	st.Packets.Add("undecodable", undecodable)
+	st.mu.Lock()
+	for src, n := range d.named {
+		st.named[src] = n
+	}
+	st.mu.Unlock()
 }
 
 // Source is a capture: the capture package's handles implement it.

@@ -12,10 +12,8 @@ import (
 	"github.com/google/gopacket"
 	"github.com/google/gopacket/layers"
 	"github.com/google/gopacket/pcapgo"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/m-lab/packet-headers/anonymize"
-	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
@@ -104,7 +102,7 @@ func newHarness(t *testing.T, mod func(*Options)) *harness {
 		t.Fatal(err)
 	}
 	h := &harness{t: t, names: names.New(nil), sv: sv, lim: &Limits{}}
-	o := Options{Interface: "test", LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
+	o := Options{LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
 		CaptureDuration: 30 * time.Second, FlowTimeout: 30 * time.Second, UUIDWait: 5 * time.Second,
 		Names: h.names, Writer: WriterFunc(func(u string, lt packet.LinkType, first time.Time) FlowWriter { return sv.Start(u, lt, first) }), Limits: h.lim}
 	if mod != nil {
@@ -189,9 +187,10 @@ func TestOpenBeforeAndAfterFirstPacket(t *testing.T) {
 }
 
 func TestNoUUIDIsDiscarded(t *testing.T) {
+	t.Parallel() // its counts are its demuxer's own
 	h := newHarness(t, nil)
 	c := newConn(1000, 1)
-	before := testutil.ToFloat64(metrics.PacketsTotal.WithLabelValues(metrics.OutcomeNoUUID))
+	before := float64(h.d.Stats().Packets.Get("no_uuid"))
 	h.packet(0, c.syn(t))
 	h.packet(1*ms, c.synack(t))
 	h.tick(4 * time.Second)
@@ -206,7 +205,7 @@ func TestNoUUIDIsDiscarded(t *testing.T) {
 	if h.files() != 0 {
 		t.Error("a file was written for a flow named after -uuidwaitduration")
 	}
-	if got := testutil.ToFloat64(metrics.PacketsTotal.WithLabelValues(metrics.OutcomeNoUUID)) - before; got != 3 {
+	if got := float64(h.d.Stats().Packets.Get("no_uuid")) - before; got != 3 {
 		t.Errorf("%v packets counted as no_uuid, want 3", got)
 	}
 }
@@ -237,13 +236,14 @@ func TestNewSYNStartsNewFlow(t *testing.T) {
 }
 
 func TestCaptureDuration(t *testing.T) {
+	t.Parallel() // its counts are its demuxer's own
 	h := newHarness(t, func(o *Options) { o.CaptureDuration = time.Second; o.UUIDWait = time.Second })
 	c := newConn(1000, 1)
 	h.open(0, "u", c)
 	h.packet(0, c.syn(t))
 	h.packet(500*ms, c.data(t, true, 10))
 	h.packet(1000*ms, c.data(t, true, 10)) // exactly at the limit: kept
-	before := testutil.ToFloat64(metrics.PacketsTotal.WithLabelValues(metrics.OutcomeAfterCaptureDur))
+	before := float64(h.d.Stats().Packets.Get("after_captureduration"))
 	h.packet(1001*ms, c.data(t, true, 10))
 	if got := len(h.file("u")); got != 3 {
 		t.Errorf("%d packets saved, want the 3 within -captureduration (the file finished at once)", got)
@@ -251,7 +251,7 @@ func TestCaptureDuration(t *testing.T) {
 	h.packet(1500*ms, c.data(t, false, 10))
 	h.tick(2 * time.Second)
 	h.d.Close()
-	if got := testutil.ToFloat64(metrics.PacketsTotal.WithLabelValues(metrics.OutcomeAfterCaptureDur)) - before; got != 2 {
+	if got := float64(h.d.Stats().Packets.Get("after_captureduration")) - before; got != 2 {
 		t.Errorf("%v packets counted after captureduration, want 2", got)
 	}
 }
@@ -327,17 +327,18 @@ func TestRepeatedOpenChangesNothing(t *testing.T) {
 }
 
 func TestMaxFlows(t *testing.T) {
+	t.Parallel() // its counts are its demuxer's own
 	h := newHarness(t, func(o *Options) { o.Limits = &Limits{MaxFlows: 1} })
 	a, b := newConn(1000, 1), newConn(2000, 2)
 	h.open(0, "a", a)
 	h.open(0, "b", b)
-	refused := testutil.ToFloat64(metrics.FlowsRefused.WithLabelValues(metrics.OutcomeFlowLimit))
+	refused := float64(h.d.Stats().Refused.Get("flow_limit"))
 	h.packet(1*ms, a.syn(t))
 	h.packet(2*ms, b.syn(t))
 	h.packet(3*ms, a.synack(t))
 	h.packet(4*ms, b.synack(t))
 	h.tick(100 * ms)
-	if got := testutil.ToFloat64(metrics.FlowsRefused.WithLabelValues(metrics.OutcomeFlowLimit)) - refused; got != 1 {
+	if got := float64(h.d.Stats().Refused.Get("flow_limit")) - refused; got != 1 {
 		t.Errorf("%v flows refused, want 1", got)
 	}
 	h.d.Close()
@@ -376,11 +377,12 @@ func TestShutdown(t *testing.T) {
 }
 
 func TestUndecodableCounted(t *testing.T) {
+	t.Parallel() // its counts are its demuxer's own
 	h := newHarness(t, nil)
-	before := testutil.ToFloat64(metrics.Undecodable.WithLabelValues("truncated"))
+	before := float64(h.d.Stats().Undecodable.Get("truncated"))
 	h.packet(0, []byte{1, 2, 3})
 	h.tick(time.Second)
-	if got := testutil.ToFloat64(metrics.Undecodable.WithLabelValues("truncated")) - before; got != 1 {
+	if got := float64(h.d.Stats().Undecodable.Get("truncated")) - before; got != 1 {
 		t.Errorf("%v truncated frames counted, want 1", got)
 	}
 }
@@ -437,7 +439,7 @@ func BenchmarkPacket(b *testing.B) {
 func benchmarkPacket(b *testing.B, run int) {
 	sv, _ := saver.New(saver.Options{Dir: b.TempDir()})
 	tbl := names.New(nil)
-	d := New(Options{Interface: "bench", LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
+	d := New(Options{LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
 		CaptureDuration: time.Hour, FlowTimeout: time.Hour, UUIDWait: time.Hour, Names: tbl, Writer: WriterFunc(func(u string, lt packet.LinkType, first time.Time) FlowWriter { return sv.Start(u, lt, first) }),
 		Anonymizer: anonymize.New(anonymize.Netblock, []netip.Addr{netip.MustParseAddr("192.0.2.1")})})
 	var frames [][]byte

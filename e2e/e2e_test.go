@@ -148,6 +148,7 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 		checkMetrics(t, d, metricsText[d.name])
 	}
 	checkDashboard(t, metricsText["buffer"])
+	checkDocumentedMetrics(t, metricsText["buffer"])
 	<-events.done
 	checkOffline(t, l, daemons[0], refFile, opens, ref, captureStart)
 }
@@ -283,6 +284,33 @@ func checkDashboard(t *testing.T, metricsText string) {
 	for _, m := range names {
 		if !regexp.MustCompile(`(?m)^` + m + `[ {]`).MatchString(metricsText) {
 			t.Errorf("the dashboard queries %s, which the daemon does not export", m)
+		}
+	}
+}
+
+// checkDocumentedMetrics checks that every metric the operations guide
+// lists is in a running daemon's /metrics output, and that the daemon
+// exports no pcap_* metric the guide does not list.
+func checkDocumentedMetrics(t *testing.T, metricsText string) {
+	b, err := os.ReadFile("../docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	documented := map[string]bool{}
+	for _, m := range regexp.MustCompile("(?m)^\\| `(pcap_[a-z0-9_]+)").FindAllStringSubmatch(string(b), -1) {
+		documented[m[1]] = true
+	}
+	if len(documented) < 30 {
+		t.Fatalf("the operations guide lists only %d metrics", len(documented))
+	}
+	for m := range documented {
+		if !regexp.MustCompile(`(?m)^` + m + `(_count)?[ {]`).MatchString(metricsText) {
+			t.Errorf("docs/operations.md lists %s, which the daemon does not export", m)
+		}
+	}
+	for _, m := range regexp.MustCompile(`(?m)^# TYPE (pcap_[a-z0-9_]+)`).FindAllStringSubmatch(metricsText, -1) {
+		if !documented[m[1]] {
+			t.Errorf("the daemon exports %s, which docs/operations.md does not list", m[1])
 		}
 	}
 }

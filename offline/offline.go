@@ -202,7 +202,7 @@ func readEvents(path string, stdin io.Reader) ([]tcpeventsocket.Parsed, int, err
 	}
 	defer closeFn()
 	var c eventCollector
-	lines := tcpeventsocket.Serve(r, &c)
+	lines := tcpeventsocket.Serve(r, &c, nil)
 	sort.SliceStable(c.evs, func(i, j int) bool { return c.evs[i].Timestamp.Before(c.evs[j].Timestamp) })
 	return c.evs, lines - len(c.evs), nil
 }
@@ -298,7 +298,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 				unsupported[ifc] = true
 				sum.Unsupported = append(sum.Unsupported, fmt.Sprintf("interface %d: link type %v is not supported (only %s): its packets are not decoded", ifc, lt, packet.SupportedLinkTypes))
 			}
-			d = p.Demuxer(fmt.Sprint("offline", ifc), lt, func(do *demuxer.Options) {
+			d = p.Demuxer(lt, func(do *demuxer.Options) {
 				if o.Events == "" {
 					do.Names = fallbackNamer{t: table, fb: fb, ifc: ifc}
 				} else {

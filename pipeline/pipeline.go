@@ -81,12 +81,12 @@ func New(c Config) (*Pipeline, error) {
 	}, nil
 }
 
-// Demuxer returns a demuxer for one interface's frames with the pipeline's
-// options; with, when not nil, adds the source's own (a kernel look-up, a
-// fallback namer).
-func (p *Pipeline) Demuxer(iface string, lt packet.LinkType, with func(*demuxer.Options)) *demuxer.Demuxer {
+// Demuxer returns a demuxer for the frames of one interface, of link type
+// lt, with the pipeline's options; with, when not nil, adds the source's
+// own (a kernel look-up, a fallback namer).
+func (p *Pipeline) Demuxer(lt packet.LinkType, with func(*demuxer.Options)) *demuxer.Demuxer {
 	o := demuxer.Options{
-		Interface: iface, LinkType: lt, MaxHeaderSize: p.c.MaxHeaderSize,
+		LinkType: lt, MaxHeaderSize: p.c.MaxHeaderSize,
 		CaptureDuration: p.c.CaptureDuration, FlowTimeout: p.c.FlowTimeout, UUIDWait: p.c.UUIDWait,
 		Stream: p.c.Stream, Names: p.Names, Writer: p.writer, Anonymizer: p.Anon, Limits: p.Limits,
 	}

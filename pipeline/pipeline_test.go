@@ -43,7 +43,7 @@ func TestAnnouncements(t *testing.T) {
 	if err := p.Open(ts, "host_1_0000000000000001", local, remote, 1); err != nil {
 		t.Fatal(err)
 	}
-	d := p.Demuxer("test0", packet.LinkTypeEthernet, nil)
+	d := p.Demuxer(packet.LinkTypeEthernet, nil)
 	k := packet.KeyFromAddrPorts(local, remote)
 	for i, syn := range []bool{true, false, false} {
 		frame := segment(t, remote, local, syn)

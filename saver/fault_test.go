@@ -6,9 +6,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
-
-	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
 )
@@ -53,13 +50,13 @@ func TestDiskFull(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeErrs := testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("write"))
+	writeErrs := s.Counts().WriteErrors.Get("write")
 	save(s, "fits", 100) // 21 KB
 	save(s, "too-big", 2000)
 	if !exists(s, "fits") || exists(s, "too-big") {
 		t.Fatalf("fits %v, too-big %v: want only the flow that fits", exists(s, "fits"), exists(s, "too-big"))
 	}
-	if testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("write")) == writeErrs {
+	if s.Counts().WriteErrors.Get("write") == writeErrs {
 		t.Error("the failed write was not counted")
 	}
 	if n := partials(t, s); n != 0 {
@@ -79,9 +76,9 @@ func TestMinFreeSpace(t *testing.T) {
 	}
 	filler := filepath.Join(dir, "filler")
 	os.WriteFile(filler, make([]byte, 600<<10), 0o644)
-	low := testutil.ToFloat64(metrics.FlowsEnded.WithLabelValues(metrics.FlowLowSpace))
+	low := s.Counts().Flows.Get("low_space")
 	save(s, "refused", 10)
-	if exists(s, "refused") || testutil.ToFloat64(metrics.FlowsEnded.WithLabelValues(metrics.FlowLowSpace)) != low+1 {
+	if exists(s, "refused") || s.Counts().Flows.Get("low_space") != low+1 {
 		t.Error("a flow was written below -minfreespace, or not counted")
 	}
 	os.Remove(filler)
@@ -107,9 +104,9 @@ func TestDataDirRemovedAndReadOnly(t *testing.T) {
 	if out, err := exec.Command("mount", "-o", "remount,ro", dir).CombinedOutput(); err != nil {
 		t.Skipf("remount read-only: %v %s", err, out)
 	}
-	creates := testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("create"))
+	creates := s.Counts().WriteErrors.Get("create")
 	save(s, "readonly", 5)
-	if exists(s, "readonly") || testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("create")) != creates+1 {
+	if exists(s, "readonly") || s.Counts().WriteErrors.Get("create") != creates+1 {
 		t.Error("a flow on a read-only datadir must fail, counted")
 	}
 	exec.Command("mount", "-o", "remount,rw", dir).Run()
@@ -128,7 +125,7 @@ func TestBadUUIDStaysInside(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	errs := testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("name"))
+	errs := s.Counts().WriteErrors.Get("name")
 	for _, u := range []string{"../../../escaped", "../../../../escaped", "sub/dir", ".partial"} {
 		save(s, u, 3)
 	}
@@ -143,7 +140,7 @@ func TestBadUUIDStaysInside(t *testing.T) {
 	if want := []string{s.Path("good", t0)}; len(files) != 1 || files[0] != want[0] {
 		t.Errorf("files written: %q, want only %q", files, want)
 	}
-	if got := testutil.ToFloat64(metrics.WriteErrors.WithLabelValues("name")) - errs; got != 4 {
+	if got := s.Counts().WriteErrors.Get("name") - errs; got != 4 {
 		t.Errorf("%v name errors counted, want 4", got)
 	}
 	if _, _, failed := s.Written(); failed != 4 {

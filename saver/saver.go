@@ -99,6 +99,24 @@ type Options struct {
 // less free space than Options asks to keep.
 var ErrLowSpace = errors.New("free space below -minfreespace")
 
+// Counts are what a Saver counted. Safe for concurrent use.
+type Counts struct {
+	WriteErrors *metrics.Counters // failed file operations, by WriteOps
+	Flows       *metrics.Counters // flows the saver ended, by Outcomes
+	Packets     *metrics.Counters // their packets, by Outcomes
+}
+
+// WriteOps are the file operations counted in Counts.WriteErrors ("name":
+// a UUID that cannot name a file).
+var WriteOps = []string{"name", "mkdir", "create", "write", "close", "compress", "rename"}
+
+// Outcomes are the ends of a flow handed to the saver: its file was
+// written, a file operation failed, or free space was below the minimum.
+var Outcomes = []string{"saved", "write_error", "low_space"}
+
+// Counts returns the saver's counts.
+func (s *Saver) Counts() *Counts { return &s.counts }
+
 // Saver starts and owns the per-flow writer goroutines.
 type Saver struct {
 	dir, partial string
@@ -111,6 +129,7 @@ type Saver struct {
 	active       atomic.Int64
 	files, bytes atomic.Int64
 	errors       atomic.Int64
+	counts       Counts
 	// io bounds the writers doing file I/O at once: thousands of flows
 	// ending together (a shutdown, the end of an offline input) would
 	// otherwise park thousands of threads on the data directory's lock.
@@ -135,7 +154,8 @@ func New(opts Options) (*Saver, error) {
 	}
 	s := &Saver{dir: dir, snaplen: opts.Snaplen,
 		minFree: opts.MinFreeBytes, minFreePct: opts.MinFreePercent, compress: opts.Compress,
-		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0))), writing: map[*Flow]struct{}{}}
+		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0))), writing: map[*Flow]struct{}{},
+		counts: Counts{WriteErrors: metrics.NewCounters(WriteOps...), Flows: metrics.NewCounters(Outcomes...), Packets: metrics.NewCounters(Outcomes...)}}
 	s.prepared.Store(math.MinInt64)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("datadir: %w", err)
@@ -533,31 +553,23 @@ func (w *flowFile) account() {
 	s := w.f.s
 	switch {
 	case errors.Is(w.err, ErrLowSpace):
-		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeLowSpace).Add(float64(w.total))
-		metrics.FlowsEnded.WithLabelValues(metrics.FlowLowSpace).Inc()
+		s.counts.Packets.Add("low_space", uint64(w.total))
+		s.counts.Flows.Inc("low_space")
 		s.logs.printf(w.op, "saver: not writing flows: %v", w.err)
 		s.errors.Add(1)
 	case w.err != nil:
-		metrics.WriteErrors.WithLabelValues(w.op).Inc()
-		metrics.PacketsTotal.WithLabelValues(metrics.OutcomeWriteError).Add(float64(w.total))
-		metrics.FlowsEnded.WithLabelValues(metrics.FlowWriteError).Inc()
+		s.counts.WriteErrors.Inc(w.op)
+		s.counts.Packets.Add("write_error", uint64(w.total))
+		s.counts.Flows.Inc("write_error")
 		s.logs.printf(w.op, "saver: %s: %v", w.op, w.err)
 		s.errors.Add(1)
 	default:
 		s.files.Add(1)
 		s.bytes.Add(int64(w.written))
-		metrics.FilesWritten.Inc()
-		metrics.BytesWritten.Add(float64(w.written))
-		packetsSaved.Add(float64(w.packets))
-		flowsSaved.Inc()
+		s.counts.Packets.Add("saved", uint64(w.packets))
+		s.counts.Flows.Inc("saved")
 	}
 }
-
-// The success counters, resolved once: every flow ends in them.
-var (
-	packetsSaved = metrics.PacketsTotal.WithLabelValues(metrics.OutcomeSaved)
-	flowsSaved   = metrics.FlowsEnded.WithLabelValues(metrics.FlowSaved)
-)
 
 // compressor is a pooled gzip writer and the buffer it compresses into.
 type compressor struct {
@@ -568,12 +580,17 @@ type compressor struct {
 
 var (
 	compressors = sync.Pool{New: func() any {
-		metrics.CompressorsCreated.Inc()
+		compressorsCreated.Add(1)
 		zw, _ := gzip.NewWriterLevel(nil, gzip.DefaultCompression)
 		return &compressor{zw: zw}
 	}}
-	compressorsInUse atomic.Int64
+	compressorsInUse   atomic.Int64
+	compressorsCreated atomic.Int64
 )
+
+// CompressorsCreated returns the number of compressors the process's pool
+// made; steady when they are reused.
+func CompressorsCreated() int64 { return compressorsCreated.Load() }
 
 func getCompressor() *compressor {
 	compressorsInUse.Add(1)

@@ -52,9 +52,23 @@ type Source struct {
 	sink Sink
 	reqs chan packet.Key
 
-	// Counters, published as metrics and read by tests and benchmarks.
-	Sends, Receives atomic.Uint64
+	// Counters, read by the daemon's metrics, tests and benchmarks.
+	Sends, Receives atomic.Uint64     // netlink system calls of the look-ups
+	Lookups         *metrics.Counters // look-ups by LookupResults
+	Destroys        *metrics.Counters // destroy broadcasts by DestroyResults
 }
+
+// LookupResults are the results of a look-up: found, not_found,
+// not_established (not yet, or no longer), already_named (by the other
+// source), not_local (no local end), queue_full, gave_up, gave_up_no_broadcasts
+// (given up without the destroy broadcasts, which would name it), error,
+// malformed (an answer that cannot be parsed).
+var LookupResults = []string{"found", "not_found", "not_established", "already_named", "not_local", "queue_full", "gave_up", "gave_up_no_broadcasts", "error", "malformed"}
+
+// DestroyResults are the results of a destroy broadcast: named,
+// disconnected (closed with SO_LINGER 0: no remote port), ignored
+// (listeners), lost (the socket's buffer overflowed), malformed.
+var DestroyResults = []string{"named", "disconnected", "ignored", "lost", "malformed"}
 
 const (
 	batchMax        = 64
@@ -73,7 +87,8 @@ func NewSource(sink Sink, o Options) *Source {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &Source{o: o, sink: sink, reqs: make(chan packet.Key, queueLen)}
+	return &Source{o: o, sink: sink, reqs: make(chan packet.Key, queueLen),
+		Lookups: metrics.NewCounters(LookupResults...), Destroys: metrics.NewCounters(DestroyResults...)}
 }
 
 // Request asks for connection k to be named, once its handshake is
@@ -84,7 +99,7 @@ func (s *Source) Request(k packet.Key) {
 	select {
 	case s.reqs <- k:
 	default:
-		metrics.KernelLookups.WithLabelValues("queue_full").Inc()
+		s.Lookups.Inc("queue_full")
 	}
 }
 
@@ -138,7 +153,7 @@ func (s *Source) RunLookups(ctx context.Context, conn Conn) error {
 		case k := <-s.reqs:
 			l, r, ok := s.localEnds(k)
 			if !ok {
-				metrics.KernelLookups.WithLabelValues("not_local").Inc()
+				s.Lookups.Inc("not_local")
 				continue
 			}
 			now := s.o.Now()
@@ -153,7 +168,7 @@ func (s *Source) RunLookups(ctx context.Context, conn Conn) error {
 		for _, p := range queue {
 			switch {
 			case s.sink.NamedSince(p.key, p.asked):
-				metrics.KernelLookups.WithLabelValues("already_named").Inc()
+				s.Lookups.Inc("already_named")
 			case !p.due.After(now):
 				due = append(due, p)
 			default:
@@ -169,7 +184,7 @@ func (s *Source) RunLookups(ctx context.Context, conn Conn) error {
 				if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
 					return nil
 				}
-				metrics.KernelLookups.WithLabelValues("error").Add(float64(len(retry)))
+				s.Lookups.Add("error", uint64(len(retry)))
 			}
 			queue = append(queue, s.reschedule(retry)...)
 		}
@@ -187,9 +202,9 @@ func (s *Source) reschedule(retry []*pending) []*pending {
 			// be looked up (its destroy broadcast names it), or a socket in
 			// another network namespace (never named).
 			if s.o.NoDestroy {
-				metrics.KernelLookups.WithLabelValues("gave_up_no_broadcasts").Inc()
+				s.Lookups.Inc("gave_up_no_broadcasts")
 			} else {
-				metrics.KernelLookups.WithLabelValues("gave_up").Inc()
+				s.Lookups.Inc("gave_up")
 			}
 			continue
 		case p.handshake && p.fast < fastRetries:
@@ -216,7 +231,6 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 		req = AppendRequest(req, *seq, p.local, p.remote)
 	}
 	s.Sends.Add(1)
-	metrics.KernelNetlinkCalls.WithLabelValues("send").Inc()
 	if err := conn.Send(req); err != nil {
 		return batch, err
 	}
@@ -226,7 +240,6 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 	for len(bySeq) > 0 {
 		n, err := conn.Receive(buf)
 		s.Receives.Add(1)
-		metrics.KernelNetlinkCalls.WithLabelValues("recv").Inc()
 		if err != nil {
 			for _, p := range bySeq {
 				retry = append(retry, p)
@@ -235,7 +248,7 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 		}
 		msgs, perr := ParseMessages(buf[:n])
 		if perr != nil {
-			metrics.KernelLookups.WithLabelValues("malformed").Inc()
+			s.Lookups.Inc("malformed")
 		}
 		for _, m := range msgs {
 			p, ok := bySeq[m.Seq]
@@ -247,18 +260,18 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 			case errors.Is(m.Err, ErrNotFound) || m.Err == nil && m.Socket.State == StateListen:
 				// Without a connection for the 4-tuple the kernel answers
 				// with the listening socket of the local port, if any.
-				metrics.KernelLookups.WithLabelValues("not_found").Inc()
+				s.Lookups.Inc("not_found")
 				p.handshake = false
 				p.notFound++
 				retry = append(retry, p)
 			case m.Err != nil:
-				metrics.KernelLookups.WithLabelValues("error").Inc()
+				s.Lookups.Inc("error")
 			case m.Socket.State == StateNewSynRecv || m.Socket.Cookie == 0:
-				metrics.KernelLookups.WithLabelValues("not_established").Inc()
+				s.Lookups.Inc("not_established")
 				p.handshake = m.Socket.State == StateNewSynRecv
 				retry = append(retry, p)
 			default:
-				metrics.KernelLookups.WithLabelValues("found").Inc()
+				s.Lookups.Inc("found")
 				s.sink.Open(s.o.Now(), s.o.UUID(m.Socket.Cookie), p.key, SourceName, m.Socket.Cookie)
 			}
 		}
@@ -281,12 +294,12 @@ func (s *Source) RunDestroy(ctx context.Context, conn Conn) error {
 				return nil
 			}
 			// ENOBUFS: broadcasts were lost in a burst. Count and go on.
-			metrics.KernelDestroyEvents.WithLabelValues("lost").Inc()
+			s.Destroys.Inc("lost")
 			continue
 		}
 		msgs, perr := ParseMessages(buf[:n])
 		if perr != nil {
-			metrics.KernelDestroyEvents.WithLabelValues("malformed").Inc()
+			s.Destroys.Inc("malformed")
 		}
 		for _, m := range msgs {
 			s.destroyed(m.Socket)
@@ -296,7 +309,7 @@ func (s *Source) RunDestroy(ctx context.Context, conn Conn) error {
 
 func (s *Source) destroyed(sk Socket) {
 	if sk.Cookie == 0 || sk.State == StateListen {
-		metrics.KernelDestroyEvents.WithLabelValues("ignored").Inc()
+		s.Destroys.Inc("ignored")
 		return
 	}
 	if sk.Remote.Port() == 0 || sk.Remote.Addr().IsUnspecified() {
@@ -304,10 +317,10 @@ func (s *Source) destroyed(sk Socket) {
 		// before it is destroyed: the broadcast lost the remote port. Its
 		// connection can only have been named by a look-up; close that.
 		s.sink.Close(s.o.Now(), s.o.UUID(sk.Cookie))
-		metrics.KernelDestroyEvents.WithLabelValues("disconnected").Inc()
+		s.Destroys.Inc("disconnected")
 		return
 	}
-	metrics.KernelDestroyEvents.WithLabelValues("named").Inc()
+	s.Destroys.Inc("named")
 	now := s.o.Now()
 	u := s.o.UUID(sk.Cookie)
 	s.sink.Open(now, u, packet.KeyFromAddrPorts(sk.Local, sk.Remote), SourceName, sk.Cookie)

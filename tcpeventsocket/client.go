@@ -21,7 +21,6 @@ import (
 	"log"
 	"net"
 	"net/netip"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -38,8 +37,6 @@ type Handler interface {
 	// Close is called for a connection that tcp-info saw close.
 	Close(ts time.Time, uuid string) error
 }
-
-var refusedOnce sync.Once
 
 // Event types, as tcp-info's eventsocket package numbers them.
 const (
@@ -115,6 +112,21 @@ type Options struct {
 	MaxBackoff time.Duration // longest retry delay; default 5s
 }
 
+// Counts are what a Client, or Serve, counted. Safe for concurrent use.
+type Counts struct {
+	Events     *metrics.Counters // events taken, by type: open, close, unknown
+	Malformed  atomic.Uint64     // lines that were not valid events, or that the handler refused
+	Reconnects atomic.Uint64     // connection attempts after the first
+
+	refusedLogged atomic.Bool
+}
+
+// EventTypes are the values of Counts.Events.
+var EventTypes = []string{"open", "close", "unknown"}
+
+// NewCounts returns zero counts.
+func NewCounts() *Counts { return &Counts{Events: metrics.NewCounters(EventTypes...)} }
+
 // Client reads events from one eventsocket.
 type Client struct {
 	path      string
@@ -122,7 +134,11 @@ type Client struct {
 	min       time.Duration
 	max       time.Duration
 	connected atomic.Bool
+	counts    *Counts
 }
+
+// Counts returns the client's counts.
+func (c *Client) Counts() *Counts { return c.counts }
 
 // Connected reports whether the client is connected now. It is safe for
 // concurrent use.
@@ -130,7 +146,7 @@ func (c *Client) Connected() bool { return c.connected.Load() }
 
 // New returns a client for the socket at path.
 func New(path string, h Handler, opts *Options) *Client {
-	c := &Client{path: path, handler: h, min: 100 * time.Millisecond, max: 5 * time.Second}
+	c := &Client{path: path, handler: h, min: 100 * time.Millisecond, max: 5 * time.Second, counts: NewCounts()}
 	if opts != nil {
 		if opts.MinBackoff > 0 {
 			c.min = opts.MinBackoff
@@ -149,7 +165,7 @@ func (c *Client) Run(ctx context.Context) error {
 	loggedDown := false
 	for ctx.Err() == nil {
 		if attempts > 0 {
-			metrics.EventSocketReconnects.Inc()
+			c.counts.Reconnects.Add(1)
 		}
 		attempts++
 		var d net.Dialer
@@ -168,11 +184,9 @@ func (c *Client) Run(ctx context.Context) error {
 		}
 		log.Printf("eventsocket %s: connected", c.path)
 		loggedDown = false
-		metrics.EventSocketConnected.Set(1)
 		c.connected.Store(true)
 		n := c.read(ctx, conn)
 		c.connected.Store(false)
-		metrics.EventSocketConnected.Set(0)
 		if ctx.Err() == nil {
 			log.Printf("eventsocket %s: connection lost after %d events (reconnecting)", c.path, n)
 		}
@@ -189,18 +203,22 @@ func (c *Client) read(ctx context.Context, conn net.Conn) int {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	defer conn.Close()
-	return Serve(conn, c.handler)
+	return Serve(conn, c.handler, c.counts)
 }
 
-// Serve reads event lines from r until it ends, hands them to h, and returns
-// the number of non-empty lines read.
-func Serve(r io.Reader, h Handler) int {
+// Serve reads event lines from r until it ends, hands them to h, counts
+// them in counts (nil: not counted), and returns the number of non-empty
+// lines read.
+func Serve(r io.Reader, h Handler, counts *Counts) int {
+	if counts == nil {
+		counts = NewCounts()
+	}
 	br := bufio.NewReaderSize(r, MaxLineBytes)
 	n := 0
 	for {
 		line, err := br.ReadSlice('\n')
 		if errors.Is(err, bufio.ErrBufferFull) {
-			metrics.EventSocketMalformed.Inc()
+			counts.Malformed.Add(1)
 			for errors.Is(err, bufio.ErrBufferFull) { // skip the rest of the line
 				_, err = br.ReadSlice('\n')
 			}
@@ -212,7 +230,7 @@ func Serve(r io.Reader, h Handler) int {
 		}
 		if line = bytesTrim(line); len(line) > 0 {
 			n++
-			dispatch(line, h)
+			dispatch(line, h, counts)
 		}
 		if err != nil {
 			return n
@@ -227,14 +245,14 @@ func bytesTrim(b []byte) []byte {
 	return b
 }
 
-func dispatch(line []byte, h Handler) {
+func dispatch(line []byte, h Handler, counts *Counts) {
 	ev, err := ParseLine(line)
 	switch {
 	case errors.Is(err, ErrUnknownType):
-		metrics.EventSocketEvents.WithLabelValues("unknown").Inc()
+		counts.Events.Inc("unknown")
 		return
 	case err != nil:
-		metrics.EventSocketMalformed.Inc()
+		counts.Malformed.Add(1)
 		return
 	}
 	if ev.Open {
@@ -244,11 +262,13 @@ func dispatch(line []byte, h Handler) {
 	}
 	switch {
 	case err != nil:
-		metrics.EventSocketMalformed.Inc()
-		refusedOnce.Do(func() { log.Printf("eventsocket: event refused (counted as malformed; logged once): %v", err) })
+		counts.Malformed.Add(1)
+		if !counts.refusedLogged.Swap(true) {
+			log.Printf("eventsocket: event refused (counted as malformed; logged once): %v", err)
+		}
 	case ev.Open:
-		metrics.EventSocketEvents.WithLabelValues("open").Inc()
+		counts.Events.Inc("open")
 	default:
-		metrics.EventSocketEvents.WithLabelValues("close").Inc()
+		counts.Events.Inc("close")
 	}
 }

@@ -13,9 +13,7 @@ import (
 
 	"github.com/m-lab/tcp-info/eventsocket"
 	"github.com/m-lab/tcp-info/inetdiag"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/saver"
 )
 
@@ -87,7 +85,7 @@ func TestAgainstTCPInfoServer(t *testing.T) {
 
 	time.Sleep(50 * time.Millisecond)
 	srv, stop := startServer(t, path)
-	waitFor(t, "connection", func() bool { return testutil.ToFloat64(metrics.EventSocketConnected) == 1 })
+	waitFor(t, "connection", func() bool { return c.Connected() })
 	// The server registers a client after accepting it: an event sent
 	// before then reaches no one, so each is sent again until it arrives.
 	id := inetdiag.SockID{SPort: 8080, DPort: 40000, SrcIP: "::ffff:192.0.2.1", DstIP: "203.0.113.5", Cookie: 7}
@@ -144,15 +142,13 @@ func TestReconnects(t *testing.T) {
 			c.Close()
 		}
 	}()
-	reconnects := testutil.ToFloat64(metrics.EventSocketReconnects)
 	rec := &recorder{}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
-	go func() {
-		done <- New(path, rec, &Options{MinBackoff: time.Millisecond, MaxBackoff: 10 * time.Millisecond}).Run(ctx)
-	}()
+	client := New(path, rec, &Options{MinBackoff: time.Millisecond, MaxBackoff: 10 * time.Millisecond})
+	go func() { done <- client.Run(ctx) }()
 	waitFor(t, "three connections", func() bool { o, _ := rec.counts(); return o >= 3 })
-	if testutil.ToFloat64(metrics.EventSocketReconnects)-reconnects < 2 {
+	if client.Counts().Reconnects.Load() < 2 {
 		t.Error("reconnects not counted")
 	}
 	cancel()
@@ -164,6 +160,7 @@ func TestReconnects(t *testing.T) {
 }
 
 func TestServeSkipsBadLines(t *testing.T) {
+	t.Parallel() // its counts are its own
 	good := `{"Event":0,"Timestamp":"2026-11-25T21:56:47.466285449Z","UUID":"host_1","ID":{"SPort":39616,"DPort":8081,"SrcIP":"10.99.0.1","DstIP":"10.99.0.2","Interface":0,"Cookie":4097}}`
 	lines := []string{
 		good,
@@ -178,20 +175,19 @@ func TestServeSkipsBadLines(t *testing.T) {
 		"",                          // empty line
 		`{"Event":1,"Timestamp":"2026-11-25T21:56:48Z","UUID":"host_1","ID":null}`,
 	}
-	malformed := testutil.ToFloat64(metrics.EventSocketMalformed)
-	unknown := testutil.ToFloat64(metrics.EventSocketEvents.WithLabelValues("unknown"))
 	rec := &recorder{}
-	n := Serve(strings.NewReader(strings.Join(lines, "\n")), rec)
+	counts := NewCounts()
+	n := Serve(strings.NewReader(strings.Join(lines, "\n")), rec, counts)
 	if o, c := rec.counts(); o != 1 || c != 1 {
 		t.Errorf("%d opens and %d closes, want 1 and 1", o, c)
 	}
 	if n != 10 {
 		t.Errorf("Serve read %d lines, want 10", n)
 	}
-	if got := testutil.ToFloat64(metrics.EventSocketMalformed) - malformed; got != 7 {
+	if got := counts.Malformed.Load(); got != 7 {
 		t.Errorf("%v malformed lines counted, want 7", got)
 	}
-	if got := testutil.ToFloat64(metrics.EventSocketEvents.WithLabelValues("unknown")) - unknown; got != 1 {
+	if got := counts.Events.Get("unknown"); got != 1 {
 		t.Errorf("%v unknown events counted, want 1", got)
 	}
 }
@@ -202,7 +198,7 @@ func TestNeverBlocksTCPInfo(t *testing.T) {
 	a, b := net.Pipe()
 	rec := &recorder{}
 	done := make(chan int)
-	go func() { done <- Serve(b, rec) }()
+	go func() { done <- Serve(b, rec, nil) }()
 	for i := 0; i < 20000; i++ {
 		fmt.Fprintf(a, `{"Event":0,"Timestamp":"2026-11-25T21:56:47Z","UUID":"u%d","ID":{"SPort":1,"DPort":2,"SrcIP":"10.0.0.1","DstIP":"10.0.0.2"}}`+"\n", i)
 	}

@@ -1,0 +1,212 @@
+package main
+
+import (
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/m-lab/packet-headers/capture"
+	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/metrics/exporter"
+	"github.com/m-lab/packet-headers/pipeline"
+	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/sockdiag"
+	"github.com/m-lab/packet-headers/tcpeventsocket"
+)
+
+// liveCapture is a capture, its demuxer, and the read errors main counted.
+type liveCapture struct {
+	h      *capture.Live
+	d      *demuxer.Demuxer
+	errors atomic.Uint64
+}
+
+// parts are what the daemon's metrics read at scrape time.
+type parts struct {
+	p              *pipeline.Pipeline
+	kernel         *kernelNames
+	events         *tcpeventsocket.Client // nil without -tcpinfo.eventsocket
+	captures       []*liveCapture
+	memoryReleases *atomic.Uint64
+}
+
+// families describes every pcap_* metric of the daemon, each read from
+// the part that keeps the count (docs/operations.md lists them;
+// TestEndToEnd checks them against a running daemon).
+func families(x *parts) *exporter.Collector {
+	c := &exporter.Collector{}
+	counter := func(name, help string, read func() float64) exporter.Family {
+		return exporter.Family{Name: name, Help: help, Read: func(emit func(float64, ...string)) { emit(read()) }}
+	}
+	gauge := func(name, help string, read func() float64) exporter.Family {
+		f := counter(name, help, read)
+		f.Gauge = true
+		return f
+	}
+	byLabel := func(name, help, label string, read func(emit func(float64, ...string))) exporter.Family {
+		return exporter.Family{Name: name, Help: help, Labels: []string{label}, Read: read}
+	}
+	perCapture := func(name, help string, read func(*liveCapture) (float64, bool)) exporter.Family {
+		return byLabel(name, help, "interface", func(emit func(float64, ...string)) {
+			for _, lc := range x.captures {
+				if v, ok := read(lc); ok {
+					emit(v, lc.h.Name())
+				}
+			}
+		})
+	}
+	// sum adds up one counter of every demuxer.
+	sum := func(get func(*demuxer.Stats) uint64) float64 {
+		var n uint64
+		for _, lc := range x.captures {
+			n += get(lc.d.Stats())
+		}
+		return float64(n)
+	}
+	emitAll := func(emit func(float64, ...string), cs *metrics.Counters) {
+		for _, v := range cs.Values() {
+			emit(float64(cs.Get(v)), v)
+		}
+	}
+	sv := x.p.Saver.Counts()
+	events := tcpeventsocket.NewCounts() // zeros without an eventsocket
+	if x.events != nil {
+		events = x.events.Counts()
+	}
+	lookups, destroys := metrics.NewCounters(sockdiag.LookupResults...), metrics.NewCounters(sockdiag.DestroyResults...)
+	var sends, recvs *atomic.Uint64 = new(atomic.Uint64), new(atomic.Uint64)
+	if k := x.kernel.src; k != nil {
+		lookups, destroys, sends, recvs = k.Lookups, k.Destroys, &k.Sends, &k.Receives
+	}
+	stats := func(lc *liveCapture) (capture.Stats, bool) {
+		s, err := lc.h.Stats()
+		return s, err == nil
+	}
+
+	c.Add(
+		perCapture("pcap_packets_captured_total", "Frames read from the capture, per interface.",
+			func(lc *liveCapture) (float64, bool) { return float64(lc.d.Stats().Captured.Load()), true }),
+		perCapture("pcap_capture_errors_total", "Errors reading the capture, per interface.",
+			func(lc *liveCapture) (float64, bool) { return float64(lc.errors.Load()), true }),
+		perCapture("pcap_kernel_received_total", "Frames that passed the capture filter, per interface (the ring's tp_packets, or libpcap's ps_recv).",
+			func(lc *liveCapture) (float64, bool) { s, ok := stats(lc); return float64(s.Received), ok }),
+		perCapture("pcap_kernel_dropped_total", "Frames dropped because the capture buffer was full, per interface (the ring's tp_drops, or libpcap's ps_drop).",
+			func(lc *liveCapture) (float64, bool) { s, ok := stats(lc); return float64(s.Dropped), ok }),
+		perCapture("pcap_interface_dropped_total", "Frames dropped by the interface or driver, per interface (libpcap's ps_ifdrop; 0 for the ring).",
+			func(lc *liveCapture) (float64, bool) { s, ok := stats(lc); return float64(s.IfaceDropped), ok }),
+		byLabel("pcap_packets_total", "Captured frames by outcome: saved, no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, low_space, shutdown_no_uuid.", "outcome",
+			func(emit func(float64, ...string)) {
+				emitAll(emit, sv.Packets)
+				for _, o := range demuxer.PacketOutcomes {
+					emit(sum(func(s *demuxer.Stats) uint64 { return s.Packets.Get(o) }), o)
+				}
+			}),
+		byLabel("pcap_undecodable_packets_total", "Frames that were not decodable TCP/IP, by kind (truncated, bad_ip, bad_tcp, fragment, not_tcp, unknown_link, too_many_headers).", "kind",
+			func(emit func(float64, ...string)) {
+				if len(x.captures) == 0 {
+					return
+				}
+				for _, k := range x.captures[0].d.Stats().Undecodable.Values() {
+					emit(sum(func(s *demuxer.Stats) uint64 { return s.Undecodable.Get(k) }), k)
+				}
+			}),
+		counter("pcap_flows_started_total", "Flows that began to be tracked.",
+			func() float64 { return sum(func(s *demuxer.Stats) uint64 { return s.Started.Load() }) }),
+		byLabel("pcap_flows_ended_total", "Tracked flows that ended, by outcome: saved, uuid_timeout, write_error, low_space, shutdown.", "outcome",
+			func(emit func(float64, ...string)) {
+				emitAll(emit, sv.Flows)
+				for _, o := range demuxer.EndOutcomes {
+					emit(sum(func(s *demuxer.Stats) uint64 { return s.Ended.Get(o) }), o)
+				}
+			}),
+		byLabel("pcap_flows_refused_total", "New flows not tracked because a limit was reached, by limit (flow_limit for -maxflows, memory_limit for -maxheap); counted on their SYN.", "limit",
+			func(emit func(float64, ...string)) {
+				for _, l := range demuxer.RefusalLimits {
+					emit(sum(func(s *demuxer.Stats) uint64 { return s.Refused.Get(l) }), l)
+				}
+			}),
+		byLabel("pcap_uuids_total", "Flows named, by the source of the UUID (eventsocket: tcp-info; kernel: sock_diag socket cookies).", "source",
+			func(emit func(float64, ...string)) {
+				named := map[string]uint64{"eventsocket": 0, "kernel": 0}
+				for _, lc := range x.captures {
+					for src, n := range lc.d.Stats().Named() {
+						named[src] += n
+					}
+				}
+				for src, n := range named {
+					emit(float64(n), src)
+				}
+			}),
+		counter("pcap_files_written_total", "Per-flow pcap files completed and renamed into place.",
+			func() float64 { files, _, _ := x.p.Saver.Written(); return float64(files) }),
+		counter("pcap_bytes_written_total", "Bytes written to per-flow pcap files.",
+			func() float64 { _, bytes, _ := x.p.Saver.Written(); return float64(bytes) }),
+		byLabel("pcap_write_errors_total", "Failed file operations, by operation (name: a UUID that is not a plain file name; mkdir, create, write, close, compress, rename).", "op",
+			func(emit func(float64, ...string)) { emitAll(emit, sv.WriteErrors) }),
+		gauge("pcap_eventsocket_connected", "1 while connected to tcp-info's eventsocket, else 0.", func() float64 {
+			if x.events != nil && x.events.Connected() {
+				return 1
+			}
+			return 0
+		}),
+		counter("pcap_eventsocket_reconnects_total", "Attempts to connect to the eventsocket after the first one.",
+			func() float64 { return float64(events.Reconnects.Load()) }),
+		byLabel("pcap_eventsocket_events_total", "Events received from the eventsocket, by type (open, close, unknown).", "type",
+			func(emit func(float64, ...string)) { emitAll(emit, events.Events) }),
+		counter("pcap_eventsocket_malformed_lines_total", "Eventsocket lines that were not valid events, or whose UUID cannot name a file (skipped).",
+			func() float64 { return float64(events.Malformed.Load()) }),
+		byLabel("pcap_kernel_uuid_lookups_total", "Look-ups of socket cookies through sock_diag, by result (found, not_found, not_established, already_named, not_local, gave_up, gave_up_no_broadcasts, queue_full, error, malformed).", "result",
+			func(emit func(float64, ...string)) { emitAll(emit, lookups) }),
+		byLabel("pcap_kernel_uuid_netlink_calls_total", "System calls made for sock_diag look-ups, by operation (send, recv).", "op",
+			func(emit func(float64, ...string)) {
+				emit(float64(sends.Load()), "send")
+				emit(float64(recvs.Load()), "recv")
+			}),
+		byLabel("pcap_kernel_destroy_events_total", "TCP socket destroy broadcasts from sock_diag, by result (named; disconnected: closed with SO_LINGER 0, no remote port; ignored: listeners; lost; malformed).", "result",
+			func(emit func(float64, ...string)) { emitAll(emit, destroys) }),
+		gauge("pcap_kernel_destroy_broadcasts", "1 while the kernel's socket destroy broadcasts are read (they need CAP_NET_ADMIN), 0 without them.", func() float64 {
+			if x.kernel.destroy != nil {
+				return 1
+			}
+			return 0
+		}),
+		byLabel("pcap_capture_up", "1 while capturing on the interface, 0 while it is gone and being reopened.", "interface",
+			func(emit func(float64, ...string)) {
+				for _, lc := range x.captures {
+					v := 0.0
+					if lc.h.Up() {
+						v = 1
+					}
+					emit(v, lc.h.Name())
+				}
+			}),
+		gauge("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(x.p.Limits.Active()) }),
+		counter("pcap_uuid_renames_total", "Flows the authoritative source (tcp-info) named after the kernel source had named them otherwise: their files take tcp-info's UUID.",
+			func() float64 { return float64(x.p.Names.Renames()) }),
+		gauge("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(x.p.Names.Len()) }),
+		gauge("pcap_saver_active", "Flow files being written.", func() float64 { return float64(x.p.Saver.Active()) }),
+		gauge("pcap_datadir_free_bytes", "Free space in the data directory's filesystem (for unprivileged users).", func() float64 {
+			var st unix.Statfs_t
+			if unix.Statfs(x.p.Saver.Dir(), &st) != nil {
+				return -1
+			}
+			return float64(st.Bavail) * float64(st.Bsize)
+		}),
+		gauge("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(saver.CompressorsInUse()) }),
+		counter("pcap_compressors_created_total", "gzip compressors created by the saver's pool (-compress); a steady value means they are reused.",
+			func() float64 { return float64(saver.CompressorsCreated()) }),
+		counter("pcap_memory_releases_total", "Times idle heap above -maxidleram was returned to the OS.",
+			func() float64 { return float64(x.memoryReleases.Load()) }),
+	)
+	c.AddHistogram(exporter.HistogramFamily{Name: "pcap_uuid_wait_seconds",
+		Help: "Time from a flow's first packet to the arrival of its UUID (0 when the UUID came first).",
+		Read: func() []*metrics.Histogram {
+			hs := make([]*metrics.Histogram, 0, len(x.captures))
+			for _, lc := range x.captures {
+				hs = append(hs, lc.d.Stats().UUIDWait)
+			}
+			return hs
+		}})
+	return c
+}
