@@ -46,6 +46,8 @@ import (
 // config holds every flag.
 type config struct {
 	anonymize       flagx.Enum
+	keyFile         string
+	key             []byte // read from keyFile; never logged
 	captureDuration time.Duration
 	dataDir         string
 	flowTimeout     time.Duration
@@ -109,7 +111,8 @@ func newFlagSet(c *config) *flag.FlagSet {
 	c.maxIdleRAM = 3 * bytecount.Gigabyte
 	c.maxHeap = 8 * bytecount.Gigabyte
 	c.bufferSize = 8 * bytecount.Megabyte
-	fs.Var(&c.anonymize, "anonymize.ip", "How to anonymize remote IP addresses in saved headers: none, or netblock (IPv4 to /24, IPv6 to /48; the server's own addresses are kept)")
+	fs.Var(&c.anonymize, "anonymize.ip", "How to anonymize remote IP addresses in saved headers: none; netblock (IPv4 to /24, IPv6 to /48); or cryptopan (keyed, prefix-preserving, one to one: give -anonymize.keyfile). The server's own addresses are kept")
+	fs.StringVar(&c.keyFile, "anonymize.keyfile", "", "With -anonymize.ip=cryptopan: file holding the 32-byte Crypto-PAn key (raw, or 64 hex digits); the same key gives the same mapping on every server")
 	fs.DurationVar(&c.captureDuration, "captureduration", 30*time.Second, "Save a flow's packets for at most this long after its first packet")
 	fs.StringVar(&c.dataDir, "datadir", ".", "Directory under which YYYY/MM/DD/<uuid>.pcap files are written")
 	fs.DurationVar(&c.flowTimeout, "flowtimeout", 30*time.Second, "A flow with no packet for this long has ended")
@@ -135,7 +138,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
 	fs.BoolVar(&c.quiet, "quiet", false, "Offline mode: no progress line on a terminal")
-	fs.Var(&c.localAddrs, "localaddr", "Offline mode: an address of the server (repeatable), kept by -anonymize.ip=netblock; the local ends in -events are added")
+	fs.Var(&c.localAddrs, "localaddr", "Offline mode: an address of the server (repeatable), kept by -anonymize.ip; the local ends in -events are added")
 	fs.StringVar(&c.partialDir, "partialdir", "", "Directory where files are written before they are renamed into the datadir: outside it (an uploader watching the datadir sees only finished files) and on its filesystem; unset: .<datadir's name>.partial beside the datadir")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown.timeout", 20*time.Second, "On SIGTERM or SIGINT, the longest the daemon waits for the files being written (after -sigtermwait) before it says which are not written and exits 1; a second signal exits at once")
 	return fs
@@ -212,6 +215,18 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return errors.New("-read and -events cannot both be stdin")
 	case len(c.localAddrs) > 0 && c.read == "":
 		return errors.New("-localaddr is for offline mode (-read); live mode knows its addresses")
+	}
+	switch {
+	case c.anonymize.Value == "cryptopan" && c.keyFile == "":
+		return errors.New("-anonymize.ip=cryptopan needs -anonymize.keyfile")
+	case c.anonymize.Value != "cryptopan" && c.keyFile != "":
+		return errors.New("-anonymize.keyfile goes with -anonymize.ip=cryptopan")
+	case c.keyFile != "":
+		key, err := anonymize.ReadKey(c.keyFile)
+		if err != nil {
+			return fmt.Errorf("-anonymize.keyfile: %w", err)
+		}
+		c.key = key
 	}
 	c.interfaces = dedupe(c.interfaces)
 	for _, s := range c.localAddrs {
@@ -302,7 +317,7 @@ func runOffline(ctx context.Context, c *config) (int, error) {
 	}
 	o := offline.Options{Read: c.read, Events: c.events, Stdin: os.Stdin, Dir: c.dataDir,
 		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
-		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Local: c.local, Compress: c.compress}
+		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Key: c.key, Local: c.local, Compress: c.compress}
 	if !c.quiet && isTerminal(os.Stderr) {
 		o.Progress = os.Stderr
 	}

@@ -68,6 +68,12 @@ func TestParse(t *testing.T) {
 		{"both stdin", []string{"-read", "-", "-events", "-"}, nil, "both be stdin"},
 		{"bad localaddr", []string{"-read", "x.pcap", "-localaddr", "host"}, nil, "-localaddr"},
 		{"localaddr live", []string{"-localaddr", "192.0.2.1"}, nil, "offline mode"},
+		{"cryptopan", append([]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", writeFile(t, strings.Repeat("ab", 32)+"\n")}, ok...), nil, ""},
+		{"cryptopan without key", append([]string{"-anonymize.ip=cryptopan"}, ok...), nil, "needs -anonymize.keyfile"},
+		{"key without cryptopan", append([]string{"-anonymize.keyfile", file}, ok...), nil, "goes with -anonymize.ip=cryptopan"},
+		{"short key", append([]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", writeFile(t, "secret-bytes")}, ok...), nil, "not a Crypto-PAn key"},
+		{"missing key file", append([]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", "/nonexistent"}, ok...), nil, "no such file"},
+		{"cryptopan from the environment", ok, map[string]string{"ANONYMIZE_IP": "cryptopan", "ANONYMIZE_KEYFILE": writeFile(t, strings.Repeat("x", 32))}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -88,6 +94,9 @@ func TestParse(t *testing.T) {
 			}
 			if strings.Contains(err.Error(), "\n") {
 				t.Errorf("the reason is not one line: %q", err)
+			}
+			if strings.Contains(err.Error(), "secret-bytes") {
+				t.Errorf("the reason quotes the key file: %q", err)
 			}
 		})
 	}
@@ -175,6 +184,7 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-datadir", filepath.Join(file, "sub"), "-interface=lo", sock}, 2, "datadir"},
 		{[]string{"-captureduration=-5s", sock}, 2, "captureduration"},
 		{[]string{"-uuid.kernel=false"}, 2, "no UUID source"},
+		{[]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", file, sock}, 2, "not a Crypto-PAn key"},
 		{split, 0, ""},
 		{split, 1, "3 flows were not written"}, // the files are there already: none is replaced
 		{[]string{"-read", file}, 1, "not a capture file"},

@@ -13,8 +13,18 @@
 // eqn. 3), which keeps a right checksum right and turns any checksum into
 // the one the masked header would have had.
 //
+// CryptoPAn mode maps remote addresses with the keyed prefix-preserving
+// Crypto-PAn (see CryptoPAn): two clients of one network stay distinct and
+// keep their common prefix, and the same key gives the same mapping on
+// every server and across restarts. The mapping costs some dozens of AES
+// blocks, so the demuxer computes it once per flow (Map) and rewrites each
+// packet with it (ApplyMapped, as cheap as netblock's Apply); addresses in
+// IPv6 extension headers are mapped per packet. Checksums are updated as
+// in netblock mode.
+//
 // An Anonymizer is immutable after New and safe for concurrent use. Apply
-// works in place, costs a few dozen instructions and never allocates.
+// and ApplyMapped work in place, cost a few dozen instructions and never
+// allocate.
 package anonymize
 
 import (
@@ -32,10 +42,11 @@ type Mode int
 const (
 	None     Mode = iota // addresses are written as captured
 	Netblock             // remote addresses are masked to /24 (IPv4) or /48 (IPv6)
+	Keyed                // remote addresses are mapped by Crypto-PAn ("cryptopan")
 )
 
 // Modes lists the mode names accepted by ParseMode, in order.
-var Modes = []string{"none", "netblock"}
+var Modes = []string{"none", "netblock", "cryptopan"}
 
 // ParseMode parses a mode name.
 func ParseMode(s string) (Mode, error) {
@@ -60,10 +71,11 @@ func (m Mode) String() string {
 type Anonymizer struct {
 	mode  Mode
 	local [][16]byte
+	cp    *CryptoPAn // in Keyed mode
 }
 
-// New returns an anonymizer for the mode that never masks the given local
-// addresses.
+// New returns an anonymizer for the mode (None or Netblock) that never
+// masks the given local addresses.
 func New(mode Mode, local []netip.Addr) *Anonymizer {
 	a := &Anonymizer{mode: mode}
 	for _, l := range local {
@@ -72,11 +84,45 @@ func New(mode Mode, local []netip.Addr) *Anonymizer {
 	return a
 }
 
+// NewKeyed returns a Crypto-PAn anonymizer with key (KeySize bytes) that
+// never maps the given local addresses.
+func NewKeyed(key []byte, local []netip.Addr) (*Anonymizer, error) {
+	cp, err := NewCryptoPAn(key)
+	if err != nil {
+		return nil, err
+	}
+	a := New(Keyed, local)
+	a.cp = cp
+	return a, nil
+}
+
+// Map returns what the address (IPv4 as IPv4-mapped IPv6) becomes when it
+// is masked: its netblock, or its Crypto-PAn mapping.
+func (a *Anonymizer) Map(addr [16]byte) [16]byte {
+	if a.cp != nil {
+		return a.cp.map16(addr)
+	}
+	return MaskAddr(netip.AddrFrom16(addr)).As16()
+}
+
+// Anonymized returns the address as saved: masked or mapped when
+// ShouldMask says so, else as it is.
+func (a *Anonymizer) Anonymized(addr netip.Addr) netip.Addr {
+	b := addr.Unmap().As16()
+	if !a.ShouldMask(&b) {
+		return addr
+	}
+	if a.cp != nil {
+		return a.cp.Map(addr)
+	}
+	return MaskAddr(addr)
+}
+
 // Mode returns the anonymizer's mode.
 func (a *Anonymizer) Mode() Mode { return a.mode }
 
 // ShouldMask reports whether an address (IPv4 as IPv4-mapped IPv6) is
-// masked: in netblock mode, every address that is not local.
+// masked: in netblock and cryptopan modes, every address that is not local.
 func (a *Anonymizer) ShouldMask(addr *[16]byte) bool {
 	if a == nil || a.mode == None {
 		return false
@@ -94,8 +140,8 @@ func (a *Anonymizer) ShouldMask(addr *[16]byte) bool {
 // updates the checksums that cover them. Fields that lie past the end of b
 // (a truncated capture) are left alone.
 func (a *Anonymizer) Apply(b []byte, p *packet.Parsed, maskSrc, maskDst bool) {
-	if a == nil || a.mode == None {
-		return
+	if a == nil || a.mode != Netblock {
+		return // (Keyed mode rewrites with ApplyMapped)
 	}
 	if p.IPv4 {
 		var delta uint32
@@ -144,6 +190,80 @@ func (a *Anonymizer) Apply(b []byte, p *packet.Parsed, maskSrc, maskDst bool) {
 		clear(b[p.RouteOpaque:p.RouteOpaqueEnd]) // addresses in a form not located
 	}
 	updateChecksum(b, p.TCPOffset+16, delta)
+}
+
+// ApplyMapped writes, in the header bytes b decoded as p, the flow's
+// mapped source address when src is not nil and its mapped destination
+// when dst is not nil (both as Map returns them), maps the addresses of
+// IPv6 extension headers, and updates the checksums that cover them, as
+// Apply does. BenchmarkApply measures both.
+func (a *Anonymizer) ApplyMapped(b []byte, p *packet.Parsed, src, dst *[16]byte) {
+	if a == nil || a.cp == nil {
+		return
+	}
+	if p.IPv4 {
+		var delta uint32
+		if src != nil {
+			delta += rewrite(b, p.SrcOffset, 4, src[12:])
+		}
+		if dst != nil {
+			delta += rewrite(b, p.DstOffset, 4, dst[12:])
+		}
+		updateChecksum(b, p.IPOffset+10, delta)
+		updateChecksum(b, p.TCPOffset+16, delta)
+		return
+	}
+	srcPseudo, dstPseudo := p.SrcOffset, p.DstOffset
+	if p.HomeOffset != 0 {
+		srcPseudo = p.HomeOffset
+	}
+	if p.RouteFinal != 0 {
+		dstPseudo = p.RouteFinal
+	}
+	var delta uint32
+	write := func(off int, to []byte) {
+		if d := rewrite(b, off, 16, to); off == srcPseudo || off == dstPseudo {
+			delta += d
+		}
+	}
+	mapAt := func(off int) {
+		if a.shouldMaskAt(b, off) {
+			m := a.cp.map16([16]byte(b[off : off+16]))
+			write(off, m[:])
+		}
+	}
+	if src != nil {
+		write(p.SrcOffset, src[:])
+	}
+	if dst != nil {
+		write(p.DstOffset, dst[:])
+	}
+	if p.HomeOffset != 0 {
+		mapAt(p.HomeOffset)
+	}
+	for i := 0; i < p.RouteAddrs; i++ {
+		mapAt(p.RouteOffset + 16*i)
+	}
+	if p.RouteOpaque != 0 && p.RouteOpaqueEnd <= len(b) {
+		clear(b[p.RouteOpaque:p.RouteOpaqueEnd]) // addresses in a form not located
+	}
+	updateChecksum(b, p.TCPOffset+16, delta)
+}
+
+// rewrite writes the n bytes of to over the address at off, and returns
+// the RFC 1624 delta of its 16-bit words; an address past the end of b (a
+// truncated capture) is left alone.
+func rewrite(b []byte, off, n int, to []byte) uint32 {
+	if off+n > len(b) {
+		return 0
+	}
+	var delta uint32
+	for i := 0; i < n; i += 2 {
+		old, nw := binary.BigEndian.Uint16(b[off+i:]), binary.BigEndian.Uint16(to[i:])
+		delta += uint32(^old) + uint32(nw)
+	}
+	copy(b[off:off+n], to[:n])
+	return delta
 }
 
 // shouldMaskAt reports whether the 16-byte address at off in b is masked.

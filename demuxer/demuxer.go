@@ -210,11 +210,12 @@ type flow struct {
 	key          packet.Key
 	st           state
 	maskA, maskB bool
-	syn          bool // the flow began with a pure SYN; synSeq is its sequence number
-	lookedUp     bool // Options.Lookup was asked
-	inWaiting    bool // in Demuxer.waiting (else in Demuxer.settled)
-	synced       bool // a SYN-ACK was seen, or ACKs from both ends: RFC 5961 applies
-	ended        bool // both FINs or an accepted RST: a new SYN is a new connection
+	mapped       *[2][16]byte // A's and B's addresses as saved, in cryptopan mode (computed once)
+	syn          bool         // the flow began with a pure SYN; synSeq is its sequence number
+	lookedUp     bool         // Options.Lookup was asked
+	inWaiting    bool         // in Demuxer.waiting (else in Demuxer.settled)
+	synced       bool         // a SYN-ACK was seen, or ACKs from both ends: RFC 5961 applies
+	ended        bool         // both FINs or an accepted RST: a new SYN is a new connection
 	synSeq       uint32
 	ends         [2]end // A and B
 	first, last  int64  // unix nanoseconds
@@ -430,7 +431,13 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	end := min(p.HeaderEnd, len(data), d.o.MaxHeaderSize)
 	rec := f.buf.Append(ts, origLen, data[:end])
-	if f.maskA || f.maskB {
+	if f.mapped != nil {
+		src, dst := f.side(0), f.side(1)
+		if !srcIsA {
+			src, dst = dst, src
+		}
+		d.o.Anonymizer.ApplyMapped(rec, p, src, dst)
+	} else if f.maskA || f.maskB {
 		maskSrc, maskDst := f.maskA, f.maskB
 		if !srcIsA {
 			maskSrc, maskDst = maskDst, maskSrc
@@ -440,6 +447,15 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	if f.st == named && f.buf.Bytes() >= d.spill && f.buf.Full() {
 		d.push(f)
 	}
+}
+
+// side returns the saved address of end i (0: A, 1: B) in cryptopan mode,
+// or nil when it is kept.
+func (f *flow) side(i int) *[16]byte {
+	if i == 0 && f.maskA || i == 1 && f.maskB {
+		return &f.mapped[i]
+	}
+	return nil
 }
 
 // track follows the sequence space of the segment's sender (src is A when
@@ -601,6 +617,17 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 	f := &flow{key: k, first: tsn, syn: pureSYN, synSeq: seq}
 	f.maskA = d.o.Anonymizer.ShouldMask(&k.A)
 	f.maskB = d.o.Anonymizer.ShouldMask(&k.B)
+	if (f.maskA || f.maskB) && d.o.Anonymizer.Mode() == anonymize.Keyed {
+		// The mapping costs dozens of AES blocks: once per flow, not per
+		// packet (BenchmarkMap, BenchmarkPacket/cryptopan).
+		f.mapped = new([2][16]byte)
+		if f.maskA {
+			f.mapped[0] = d.o.Anonymizer.Map(k.A)
+		}
+		if f.maskB {
+			f.mapped[1] = d.o.Anonymizer.Map(k.B)
+		}
+	}
 	d.flows[k] = f
 	if e := d.o.Names.Claim(k, time.Unix(0, tsn)); e != nil {
 		d.name(f, e)

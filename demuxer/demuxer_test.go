@@ -407,6 +407,43 @@ func TestAnonymizedInBuffer(t *testing.T) {
 	}
 }
 
+// TestMappedInBuffer: in cryptopan mode each packet of a flow carries the
+// client address's Crypto-PAn mapping, in both directions, and the
+// server's address as it is.
+func TestMappedInBuffer(t *testing.T) {
+	local := netip.MustParseAddr("192.0.2.1")
+	anon, err := anonymize.NewKeyed(make([]byte, anonymize.KeySize), []netip.Addr{local})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, func(o *Options) { o.Anonymizer = anon })
+	c := newConn(1000, 1)
+	h.open(0, "u", c)
+	h.packet(0, c.syn(t))
+	h.packet(1*ms, c.synack(t))
+	h.packet(2*ms, c.data(t, true, 10))
+	h.d.Close()
+	want := anon.Anonymized(c.cli.Addr())
+	if want == c.cli.Addr() || want.Is4() != c.cli.Addr().Is4() {
+		t.Fatalf("the client %v maps to %v", c.cli.Addr(), want)
+	}
+	pkts := h.file("u")
+	if len(pkts) != 3 {
+		t.Fatalf("%d packets saved, want 3", len(pkts))
+	}
+	for i, p := range pkts {
+		var parsed packet.Parsed
+		parsed.Decode(packet.LinkTypeEthernet, p)
+		client, server := parsed.SrcAddr(), parsed.DstAddr()
+		if i == 1 {
+			client, server = server, client
+		}
+		if client != want || server != local {
+			t.Errorf("packet %d: %v -> %v, want the client as %v and the server as %v", i, parsed.SrcAddr(), parsed.DstAddr(), want, local)
+		}
+	}
+}
+
 func TestPacketSteadyStateDoesNotAllocate(t *testing.T) {
 	h := newHarness(t, func(o *Options) {
 		o.Anonymizer = anonymize.New(anonymize.Netblock, []netip.Addr{netip.MustParseAddr("192.0.2.1")})
@@ -431,17 +468,28 @@ func TestPacketSteadyStateDoesNotAllocate(t *testing.T) {
 // BenchmarkPacket measures the per-packet path: decode, flow lookup, header
 // copy and netblock anonymization, for 1000 interleaved flows, and for runs
 // of 100 packets of each (as a bulk transfer gives).
+// BenchmarkPacket measures the demuxer's step per packet with netblock
+// masking, and with cryptopan's mapping (computed once per flow, so the
+// step costs the same).
 func BenchmarkPacket(b *testing.B) {
-	b.Run("interleaved", func(b *testing.B) { benchmarkPacket(b, 1) })
-	b.Run("runs", func(b *testing.B) { benchmarkPacket(b, 100) })
+	server := []netip.Addr{netip.MustParseAddr("192.0.2.1")}
+	netblock := anonymize.New(anonymize.Netblock, server)
+	keyed, err := anonymize.NewKeyed(make([]byte, anonymize.KeySize), server)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("interleaved", func(b *testing.B) { benchmarkPacket(b, 1, netblock) })
+	b.Run("runs", func(b *testing.B) { benchmarkPacket(b, 100, netblock) })
+	b.Run("interleaved/cryptopan", func(b *testing.B) { benchmarkPacket(b, 1, keyed) })
+	b.Run("runs/cryptopan", func(b *testing.B) { benchmarkPacket(b, 100, keyed) })
 }
 
-func benchmarkPacket(b *testing.B, run int) {
+func benchmarkPacket(b *testing.B, run int, anon *anonymize.Anonymizer) {
 	sv, _ := saver.New(saver.Options{Dir: b.TempDir()})
 	tbl := names.New(nil)
 	d := New(Options{LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
 		CaptureDuration: time.Hour, FlowTimeout: time.Hour, UUIDWait: time.Hour, Names: tbl, Writer: WriterFunc(func(u string, lt packet.LinkType, first time.Time) FlowWriter { return sv.Start(u, lt, first) }),
-		Anonymizer: anonymize.New(anonymize.Netblock, []netip.Addr{netip.MustParseAddr("192.0.2.1")})})
+		Anonymizer: anon})
 	var frames [][]byte
 	for i := 0; i < 1000; i++ {
 		c := newConn(uint16(10000+i), uint32(i))

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"io"
+	"math/bits"
 	"net"
 	"net/http"
 	"net/netip"
@@ -25,6 +28,8 @@ import (
 	"github.com/google/gopacket/layers"
 	"github.com/google/gopacket/pcapgo"
 	"github.com/m-lab/tcp-info/eventsocket"
+
+	"github.com/m-lab/packet-headers/anonymize"
 )
 
 // daemon is one packet-headers run in the lab.
@@ -36,9 +41,10 @@ type daemon struct {
 	stoppedAt time.Time // when SIGTERM was sent
 	capDur    time.Duration
 	netblock  bool
-	hostname  string    // when set, the daemon runs with this host name
-	wrap      []string  // when set, the command that runs the daemon's command line
-	cmd       *exec.Cmd // set by lab.startDaemon
+	anon      *anonymize.Anonymizer // the cryptopan twin's mapping, computed by the test from the key
+	hostname  string                // when set, the daemon runs with this host name
+	wrap      []string              // when set, the command that runs the daemon's command line
+	cmd       *exec.Cmd             // set by lab.startDaemon
 }
 
 // stopAll scrapes every daemon's metrics, stops each with SIGTERM (failing
@@ -109,6 +115,7 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 		{name: "buffer", args: nil, capDur: 30 * time.Second},
 		{name: "stream", args: []string{"-stream", "-capture.batchdelay=0"}, capDur: 30 * time.Second},
 		{name: "netblock", args: []string{"-anonymize.ip=netblock", "-captureduration=2s", "-uuidwaitduration=1s"}, capDur: 2 * time.Second, netblock: true},
+		cryptopanTwin(t, l),
 	}
 	for i, d := range daemons {
 		if !sharedPrefix {
@@ -149,8 +156,80 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 	}
 	checkDashboard(t, metricsText["buffer"])
 	checkDocumentedMetrics(t, metricsText["buffer"])
+	checkPrefixes(t, l, daemons[3])
 	<-events.done
-	checkOffline(t, l, daemons[0], refFile, opens, ref, captureStart)
+	checkOffline(t, l, daemons[0], refFile, opens, ref, captureStart, nil)
+	// The cryptopan twin, split offline with the key, byte for byte:
+	// addresses mapped alike, checksums alike (compared as a plain run).
+	twin := *daemons[3]
+	twin.anon = nil
+	checkOffline(t, l, &twin, refFile, opens, ref, captureStart, append([]string{"-localaddr", l.srv4.String(), "-localaddr", l.srv6.String()}, twin.args...))
+}
+
+// cryptopanTwin is the netblock daemon's twin with Crypto-PAn, its key a
+// fresh random one.
+func cryptopanTwin(t *testing.T, l *lab) *daemon {
+	key := make([]byte, anonymize.KeySize)
+	if _, err := rand.Read(key); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(l.dir, "cryptopan.key")
+	if err := os.WriteFile(file, []byte(hex.EncodeToString(key)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	anon, err := anonymize.NewKeyed(key, []netip.Addr{l.srv4, l.srv6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &daemon{name: "cryptopan", args: []string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", file, "-captureduration=2s", "-uuidwaitduration=1s"},
+		capDur: 2 * time.Second, anon: anon}
+}
+
+// checkPrefixes checks, from the cryptopan twin's files, that each client
+// address was saved as one mapped address, and that the two client
+// addresses of each family share as long a prefix mapped as they do.
+func checkPrefixes(t *testing.T, l *lab, d *daemon) {
+	seen := map[netip.Addr]bool{}
+	for _, path := range daemonFiles(t, d) {
+		recs, _ := readPcap(t, path)
+		for _, r := range recs {
+			if p, ok := decode(t, r); ok {
+				alen := 16
+				if p.ip4 {
+					alen = 4
+				}
+				for _, off := range p.addrOff {
+					if a, _ := netip.AddrFromSlice(p.data[off : off+alen]); a != l.srv4 && a != l.srv6 {
+						seen[a] = true
+					}
+				}
+			}
+		}
+	}
+	for _, pair := range [][2]netip.Addr{{l.cli4, l.cli4b}, {l.cli6, l.cli6b}} {
+		ma, mb := d.anon.Anonymized(pair[0]), d.anon.Anonymized(pair[1])
+		if !seen[ma] || !seen[mb] {
+			t.Errorf("cryptopan: %v and %v were not saved as %v and %v (saved: %v)", pair[0], pair[1], ma, mb, seen)
+			continue
+		}
+		if got, want := commonBits(ma.AsSlice(), mb.AsSlice()), commonBits(pair[0].AsSlice(), pair[1].AsSlice()); got != want {
+			t.Errorf("cryptopan: %v and %v share %d bits, saved as %v and %v sharing %d", pair[0], pair[1], want, ma, mb, got)
+		}
+		delete(seen, ma)
+		delete(seen, mb)
+	}
+	if len(seen) > 0 {
+		t.Errorf("cryptopan: other client addresses saved: %v", seen)
+	}
+}
+
+func commonBits(a, b []byte) int {
+	for i := range a {
+		if x := a[i] ^ b[i]; x != 0 {
+			return 8*i + bits.LeadingZeros8(x)
+		}
+	}
+	return 8 * len(a)
 }
 
 // checkOffline splits the reference capture offline, with the events
@@ -158,9 +237,9 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 // daemon's files for every flow tcp-info announced: the same set of files,
 // with the same packets (the two captures' timestamps differ by the usual
 // microseconds, see compareFlow).
-func checkOffline(t *testing.T, l *lab, live *daemon, refFile string, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]*refConn, captureStart time.Time) {
-	dir := filepath.Join(l.dir, "offline")
-	cmd := exec.Command(filepath.Join(l.bin, "packet-headers"), "-read", refFile, "-events", filepath.Join(l.dir, "events.jsonl"), "-datadir", dir)
+func checkOffline(t *testing.T, l *lab, live *daemon, refFile string, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]*refConn, captureStart time.Time, args []string) {
+	dir := filepath.Join(l.dir, "offline-"+live.name)
+	cmd := exec.Command(filepath.Join(l.bin, "packet-headers"), append([]string{"-read", refFile, "-events", filepath.Join(l.dir, "events.jsonl"), "-datadir", dir}, args...)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("offline run: %v\n%s", err, out)
@@ -222,7 +301,15 @@ func traffic(t *testing.T, l *lab, port int) {
 	}
 	short := func(a netip.Addr, i int) {
 		defer wg.Done()
-		c, err := net.Dial("tcp", netip.AddrPortFrom(a, uint16(port)).String())
+		var d net.Dialer
+		if i%4 >= 2 { // from the second client address of the family
+			from := l.cli4b
+			if a.Is6() {
+				from = l.cli6b
+			}
+			d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0))
+		}
+		c, err := d.Dial("tcp", netip.AddrPortFrom(a, uint16(port)).String())
 		if err != nil {
 			errs <- err
 			return
@@ -648,7 +735,7 @@ func compareFlow(t *testing.T, got []record, want []refPacket, d *daemon, l *lab
 			continue
 		}
 		c := &cand{p: p, mandatory: age <= d.capDur-timestampOutlier && p.ts.Before(d.stoppedAt)}
-		k := matchKey(p.data[:p.hdrEnd], p, d.netblock, p.origLen)
+		k := matchKey(p.data[:p.hdrEnd], p, d.netblock || d.anon != nil, p.origLen)
 		byKey[k] = append(byKey[k], c)
 	}
 	type saved struct {
@@ -669,7 +756,12 @@ func compareFlow(t *testing.T, got []record, want []refPacket, d *daemon, l *lab
 				return fmt.Sprintf("packet %d: %s", i, msg)
 			}
 		}
-		k := matchKey(g.data, gp, d.netblock, g.origLen)
+		if d.anon != nil {
+			if msg := checkMapped(gp, l, d.anon); msg != "" {
+				return fmt.Sprintf("packet %d: %s", i, msg)
+			}
+		}
+		k := matchKey(g.data, gp, d.netblock || d.anon != nil, g.origLen)
 		gotByKey[k] = append(gotByKey[k], saved{i, g})
 	}
 	// Packets with equal headers (rare: a retransmission within the same
@@ -767,6 +859,34 @@ func checkMasked(p refPacket, l *lab) string {
 	}
 	if p.payload == 0 && !tcpChecksumValid(p.data, p) {
 		return "TCP checksum is not valid after masking"
+	}
+	return ""
+}
+
+// checkMapped checks a saved cryptopan packet on its own: the server's
+// addresses kept, each client address replaced by its Crypto-PAn mapping
+// under the daemon's key, and valid checksums (see checkMasked).
+func checkMapped(p refPacket, l *lab, anon *anonymize.Anonymizer) string {
+	alen := 16
+	if p.ip4 {
+		alen = 4
+	}
+	for side, off := range p.addrOff {
+		a, _ := netip.AddrFromSlice(p.data[off : off+alen])
+		switch a {
+		case l.srv4, l.srv6:
+		case l.cli4, l.cli6, l.cli4b, l.cli6b:
+			return fmt.Sprintf("address %d is a client's, unmapped: %v", side, a)
+		case anon.Anonymized(l.cli4), anon.Anonymized(l.cli6), anon.Anonymized(l.cli4b), anon.Anonymized(l.cli6b):
+		default:
+			return fmt.Sprintf("address %d is %v: neither the server's nor a mapped client's", side, a)
+		}
+	}
+	if p.ip4 && checksum(p.data[14:p.tcpOff], 0) != 0xffff {
+		return "IPv4 header checksum is not valid after mapping"
+	}
+	if p.payload == 0 && !tcpChecksumValid(p.data, p) {
+		return "TCP checksum is not valid after mapping"
 	}
 	return ""
 }

@@ -31,6 +31,7 @@ type lab struct {
 	hostIf, nsIf string
 	cli4, srv4   netip.Addr
 	cli6, srv6   netip.Addr
+	cli4b, cli6b netip.Addr // a second client address in each family, for prefix relations
 	dir, bin     string
 	procs        []*exec.Cmd
 	procsMu      sync.Mutex
@@ -67,10 +68,12 @@ func newLab(t testing.TB, subnet int) *lab {
 	l := &lab{
 		t: t, ns: fmt.Sprintf("phe2e%d", id),
 		hostIf: fmt.Sprintf("phc%d", id), nsIf: fmt.Sprintf("phs%d", id),
-		cli4: netip.MustParseAddr(fmt.Sprintf("10.199.%d.1", subnet)),
-		srv4: netip.MustParseAddr(fmt.Sprintf("10.199.%d.2", subnet)),
-		cli6: netip.MustParseAddr(fmt.Sprintf("fd99:%d::1", subnet)),
-		srv6: netip.MustParseAddr(fmt.Sprintf("fd99:%d::2", subnet)),
+		cli4:  netip.MustParseAddr(fmt.Sprintf("10.199.%d.1", subnet)),
+		srv4:  netip.MustParseAddr(fmt.Sprintf("10.199.%d.2", subnet)),
+		cli6:  netip.MustParseAddr(fmt.Sprintf("fd99:%d::1", subnet)),
+		srv6:  netip.MustParseAddr(fmt.Sprintf("fd99:%d::2", subnet)),
+		cli4b: netip.MustParseAddr(fmt.Sprintf("10.199.%d.77", subnet)),
+		cli6b: netip.MustParseAddr(fmt.Sprintf("fd99:%d::77", subnet)),
 	}
 	dir, err := os.MkdirTemp("", "phe2e-lab")
 	if err != nil {
@@ -105,6 +108,9 @@ func newLab(t testing.TB, subnet int) *lab {
 	run(t, "ip", "link", "add", l.hostIf, "type", "veth", "peer", "name", l.nsIf, "netns", l.ns)
 	run(t, "ip", "addr", "add", l.cli4.String()+"/24", "dev", l.hostIf)
 	run(t, "ip", "-6", "addr", "add", l.cli6.String()+"/64", "dev", l.hostIf, "nodad")
+	run(t, "ip", "addr", "add", l.cli4b.String()+"/24", "dev", l.hostIf)
+	// Deprecated at once: bound to explicitly, never picked as a source.
+	run(t, "ip", "-6", "addr", "add", l.cli6b.String()+"/64", "dev", l.hostIf, "nodad", "preferred_lft", "0")
 	run(t, "ip", "link", "set", l.hostIf, "up")
 	l.exec("ip", "addr", "add", l.srv4.String()+"/24", "dev", l.nsIf)
 	l.exec("ip", "-6", "addr", "add", l.srv6.String()+"/64", "dev", l.nsIf, "nodad")

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -23,6 +24,7 @@ import (
 	"github.com/google/gopacket/pcap"
 	"golang.org/x/sys/unix"
 
+	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/internal/synth"
 	"github.com/m-lab/packet-headers/packet"
 )
@@ -164,7 +166,18 @@ func BenchmarkLab(b *testing.B) {
 	// 3. Memory per concurrent flow.
 	measure("rss", func(b *testing.B) row { return heldOpen(b, l, 3000) })
 	// 4. A SYN flood while legitimate connections run.
-	measure("synflood", func(b *testing.B) row { return synFlood(b, l, 200000) })
+	measure("synflood", func(b *testing.B) row { return synFlood(b, l, 200000, 8089, "synflood", "4.", nil) })
+	// 4b. The same with Crypto-PAn: its mapping is computed once per flow,
+	// so this row is its per-flow cost.
+	measure("synflood-cryptopan", func(b *testing.B) row {
+		key := filepath.Join(l.dir, "flood.key")
+		os.WriteFile(key, []byte(strings.Repeat("07", 32)), 0o600)
+		anon, err := anonymize.NewKeyed(bytes.Repeat([]byte{7}, 32), []netip.Addr{l.srv4, l.srv6})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return synFlood(b, l, 200000, 8090, "synflood-cryptopan", "4b. with -anonymize.ip=cryptopan,", anon, "-anonymize.ip=cryptopan", "-anonymize.keyfile", key)
+	})
 	// 5. Offline throughput.
 	measure("offline", func(b *testing.B) row { return offlineThroughput(b, l) })
 	printTable(b, rows)
@@ -433,10 +446,10 @@ func TestMain(m *testing.M) {
 // through the lab's veth while 50 legitimate connections run, and reports
 // the daemon's peak RSS, the cost per flood flow, and whether every
 // legitimate flow was saved.
-func synFlood(b *testing.B, l *lab, n int) row {
-	l.server(8089)
-	d := &daemon{name: "synflood"}
-	cmd := l.startDaemon(d, 9992)
+func synFlood(b *testing.B, l *lab, n, port int, name, label string, anon *anonymize.Anonymizer, args ...string) row {
+	l.server(port)
+	d := &daemon{name: name}
+	cmd := l.startDaemon(d, 9992, args...)
 	time.Sleep(300 * time.Millisecond)
 	before := rss(cmd.Process.Pid)
 	cpuBefore := cpuTime(cmd.Process.Pid)
@@ -455,7 +468,7 @@ func synFlood(b *testing.B, l *lab, n int) row {
 		}
 	}()
 	legit := make(chan map[netip.AddrPort]bool)
-	go func() { legit <- flows(b, l.srv4, 8089, 50) }()
+	go func() { legit <- flows(b, l.srv4, port, 50) }()
 
 	h, err := pcap.OpenLive(l.hostIf, 128, false, pcap.BlockForever)
 	if err != nil {
@@ -468,7 +481,7 @@ func synFlood(b *testing.B, l *lab, n int) row {
 	for i := 0; i < n; i++ {
 		ip := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP,
 			SrcIP: net.IP{198, 18 + byte(i>>16&1), byte(i >> 8), byte(i)}, DstIP: l.srv4.AsSlice()}
-		tcp := &layers.TCP{SrcPort: layers.TCPPort(1024 + i%60000), DstPort: 8089, SYN: true, Seq: uint32(i * 7919), Window: 64240,
+		tcp := &layers.TCP{SrcPort: layers.TCPPort(1024 + i%60000), DstPort: layers.TCPPort(port), SYN: true, Seq: uint32(i * 7919), Window: 64240,
 			Options: []layers.TCPOption{{OptionType: layers.TCPOptionKindMSS, OptionLength: 4, OptionData: []byte{5, 0xb4}}}}
 		tcp.SetNetworkLayerForChecksum(ip)
 		gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
@@ -489,14 +502,17 @@ func synFlood(b *testing.B, l *lab, n int) row {
 	started, _ := metricValue(text, "pcap_flows_started_total")
 	timeouts, _ := metricValue(text, `pcap_flows_ended_total{outcome="uuid_timeout"}`)
 	stop(b, cmd, syscall.SIGTERM, 10*time.Second)
-	files := filePorts(b, d.dataDir, 8089)
+	files := filePorts(b, d.dataDir, uint16(port))
 	kept := 0
 	for p := range saved {
+		if anon != nil { // the file holds the client's mapped address
+			p = netip.AddrPortFrom(anon.Anonymized(p.Addr()), p.Port())
+		}
 		if files[p] == 1 {
 			kept++
 		}
 	}
-	return row{fmt.Sprintf("4. SYN flood: %d spoofed SYNs in %v, 50 legitimate connections meanwhile", n, sendTime.Round(time.Millisecond)),
+	return row{fmt.Sprintf("%s SYN flood: %d spoofed SYNs in %v, 50 legitimate connections meanwhile", label, n, sendTime.Round(time.Millisecond)),
 		fmt.Sprintf("%d of %d legitimate flows saved; %.0f flows started, %.0f dropped without UUID; RSS %d MB before, peak %d MB, %d MB after: %.0f bytes per flood flow at peak; CPU %v, %.1f µs per flood flow",
 			kept, len(saved), started, timeouts, before>>20, peak>>20, after>>20, float64(peak-before)/float64(n), cpu.Round(time.Millisecond), float64(cpu.Microseconds())/float64(n)), "", ""}
 }

@@ -59,6 +59,7 @@ type Options struct {
 	UUIDWait        time.Duration
 	Stream          bool
 	Anonymize       anonymize.Mode
+	Key             []byte // the Crypto-PAn key, in anonymize.Keyed mode
 	// Local are the server's addresses, kept by netblock anonymization; the
 	// local ends of the events' connections are added to them.
 	Local []netip.Addr
@@ -98,12 +99,12 @@ func (s Summary) String() string {
 // of its first packet to the nanosecond, then its two endpoints in key order
 // (IPv6 colons as dashes), e.g.
 // offline_20261125T232153.694760613Z_10.99.0.1_38918_10.99.0.2_8080.
-// Masked addresses appear masked.
+// Anonymized addresses appear as they are saved.
 func FallbackName(k packet.Key, first time.Time, a *anonymize.Anonymizer) string {
 	ep := func(addr [16]byte, port uint16) string {
 		ip := netip.AddrFrom16(addr).Unmap()
-		if a.ShouldMask(&addr) {
-			ip = anonymize.MaskAddr(ip)
+		if a != nil {
+			ip = a.Anonymized(ip).Unmap()
 		}
 		return fmt.Sprintf("%s_%d", strings.ReplaceAll(ip.String(), ":", "-"), port)
 	}
@@ -281,7 +282,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	p, err := pipeline.New(pipeline.Config{
 		Saver:         saver.Options{Dir: o.Dir, Snaplen: o.MaxHeaderSize, Compress: o.Compress},
 		MaxHeaderSize: o.MaxHeaderSize, CaptureDuration: o.CaptureDuration, FlowTimeout: o.FlowTimeout,
-		UUIDWait: o.UUIDWait, Stream: o.Stream, Anonymize: o.Anonymize, Local: local, Now: now,
+		UUIDWait: o.UUIDWait, Stream: o.Stream, Anonymize: o.Anonymize, Key: o.Key, Local: local, Now: now,
 	})
 	if err != nil {
 		return sum, err

@@ -34,7 +34,8 @@ type Config struct {
 	UUIDWait        time.Duration
 	Stream          bool
 	Anonymize       anonymize.Mode
-	// Local are the server's addresses, which netblock anonymization keeps.
+	Key             []byte // the Crypto-PAn key, in anonymize.Keyed mode
+	// Local are the server's addresses, which anonymization keeps.
 	Local []netip.Addr
 	// Authoritative makes tcp-info's announcements win over the kernel's
 	// names for the same socket (live mode with an eventsocket).
@@ -58,8 +59,15 @@ type Pipeline struct {
 }
 
 // New builds the pipeline; it fails only when the saver cannot use its
-// directories.
+// directories, or the Crypto-PAn key is not one.
 func New(c Config) (*Pipeline, error) {
+	anon := anonymize.New(c.Anonymize, c.Local)
+	if c.Anonymize == anonymize.Keyed {
+		var err error
+		if anon, err = anonymize.NewKeyed(c.Key, c.Local); err != nil {
+			return nil, err
+		}
+	}
 	sv, err := saver.New(c.Saver)
 	if err != nil {
 		return nil, err
@@ -72,7 +80,7 @@ func New(c Config) (*Pipeline, error) {
 	return &Pipeline{
 		Saver:  sv,
 		Names:  names.New(o),
-		Anon:   anonymize.New(c.Anonymize, c.Local),
+		Anon:   anon,
 		Limits: &demuxer.Limits{MaxFlows: c.MaxFlows, MaxHeap: c.MaxHeap},
 		c:      c,
 		writer: demuxer.WriterFunc(func(u string, lt packet.LinkType, first time.Time) demuxer.FlowWriter {
