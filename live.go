@@ -138,7 +138,7 @@ func newPipeline(c *config, mode anonymize.Mode, local []netip.Addr) (*pipeline.
 		Saver: saver.Options{Dir: c.dataDir, PartialDir: c.partialDir, Snaplen: c.maxHeaderSize,
 			MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent, Compress: c.compress},
 		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
-		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Key: c.key, Local: local,
+		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Key: c.key, ZeroMAC: c.zeroMAC, TSOffset: c.tsOffset, Local: local,
 		Authoritative: c.eventSocket != "", MaxFlows: c.maxFlows, MaxHeap: uint64(c.maxHeap),
 	})
 	if err != nil {

@@ -48,6 +48,8 @@ type config struct {
 	anonymize       flagx.Enum
 	keyFile         string
 	key             []byte // read from keyFile; never logged
+	zeroMAC         bool
+	tsOffset        bool
 	captureDuration time.Duration
 	dataDir         string
 	flowTimeout     time.Duration
@@ -112,7 +114,9 @@ func newFlagSet(c *config) *flag.FlagSet {
 	c.maxHeap = 8 * bytecount.Gigabyte
 	c.bufferSize = 8 * bytecount.Megabyte
 	fs.Var(&c.anonymize, "anonymize.ip", "How to anonymize remote IP addresses in saved headers: none; netblock (IPv4 to /24, IPv6 to /48); or cryptopan (keyed, prefix-preserving, one to one: give -anonymize.keyfile). The server's own addresses are kept")
-	fs.StringVar(&c.keyFile, "anonymize.keyfile", "", "With -anonymize.ip=cryptopan: file holding the 32-byte Crypto-PAn key (raw, or 64 hex digits); the same key gives the same mapping on every server")
+	fs.StringVar(&c.keyFile, "anonymize.keyfile", "", "With -anonymize.ip=cryptopan or -anonymize.tsoffset: file holding the 32-byte key (raw, or 64 hex digits); the same key gives the same mapping on every server")
+	fs.BoolVar(&c.zeroMAC, "anonymize.zeromac", false, "Zero the link-layer addresses of saved frames (a client on the server's link is known by its MAC address)")
+	fs.BoolVar(&c.tsOffset, "anonymize.tsoffset", false, "Add to each end's TCP timestamps (TSval, and the TSecr echoing it) a constant per flow drawn from -anonymize.keyfile: differences kept, the clock offset that links a host's flows hidden")
 	fs.DurationVar(&c.captureDuration, "captureduration", 30*time.Second, "Save a flow's packets for at most this long after its first packet")
 	fs.StringVar(&c.dataDir, "datadir", ".", "Directory under which YYYY/MM/DD/<uuid>.pcap files are written")
 	fs.DurationVar(&c.flowTimeout, "flowtimeout", 30*time.Second, "A flow with no packet for this long has ended")
@@ -219,8 +223,10 @@ func parse(args []string, c *config, stderr io.Writer) error {
 	switch {
 	case c.anonymize.Value == "cryptopan" && c.keyFile == "":
 		return errors.New("-anonymize.ip=cryptopan needs -anonymize.keyfile")
-	case c.anonymize.Value != "cryptopan" && c.keyFile != "":
-		return errors.New("-anonymize.keyfile goes with -anonymize.ip=cryptopan")
+	case c.tsOffset && c.keyFile == "":
+		return errors.New("-anonymize.tsoffset needs -anonymize.keyfile")
+	case c.anonymize.Value != "cryptopan" && !c.tsOffset && c.keyFile != "":
+		return errors.New("-anonymize.keyfile goes with -anonymize.ip=cryptopan or -anonymize.tsoffset")
 	case c.keyFile != "":
 		key, err := anonymize.ReadKey(c.keyFile)
 		if err != nil {
@@ -317,7 +323,7 @@ func runOffline(ctx context.Context, c *config) (int, error) {
 	}
 	o := offline.Options{Read: c.read, Events: c.events, Stdin: os.Stdin, Dir: c.dataDir,
 		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
-		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Key: c.key, Local: c.local, Compress: c.compress}
+		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Key: c.key, ZeroMAC: c.zeroMAC, TSOffset: c.tsOffset, Local: c.local, Compress: c.compress}
 	if !c.quiet && isTerminal(os.Stderr) {
 		o.Progress = os.Stderr
 	}

@@ -71,6 +71,8 @@ func TestParse(t *testing.T) {
 		{"cryptopan", append([]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", writeFile(t, strings.Repeat("ab", 32)+"\n")}, ok...), nil, ""},
 		{"cryptopan without key", append([]string{"-anonymize.ip=cryptopan"}, ok...), nil, "needs -anonymize.keyfile"},
 		{"key without cryptopan", append([]string{"-anonymize.keyfile", file}, ok...), nil, "goes with -anonymize.ip=cryptopan"},
+		{"tsoffset without key", append([]string{"-anonymize.tsoffset"}, ok...), nil, "needs -anonymize.keyfile"},
+		{"tsoffset with netblock", append([]string{"-anonymize.ip=netblock", "-anonymize.tsoffset", "-anonymize.zeromac", "-anonymize.keyfile", writeFile(t, strings.Repeat("x", 32))}, ok...), nil, ""},
 		{"short key", append([]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", writeFile(t, "secret-bytes")}, ok...), nil, "not a Crypto-PAn key"},
 		{"missing key file", append([]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", "/nonexistent"}, ok...), nil, "no such file"},
 		{"cryptopan from the environment", ok, map[string]string{"ANONYMIZE_IP": "cryptopan", "ANONYMIZE_KEYFILE": writeFile(t, strings.Repeat("x", 32))}, ""},

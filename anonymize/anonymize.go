@@ -69,9 +69,11 @@ func (m Mode) String() string {
 // Anonymizer masks addresses according to a mode. The zero value masks
 // nothing.
 type Anonymizer struct {
-	mode  Mode
-	local [][16]byte
-	cp    *CryptoPAn // in Keyed mode
+	mode    Mode
+	local   [][16]byte
+	cp      *CryptoPAn // in Keyed mode
+	zeroMAC bool       // see Config
+	ts      *tsKey     // with Config.TSOffset
 }
 
 // New returns an anonymizer for the mode (None or Netblock) that never
@@ -155,17 +157,7 @@ func (a *Anonymizer) Apply(b []byte, p *packet.Parsed, maskSrc, maskDst bool) {
 		updateChecksum(b, p.TCPOffset+16, delta)
 		return
 	}
-	// IPv6: the TCP pseudo-header's source is the Home Address option's
-	// address when there is one, its destination the Routing header's
-	// final one while segments are left; only their deltas go into the
-	// checksum (TestExtensionHeaders).
-	srcPseudo, dstPseudo := p.SrcOffset, p.DstOffset
-	if p.HomeOffset != 0 {
-		srcPseudo = p.HomeOffset
-	}
-	if p.RouteFinal != 0 {
-		dstPseudo = p.RouteFinal
-	}
+	srcPseudo, dstPseudo := pseudoOffsets(p)
 	var delta uint32
 	maskAt := func(off int) {
 		if d := mask(b, off, false); off == srcPseudo || off == dstPseudo {
@@ -213,13 +205,7 @@ func (a *Anonymizer) ApplyMapped(b []byte, p *packet.Parsed, src, dst *[16]byte)
 		updateChecksum(b, p.TCPOffset+16, delta)
 		return
 	}
-	srcPseudo, dstPseudo := p.SrcOffset, p.DstOffset
-	if p.HomeOffset != 0 {
-		srcPseudo = p.HomeOffset
-	}
-	if p.RouteFinal != 0 {
-		dstPseudo = p.RouteFinal
-	}
+	srcPseudo, dstPseudo := pseudoOffsets(p)
 	var delta uint32
 	write := func(off int, to []byte) {
 		if d := rewrite(b, off, 16, to); off == srcPseudo || off == dstPseudo {
@@ -264,6 +250,21 @@ func rewrite(b []byte, off, n int, to []byte) uint32 {
 	}
 	copy(b[off:off+n], to[:n])
 	return delta
+}
+
+// pseudoOffsets returns where the TCP pseudo-header's addresses of an IPv6
+// packet are: its source is the Home Address option's address when there
+// is one, its destination the Routing header's final one while segments
+// are left; only their deltas go into the checksum (TestExtensionHeaders).
+func pseudoOffsets(p *packet.Parsed) (src, dst int) {
+	src, dst = p.SrcOffset, p.DstOffset
+	if p.HomeOffset != 0 {
+		src = p.HomeOffset
+	}
+	if p.RouteFinal != 0 {
+		dst = p.RouteFinal
+	}
+	return src, dst
 }
 
 // shouldMaskAt reports whether the 16-byte address at off in b is masked.

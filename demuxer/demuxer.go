@@ -210,12 +210,12 @@ type flow struct {
 	key          packet.Key
 	st           state
 	maskA, maskB bool
-	mapped       *[2][16]byte // A's and B's addresses as saved, in cryptopan mode (computed once)
-	syn          bool         // the flow began with a pure SYN; synSeq is its sequence number
-	lookedUp     bool         // Options.Lookup was asked
-	inWaiting    bool         // in Demuxer.waiting (else in Demuxer.settled)
-	synced       bool         // a SYN-ACK was seen, or ACKs from both ends: RFC 5961 applies
-	ended        bool         // both FINs or an accepted RST: a new SYN is a new connection
+	anon         *flowAnon // per-flow anonymization state, computed once (cryptopan, timestamp offsets)
+	syn          bool      // the flow began with a pure SYN; synSeq is its sequence number
+	lookedUp     bool      // Options.Lookup was asked
+	inWaiting    bool      // in Demuxer.waiting (else in Demuxer.settled)
+	synced       bool      // a SYN-ACK was seen, or ACKs from both ends: RFC 5961 applies
+	ended        bool      // both FINs or an accepted RST: a new SYN is a new connection
 	synSeq       uint32
 	ends         [2]end // A and B
 	first, last  int64  // unix nanoseconds
@@ -431,7 +431,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	end := min(p.HeaderEnd, len(data), d.o.MaxHeaderSize)
 	rec := f.buf.Append(ts, origLen, data[:end])
-	if f.mapped != nil {
+	if fa := f.anon; fa != nil && fa.mapped {
 		src, dst := f.side(0), f.side(1)
 		if !srcIsA {
 			src, dst = dst, src
@@ -444,16 +444,32 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 		}
 		d.o.Anonymizer.Apply(rec, p, maskSrc, maskDst)
 	}
+	if fa := f.anon; fa != nil && fa.shiftTS {
+		valOff, ecrOff := fa.ts[0], fa.ts[1] // the sender's clock, the echoed one
+		if !srcIsA {
+			valOff, ecrOff = ecrOff, valOff
+		}
+		anonymize.ShiftTimestamps(rec, p, valOff, ecrOff)
+	}
+	d.o.Anonymizer.ZeroLinkAddrs(rec, d.o.LinkType)
 	if f.st == named && f.buf.Bytes() >= d.spill && f.buf.Full() {
 		d.push(f)
 	}
+}
+
+// flowAnon is a flow's anonymization state, computed at its first packet.
+type flowAnon struct {
+	addr    [2][16]byte // A's and B's addresses as saved (cryptopan)
+	mapped  bool        // addr applies
+	ts      [2]uint32   // A's and B's timestamp offsets
+	shiftTS bool
 }
 
 // side returns the saved address of end i (0: A, 1: B) in cryptopan mode,
 // or nil when it is kept.
 func (f *flow) side(i int) *[16]byte {
 	if i == 0 && f.maskA || i == 1 && f.maskB {
-		return &f.mapped[i]
+		return &f.anon.addr[i]
 	}
 	return nil
 }
@@ -617,16 +633,20 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 	f := &flow{key: k, first: tsn, syn: pureSYN, synSeq: seq}
 	f.maskA = d.o.Anonymizer.ShouldMask(&k.A)
 	f.maskB = d.o.Anonymizer.ShouldMask(&k.B)
-	if (f.maskA || f.maskB) && d.o.Anonymizer.Mode() == anonymize.Keyed {
-		// The mapping costs dozens of AES blocks: once per flow, not per
-		// packet (BenchmarkMap, BenchmarkPacket/cryptopan).
-		f.mapped = new([2][16]byte)
-		if f.maskA {
-			f.mapped[0] = d.o.Anonymizer.Map(k.A)
+	if d.o.Anonymizer.PerFlow() {
+		// A mapping costs dozens of AES blocks, the timestamp offsets
+		// three: once per flow, not per packet (BenchmarkMap,
+		// BenchmarkPacket/*/cryptopan).
+		fa := &flowAnon{mapped: d.o.Anonymizer.Mode() == anonymize.Keyed && (f.maskA || f.maskB)}
+		if fa.mapped && f.maskA {
+			fa.addr[0] = d.o.Anonymizer.Map(k.A)
 		}
-		if f.maskB {
-			f.mapped[1] = d.o.Anonymizer.Map(k.B)
+		if fa.mapped && f.maskB {
+			fa.addr[1] = d.o.Anonymizer.Map(k.B)
 		}
+		fa.ts[0], fa.ts[1] = d.o.Anonymizer.TSOffsets(&k)
+		fa.shiftTS = fa.ts != [2]uint32{}
+		f.anon = fa
 	}
 	d.flows[k] = f
 	if e := d.o.Names.Claim(k, time.Unix(0, tsn)); e != nil {

@@ -42,6 +42,7 @@ type daemon struct {
 	capDur    time.Duration
 	netblock  bool
 	anon      *anonymize.Anonymizer // the cryptopan twin's mapping, computed by the test from the key
+	tsShift   bool                  // the daemon zeroes MACs and shifts TCP timestamps
 	hostname  string                // when set, the daemon runs with this host name
 	wrap      []string              // when set, the command that runs the daemon's command line
 	cmd       *exec.Cmd             // set by lab.startDaemon
@@ -162,12 +163,13 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 	// The cryptopan twin, split offline with the key, byte for byte:
 	// addresses mapped alike, checksums alike (compared as a plain run).
 	twin := *daemons[3]
-	twin.anon = nil
+	twin.anon, twin.tsShift = nil, false
 	checkOffline(t, l, &twin, refFile, opens, ref, captureStart, append([]string{"-localaddr", l.srv4.String(), "-localaddr", l.srv6.String()}, twin.args...))
 }
 
 // cryptopanTwin is the netblock daemon's twin with Crypto-PAn, its key a
-// fresh random one.
+// fresh random one, and the other remedies: MAC addresses zeroed, TCP
+// timestamps shifted per flow.
 func cryptopanTwin(t *testing.T, l *lab) *daemon {
 	key := make([]byte, anonymize.KeySize)
 	if _, err := rand.Read(key); err != nil {
@@ -181,8 +183,8 @@ func cryptopanTwin(t *testing.T, l *lab) *daemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &daemon{name: "cryptopan", args: []string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", file, "-captureduration=2s", "-uuidwaitduration=1s"},
-		capDur: 2 * time.Second, anon: anon}
+	return &daemon{name: "cryptopan", args: []string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", file, "-anonymize.tsoffset", "-anonymize.zeromac", "-captureduration=2s", "-uuidwaitduration=1s"},
+		capDur: 2 * time.Second, anon: anon, tsShift: true}
 }
 
 // checkPrefixes checks, from the cryptopan twin's files, that each client
@@ -450,6 +452,9 @@ type refPacket struct {
 	addrOff   [2]int // offsets of the source and destination addresses
 	ipCsumOff int
 	tcpOff    int
+	tsOff     int    // offset of the timestamps option's TSval, 0 without
+	tsval     uint32 // and its values, by gopacket
+	tsecr     uint32
 }
 
 func decode(t testing.TB, r record) (refPacket, bool) {
@@ -484,6 +489,15 @@ func decode(t testing.TB, r record) (refPacket, bool) {
 	rp.key = keyOf(rp.src, netip.AddrPortFrom(dst, uint16(tl.DstPort)))
 	rp.seq = tl.Seq
 	rp.flags = tl.Contents[13]
+	for _, o := range tl.Options {
+		if o.OptionType == layers.TCPOptionKindTimestamps && len(o.OptionData) == 8 {
+			rp.tsval, rp.tsecr = binary.BigEndian.Uint32(o.OptionData), binary.BigEndian.Uint32(o.OptionData[4:])
+			// Its place, for matchKey: the option's 8 data bytes.
+			if i := bytes.Index(r.data[rp.tcpOff+20:rp.hdrEnd], append([]byte{8, 10}, o.OptionData...)); i >= 0 {
+				rp.tsOff = rp.tcpOff + 20 + i + 2
+			}
+		}
+	}
 	return rp, true
 }
 
@@ -736,6 +750,9 @@ func compareFlow(t *testing.T, got []record, want []refPacket, d *daemon, l *lab
 		}
 		c := &cand{p: p, mandatory: age <= d.capDur-timestampOutlier && p.ts.Before(d.stoppedAt)}
 		k := matchKey(p.data[:p.hdrEnd], p, d.netblock || d.anon != nil, p.origLen)
+		if d.tsShift {
+			k = shiftedKey(p.data[:p.hdrEnd], p, p.origLen)
+		}
 		byKey[k] = append(byKey[k], c)
 	}
 	type saved struct {
@@ -762,12 +779,19 @@ func compareFlow(t *testing.T, got []record, want []refPacket, d *daemon, l *lab
 			}
 		}
 		k := matchKey(g.data, gp, d.netblock || d.anon != nil, g.origLen)
+		if d.tsShift {
+			if msg := checkZeroMAC(g.data); msg != "" {
+				return fmt.Sprintf("packet %d: %s", i, msg)
+			}
+			k = shiftedKey(g.data, gp, g.origLen)
+		}
 		gotByKey[k] = append(gotByKey[k], saved{i, g})
 	}
 	// Packets with equal headers (rare: a retransmission within the same
 	// TCP timestamp tick) are paired in time order, each with the nearest
 	// reference packet not yet used.
 	var deltas []time.Duration
+	var shifts []tsShift
 	for k, gs := range gotByKey {
 		cs := byKey[k]
 		sort.Slice(gs, func(a, b int) bool { return gs[a].r.ts.Before(gs[b].r.ts) })
@@ -790,6 +814,11 @@ func compareFlow(t *testing.T, got []record, want []refPacket, d *daemon, l *lab
 			}
 			best.used = true
 			deltas = append(deltas, absDur(best.p.ts.Sub(g.r.ts)))
+			if d.tsShift {
+				gp, _ := decode(t, g.r)
+				shifts = append(shifts, tsShift{from: best.p.src, val: gp.tsval - best.p.tsval, ecr: gp.tsecr - best.p.tsecr,
+					hasTS: best.p.tsOff != 0, echoes: best.p.flags&0x10 != 0})
+			}
 		}
 	}
 	missing := 0
@@ -804,6 +833,66 @@ func compareFlow(t *testing.T, got []record, want []refPacket, d *daemon, l *lab
 		return fmt.Sprintf("%d reference packets missing from the file (%d saved, %d in the reference)", missing, len(got), len(want))
 	}
 	tm.deltas = append(tm.deltas, deltas...)
+	if d.tsShift {
+		return checkShifts(shifts)
+	}
+	return ""
+}
+
+// tsShift is what the daemon added to a saved packet's timestamps.
+type tsShift struct {
+	from          netip.AddrPort // the sender
+	val, ecr      uint32
+	hasTS, echoes bool
+}
+
+// checkShifts checks that each end's TSval was shifted by one nonzero
+// constant over the flow, and each TSecr by the other end's.
+func checkShifts(shifts []tsShift) string {
+	by := map[netip.AddrPort]uint32{}
+	for _, s := range shifts {
+		if !s.hasTS {
+			continue
+		}
+		if v, ok := by[s.from]; ok && v != s.val {
+			return fmt.Sprintf("%v's TSval shifted by %d and by %d in one flow", s.from, v, s.val)
+		}
+		by[s.from] = s.val
+	}
+	for _, s := range shifts {
+		if !s.hasTS || !s.echoes {
+			continue
+		}
+		for end, v := range by {
+			if end != s.from && v != s.ecr {
+				return fmt.Sprintf("%v's TSecr shifted by %d, the other end's TSval by %d", s.from, s.ecr, v)
+			}
+		}
+	}
+	for end, v := range by {
+		if v == 0 {
+			return fmt.Sprintf("%v's timestamps were not shifted", end)
+		}
+	}
+	return ""
+}
+
+// shiftedKey is matchKey for a daemon that also zeroes MAC addresses and
+// shifts timestamps: those fields are left out too (checkShifts and
+// checkZeroMAC check them).
+func shiftedKey(b []byte, p refPacket, origLen int) string {
+	b = bytes.Clone(b[:min(len(b), p.hdrEnd)])
+	clear(b[:12])
+	if p.tsOff != 0 {
+		clear(b[p.tsOff : p.tsOff+8])
+	}
+	return matchKey(b, p, true, origLen)
+}
+
+func checkZeroMAC(b []byte) string {
+	if !bytes.Equal(b[:12], make([]byte, 12)) {
+		return fmt.Sprintf("MAC addresses %x not zeroed", b[:12])
+	}
 	return ""
 }
 
@@ -854,11 +943,17 @@ func checkMasked(p refPacket, l *lab) string {
 			return fmt.Sprintf("address %d is %v: neither the server's nor a masked client's", side, a)
 		}
 	}
+	return checkChecksums(p, "masking")
+}
+
+// checkChecksums checks the IPv4 header checksum and, for segments without
+// payload (whose checksummed bytes are all saved), the TCP checksum.
+func checkChecksums(p refPacket, after string) string {
 	if p.ip4 && checksum(p.data[14:p.tcpOff], 0) != 0xffff {
-		return "IPv4 header checksum is not valid after masking"
+		return "IPv4 header checksum is not valid after " + after
 	}
 	if p.payload == 0 && !tcpChecksumValid(p.data, p) {
-		return "TCP checksum is not valid after masking"
+		return "TCP checksum is not valid after " + after
 	}
 	return ""
 }
@@ -882,13 +977,7 @@ func checkMapped(p refPacket, l *lab, anon *anonymize.Anonymizer) string {
 			return fmt.Sprintf("address %d is %v: neither the server's nor a mapped client's", side, a)
 		}
 	}
-	if p.ip4 && checksum(p.data[14:p.tcpOff], 0) != 0xffff {
-		return "IPv4 header checksum is not valid after mapping"
-	}
-	if p.payload == 0 && !tcpChecksumValid(p.data, p) {
-		return "TCP checksum is not valid after mapping"
-	}
-	return ""
+	return checkChecksums(p, "mapping")
 }
 
 // nanosecondMagic reports whether a pcap file declares nanosecond

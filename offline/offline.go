@@ -59,7 +59,9 @@ type Options struct {
 	UUIDWait        time.Duration
 	Stream          bool
 	Anonymize       anonymize.Mode
-	Key             []byte // the Crypto-PAn key, in anonymize.Keyed mode
+	Key             []byte // the key of anonymize.Keyed mode and of TSOffset
+	ZeroMAC         bool   // see anonymize.Config
+	TSOffset        bool   // see anonymize.Config
 	// Local are the server's addresses, kept by netblock anonymization; the
 	// local ends of the events' connections are added to them.
 	Local []netip.Addr
@@ -282,7 +284,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	p, err := pipeline.New(pipeline.Config{
 		Saver:         saver.Options{Dir: o.Dir, Snaplen: o.MaxHeaderSize, Compress: o.Compress},
 		MaxHeaderSize: o.MaxHeaderSize, CaptureDuration: o.CaptureDuration, FlowTimeout: o.FlowTimeout,
-		UUIDWait: o.UUIDWait, Stream: o.Stream, Anonymize: o.Anonymize, Key: o.Key, Local: local, Now: now,
+		UUIDWait: o.UUIDWait, Stream: o.Stream, Anonymize: o.Anonymize, Key: o.Key, ZeroMAC: o.ZeroMAC, TSOffset: o.TSOffset, Local: local, Now: now,
 	})
 	if err != nil {
 		return sum, err

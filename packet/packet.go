@@ -398,17 +398,31 @@ func (p *Parsed) decodeTCP(b []byte, off, ipEnd int) Kind {
 // the TCP header decoded from frame b, if it has one within the captured
 // bytes. It is meant for SYN segments, the only ones that carry it.
 func (p *Parsed) WindowScale(b []byte) (uint8, bool) {
+	off, ok := p.option(b, 3, 3)
+	if !ok {
+		return 0, false
+	}
+	return min(b[off+2], 14), true
+}
+
+// Timestamps returns the offset in b of the TCP timestamps option (kind 8,
+// length 10: TSval at off+2, TSecr at off+6), when the segment has one and
+// all of it is in b.
+func (p *Parsed) Timestamps(b []byte) (off int, ok bool) { return p.option(b, 8, 10) }
+
+// option finds the TCP option of the given kind and length within b.
+func (p *Parsed) option(b []byte, kind, length byte) (int, bool) {
 	end := min(p.HeaderEnd, len(b))
 	for i := p.TCPOffset + 20; i < end; {
-		switch kind := b[i]; kind {
+		switch b[i] {
 		case 0: // end of options
 			return 0, false
 		case 1: // no-operation
 			i++
 			continue
-		case 3:
-			if i+2 < end && b[i+1] == 3 {
-				return min(b[i+2], 14), true
+		case kind:
+			if i+int(length) <= end && b[i+1] == length {
+				return i, true
 			}
 			return 0, false
 		}

@@ -34,7 +34,9 @@ type Config struct {
 	UUIDWait        time.Duration
 	Stream          bool
 	Anonymize       anonymize.Mode
-	Key             []byte // the Crypto-PAn key, in anonymize.Keyed mode
+	Key             []byte // the key of anonymize.Keyed mode and of TSOffset
+	ZeroMAC         bool   // see anonymize.Config
+	TSOffset        bool   // see anonymize.Config
 	// Local are the server's addresses, which anonymization keeps.
 	Local []netip.Addr
 	// Authoritative makes tcp-info's announcements win over the kernel's
@@ -61,12 +63,9 @@ type Pipeline struct {
 // New builds the pipeline; it fails only when the saver cannot use its
 // directories, or the Crypto-PAn key is not one.
 func New(c Config) (*Pipeline, error) {
-	anon := anonymize.New(c.Anonymize, c.Local)
-	if c.Anonymize == anonymize.Keyed {
-		var err error
-		if anon, err = anonymize.NewKeyed(c.Key, c.Local); err != nil {
-			return nil, err
-		}
+	anon, err := anonymize.NewConfig(anonymize.Config{Mode: c.Anonymize, Local: c.Local, Key: c.Key, ZeroMAC: c.ZeroMAC, TSOffset: c.TSOffset})
+	if err != nil {
+		return nil, err
 	}
 	sv, err := saver.New(c.Saver)
 	if err != nil {
