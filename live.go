@@ -19,14 +19,12 @@ import (
 	"github.com/m-lab/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/health"
 	pm "github.com/m-lab/packet-headers/metrics/exporter"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/pipeline"
-	"github.com/m-lab/packet-headers/saver"
 	"github.com/m-lab/packet-headers/sockdiag"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
@@ -59,10 +57,6 @@ func run(ctx context.Context, c *config) (int, error) {
 // kernel's and tcp-info's UUIDs) and its reports (metrics, health), and
 // shuts it down when ctx is done. Everything opened is closed by a defer.
 func live(ctx context.Context, c *config) error {
-	mode, err := anonymize.ParseMode(c.anonymize.Value)
-	if err != nil {
-		return usage(err)
-	}
 	if c.maxProcs > 0 {
 		// One processor: a goroutine made runnable (the capture's, once
 		// per block of frames) never wakes a second thread to look for
@@ -73,7 +67,7 @@ func live(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
-	p, err := newPipeline(c, mode, local)
+	p, err := newPipeline(c, local)
 	if err != nil {
 		return err
 	}
@@ -96,7 +90,7 @@ func live(ctx context.Context, c *config) error {
 		return err
 	}
 	defer closeAll(handles)
-	logStart(c, p, handles, local, mode, k)
+	logStart(c, p, handles, local, k)
 
 	x := &parts{p: p, kernel: k, memoryReleases: new(atomic.Uint64)}
 	bg, cancelBG := context.WithCancel(context.Background())
@@ -133,14 +127,12 @@ func interfaces(c *config) ([]capture.Interface, []netip.Addr, error) {
 
 // newPipeline builds the pipeline the flags describe, and today's and
 // tomorrow's directories.
-func newPipeline(c *config, mode anonymize.Mode, local []netip.Addr) (*pipeline.Pipeline, error) {
-	p, err := pipeline.New(pipeline.Config{
-		Saver: saver.Options{Dir: c.dataDir, PartialDir: c.partialDir, Snaplen: c.maxHeaderSize,
-			MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent, Compress: c.compress},
-		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
-		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Key: c.key, ZeroMAC: c.zeroMAC, TSOffset: c.tsOffset, Local: local,
-		Authoritative: c.eventSocket != "", MaxFlows: c.maxFlows, MaxHeap: uint64(c.maxHeap),
-	})
+func newPipeline(c *config, local []netip.Addr) (*pipeline.Pipeline, error) {
+	cfg := c.pipelineConfig()
+	cfg.Saver.PartialDir, cfg.Saver.MinFreeBytes, cfg.Saver.MinFreePercent = c.partialDir, c.minFree.bytes, c.minFree.percent
+	cfg.Local, cfg.Authoritative = local, c.eventSocket != ""
+	cfg.MaxFlows, cfg.MaxHeap = c.maxFlows, uint64(c.maxHeap)
+	p, err := pipeline.New(cfg)
 	if err != nil {
 		return nil, usage(err)
 	}
@@ -307,7 +299,7 @@ func openCaptures(c *config, ifaces []capture.Interface, local []netip.Addr) ([]
 	return handles, nil
 }
 
-func logStart(c *config, p *pipeline.Pipeline, handles []*capture.Live, local []netip.Addr, mode anonymize.Mode, k *kernelNames) {
+func logStart(c *config, p *pipeline.Pipeline, handles []*capture.Live, local []netip.Addr, k *kernelNames) {
 	ifnames := make([]string, len(handles))
 	for i, h := range handles {
 		ifnames[i] = h.Name()
@@ -320,7 +312,7 @@ func logStart(c *config, p *pipeline.Pipeline, handles []*capture.Live, local []
 		sources = append(sources, "kernel socket cookies")
 	}
 	log.Printf("packet-headers: capturing on %s, %d local addresses, writing to %s (anonymize=%s, stream=%v, UUIDs from %s)",
-		strings.Join(ifnames, ","), len(local), p.Saver.Dir(), mode, c.stream, strings.Join(sources, " and "))
+		strings.Join(ifnames, ","), len(local), p.Saver.Dir(), c.mode, c.stream, strings.Join(sources, " and "))
 }
 
 // eventHandler feeds eventsocket events into the pipeline, and keeps the

@@ -40,12 +40,14 @@ import (
 	"github.com/m-lab/packet-headers/health"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/offline"
+	"github.com/m-lab/packet-headers/pipeline"
 	"github.com/m-lab/packet-headers/saver"
 )
 
 // config holds every flag.
 type config struct {
 	anonymize       flagx.Enum
+	mode            anonymize.Mode // parsed from anonymize
 	keyFile         string
 	key             []byte // read from keyFile; never logged
 	zeroMAC         bool
@@ -220,6 +222,11 @@ func parse(args []string, c *config, stderr io.Writer) error {
 	case len(c.localAddrs) > 0 && c.read == "":
 		return errors.New("-localaddr is for offline mode (-read); live mode knows its addresses")
 	}
+	mode, err := anonymize.ParseMode(c.anonymize.Value)
+	if err != nil {
+		return err
+	}
+	c.mode = mode
 	switch {
 	case c.anonymize.Value == "cryptopan" && c.keyFile == "":
 		return errors.New("-anonymize.ip=cryptopan needs -anonymize.keyfile")
@@ -317,13 +324,7 @@ func notWritten(sv *saver.Saver) string {
 // runOffline splits a capture file into per-flow files and prints a
 // one-line summary.
 func runOffline(ctx context.Context, c *config) (int, error) {
-	mode, err := anonymize.ParseMode(c.anonymize.Value)
-	if err != nil {
-		return 2, err
-	}
-	o := offline.Options{Read: c.read, Events: c.events, Stdin: os.Stdin, Dir: c.dataDir,
-		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
-		UUIDWait: c.uuidWait, Stream: c.stream, Anonymize: mode, Key: c.key, ZeroMAC: c.zeroMAC, TSOffset: c.tsOffset, Local: c.local, Compress: c.compress}
+	o := offline.Options{Read: c.read, Events: c.events, Stdin: os.Stdin, Config: c.pipelineConfig()}
 	if !c.quiet && isTerminal(os.Stderr) {
 		o.Progress = os.Stderr
 	}
@@ -342,6 +343,18 @@ func runOffline(ctx context.Context, c *config) (int, error) {
 		return 1, err
 	}
 	return 0, nil
+}
+
+// pipelineConfig is what live and offline mode build alike from the
+// flags; live mode adds its limits, free-space rule, partial directory and
+// the addresses it finds.
+func (c *config) pipelineConfig() pipeline.Config {
+	return pipeline.Config{
+		Saver:         saver.Options{Dir: c.dataDir, Compress: c.compress},
+		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
+		UUIDWait: c.uuidWait, Stream: c.stream, Local: c.local,
+		Anonymize: c.mode, Key: c.key, ZeroMAC: c.zeroMAC, TSOffset: c.tsOffset,
+	}
 }
 
 func isTerminal(f *os.File) bool {

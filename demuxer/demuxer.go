@@ -257,6 +257,7 @@ type counters struct {
 	captured, afterDur, noUUID, flowLimit, memLimit, shutdown uint64
 	undecodable                                               [packet.NumKinds]uint64
 	started, refusedFlows, refusedMem, uuidTimeout            uint64
+	endedShutdown                                             uint64 // flows unnamed at Close
 }
 
 // Counts are a demuxer's totals since it started.
@@ -301,7 +302,6 @@ type Demuxer struct {
 	// map's hashing and probing.
 	last  *flow
 	c     counters
-	pub   counters // what was published already
 	stats Stats
 	spill int                // a named flow's records are handed to the saver once it holds this many bytes
 	heap  []rtmetrics.Sample // for Limits.MaxHeap
@@ -716,7 +716,7 @@ func (d *Demuxer) nameOrDiscard(f *flow, shutdown bool) {
 func (d *Demuxer) discard(f *flow, shutdown bool) {
 	if shutdown {
 		d.c.shutdown += uint64(f.buf.Packets())
-		d.stats.Ended.Inc("shutdown")
+		d.c.endedShutdown++
 	} else {
 		d.c.noUUID += uint64(f.buf.Packets())
 		d.c.uuidTimeout++
@@ -856,35 +856,24 @@ func (d *Demuxer) Close() {
 }
 
 func (d *Demuxer) publish() {
-	st := &d.stats
-	add := func(to *metrics.Counters, value string, now uint64, was *uint64) {
-		if now != *was {
-			to.Add(value, now-*was)
-			*was = now
-		}
-	}
-	if d.c.captured != d.pub.captured {
-		st.Captured.Add(d.c.captured - d.pub.captured)
-		d.pub.captured = d.c.captured
-	}
-	if d.c.started != d.pub.started {
-		st.Started.Add(d.c.started - d.pub.started)
-		d.pub.started = d.c.started
-	}
-	add(st.Packets, "after_captureduration", d.c.afterDur, &d.pub.afterDur)
-	add(st.Packets, "no_uuid", d.c.noUUID, &d.pub.noUUID)
-	add(st.Packets, "flow_limit", d.c.flowLimit, &d.pub.flowLimit)
-	add(st.Packets, "memory_limit", d.c.memLimit, &d.pub.memLimit)
-	add(st.Packets, "shutdown_no_uuid", d.c.shutdown, &d.pub.shutdown)
-	add(st.Refused, "flow_limit", d.c.refusedFlows, &d.pub.refusedFlows)
-	add(st.Refused, "memory_limit", d.c.refusedMem, &d.pub.refusedMem)
-	add(st.Ended, "uuid_timeout", d.c.uuidTimeout, &d.pub.uuidTimeout)
+	st, c := &d.stats, &d.c
+	st.Captured.Store(c.captured)
+	st.Started.Store(c.started)
+	st.Packets.Store("after_captureduration", c.afterDur)
+	st.Packets.Store("no_uuid", c.noUUID)
+	st.Packets.Store("flow_limit", c.flowLimit)
+	st.Packets.Store("memory_limit", c.memLimit)
+	st.Packets.Store("shutdown_no_uuid", c.shutdown)
+	st.Refused.Store("flow_limit", c.refusedFlows)
+	st.Refused.Store("memory_limit", c.refusedMem)
+	st.Ended.Store("uuid_timeout", c.uuidTimeout)
+	st.Ended.Store("shutdown", c.endedShutdown)
 	var undecodable uint64
 	for k := packet.Kind(1); k < packet.NumKinds; k++ {
-		undecodable += d.c.undecodable[k] - d.pub.undecodable[k]
-		add(st.Undecodable, k.String(), d.c.undecodable[k], &d.pub.undecodable[k])
+		undecodable += c.undecodable[k]
+		st.Undecodable.Store(k.String(), c.undecodable[k])
 	}
-	st.Packets.Add("undecodable", undecodable)
+	st.Packets.Store("undecodable", undecodable)
 	st.mu.Lock()
 	for src, n := range d.named {
 		st.named[src] = n

@@ -44,6 +44,17 @@ func (c *Counters) Add(value string, n uint64) {
 	v.Add(n)
 }
 
+// Store sets the counter of value to n: for a counter with one writer
+// that keeps its totals itself (the demuxer, which publishes them at each
+// tick).
+func (c *Counters) Store(value string, n uint64) {
+	v, ok := c.m[value]
+	if !ok {
+		panic("metrics: counter value " + value + " was not declared")
+	}
+	v.Store(n)
+}
+
 // Inc adds one to the counter of value.
 func (c *Counters) Inc(value string) { c.Add(value, 1) }
 

@@ -147,7 +147,7 @@ func TestIdleGapStartsNewFlow(t *testing.T) {
 		t.Errorf("%d files, %d packets after -captureduration, %d without UUID; want a file per burst and none dropped (%s)", sum.Files, sum.AfterDuration, sum.NoUUID, sum)
 	}
 	total := 0
-	for _, b := range tree(t, o.Dir) {
+	for _, b := range tree(t, o.Saver.Dir) {
 		ci, _ := readRecords(t, b)
 		total += len(ci)
 	}
@@ -179,7 +179,7 @@ func TestFallbackNamesUnique(t *testing.T) {
 		if err != nil || sum.WriteErrors != 0 {
 			t.Fatalf("run %d: %v (%s)", run, err, sum)
 		}
-		files := tree(t, o.Dir)
+		files := tree(t, o.Saver.Dir)
 		if len(files) != 3 {
 			t.Fatalf("run %d: %d files, want 3: %v", run, len(files), keys(files))
 		}
@@ -233,7 +233,7 @@ func TestRepeatedOpen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	files := tree(t, o.Dir)
+	files := tree(t, o.Saver.Dir)
 	b, ok := files[filepath.Join("2026/11/25", "host_1_00000000000000AA.pcap")]
 	if !ok || len(files) != 1 {
 		t.Fatalf("files %v, want one, under the announced UUID (%s)", keys(files), sum)

@@ -42,7 +42,6 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/pipeline"
-	"github.com/m-lab/packet-headers/saver"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
 
@@ -52,22 +51,11 @@ type Options struct {
 	Events string    // eventsocket JSON Lines file, or "" for fallback names
 	Stdin  io.Reader // read when Read is "-"
 
-	Dir             string
-	MaxHeaderSize   int
-	CaptureDuration time.Duration
-	FlowTimeout     time.Duration
-	UUIDWait        time.Duration
-	Stream          bool
-	Anonymize       anonymize.Mode
-	Key             []byte // the key of anonymize.Keyed mode and of TSOffset
-	ZeroMAC         bool   // see anonymize.Config
-	TSOffset        bool   // see anonymize.Config
-	// Local are the server's addresses, kept by netblock anonymization; the
-	// local ends of the events' connections are added to them.
-	Local []netip.Addr
-
-	// Compress writes <uuid>.pcap.gz files.
-	Compress bool
+	// Config is the pipeline's: the data directory, durations, mode and
+	// anonymization. Its Local are the server's addresses, kept by
+	// anonymization; the local ends of the events' connections are added.
+	// Its Now is the packets' clock, set by Run.
+	pipeline.Config
 
 	// Progress, when set, gets a progress line every second.
 	Progress io.Writer
@@ -256,6 +244,7 @@ func newSource(r io.Reader) (source, error) {
 func Run(ctx context.Context, o Options) (Summary, error) {
 	var sum Summary
 	var evs []tcpeventsocket.Parsed
+	cfg := o.Config
 	local := append([]netip.Addr{}, o.Local...)
 	if o.Events != "" {
 		var err error
@@ -281,11 +270,8 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	// The packets' clock, in Unix nanoseconds: the latest timestamp read.
 	var clock int64
 	now := func() time.Time { return time.Unix(0, clock) }
-	p, err := pipeline.New(pipeline.Config{
-		Saver:         saver.Options{Dir: o.Dir, Snaplen: o.MaxHeaderSize, Compress: o.Compress},
-		MaxHeaderSize: o.MaxHeaderSize, CaptureDuration: o.CaptureDuration, FlowTimeout: o.FlowTimeout,
-		UUIDWait: o.UUIDWait, Stream: o.Stream, Anonymize: o.Anonymize, Key: o.Key, ZeroMAC: o.ZeroMAC, TSOffset: o.TSOffset, Local: local, Now: now,
-	})
+	cfg.Local, cfg.Now = local, now
+	p, err := pipeline.New(cfg)
 	if err != nil {
 		return sum, err
 	}

@@ -20,13 +20,15 @@ import (
 
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/pipeline"
+	"github.com/m-lab/packet-headers/saver"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/golden/")
 
 func options(dir, read, events string) Options {
-	return Options{Read: read, Events: events, Dir: dir, MaxHeaderSize: 256, CaptureDuration: 30 * time.Second,
-		FlowTimeout: 30 * time.Second, UUIDWait: 5 * time.Second}
+	return Options{Read: read, Events: events, Config: pipeline.Config{Saver: saver.Options{Dir: dir}, MaxHeaderSize: 256,
+		CaptureDuration: 30 * time.Second, FlowTimeout: 30 * time.Second, UUIDWait: 5 * time.Second}}
 }
 
 // TestGolden splits testdata/lab.pcap, a real capture from the namespace lab

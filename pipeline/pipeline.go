@@ -67,6 +67,9 @@ func New(c Config) (*Pipeline, error) {
 	if err != nil {
 		return nil, err
 	}
+	if c.Saver.Snaplen == 0 {
+		c.Saver.Snaplen = c.MaxHeaderSize // the files' snaplen is the records' longest
+	}
 	sv, err := saver.New(c.Saver)
 	if err != nil {
 		return nil, err
