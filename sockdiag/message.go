@@ -56,8 +56,12 @@ const (
 // TCP states (include/net/tcp_states.h) that matter here.
 const (
 	StateEstablished = 1
-	StateListen      = 10
-	StateNewSynRecv  = 12 // a request socket: its cookie is not the connection's
+	// StateSynRecv is how inet_diag reports a request socket (the kernel's
+	// tcp_req_diag_fill), whose cookie is not the connection's, and a
+	// child socket not yet established.
+	StateSynRecv    = 3
+	StateListen     = 10
+	StateNewSynRecv = 12 // a request socket's own state, should a kernel report it
 )
 
 // ErrNotFound is the kernel's answer for a 4-tuple with no socket.

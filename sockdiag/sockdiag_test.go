@@ -378,22 +378,25 @@ func TestSourceNamesEstablished(t *testing.T) {
 }
 
 // TestSourceWaitsForEstablishment answers with a request socket first (its
-// cookie is not the connection's), then with the established socket.
+// cookie is not the connection's), as inet_diag reports one (SYN_RECV) or
+// by its own state, then with the established socket.
 func TestSourceWaitsForEstablishment(t *testing.T) {
-	tbl := names.New(nil)
-	lk, ds := newFake(), newFake()
-	src := startSource(t, tbl, lk, ds)
-	s := sock(1000, 77, StateNewSynRecv)
-	lk.set(s)
-	src.Request(keyOf(s))
-	time.Sleep(30 * time.Millisecond)
-	if tbl.NamedSince(keyOf(s), time.Time{}) {
-		t.Fatal("named from a request socket's cookie")
-	}
-	s.Cookie, s.State = 78, StateEstablished
-	lk.set(s)
-	if e := waitClaim(t, tbl, keyOf(s)); e.Cookie != 78 {
-		t.Errorf("named from cookie %d, want 78", e.Cookie)
+	for _, state := range []uint8{StateSynRecv, StateNewSynRecv} {
+		tbl := names.New(nil)
+		lk, ds := newFake(), newFake()
+		src := startSource(t, tbl, lk, ds)
+		s := sock(1000, 77, state)
+		lk.set(s)
+		src.Request(keyOf(s))
+		time.Sleep(30 * time.Millisecond)
+		if tbl.NamedSince(keyOf(s), time.Time{}) {
+			t.Fatalf("named from a request socket's cookie (state %d)", state)
+		}
+		s.Cookie, s.State = 78, StateEstablished
+		lk.set(s)
+		if e := waitClaim(t, tbl, keyOf(s)); e.Cookie != 78 {
+			t.Errorf("state %d: named from cookie %d, want 78", state, e.Cookie)
+		}
 	}
 }
 

@@ -266,9 +266,12 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 				retry = append(retry, p)
 			case m.Err != nil:
 				s.Lookups.Inc("error")
-			case m.Socket.State == StateNewSynRecv || m.Socket.Cookie == 0:
+			case m.Socket.State == StateSynRecv || m.Socket.State == StateNewSynRecv || m.Socket.Cookie == 0:
+				// Looked up as the handshake's last ACK is captured, before
+				// TCP has made the connection's socket of the request's
+				// (TestSourceWaitsForEstablishment).
 				s.Lookups.Inc("not_established")
-				p.handshake = m.Socket.State == StateNewSynRecv
+				p.handshake = m.Socket.State != StateEstablished
 				retry = append(retry, p)
 			default:
 				s.Lookups.Inc("found")
