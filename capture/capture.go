@@ -91,6 +91,12 @@ type Stats struct {
 	IfaceDropped uint64 // frames dropped by the interface or its driver
 }
 
+func (s *Stats) add(o Stats) {
+	s.Received += o.Received
+	s.Dropped += o.Dropped
+	s.IfaceDropped += o.IfaceDropped
+}
+
 // Handle is a live capture on one interface.
 type Handle struct {
 	name     string

@@ -26,9 +26,11 @@ type Live struct {
 	filter func() string // called at each open
 	up     atomic.Bool
 
-	mu       sync.Mutex // guards h and closed
+	mu       sync.Mutex // guards h, closed and base
 	h        *Handle
 	closed   bool
+	base     Stats         // the counters of the handles that failed
+	failures atomic.Uint64 // reads that failed and closed the handle
 	linkType packet.LinkType
 	retryAt  time.Time
 
@@ -90,7 +92,13 @@ func (l *Live) Read() ([]byte, time.Time, int, error) {
 		l.mu.Lock()
 		if l.h == h {
 			l.h = nil
+			// The failed handle's last counters carry over, so that Stats
+			// never goes back (a flow's drops are differences of them).
+			if s, err := h.Stats(); err == nil {
+				l.base.add(s)
+			}
 		}
+		l.failures.Add(1)
 		l.retryAt = time.Now().Add(RetryInterval)
 		l.mu.Unlock()
 		h.Close()
@@ -141,13 +149,34 @@ func (l *Live) reopen() {
 	log.Printf("capture: %s is back; capturing again", l.name)
 }
 
-// Stats returns the current handle's counters (they restart at a reopen).
+// Stats returns the counters since OpenLive, over every reopen. It fails
+// while the capture is down or closed.
 func (l *Live) Stats() (Stats, error) {
-	h, closed := l.current()
-	if closed || h == nil {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || l.h == nil {
 		return Stats{}, ErrClosed
 	}
-	return h.Stats()
+	s, err := l.h.Stats()
+	if err != nil {
+		return Stats{}, err
+	}
+	s.add(l.base)
+	return s, nil
+}
+
+// Totals returns the frames the kernel dropped since OpenLive (over every
+// reopen, as far as the last Stats of each handle saw), and how many times
+// the capture failed and closed its handle. It costs a system call.
+func (l *Live) Totals() (dropped, failures uint64) {
+	f := l.failures.Load() // first: a failure after it is seen at the next call
+	s, err := l.Stats()
+	if err != nil {
+		l.mu.Lock()
+		s = l.base
+		l.mu.Unlock()
+	}
+	return s.Dropped + s.IfaceDropped, f
 }
 
 // Close stops the capture for good.

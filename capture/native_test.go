@@ -132,11 +132,26 @@ func testDrops(t *testing.T, delay time.Duration) {
 	if h.reader() != "native" || h.r.slots*h.r.slotSize != 2*nativeBlockSize {
 		t.Fatalf("reader %s, want native with two blocks", h.reader())
 	}
-	c := sinkConn(t, ln)
-	c.(*net.TCPConn).SetNoDelay(true)
-	for i := 0; i < 20000; i++ { // thousands of frames: more than two 256 KiB blocks hold, in frames of either kind
-		c.Write([]byte{1})
+	// Thousands of frames, more than two 256 KiB blocks hold in frames of
+	// either kind: connections, each at least a handshake and two FINs
+	// (small writes on one connection may be coalesced into a few frames).
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	for i := 0; i < 1500; i++ {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
 	}
+	c := sinkConn(t, ln)
 	time.Sleep(100 * time.Millisecond)
 	s, err := h.Stats()
 	if err != nil || s.Dropped == 0 || s.Received <= s.Dropped {
