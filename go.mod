@@ -8,6 +8,7 @@ require (
 	github.com/m-lab/tcp-info v1.9.0
 	github.com/m-lab/uuid v1.0.2
 	github.com/prometheus/client_golang v1.25.0
+	github.com/santhosh-tekuri/jsonschema/v6 v6.0.2
 	golang.org/x/sys v0.48.0
 	k8s.io/api v0.37.2
 	sigs.k8s.io/yaml v1.6.0

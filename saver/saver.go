@@ -35,6 +35,16 @@
 // partial file is removed, the error counted and the flow's data dropped;
 // other flows are unaffected (TestNoCrossWiring).
 //
+// # Flow index
+//
+// Each Flow's End gives its index record; the record is written once the
+// file is published (by the flow's writer, or after it, on a goroutine of
+// its own), never for a file that was not, into one partial file per day
+// directory and hour of the flows' ends, which PublishIndex renames into
+// the day directory as flows-YYYYMMDDTHHZ.jsonl when the hour has closed
+// (IndexGrace later) or at shutdown, never over an existing file. New
+// publishes the whole records of the index files a crash left.
+//
 // The file format is classic pcap with nanosecond timestamps (magic
 // 0xa1b23c4d), little-endian, with the snaplen and link type given. With
 // Compress, each batch of records written is one gzip member, compressed
@@ -62,6 +72,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/m-lab/packet-headers/index"
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
@@ -140,6 +151,7 @@ type Saver struct {
 	prepared atomic.Int64
 	mu       sync.Mutex
 	writing  map[*Flow]struct{} // started and not finished, for Writing
+	index    *indexWriter
 }
 
 // New prepares the data directory: it creates it and its partial directory,
@@ -157,6 +169,7 @@ func New(opts Options) (*Saver, error) {
 		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0))), writing: map[*Flow]struct{}{},
 		counts: Counts{WriteErrors: metrics.NewCounters(WriteOps...), Flows: metrics.NewCounters(Outcomes...), Packets: metrics.NewCounters(Outcomes...)}}
 	s.prepared.Store(math.MinInt64)
+	s.index = newIndexWriter(s)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("datadir: %w", err)
 	}
@@ -168,6 +181,7 @@ func New(opts Options) (*Saver, error) {
 		emptyDir(filepath.Join(dir, LegacyPartialDir))
 		os.Remove(filepath.Join(dir, LegacyPartialDir))
 	}
+	s.recoverIndex()
 	if err := emptyDir(s.partial); err != nil {
 		return nil, fmt.Errorf("partial directory: %w", err)
 	}
@@ -323,11 +337,21 @@ type Flow struct {
 	linkType packet.LinkType
 	first    time.Time
 
-	mu     sync.Mutex
-	queue  []*record.Chunk
-	final  bool
-	rename string // the name the flow takes instead of uuid, if not ""
-	wake   chan struct{}
+	mu      sync.Mutex
+	queue   []*record.Chunk
+	final   bool
+	rename  string // the name the flow takes instead of uuid, if not ""
+	wake    chan struct{}
+	rec     *index.Record // given by End
+	settled bool          // the writer is done; res is its file if res.ok
+	res     fileResult
+}
+
+// fileResult is what a flow's writer published.
+type fileResult struct {
+	ok                      bool
+	uuid, path              string // path relative to the data directory
+	packets, bytes, written int
 }
 
 // Start starts the writer of the flow named uuid, captured on a link of type
@@ -437,19 +461,68 @@ func (f *Flow) run() {
 	w.finish()
 	<-f.s.io
 	w.account()
+	f.settle(w)
+}
+
+// settle records the writer's outcome, and writes the flow's index record
+// if End gave it already.
+func (f *Flow) settle(w *flowFile) {
+	res := fileResult{ok: w.err == nil, uuid: w.published, packets: w.packets, bytes: w.raw, written: w.written}
+	if res.ok {
+		res.path, _ = filepath.Rel(f.s.dir, f.s.Path(w.published, f.first))
+	}
+	f.mu.Lock()
+	f.settled, f.res = true, res
+	rec := f.rec
+	f.mu.Unlock()
+	if rec != nil && res.ok {
+		f.s.record(rec, &res, f.first)
+	}
+}
+
+// End gives the flow's index record, once its file was pushed whole and the
+// flow is over (the demuxer knows its last counts then). The record is
+// written once the file is published, never for a file that was not
+// (TestIndexRecords). It never blocks on I/O.
+func (f *Flow) End(r *index.Record) {
+	rec := *r
+	f.mu.Lock()
+	f.rec = &rec
+	settled, res := f.settled, f.res
+	f.mu.Unlock()
+	if settled && res.ok {
+		// The writer is gone (the file was finished at -captureduration,
+		// and the flow went on): the record is written on a goroutine of
+		// its own, as the writer would have.
+		f.s.wg.Add(1)
+		go func() {
+			defer f.s.wg.Done()
+			f.s.record(&rec, &res, f.first)
+		}()
+	}
+}
+
+// record completes a flow's index record with what its writer published,
+// and writes it.
+func (s *Saver) record(r *index.Record, res *fileResult, first time.Time) {
+	r.UUID, r.File = res.uuid, res.path
+	r.Packets, r.Bytes, r.FileBytes = uint64(res.packets), uint64(res.bytes), uint64(res.written)
+	s.index.add(r, first)
 }
 
 // flowFile is the state of a Flow's writer.
 type flowFile struct {
-	f       *Flow
-	tmp     string   // the partial file's path
-	file    int      // its descriptor, -1 when closed
-	err     error    // the first error; nothing is written after it
-	op      string   // what failed
-	packets int      // records written
-	total   int      // records received
-	written int      // bytes written
-	iov     [][]byte // reused: one writev per batch of chunks
+	f         *Flow
+	tmp       string   // the partial file's path
+	file      int      // its descriptor, -1 when closed
+	err       error    // the first error; nothing is written after it
+	op        string   // what failed
+	packets   int      // records written
+	total     int      // records received
+	written   int      // bytes written
+	raw       int      // header bytes of the records written (without their record headers)
+	published string   // the UUID the file was published under
+	iov       [][]byte // reused: one writev per batch of chunks
 }
 
 // closeFile closes the partial file's descriptor, once.
@@ -489,10 +562,11 @@ func (w *flowFile) write(cs []*record.Chunk) {
 			w.iov = append(w.iov, fileHeader(s.snaplen, w.f.linkType))
 		}
 	}
-	n := 0
+	n, raw := 0, 0
 	for _, c := range cs {
 		w.total += c.Records()
 		n += c.Records()
+		raw += len(c.Bytes()) - record.RecordHeaderLen*c.Records()
 		w.iov = append(w.iov, c.Bytes())
 	}
 	bufs := w.iov
@@ -507,6 +581,7 @@ func (w *flowFile) write(cs []*record.Chunk) {
 		} else {
 			w.written += m
 			w.packets += n
+			w.raw += raw
 		}
 	}
 	if z != nil {
@@ -544,6 +619,8 @@ func (w *flowFile) finish() {
 		}
 		if err != nil {
 			w.fail("rename", err)
+		} else {
+			w.published = uuid
 		}
 	}
 }

@@ -1,0 +1,240 @@
+package saver
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/m-lab/packet-headers/index"
+	"github.com/m-lab/packet-headers/metrics"
+)
+
+// IndexGrace is how long after its hour an index file stays open for the
+// records of flows that ended in the hour but were still being written.
+// A record later than that goes into another file of the same hour.
+const IndexGrace = 10 * time.Second
+
+// maxIndexNumber bounds the numbered files of one hour tried at publication.
+const maxIndexNumber = 1000
+
+// partialIndexPrefix begins the names of index files being written; the
+// rest of the name says where each belongs, so that New can publish what
+// a crash left.
+const partialIndexPrefix = "flows."
+
+// IndexOps are the index file operations counted in
+// IndexCounts.Errors.
+var IndexOps = []string{"create", "write", "close", "rename"}
+
+// IncompleteReasons are why a record says its trace may be incomplete, as
+// IndexCounts.Incomplete counts them: the SYN or SYN-ACK was not captured,
+// packets came after -captureduration, a limit refused some before the
+// flow was tracked, the capture may have dropped some, or it was down.
+var IncompleteReasons = []string{"no_handshake", "captureduration", "limits", "capture_drops", "capture_down"}
+
+// IndexCounts are what the flow index counted. Safe for concurrent use.
+type IndexCounts struct {
+	Records    *metrics.Counters // records written, by end (index.Ends)
+	Incomplete *metrics.Counters // records written, by IncompleteReasons (a record may count for several)
+	Files      atomic.Uint64     // index files published
+	Recovered  atomic.Uint64     // index files a crash left, published by New
+	Errors     *metrics.Counters // failed operations, by IndexOps
+	Lost       atomic.Uint64     // records not written, for an error
+}
+
+// indexWriter appends the records of finished flows to one partial file per
+// day directory and hour, and publishes each when its hour closes. Its
+// lock is taken once per record (by flow writers, never by the demuxer).
+type indexWriter struct {
+	s      *Saver
+	counts IndexCounts
+	mu     sync.Mutex
+	open   map[indexKey]*indexFile
+	line   []byte // the record being written, reused
+}
+
+// indexKey identifies an index file: the day of its flows' files and the
+// hour of their ends.
+type indexKey struct {
+	day  int64 // dayNumber
+	hour int64 // unix seconds of the hour's start
+}
+
+type indexFile struct {
+	fd     int
+	tmp    string
+	dayDir string
+	hour   time.Time
+}
+
+func newIndexWriter(s *Saver) *indexWriter {
+	return &indexWriter{s: s, open: map[indexKey]*indexFile{}, counts: IndexCounts{Errors: metrics.NewCounters(IndexOps...),
+		Records: metrics.NewCounters(index.Ends()...), Incomplete: metrics.NewCounters(IncompleteReasons...)}}
+}
+
+// IndexCounts returns the flow index's counts.
+func (s *Saver) IndexCounts() *IndexCounts { return &s.index.counts }
+
+// add writes the record of a published file.
+func (x *indexWriter) add(r *index.Record, first time.Time) {
+	hour := index.Hour(r.Ended)
+	k := indexKey{day: dayNumber(first), hour: hour.Unix()}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	f := x.open[k]
+	if f == nil {
+		dayDir := x.s.dayDir(first)
+		f = &indexFile{fd: -1, dayDir: dayDir, hour: hour,
+			tmp: x.s.partial + "/" + partialIndexPrefix + first.UTC().Format("2006-01-02") +
+				"." + strconv.FormatInt(hour.Unix(), 10) + "." + strconv.FormatUint(x.s.seq.Add(1), 10) + ".jsonl"}
+		fd, err := x.s.create(f.tmp)
+		if err != nil {
+			x.fail("create", err)
+			return
+		}
+		f.fd = fd
+		x.open[k] = f
+	}
+	x.line = r.AppendJSON(x.line[:0])
+	if _, err := writeAll(f.fd, [][]byte{x.line}); err != nil {
+		// What was written stays; the next record tries again.
+		x.fail("write", &os.PathError{Op: "write", Path: f.tmp, Err: err})
+		return
+	}
+	c := &x.counts
+	c.Records.Inc(r.End.String())
+	if !r.SYN || !r.SYNACK {
+		c.Incomplete.Inc("no_handshake")
+	}
+	if r.AfterDuration > 0 {
+		c.Incomplete.Inc("captureduration")
+	}
+	if r.FlowLimit+r.MemoryLimit > 0 {
+		c.Incomplete.Inc("limits")
+	}
+	if r.DropsMax > 0 {
+		c.Incomplete.Inc("capture_drops")
+	}
+	if r.Down {
+		c.Incomplete.Inc("capture_down")
+	}
+}
+
+func (x *indexWriter) fail(op string, err error) {
+	x.counts.Errors.Inc(op)
+	x.counts.Lost.Add(1)
+	x.s.logs.printf("index-"+op, "saver: flow index: %v", err)
+}
+
+// PublishIndex publishes the index files of the hours that closed by now
+// (IndexGrace ago), or all of them when now is zero (at shutdown, after
+// Wait). It does nothing if another call or a record holds the index
+// (a stuck disk must not hold the caller's other work); the next call
+// publishes what this one left.
+func (s *Saver) PublishIndex(now time.Time) {
+	x := s.index
+	if !x.mu.TryLock() {
+		return
+	}
+	defer x.mu.Unlock()
+	for k, f := range x.open {
+		if !now.IsZero() && now.Before(f.hour.Add(time.Hour+IndexGrace)) {
+			continue
+		}
+		delete(x.open, k)
+		if err := unix.Close(f.fd); err != nil {
+			x.fail("close", &os.PathError{Op: "close", Path: f.tmp, Err: err})
+			os.Remove(f.tmp)
+			continue
+		}
+		if err := s.publishIndex(f.tmp, f.dayDir, f.hour); err != nil {
+			x.fail("rename", err)
+			os.Remove(f.tmp)
+			continue
+		}
+		x.counts.Files.Add(1)
+	}
+}
+
+// publishIndex renames a closed index file into its day directory, under
+// the first free name of its hour.
+func (s *Saver) publishIndex(tmp, dayDir string, hour time.Time) error {
+	var err error
+	for n := 1; n <= maxIndexNumber; n++ {
+		final := dayDir + "/" + index.Name(hour, n)
+		err = renameNoReplace(tmp, final)
+		if errors.Is(err, os.ErrNotExist) {
+			if merr := os.MkdirAll(dayDir, 0o755); merr != nil {
+				return merr
+			}
+			err = renameNoReplace(tmp, final)
+		}
+		if !errors.Is(err, os.ErrExist) {
+			return err
+		}
+	}
+	return err
+}
+
+// recoverIndex publishes the index files a crash left in the partial
+// directory, without a record cut short by the crash: the records of files
+// that were published stay findable.
+func (s *Saver) recoverIndex() {
+	entries, err := os.ReadDir(s.partial)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		dayDir, hour, ok := s.parsePartialIndex(e.Name())
+		if !ok {
+			continue
+		}
+		tmp := filepath.Join(s.partial, e.Name())
+		b, err := os.ReadFile(tmp)
+		if err != nil {
+			continue
+		}
+		i := bytes.LastIndexByte(b, '\n')
+		if i < 0 {
+			continue // nothing whole: emptyDir removes it
+		}
+		if i+1 < len(b) {
+			if err := os.Truncate(tmp, int64(i+1)); err != nil {
+				continue
+			}
+		}
+		if err := s.publishIndex(tmp, dayDir, hour); err == nil {
+			s.index.counts.Recovered.Add(1)
+		}
+	}
+}
+
+// parsePartialIndex reads a partial index file's name:
+// flows.YYYY-MM-DD.<hour, unix seconds>.<n>.jsonl.
+func (s *Saver) parsePartialIndex(name string) (dayDir string, hour time.Time, ok bool) {
+	rest, ok := strings.CutPrefix(name, partialIndexPrefix)
+	if !ok {
+		return "", time.Time{}, false
+	}
+	parts := strings.Split(rest, ".")
+	if len(parts) != 4 || parts[3] != "jsonl" {
+		return "", time.Time{}, false
+	}
+	day, err := time.Parse("2006-01-02", parts[0])
+	if err != nil {
+		return "", time.Time{}, false
+	}
+	sec, err := strconv.ParseInt(parts[1], 10, 64)
+	if err != nil || sec%3600 != 0 {
+		return "", time.Time{}, false
+	}
+	return filepath.Join(s.dir, day.Format("2006/01/02")), time.Unix(sec, 0).UTC(), true
+}
