@@ -69,7 +69,7 @@ func families(x *parts) *exporter.Collector {
 			emit(float64(cs.Get(v)), v)
 		}
 	}
-	sv := x.p.Saver.Counts()
+	sv, ix := x.p.Saver.Counts(), x.p.Saver.IndexCounts()
 	events := tcpeventsocket.NewCounts() // zeros without an eventsocket
 	if x.events != nil {
 		events = x.events.Counts()
@@ -144,6 +144,18 @@ func families(x *parts) *exporter.Collector {
 			func() float64 { _, bytes, _ := x.p.Saver.Written(); return float64(bytes) }),
 		byLabel("pcap_write_errors_total", "Failed file operations, by operation (name: a UUID that is not a plain file name; mkdir, create, write, close, compress, rename).", "op",
 			func(emit func(float64, ...string)) { emitAll(emit, sv.WriteErrors) }),
+		byLabel("pcap_index_records_total", "Flow index records written, one per file, by how the file ended (fin, rst, close, timeout, reused, shutdown, captureduration).", "end",
+			func(emit func(float64, ...string)) { emitAll(emit, ix.Records) }),
+		byLabel("pcap_index_incomplete_records_total", "Flow index records that say the trace may be incomplete, by reason (no_handshake, captureduration, limits, capture_drops, capture_down); a record may count for several.", "reason",
+			func(emit func(float64, ...string)) { emitAll(emit, ix.Incomplete) }),
+		counter("pcap_index_files_total", "Flow index files published (one per day directory and hour).",
+			func() float64 { return float64(ix.Files.Load()) }),
+		counter("pcap_index_recovered_files_total", "Flow index files a crash left being written, published at start.",
+			func() float64 { return float64(ix.Recovered.Load()) }),
+		byLabel("pcap_index_errors_total", "Failed flow index file operations, by operation (create, write, close, rename).", "op",
+			func(emit func(float64, ...string)) { emitAll(emit, ix.Errors) }),
+		counter("pcap_index_lost_records_total", "Flow index records not written for an error (their files were written).",
+			func() float64 { return float64(ix.Lost.Load()) }),
 		gauge("pcap_eventsocket_connected", "1 while connected to tcp-info's eventsocket, else 0.", func() float64 {
 			if x.events != nil && x.events.Connected() {
 				return 1

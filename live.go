@@ -183,6 +183,7 @@ func startCapture(wg *sync.WaitGroup, p *pipeline.Pipeline, k *kernelNames, h *c
 		if k.src != nil {
 			o.Lookup = k.src.Request
 		}
+		o.Interface, o.Capture = h.Name(), h.Totals
 	})}
 	wg.Add(1)
 	go func() {

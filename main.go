@@ -363,7 +363,8 @@ func isTerminal(f *os.File) bool {
 }
 
 // housekeeping enforces -maxidleram, samples the health checks, sweeps
-// the names table and makes the day directories ahead, every second, until
+// the names table, makes the day directories ahead and publishes the flow
+// index of the hours that closed, every second, until
 // ctx is done. (-maxheap is enforced
 // by the demuxers' ticks: a wake-up of its own ten times a second cost the
 // capture several percent of its CPU.)
@@ -388,6 +389,7 @@ func housekeeping(ctx context.Context, c *config, table *names.Table, checker *h
 			if err := sv.PrepareDays(now); err != nil {
 				log.Printf("packet-headers: %v", err)
 			}
+			sv.PublishIndex(now)
 		}
 	}
 }

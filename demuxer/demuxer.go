@@ -37,6 +37,14 @@
 //     other's file, but only where the server's TCP would take it for a new
 //     connection: when the old one was not synchronized yet, or had ended
 //     (both FINs, or an accepted RST: a port reused, TIME_WAIT included).
+//   - When a flow with a file is forgotten, its writer gets the flow's index
+//     record (index.Record): how it ended (the packets' FINs or RST win over
+//     a Close announcement applied first), the packets not saved, whether
+//     the handshake was captured, and the capture's drops and failures
+//     between the reading of its counters (Options.Capture, once per tick)
+//     before the first packet and the first one after the last
+//     (TestRecordEnds, TestRecordDrops). The flow keeps a few counters for
+//     it, nothing per packet but a sum.
 //
 // # Packets the receiver ignores
 //
@@ -82,6 +90,7 @@ import (
 	"time"
 
 	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/index"
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
@@ -137,6 +146,10 @@ type FlowWriter interface {
 	// Rename changes the name the file is published under, until the
 	// final Push.
 	Rename(uuid string)
+	// End gives the flow's index record when the flow is forgotten, after
+	// the final Push: the writer completes it with what it published, and
+	// writes it if it published the file.
+	End(r *index.Record)
 }
 
 // Limits bounds the number of flows tracked across all demuxers. The zero
@@ -195,6 +208,12 @@ type Options struct {
 	// asks nothing), to find the flow's UUID elsewhere (the kernel). It must
 	// not block.
 	Lookup func(packet.Key)
+	// Interface names the capture in index records ("" offline).
+	Interface string
+	// Capture, when set, returns the capture's cumulative drops and
+	// failures; Tick reads it once, and the index records of the flows
+	// give the difference between the readings around each flow.
+	Capture func() (dropped, failures uint64)
 }
 
 type state uint8
@@ -216,10 +235,19 @@ type flow struct {
 	inWaiting    bool      // in Demuxer.waiting (else in Demuxer.settled)
 	synced       bool      // a SYN-ACK was seen, or ACKs from both ends: RFC 5961 applies
 	ended        bool      // both FINs or an accepted RST: a new SYN is a new connection
+	sawSYN       bool      // a pure SYN was captured
+	sawSYNACK    bool      // a SYN-ACK was captured
+	firstFromA   bool      // the first packet's source is the key's A
+	end          index.End // why endAt was set
 	synSeq       uint32
-	ends         [2]end // A and B
-	first, last  int64  // unix nanoseconds
-	endAt        int64  // when non-zero, the flow ends at this time
+	afterDur     uint32        // packets after -captureduration
+	refused      [2]uint32     // packets refused by the limits before the flow was tracked (refusedTable)
+	wire         uint64        // the original lengths of the packets kept
+	start        captureCounts // the capture's counters before the first packet
+	source       string        // the UUID source of the file's name, at its final Push
+	ends         [2]end        // A and B
+	first, last  int64         // unix nanoseconds
+	endAt        int64         // when non-zero, the flow ends at this time
 	entry        *names.Entry
 	out          FlowWriter // once named in stream mode, or once spilled
 	outName      string     // the name out was started or renamed with
@@ -306,6 +334,14 @@ type Demuxer struct {
 	spill int                // a named flow's records are handed to the saver once it holds this many bytes
 	heap  []rtmetrics.Sample // for Limits.MaxHeap
 	named map[string]uint64  // flows named, by source
+	// The capture's counters read at recent ticks (Options.Capture), and
+	// the records of ended flows waiting for a reading after their last
+	// packet.
+	readings readings
+	waitRead []pendingRecord
+	refusals *refusedTable    // allocated at the first refusal
+	now      int64            // the time of the last tick
+	clock    func() time.Time // Run's, for Close
 }
 
 // Stats are a demuxer's counts as published at its last tick, for readers
@@ -392,23 +428,32 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	tsn := ts.UnixNano()
 	pureSYN := p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
 	if f != nil && (tsn-f.last >= int64(d.o.FlowTimeout) || f.endAt != 0 && tsn >= f.endAt) {
-		d.remove(f) // its deadline came before this packet, as a tick would have seen
+		d.remove(f, d.deadline(f, tsn), tsn) // its deadline came before this packet, as a tick would have seen
 		f = nil
 	}
 	if f != nil && pureSYN && (!f.syn || f.synSeq != p.Seq) && (!f.synced || f.ended) {
-		d.remove(f) // a new connection on the 4-tuple of an old one
+		d.remove(f, f.endedOr(index.EndReused), tsn) // a new connection on the 4-tuple of an old one
 		f = nil
 	}
 	if f == nil {
-		k, _ := p.Key()
+		k, firstIsA := p.Key()
 		if f = d.start(k, tsn, pureSYN, p.Seq); f == nil {
 			return
 		}
+		f.firstFromA = firstIsA
 	}
 	d.last = f
 	f.last = tsn
-	if f.track(p, data, srcIsA) && f.endAt == 0 {
-		f.endAt = tsn + int64(d.o.Linger)
+	if e := f.track(p, data, srcIsA); e != index.EndNone {
+		// The packets tell how it ended, even when tcp-info's Close was
+		// applied first (its event may come before the capture's block
+		// with the FINs: TestRecordEnds).
+		if f.endAt == 0 {
+			f.endAt = tsn + int64(d.o.Linger)
+		}
+		if f.end == index.EndNone || f.end == index.EndClose {
+			f.end = e
+		}
 	}
 	if f.st == waiting && !f.lookedUp && p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagACK && d.o.Lookup != nil {
 		f.lookedUp = true
@@ -417,6 +462,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	switch f.st {
 	case finished:
 		d.c.afterDur++
+		f.afterDur++
 		return
 	case discarded:
 		d.c.noUUID++
@@ -424,6 +470,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	if tsn-f.first > int64(d.o.CaptureDuration) {
 		d.c.afterDur++
+		f.afterDur++
 		if f.st == named {
 			d.finish(f)
 		}
@@ -431,6 +478,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	end := min(p.HeaderEnd, len(data), d.o.MaxHeaderSize)
 	rec := f.buf.Append(ts, origLen, data[:end])
+	f.wire += uint64(origLen)
 	if fa := f.anon; fa != nil && fa.mapped {
 		src, dst := f.side(0), f.side(1)
 		if !srcIsA {
@@ -475,11 +523,11 @@ func (f *flow) side(i int) *[16]byte {
 }
 
 // track follows the sequence space of the segment's sender (src is A when
-// srcIsA) and reports whether the segment ends the connection: an RST the
-// receiver accepts, or the second FIN in sequence. Segments the receiver
+// srcIsA) and returns how the segment ends the connection, if it does: an
+// RST the receiver accepts, or the second FIN in sequence. Segments the receiver
 // would drop or answer with a challenge ACK change nothing
 // (TestInjectedSegments).
-func (f *flow) track(p *packet.Parsed, data []byte, srcIsA bool) bool {
+func (f *flow) track(p *packet.Parsed, data []byte, srcIsA bool) index.End {
 	src, dst := &f.ends[0], &f.ends[1]
 	if !srcIsA {
 		src, dst = dst, src
@@ -489,7 +537,9 @@ func (f *flow) track(p *packet.Parsed, data []byte, srcIsA bool) bool {
 	if syn {
 		src.wscale, src.wsOK = p.WindowScale(data)
 		if flags&packet.FlagACK != 0 {
-			f.synced = true
+			f.synced, f.sawSYNACK = true, true
+		} else {
+			f.sawSYN = true
 		}
 	} else if flags&packet.FlagACK != 0 {
 		src.acked = true
@@ -509,7 +559,10 @@ func (f *flow) track(p *packet.Parsed, data []byte, srcIsA bool) bool {
 			ok = true // a lone RST: nothing to check it against
 		}
 		f.ended = f.ended || ok
-		return ok
+		if ok {
+			return index.EndRST
+		}
+		return index.EndNone
 	}
 	seqEnd := p.Seq + uint32(p.PayloadLen)
 	if syn {
@@ -557,9 +610,9 @@ func (f *flow) track(p *packet.Parsed, data []byte, srcIsA bool) bool {
 	}
 	if src.fin && dst.fin && !f.ended {
 		f.ended = true
-		return true
+		return index.EndFIN
 	}
-	return false
+	return index.EndNone
 }
 
 // window returns the receive window an end allows (see minWindow and
@@ -620,6 +673,7 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 		if pureSYN {
 			d.c.refusedMem++
 		}
+		d.refuse(&k, 1)
 		return nil
 	}
 	if !l.take() {
@@ -627,10 +681,14 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 		if pureSYN {
 			d.c.refusedFlows++
 		}
+		d.refuse(&k, 0)
 		return nil
 	}
 	d.c.started++
-	f := &flow{key: k, first: tsn, syn: pureSYN, synSeq: seq}
+	f := &flow{key: k, first: tsn, syn: pureSYN, synSeq: seq, refused: d.refusedBefore(&k)}
+	if d.o.Capture != nil {
+		f.start = d.readings.before(tsn)
+	}
 	f.maskA = d.o.Anonymizer.ShouldMask(&k.A)
 	f.maskB = d.o.Anonymizer.ShouldMask(&k.B)
 	if d.o.Anonymizer.PerFlow() {
@@ -694,10 +752,11 @@ func (d *Demuxer) name(f *flow, e *names.Entry) {
 	}
 }
 
-// finish hands the whole file of a named flow to the saver.
+// finish hands the whole file of a named flow to the saver. Its writer
+// is kept for the flow's index record.
 func (d *Demuxer) finish(f *flow) {
 	d.writer(f).Push(&f.buf, true)
-	f.out = nil
+	_, f.source = f.entry.NameSource()
 	f.buf = record.Buffer{}
 	f.st = finished
 }
@@ -726,9 +785,10 @@ func (d *Demuxer) discard(f *flow, shutdown bool) {
 	f.st = discarded
 }
 
-// remove ends a flow: its file is finished if it has a UUID, and it is
+// remove ends a flow at time at, for the reason why: its file is finished
+// if it has a UUID, its index record written if it has a file, and it is
 // forgotten.
-func (d *Demuxer) remove(f *flow) {
+func (d *Demuxer) remove(f *flow, why index.End, at int64) {
 	if f.st == waiting {
 		// One last claim: its name may have come since the last tick, which
 		// may be a second away when the traffic stops, or late on a loaded
@@ -742,6 +802,10 @@ func (d *Demuxer) remove(f *flow) {
 	}
 	if f.st == named {
 		d.finish(f)
+	}
+	if f.out != nil {
+		d.endRecord(f, why, at)
+		f.out = nil
 	}
 	if f.entry != nil {
 		d.o.Names.Release(f.entry)
@@ -762,6 +826,8 @@ func (d *Demuxer) Tick(now time.Time) {
 		l.SetOverMemory(d.heap[0].Value.Uint64() > l.MaxHeap)
 	}
 	nowN := now.UnixNano()
+	d.now = nowN
+	d.read(nowN)
 	d.waitSweep.visit(&d.waiting, func(f *flow) bool {
 		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
 			d.name(f, e)
@@ -819,7 +885,7 @@ func (s *sweep) restart(n int) {
 func (d *Demuxer) check(f *flow, nowN int64) bool {
 	if f.st == named {
 		if closed, ok := f.entry.Closed(); ok && f.endAt == 0 {
-			f.endAt = max(closed.UnixNano(), nowN) + int64(d.o.Linger)
+			f.endAt, f.end = max(closed.UnixNano(), nowN)+int64(d.o.Linger), index.EndClose
 		}
 		// Packets are stamped when captured but may reach the demuxer a
 		// ring-block timeout later: a quiet flow is finished by the clock
@@ -830,10 +896,28 @@ func (d *Demuxer) check(f *flow, nowN int64) bool {
 		}
 	}
 	if nowN-f.last >= int64(d.o.FlowTimeout) || f.endAt != 0 && nowN >= f.endAt {
-		d.remove(f)
+		d.remove(f, d.deadline(f, nowN), nowN)
 		return true
 	}
 	return false
+}
+
+// endedOr returns how the flow ended if its FINs, RST or Close came (its
+// linger is cut short), else why.
+func (f *flow) endedOr(why index.End) index.End {
+	if f.end != index.EndNone {
+		return f.end
+	}
+	return why
+}
+
+// deadline returns why a flow whose deadline came by now ended: its FINs,
+// RST or Close announcement, else the lack of packets.
+func (d *Demuxer) deadline(f *flow, now int64) index.End {
+	if f.endAt != 0 && now >= f.endAt {
+		return f.end
+	}
+	return index.EndTimeout
 }
 
 // Close ends every flow at shutdown: flows with a UUID (one last claim is
@@ -842,6 +926,11 @@ func (d *Demuxer) Close() {
 	// In the lists' order, not the map's: offline fallback names are made
 	// unique in the order flows are named, which must not vary.
 	all := append(append(make([]*flow, 0, len(d.flows)), d.waiting...), d.settled...)
+	now := d.now
+	if d.clock != nil {
+		now = max(now, d.clock().UnixNano())
+	}
+	d.read(now) // the readings after every flow's last packet
 	for _, f := range all {
 		if f.st == waiting {
 			if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
@@ -850,8 +939,9 @@ func (d *Demuxer) Close() {
 				d.nameOrDiscard(f, true)
 			}
 		}
-		d.remove(f)
+		d.remove(f, f.endedOr(index.EndShutdown), now)
 	}
+	d.read(now) // for the records that still wait
 	d.publish()
 }
 
@@ -893,6 +983,7 @@ type Source interface {
 // Run returns nil when src reports net.ErrClosed; os.ErrDeadlineExceeded
 // is a timeout (the capture package's errors wrap both).
 func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
+	d.clock = clock
 	defer d.Close()
 	// A first tick, so that the limits apply from the first packet on;
 	// the next one is due TickInterval later.

@@ -102,6 +102,7 @@ func newHarness(t *testing.T, mod func(*Options)) *harness {
 		t.Fatal(err)
 	}
 	h := &harness{t: t, names: names.New(nil), sv: sv, lim: &Limits{}}
+	t.Cleanup(func() { sv.Wait(); sv.PublishIndex(time.Time{}) }) // before the directory's removal
 	o := Options{LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
 		CaptureDuration: 30 * time.Second, FlowTimeout: 30 * time.Second, UUIDWait: 5 * time.Second,
 		Names: h.names, Writer: WriterFunc(func(u string, lt packet.LinkType, first time.Time) FlowWriter { return sv.Start(u, lt, first) }), Limits: h.lim}

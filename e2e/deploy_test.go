@@ -128,7 +128,7 @@ func TestPredecessorDeployment(t *testing.T) {
 	events.mu.Lock()
 	opens := events.opens
 	events.mu.Unlock()
-	checkDaemon(t, l, d, opens, ref, captureStart)
+	checkDaemon(t, l, d, opens, ref, captureStart, nil)
 }
 
 // TestManifestOutput runs the daemon with the arguments of the shipped
@@ -242,7 +242,20 @@ func TestManifestOutput(t *testing.T) {
 			t.Errorf("%s: %d 4-tuples in one file", u, len(keys))
 		}
 	}
-	t.Logf("%d files under tcp-info's UUIDs, every file as ETL parses it", named)
+	indexes := 0
+	filepath.Walk(dataDir, func(p string, info os.FileInfo, err error) error {
+		if err == nil && isIndex(p) {
+			indexes++
+			if etlName.MatchString(filepath.Base(p)) {
+				t.Errorf("%s: ETL would parse the flow index as a trace", p)
+			}
+		}
+		return nil
+	})
+	if indexes == 0 {
+		t.Errorf("no flow index beside the files")
+	}
+	t.Logf("%d files under tcp-info's UUIDs, every file as ETL parses it; %d flow index files, which ETL skips (IsParsable)", named, indexes)
 	if named < 100 {
 		t.Errorf("only %d files under tcp-info's UUIDs", named)
 	}

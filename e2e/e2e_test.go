@@ -132,10 +132,15 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 	captureStart := time.Now() // flows that began earlier (readiness checks) are not expected in full
 
 	l.server(8081)
+	held, talk, closeHeld := holdConns(t, l, 8081, 2)
+	defer closeHeld()
 	traffic(t, l, 8081)
+	kinds := &labKinds{held: held, reset: resetConns(t, l, 8081, 3)}
 	time.Sleep(2500 * time.Millisecond) // FIN linger (1 s) and a tick, so most files are written before SIGTERM
+	talk()                              // the held connections, past the netblock daemon's -captureduration
 
 	metricsText := stopAll(t, l, daemons, tcpdump)
+	closeHeld()
 	cancel()
 
 	ref := readReference(t, refFile)
@@ -152,19 +157,20 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 		t.Fatalf("tcp-info announced only %d flows; the lab did not work", announced)
 	}
 	for _, d := range daemons {
-		checkDaemon(t, l, d, opens, ref, captureStart)
+		checkDaemon(t, l, d, opens, ref, captureStart, kinds)
 		checkMetrics(t, d, metricsText[d.name])
 	}
 	checkDashboard(t, metricsText["buffer"])
 	checkDocumentedMetrics(t, metricsText["buffer"])
 	checkPrefixes(t, l, daemons[3])
+	checkReadmeQuery(t, daemons[2])
 	<-events.done
-	checkOffline(t, l, daemons[0], refFile, opens, ref, captureStart, nil)
+	checkOffline(t, l, daemons[0], daemons[0], refFile, opens, ref, captureStart, kinds, nil)
 	// The cryptopan twin, split offline with the key, byte for byte:
 	// addresses mapped alike, checksums alike (compared as a plain run).
 	twin := *daemons[3]
 	twin.anon, twin.tsShift = nil, false
-	checkOffline(t, l, &twin, refFile, opens, ref, captureStart, append([]string{"-localaddr", l.srv4.String(), "-localaddr", l.srv6.String()}, twin.args...))
+	checkOffline(t, l, &twin, daemons[3], refFile, opens, ref, captureStart, kinds, append([]string{"-localaddr", l.srv4.String(), "-localaddr", l.srv6.String()}, twin.args...))
 }
 
 // cryptopanTwin is the netblock daemon's twin with Crypto-PAn, its key a
@@ -238,11 +244,12 @@ func commonBits(a, b []byte) int {
 }
 
 // checkOffline splits the reference capture offline, with the events
-// recorded beside it, and checks that it gives the live buffer-mode
-// daemon's files for every flow tcp-info announced: the same set of files,
-// with the same packets (the two captures' timestamps differ by the usual
-// microseconds, see compareFlow).
-func checkOffline(t *testing.T, l *lab, live *daemon, refFile string, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]*refConn, captureStart time.Time, args []string) {
+// recorded beside it, and checks that it gives the live daemon's files for
+// every flow tcp-info announced: the same set of files, with the same
+// packets (the two captures' timestamps differ by the usual microseconds,
+// see compareFlow); and its flow index, as the live daemon's (savedAs has
+// the anonymization of the files, for the records' endpoints).
+func checkOffline(t *testing.T, l *lab, live, savedAs *daemon, refFile string, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]*refConn, captureStart time.Time, kinds *labKinds, args []string) {
 	dir := filepath.Join(l.dir, "offline-"+live.name)
 	cmd := exec.Command(filepath.Join(l.bin, "packet-headers"), append([]string{"-read", refFile, "-events", filepath.Join(l.dir, "events.jsonl"), "-datadir", dir}, args...)...)
 	out, err := cmd.CombinedOutput()
@@ -251,6 +258,7 @@ func checkOffline(t *testing.T, l *lab, live *daemon, refFile string, opens map[
 	}
 	t.Logf("offline run: %s", strings.TrimSpace(string(out)))
 	offFiles, liveFiles := daemonFiles(t, &daemon{name: "offline", dataDir: dir}), daemonFiles(t, live)
+	want := map[string]indexWant{}
 	compared := 0
 	var tm timing
 	for u, e := range opens {
@@ -282,7 +290,11 @@ func checkOffline(t *testing.T, l *lab, live *daemon, refFile string, opens map[
 			continue
 		}
 		compared++
+		want[u] = indexWant{c: c, kind: kinds.of(c)}
 	}
+	od := *savedAs
+	od.name, od.dataDir = "offline-"+live.name, dir
+	checkIndex(t, l, &od, offFiles, want, true, kinds != nil)
 	t.Logf("offline mode gave the live daemon's files for %d flows", compared)
 	tm.check(t, "offline vs live")
 	if compared < 100 {
@@ -612,14 +624,17 @@ func connAt(conns []*refConn, ts time.Time) *refConn {
 	return best
 }
 
-// daemonFiles returns the daemon's files by UUID, and flags partial files
-// left behind.
+// daemonFiles returns the daemon's flow files by UUID (not its index
+// files), and flags partial files left behind.
 func daemonFiles(t *testing.T, d *daemon) map[string]string {
 	files := map[string]string{}
 	filepath.Walk(d.dataDir, func(path string, info os.FileInfo, err error) error {
 		if err == nil && !info.IsDir() {
 			if strings.Contains(path, "/.") {
 				t.Errorf("%s: a hidden file in the data directory: %s", d.name, path)
+			}
+			if isIndex(path) {
+				return nil
 			}
 			files[strings.TrimSuffix(strings.TrimSuffix(filepath.Base(path), ".gz"), ".pcap")] = path
 		}
@@ -649,8 +664,12 @@ func checkFile(t *testing.T, l *lab, d *daemon, path string, c *refConn, tm *tim
 	return got, compareFlow(t, got, c.pkts, d, l, tm)
 }
 
-func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]*refConn, captureStart time.Time) {
+// checkDaemon checks a daemon's files against the reference capture, for
+// every flow tcp-info announced, and its flow index (every kind of end when
+// kinds, the lab's held and reset connections, are given).
+func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]*refConn, captureStart time.Time, kinds *labKinds) {
 	files := daemonFiles(t, d)
+	want := map[string]indexWant{}
 	checked, packets := 0, 0
 	var tm timing
 	var uuids []string
@@ -681,8 +700,10 @@ func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.F
 		}
 		checked++
 		packets += len(got)
+		want[u] = indexWant{c: c, kind: kinds.of(c)}
 	}
 	t.Logf("%s daemon: %d announced flows checked packet by packet (%d packets), %d files in all", d.name, checked, packets, len(files))
+	checkIndex(t, l, d, files, want, false, kinds != nil)
 	tm.check(t, d.name+" daemon")
 	if checked < 100 {
 		t.Errorf("%s: only %d flows checked", d.name, checked)

@@ -103,7 +103,9 @@ func (l *lab) addLink(name string, subnet int) (cli, srv netip.Addr, nsIf string
 
 // TestInterfaceFaults deletes and re-creates one of two captured
 // interfaces, and takes the other down and up: capture goes on where it
-// can, and resumes on the interface that comes back.
+// can, and resumes on the interface that comes back. A connection idle
+// across the deletion, and used again after it, is one flow whose index
+// record says the capture was down meanwhile; flows before it say not.
 func TestInterfaceFaults(t *testing.T) {
 	l := newLab(t, 3)
 	name := strconv.Itoa(os.Getpid() % 100000)
@@ -120,6 +122,25 @@ func TestInterfaceFaults(t *testing.T) {
 	}
 
 	phase1a, phase1b := flows(t, l.srv4, 8083, 10), flows(t, srvB, 8083, 10)
+	across, err := net.Dial("tcp", netip.AddrPortFrom(srvB, 8083).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer across.Close()
+	echo := func(msg string) {
+		across.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := across.Write([]byte(msg + "\n")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(across, make([]byte, len(msg)+1)); err != nil {
+			t.Fatalf("the connection across the deletion: %v", err)
+		}
+	}
+	across.Write([]byte("e"))
+	echo("before")
+	// Read and ticked over before the deletion: frames still in the
+	// ring's open block when an interface vanishes are lost with it.
+	time.Sleep(time.Second)
 	run(t, "ip", "link", "del", "pa"+name) // interface b is deleted
 	waitFor(t, 5*time.Second, "capture on the deleted interface to be reported down", func() bool { return upMetric(nsB) == "0" })
 	waitFor(t, 5*time.Second, "/healthz to fail after -health.grace", func() bool { return probe(d.metrics, "/healthz") == 503 })
@@ -131,6 +152,8 @@ func TestInterfaceFaults(t *testing.T) {
 		return probe(d.metrics, "/healthz") == 200 && probe(d.metrics, "/readyz") == 200
 	})
 	phase3 := flows(t, srvB, 8083, 10)
+	echo("after")
+	across.Close()
 
 	l.exec("ip", "link", "set", l.nsIf, "down") // interface a goes down and up
 	time.Sleep(300 * time.Millisecond)
@@ -156,6 +179,28 @@ func TestInterfaceFaults(t *testing.T) {
 	expectFiles(t, "interface a after down and up", phase4, files)
 	if !strings.Contains(l.log("daemon-faults.log"), "is back") {
 		t.Errorf("the log does not say that capture resumed:\n%s", l.log("daemon-faults.log"))
+	}
+	recs := readIndex(t, d.name, d.dataDir)
+	acrossEnd, seen := clientEnd(across), map[string]int{}
+	for _, r := range recs {
+		client := netip.AddrPortFrom(netip.MustParseAddr(r.Src.IP), r.Src.Port)
+		switch {
+		case r.Capture == nil:
+			t.Errorf("%s: a live record without its capture", r.UUID)
+		case client == acrossEnd:
+			seen["across"]++
+			if !r.Capture.Down || r.Capture.Interface != nsB || !r.SYN || r.FlowEnd != "fin" {
+				t.Errorf("the connection across the deletion: %+v, capture %+v; want one flow on %s, down meanwhile", r, r.Capture, nsB)
+			}
+		case phase1b[client] || phase1a[client]:
+			seen["before"]++
+			if r.Capture.Down {
+				t.Errorf("%v, before the deletion: capture %+v, want never down", client, r.Capture)
+			}
+		}
+	}
+	if seen["across"] != 1 || seen["before"] != len(phase1a)+len(phase1b) {
+		t.Errorf("records checked: %v", seen)
 	}
 }
 
@@ -225,6 +270,9 @@ func TestSIGKILL(t *testing.T) {
 
 // readWhole reads a pcap to its end; it returns what is wrong, if anything.
 func readWhole(path string) string {
+	if isIndex(path) {
+		return readWholeIndex(path)
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return err.Error()

@@ -69,7 +69,7 @@ func filesByKey(t testing.TB, dir string) map[flowKey][]string {
 	}
 	byKey := map[flowKey][]file{}
 	filepath.WalkDir(dir, func(p string, de fs.DirEntry, err error) error {
-		if err != nil || de.IsDir() {
+		if err != nil || de.IsDir() || isIndex(p) {
 			return nil
 		}
 		recs, _ := readPcap(t, p)

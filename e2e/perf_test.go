@@ -253,13 +253,17 @@ func offlineThroughput(b *testing.B, l *lab) row {
 	defer os.RemoveAll(out)
 	split := filepath.Join(out, "split")
 	var ours, theirs, ideals, idealFiles []time.Duration
-	var files, size int
+	var files, size, indexFiles, indexSize int
 	for i := 0; i < rounds; i++ {
 		os.RemoveAll(split)
 		ours = append(ours, run(filepath.Join(l.bin, "packet-headers"), []string{"GOMAXPROCS=1"}, "-read", in, "-datadir", split, "-quiet"))
-		files, size = 0, 0
+		files, size, indexFiles, indexSize = 0, 0, 0, 0
 		filepath.Walk(split, func(p string, info os.FileInfo, err error) error {
-			if err == nil && info.Mode().IsRegular() {
+			switch {
+			case err != nil || !info.Mode().IsRegular():
+			case isIndex(p): // the ideal loop writes none
+				indexFiles, indexSize = indexFiles+1, indexSize+int(info.Size())
+			default:
 				files, size = files+1, size+int(info.Size())
 			}
 			return nil
@@ -295,8 +299,8 @@ func offlineThroughput(b *testing.B, l *lab) row {
 	i, iRange := spread(ideals)
 	f, _ := spread(idealFiles)
 	return row{fmt.Sprintf("5. offline, 1M packets in 10k flows, one core, output on tmpfs, median of %d runs", rounds),
-		fmt.Sprintf("%.2f M packets/s (%v CPU, %s); an ideal loop writing the same %d files of %d bytes: %.2f M packets/s (%v, %s, of which %v creating, writing and renaming the files), %.0f%% of our CPU; ours without that file-system share: %.2f M packets/s",
-			packets/o.Seconds()/1e6, o.Round(time.Millisecond), oRange, files, size/files,
+		fmt.Sprintf("%.2f M packets/s (%v CPU, %s), with a flow index of %d bytes per flow in %d file(s); an ideal loop writing the same %d files of %d bytes, without an index: %.2f M packets/s (%v, %s, of which %v creating, writing and renaming the files), %.0f%% of our CPU; ours without that file-system share: %.2f M packets/s",
+			packets/o.Seconds()/1e6, o.Round(time.Millisecond), oRange, indexSize/files, indexFiles, files, size/files,
 			packets/i.Seconds()/1e6, i.Round(time.Millisecond), iRange, f.Round(time.Millisecond), 100*i.Seconds()/o.Seconds(),
 			packets/max(o-f, time.Millisecond).Seconds()/1e6),
 		fmt.Sprintf("%.2f M packets/s (%v CPU, %s)", packets/t.Seconds()/1e6, t.Round(time.Millisecond), tRange),

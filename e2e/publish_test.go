@@ -122,7 +122,8 @@ func (w *watcher) stop() {
 }
 
 // finalName is what a finished file is named below the data directory.
-var finalName = regexp.MustCompile(`^20[0-9]{2}/[0-9]{2}/[0-9]{2}/[^./][^/]*\.pcap(\.gz)?$`)
+// (or a flow index file's, index.Name).
+var finalName = regexp.MustCompile(`^20[0-9]{2}/[0-9]{2}/[0-9]{2}/([^./][^/]*\.pcap(\.gz)?|flows-[0-9]{8}T[0-9]{2}Z(-[0-9]+)?\.jsonl)$`)
 
 // check stops the watcher and checks what it heard against the files in
 // the data directory: each exactly once, under its final name, whole when
@@ -199,6 +200,7 @@ func TestPublication(t *testing.T) {
 	}
 	time.Sleep(1500 * time.Millisecond) // the short flows are written; the long ones stream
 	crash := daemons[len(daemons)-1]
+	killedAt := time.Now()
 	crash.cmd.Process.Kill()
 	crash.cmd.Wait()
 	leftovers, _ := os.ReadDir(crash.partialDir())
@@ -218,7 +220,37 @@ func TestPublication(t *testing.T) {
 	long.Wait()
 	for _, d := range daemons {
 		watchers[d.name].check(t, d.name)
-		daemonFiles(t, d) // nothing left in the partial directory
+		files := daemonFiles(t, d) // nothing left in the partial directory
+		checkIndexOfFiles(t, d, files, d == crash, killedAt)
+	}
+}
+
+// checkIndexOfFiles checks that a daemon's flow index has a record for
+// every file and for nothing else. After a SIGKILL, a file published as the
+// kill came may have no record (it is written just after), but the records
+// written before it are published by the restart.
+func checkIndexOfFiles(t *testing.T, d *daemon, files map[string]string, killed bool, killedAt time.Time) {
+	recs := readIndex(t, d.name, d.dataDir)
+	before, missing := 0, 0
+	for u, r := range recs {
+		if _, ok := files[u]; !ok {
+			t.Errorf("%s: an index record for %s, which has no file", d.name, u)
+		}
+		if r.Ended.Before(killedAt) {
+			before++
+		}
+	}
+	for u := range files {
+		if _, ok := recs[u]; !ok {
+			missing++
+			if !killed {
+				t.Errorf("%s: no index record for %s", d.name, u)
+			}
+		}
+	}
+	t.Logf("%s: %d index records for %d files (%d files without)", d.name, len(recs), len(files), missing)
+	if killed && before == 0 {
+		t.Errorf("%s: no index record of a flow ended before the kill: the restart did not publish them", d.name)
 	}
 }
 

@@ -42,8 +42,8 @@ type Entry struct {
 	Cookie   uint64    // the kernel's socket cookie, 0 if unknown
 	OpenedAt time.Time // the announcement's timestamp
 
-	closedAt atomic.Int64           // unix nanoseconds of the Close, 0 while open
-	renamed  atomic.Pointer[string] // the authority's name, given after the claim
+	closedAt atomic.Int64             // unix nanoseconds of the Close, 0 while open
+	renamed  atomic.Pointer[renaming] // the authority's name, given after the claim
 
 	// Guarded by Table.mu.
 	alias   string // another name of the entry in byUUID (the other source's)
@@ -57,10 +57,22 @@ type Entry struct {
 // without the table's lock.
 func (e *Entry) Name() string {
 	if n := e.renamed.Load(); n != nil {
-		return *n
+		return n.name
 	}
 	return e.UUID
 }
+
+// NameSource returns the entry's name as it is now and the source that
+// gave it. It is safe to call without the table's lock.
+func (e *Entry) NameSource() (name, source string) {
+	if n := e.renamed.Load(); n != nil {
+		return n.name, n.source
+	}
+	return e.UUID, e.Source
+}
+
+// renaming is a name given after the claim, and its source.
+type renaming struct{ name, source string }
 
 // Closed returns when the connection was announced closed, or false while it
 // is open. It is safe to call without the table's lock.
@@ -140,7 +152,7 @@ func (t *Table) Open(ts time.Time, uuid string, k packet.Key, source string, coo
 			if !old.claimed {
 				old.UUID, old.Source, old.OpenedAt = uuid, source, ts
 			} else {
-				old.renamed.Store(&uuid)
+				old.renamed.Store(&renaming{uuid, source})
 			}
 			return true
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"flag"
+	"fmt"
 	"io"
 	"net/netip"
 	"os"
@@ -19,6 +20,7 @@ import (
 	"github.com/google/gopacket/pcapgo"
 
 	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/index"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/pipeline"
 	"github.com/m-lab/packet-headers/saver"
@@ -64,8 +66,14 @@ func TestGolden(t *testing.T) {
 				if *update && i == 0 {
 					os.RemoveAll(golden)
 					copyTree(t, out, golden)
+					for rel, lines := range indexLines(t, out) {
+						os.WriteFile(filepath.Join(golden, rel), []byte(lines), 0o644)
+					}
 				}
 				compareTrees(t, in.read, tree(t, out), tree(t, golden))
+				if got, want := indexLines(t, out), indexLines(t, golden); len(want) != 1 || fmt.Sprint(got) != fmt.Sprint(want) {
+					t.Errorf("%s: flow index %v, want the golden %v", in.read, got, want)
+				}
 				if mode.anon == anonymize.None {
 					checkAgainstCapture(t, tree(t, out))
 				} else {
@@ -247,13 +255,31 @@ func TestStdin(t *testing.T) {
 	compareTrees(t, "stdin", tree(t, out), tree(t, filepath.Join("testdata", "golden", "none-buffer")))
 }
 
+// tree returns the flow files below dir (not the index), by relative path.
 func tree(t *testing.T, dir string) map[string][]byte {
 	out := map[string][]byte{}
 	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
-		if err == nil && !info.IsDir() {
+		if _, _, ierr := index.ParseName(filepath.Base(p)); err == nil && !info.IsDir() && ierr != nil {
 			b, _ := os.ReadFile(p)
 			rel, _ := filepath.Rel(dir, p)
 			out[rel] = b
+		}
+		return nil
+	})
+	return out
+}
+
+// indexLines returns the flow index files below dir, by relative path,
+// each as its sorted lines (their order is the writers').
+func indexLines(t *testing.T, dir string) map[string]string {
+	out := map[string]string{}
+	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
+		if _, _, ierr := index.ParseName(filepath.Base(p)); err == nil && !info.IsDir() && ierr == nil {
+			b, _ := os.ReadFile(p)
+			lines := strings.SplitAfter(string(b), "\n")
+			sort.Strings(lines)
+			rel, _ := filepath.Rel(dir, p)
+			out[rel] = strings.Join(lines, "")
 		}
 		return nil
 	})

@@ -127,5 +127,9 @@ func (p *Pipeline) Close(ts time.Time, uuid string) error {
 	return nil
 }
 
-// Wait waits until every flow handed to the saver is written.
-func (p *Pipeline) Wait() { p.Saver.Wait() }
+// Wait waits until every flow handed to the saver is written, with its
+// index record, and publishes the index files still open.
+func (p *Pipeline) Wait() {
+	p.Saver.Wait()
+	p.Saver.PublishIndex(time.Time{})
+}

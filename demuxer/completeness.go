@@ -1,0 +1,209 @@
+package demuxer
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"time"
+
+	"github.com/m-lab/packet-headers/index"
+	"github.com/m-lab/packet-headers/packet"
+)
+
+// This file is what the demuxer knows of a flow's completeness, for its
+// index record: the capture's counters around the flow, and the packets of
+// the flow that limits refused before it was tracked.
+
+// reading is the capture's cumulative counters at a time.
+type reading struct {
+	t int64 // unix nanoseconds
+	captureCounts
+}
+
+// captureCounts are the capture's cumulative drops and failures.
+type captureCounts struct{ dropped, failures uint64 }
+
+// readingsKept is how many ticks' readings are kept (about 100 s): a flow
+// that ended within that long of its last packet gets the first reading
+// after that packet; one that ended later (a long -flowtimeout), the oldest
+// kept, a looser upper bound.
+const readingsKept = 1024
+
+// readings is a ring of the latest readings, oldest first.
+type readings struct {
+	r    []reading
+	head int // where the next reading goes, once the ring is full
+}
+
+func (rs *readings) add(x reading) {
+	if len(rs.r) < readingsKept {
+		rs.r = append(rs.r, x)
+		return
+	}
+	rs.r[rs.head] = x
+	rs.head = (rs.head + 1) % readingsKept
+}
+
+// at returns the i-th oldest reading.
+func (rs *readings) at(i int) reading {
+	if len(rs.r) < readingsKept {
+		return rs.r[i]
+	}
+	return rs.r[(rs.head+i)%readingsKept]
+}
+
+// search returns the number of readings taken before t (or at t, when
+// atToo).
+func (rs *readings) search(t int64, atToo bool) int {
+	lo, hi := 0, len(rs.r)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if x := rs.at(m).t; x < t || atToo && x == t {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	return lo
+}
+
+// before returns the latest reading at or before t, or zero counters when
+// there is none (a capture's counters start at zero).
+func (rs *readings) before(t int64) captureCounts {
+	if i := rs.search(t, true); i > 0 {
+		return rs.at(i - 1).captureCounts
+	}
+	return captureCounts{}
+}
+
+// after returns the earliest reading at or after t.
+func (rs *readings) after(t int64) (reading, bool) {
+	if i := rs.search(t, false); i < len(rs.r) {
+		return rs.at(i), true
+	}
+	return reading{}, false
+}
+
+// pendingRecord is the record of an ended flow that waits for a reading of
+// the capture's counters after its last packet.
+type pendingRecord struct {
+	out   FlowWriter
+	rec   index.Record
+	start captureCounts
+}
+
+// read takes a reading of the capture's counters at now, and hands over the
+// records that waited for one.
+func (d *Demuxer) read(now int64) {
+	if d.o.Capture == nil {
+		return
+	}
+	dropped, failures := d.o.Capture()
+	x := reading{t: now, captureCounts: captureCounts{dropped, failures}}
+	if n := len(d.readings.r); n > 0 && d.readings.at(n-1).t > now {
+		x.t = d.readings.at(n - 1).t // the clock went back: keep them in order
+	}
+	d.readings.add(x)
+	for i := range d.waitRead {
+		p := &d.waitRead[i]
+		p.out.End(withCapture(&p.rec, p.start, x.captureCounts))
+		*p = pendingRecord{}
+	}
+	d.waitRead = d.waitRead[:0]
+}
+
+// withCapture sets the record's capture fields from the readings around
+// the flow.
+func withCapture(r *index.Record, start, end captureCounts) *index.Record {
+	r.DropsMax = end.dropped - min(start.dropped, end.dropped)
+	r.Down = end.failures != start.failures
+	return r
+}
+
+// endRecord writes the index record of a flow that is forgotten with a
+// file, ended at time at for the reason why.
+func (d *Demuxer) endRecord(f *flow, why index.End, at int64) {
+	r := index.Record{Source: f.source, First: time.Unix(0, f.first), Last: time.Unix(0, f.last),
+		WireBytes: f.wire, AfterDuration: uint64(f.afterDur), FlowLimit: uint64(f.refused[0]), MemoryLimit: uint64(f.refused[1]),
+		SYN: f.sawSYN, SYNACK: f.sawSYNACK, End: why, FlowEnd: why, Ended: time.Unix(0, max(at, f.last)), Interface: d.o.Interface}
+	if f.afterDur > 0 {
+		r.End = index.EndCaptureDuration
+	}
+	a := netip.AddrPortFrom(d.savedAddr(f, 0), f.key.APort)
+	b := netip.AddrPortFrom(d.savedAddr(f, 1), f.key.BPort)
+	if r.Src, r.Dst = a, b; !f.firstFromA {
+		r.Src, r.Dst = b, a
+	}
+	if d.o.Capture == nil {
+		f.out.End(&r)
+		return
+	}
+	if end, ok := d.readings.after(f.last); ok {
+		f.out.End(withCapture(&r, f.start, end.captureCounts))
+		return
+	}
+	// No reading after the last packet yet (the flow ended at a packet,
+	// or at Close): the next one is.
+	d.waitRead = append(d.waitRead, pendingRecord{out: f.out, rec: r, start: f.start})
+}
+
+// savedAddr returns the address of end i (0: A, 1: B) as the file saves it.
+func (d *Demuxer) savedAddr(f *flow, i int) netip.Addr {
+	raw := &f.key.A
+	if i == 1 {
+		raw = &f.key.B
+	}
+	if f.anon != nil && f.anon.mapped {
+		if m := f.side(i); m != nil {
+			raw = m
+		}
+		return netip.AddrFrom16(*raw).Unmap()
+	}
+	return d.o.Anonymizer.Anonymized(netip.AddrFrom16(*raw).Unmap())
+}
+
+// refusedSlots is the size of the table of refused connections: the
+// packets of a connection refused by a limit are remembered until another
+// refused connection takes its slot, so that the flow tracked once the
+// limit allows says how many of its packets came before (at least).
+const refusedSlots = 4096
+
+type refusedSlot struct {
+	key packet.Key
+	n   [2]uint32 // by flow limit, memory limit
+}
+
+type refusedTable [refusedSlots]refusedSlot
+
+// slot returns k's slot.
+func (t *refusedTable) slot(k *packet.Key) *refusedSlot {
+	h := binary.LittleEndian.Uint64(k.A[8:]) ^ binary.LittleEndian.Uint64(k.B[8:])<<1 ^
+		binary.LittleEndian.Uint64(k.A[:8])>>1 ^ binary.LittleEndian.Uint64(k.B[:8]) ^ uint64(k.APort)<<16 ^ uint64(k.BPort)<<40
+	h *= 0x9e3779b97f4a7c15
+	return &t[h>>(64-12)]
+}
+
+// refuse counts a packet of k refused by limit 0 (flows) or 1 (memory).
+func (d *Demuxer) refuse(k *packet.Key, limit int) {
+	if d.refusals == nil {
+		d.refusals = new(refusedTable)
+	}
+	s := d.refusals.slot(k)
+	if s.key != *k {
+		*s = refusedSlot{key: *k}
+	}
+	s.n[limit]++
+}
+
+// refusedBefore returns, and forgets, the packets of k that limits refused.
+func (d *Demuxer) refusedBefore(k *packet.Key) [2]uint32 {
+	if d.refusals == nil {
+		return [2]uint32{}
+	}
+	s := d.refusals.slot(k)
+	if s.key != *k {
+		return [2]uint32{}
+	}
+	n := s.n
+	*s = refusedSlot{}
+	return n
+}
