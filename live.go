@@ -172,6 +172,7 @@ func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *part
 	}
 	x.kernel.start(ctx, goRun)
 	goRun(func() { housekeeping(ctx, c, x.p.Names, checker, x.p.Saver, x.memoryReleases) })
+	goRun(func() { publishIndex(ctx, x.p.Saver) })
 	return client
 }
 

@@ -363,11 +363,26 @@ func isTerminal(f *os.File) bool {
 }
 
 // housekeeping enforces -maxidleram, samples the health checks, sweeps
-// the names table, makes the day directories ahead and publishes the flow
-// index of the hours that closed, every second, until
+// the names table and makes the day directories ahead, every second, until
 // ctx is done. (-maxheap is enforced
 // by the demuxers' ticks: a wake-up of its own ten times a second cost the
 // capture several percent of its CPU.)
+// publishIndex writes the flow index's waiting records and publishes the
+// hours that closed, every second, until ctx is done: on a goroutine of its
+// own, which a stuck disk may hold (never the housekeeping's health checks).
+func publishIndex(ctx context.Context, sv *saver.Saver) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			sv.PublishIndex(now)
+		}
+	}
+}
+
 func housekeeping(ctx context.Context, c *config, table *names.Table, checker *health.Checker, sv *saver.Saver, releases *atomic.Uint64) {
 	samples := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
 	tick := time.NewTicker(time.Second)
@@ -389,7 +404,6 @@ func housekeeping(ctx context.Context, c *config, table *names.Table, checker *h
 			if err := sv.PrepareDays(now); err != nil {
 				log.Printf("packet-headers: %v", err)
 			}
-			sv.PublishIndex(now)
 		}
 	}
 }

@@ -105,7 +105,8 @@ func (d *Demuxer) read(now int64) {
 	d.readings.add(x)
 	for i := range d.waitRead {
 		p := &d.waitRead[i]
-		p.out.End(withCapture(&p.rec, p.start, x.captureCounts))
+		rec := p.rec // the writer keeps it; the slot is reused
+		p.out.End(withCapture(&rec, p.start, x.captureCounts))
 		*p = pendingRecord{}
 	}
 	d.waitRead = d.waitRead[:0]

@@ -147,8 +147,8 @@ type FlowWriter interface {
 	// final Push.
 	Rename(uuid string)
 	// End gives the flow's index record when the flow is forgotten, after
-	// the final Push: the writer completes it with what it published, and
-	// writes it if it published the file.
+	// the final Push: the writer keeps it, completes it with what it
+	// published, and writes it if it published the file.
 	End(r *index.Record)
 }
 

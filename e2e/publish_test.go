@@ -198,7 +198,9 @@ func TestPublication(t *testing.T) {
 		flows(t, l.srv4, 8091, 20)
 		flows(t, l.srv6, 8091, 20)
 	}
-	time.Sleep(1500 * time.Millisecond) // the short flows are written; the long ones stream
+	// The short flows are written (after their linger), and their index
+	// records too (each second); the long ones stream for 4 s.
+	time.Sleep(2500 * time.Millisecond)
 	crash := daemons[len(daemons)-1]
 	killedAt := time.Now()
 	crash.cmd.Process.Kill()
@@ -226,9 +228,9 @@ func TestPublication(t *testing.T) {
 }
 
 // checkIndexOfFiles checks that a daemon's flow index has a record for
-// every file and for nothing else. After a SIGKILL, a file published as the
-// kill came may have no record (it is written just after), but the records
-// written before it are published by the restart.
+// every file and for nothing else. After a SIGKILL, a file published in the
+// second before it may have no record (records are written each second),
+// but the records written before it are published by the restart.
 func checkIndexOfFiles(t *testing.T, d *daemon, files map[string]string, killed bool, killedAt time.Time) {
 	recs := readIndex(t, d.name, d.dataDir)
 	before, missing := 0, 0

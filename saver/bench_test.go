@@ -58,12 +58,12 @@ func BenchmarkSaveFlow(b *testing.B) {
 		}
 		flow[j] = h
 	}
-	for _, compress := range []bool{false, true} {
-		name := "plain"
-		if compress {
-			name = "gzip"
-		}
-		b.Run(name, func(b *testing.B) {
+	for _, v := range []struct {
+		name              string
+		compress, indexed bool
+	}{{"plain", false, false}, {"gzip", true, false}, {"plain/indexed", false, true}} {
+		compress := v.compress
+		b.Run(v.name, func(b *testing.B) {
 			s, err := New(Options{Dir: b.TempDir(), Compress: compress})
 			if err != nil {
 				b.Fatal(err)
@@ -76,7 +76,11 @@ func BenchmarkSaveFlow(b *testing.B) {
 					buf.Append(t0.Add(time.Duration(j)*137*time.Microsecond), 1514, h)
 				}
 				raw = FileHeaderLen + buf.Bytes()
-				s.Start("bench", packet.LinkTypeEthernet, t0).Push(&buf, true)
+				f := s.Start("bench", packet.LinkTypeEthernet, t0)
+				if v.indexed { // the flow's index record too, written after the file
+					f.End(testRecord(t0))
+				}
+				f.Push(&buf, true)
 				s.Wait()
 				os.Remove(s.Path("bench", t0))
 			}

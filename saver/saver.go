@@ -37,13 +37,14 @@
 //
 // # Flow index
 //
-// Each Flow's End gives its index record; the record is written once the
+// Each Flow's End gives its index record; the record is added once the
 // file is published (by the flow's writer, or after it, on a goroutine of
-// its own), never for a file that was not, into one partial file per day
-// directory and hour of the flows' ends, which PublishIndex renames into
-// the day directory as flows-YYYYMMDDTHHZ.jsonl when the hour has closed
-// (IndexGrace later) or at shutdown, never over an existing file. New
-// publishes the whole records of the index files a crash left.
+// its own), never for a file that was not, to one partial file per day
+// directory and hour of the flows' ends, written 64 KiB at a time and by
+// each PublishIndex, which renames it into the day directory as
+// flows-YYYYMMDDTHHZ.jsonl when the hour has closed (IndexGrace later) or
+// at shutdown, never over an existing file. New publishes the whole
+// records of the index files a crash left.
 //
 // The file format is classic pcap with nanosecond timestamps (magic
 // 0xa1b23c4d), little-endian, with the snaplen and link type given. With
@@ -467,10 +468,7 @@ func (f *Flow) run() {
 // settle records the writer's outcome, and writes the flow's index record
 // if End gave it already.
 func (f *Flow) settle(w *flowFile) {
-	res := fileResult{ok: w.err == nil, uuid: w.published, packets: w.packets, bytes: w.raw, written: w.written}
-	if res.ok {
-		res.path, _ = filepath.Rel(f.s.dir, f.s.Path(w.published, f.first))
-	}
+	res := fileResult{ok: w.err == nil, uuid: w.published, path: strings.TrimPrefix(w.final, f.s.dir+"/"), packets: w.packets, bytes: w.raw, written: w.written}
 	f.mu.Lock()
 	f.settled, f.res = true, res
 	rec := f.rec
@@ -481,13 +479,13 @@ func (f *Flow) settle(w *flowFile) {
 }
 
 // End gives the flow's index record, once its file was pushed whole and the
-// flow is over (the demuxer knows its last counts then). The record is
-// written once the file is published, never for a file that was not
-// (TestIndexRecords). It never blocks on I/O.
+// flow is over (the demuxer knows its last counts then); the Flow keeps r,
+// which the caller must not change. The record is written once the file is
+// published, never for a file that was not (TestIndexRecords). It never
+// blocks on I/O.
 func (f *Flow) End(r *index.Record) {
-	rec := *r
 	f.mu.Lock()
-	f.rec = &rec
+	f.rec = r
 	settled, res := f.settled, f.res
 	f.mu.Unlock()
 	if settled && res.ok {
@@ -497,7 +495,7 @@ func (f *Flow) End(r *index.Record) {
 		f.s.wg.Add(1)
 		go func() {
 			defer f.s.wg.Done()
-			f.s.record(&rec, &res, f.first)
+			f.s.record(r, &res, f.first)
 		}()
 	}
 }
@@ -522,6 +520,7 @@ type flowFile struct {
 	written   int      // bytes written
 	raw       int      // header bytes of the records written (without their record headers)
 	published string   // the UUID the file was published under
+	final     string   // and its path
 	iov       [][]byte // reused: one writev per batch of chunks
 }
 
@@ -620,7 +619,7 @@ func (w *flowFile) finish() {
 		if err != nil {
 			w.fail("rename", err)
 		} else {
-			w.published = uuid
+			w.published, w.final = uuid, final
 		}
 	}
 }

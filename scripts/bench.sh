@@ -10,7 +10,7 @@ source scripts/go.sh
 pattern="${1:-.}"
 machine="$(nproc) cores of $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(. /etc/os-release && echo "$PRETTY_NAME"), $(go version | cut -d' ' -f3), libpcap $(dpkg-query -W -f '${Version}' libpcap0.8 2>/dev/null || echo unknown)"
 echo "== $machine"
-bench=$(go test -run '^$' -bench "$pattern" -benchmem -count 1 ./capture/ ./packet/ ./anonymize/ ./saver/ ./demuxer/ ./sockdiag/ ./offline/ | grep -E '^(Benchmark|ok|FAIL)')
+bench=$(go test -run '^$' -bench "$pattern" -benchmem -count 1 ./capture/ ./packet/ ./anonymize/ ./saver/ ./demuxer/ ./sockdiag/ ./offline/ ./index/ | grep -E '^(Benchmark|ok|FAIL)')
 echo "$bench"
 echo "== lab measurements beside tcpdump (root, iperf3, tcpdump)"
 lab=$(go test -run '^$' -bench Lab -benchtime 1x ./e2e/ | grep -E '^\|')
@@ -38,7 +38,9 @@ nothing, takes no lock shared across goroutines and makes no system call:
 \`BenchmarkPacket\` (the demuxer's step, interleaved flows and runs of one
 flow), \`BenchmarkApply\` (netblock masking). \`BenchmarkNameFlows\` is the
 kernel naming's cost per flow, \`BenchmarkSaveFlow\` a flow's file,
-\`BenchmarkRead\` an offline record.
+\`BenchmarkAppendJSON\` a flow's index record, \`BenchmarkRead\` an
+offline record. The lab's memory rows include what a flow keeps for its
+index record, and its offline row the index's bytes per flow.
 
 \`\`\`
 $bench
