@@ -198,9 +198,10 @@ func TestPublication(t *testing.T) {
 		flows(t, l.srv4, 8091, 20)
 		flows(t, l.srv6, 8091, 20)
 	}
-	// The short flows are written (after their linger), and their index
-	// records too (each second); the long ones stream for 4 s.
-	time.Sleep(2500 * time.Millisecond)
+	// The short flows are written (after their linger, within 1.2 s), and
+	// their index records too (each second: by 2.2 s); the long ones
+	// stream for 4 s.
+	time.Sleep(3 * time.Second)
 	crash := daemons[len(daemons)-1]
 	killedAt := time.Now()
 	crash.cmd.Process.Kill()
