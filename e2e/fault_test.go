@@ -104,8 +104,10 @@ func (l *lab) addLink(name string, subnet int) (cli, srv netip.Addr, nsIf string
 // TestInterfaceFaults deletes and re-creates one of two captured
 // interfaces, and takes the other down and up: capture goes on where it
 // can, and resumes on the interface that comes back. A connection idle
-// across the deletion, and used again after it, is one flow whose index
-// record says the capture was down meanwhile; flows before it say not.
+// across the deletion, and used again after it, is one flow, from its SYN
+// (the frames captured just before the deletion are read from the ring),
+// whose index record says the capture was down meanwhile; flows before it
+// say not.
 func TestInterfaceFaults(t *testing.T) {
 	l := newLab(t, 3)
 	name := strconv.Itoa(os.Getpid() % 100000)
@@ -122,6 +124,7 @@ func TestInterfaceFaults(t *testing.T) {
 	}
 
 	phase1a, phase1b := flows(t, l.srv4, 8083, 10), flows(t, srvB, 8083, 10)
+	time.Sleep(time.Second) // their records' readings come before the deletion
 	across, err := net.Dial("tcp", netip.AddrPortFrom(srvB, 8083).String())
 	if err != nil {
 		t.Fatal(err)
@@ -138,10 +141,9 @@ func TestInterfaceFaults(t *testing.T) {
 	}
 	across.Write([]byte("e"))
 	echo("before")
-	// Read and ticked over before the deletion: frames still in the
-	// ring's open block when an interface vanishes are lost with it.
-	time.Sleep(time.Second)
-	run(t, "ip", "link", "del", "pa"+name) // interface b is deleted
+	// Interface b is deleted, the exchange's frames likely still in the
+	// ring's open block: they are read before the failure.
+	run(t, "ip", "link", "del", "pa"+name)
 	waitFor(t, 5*time.Second, "capture on the deleted interface to be reported down", func() bool { return upMetric(nsB) == "0" })
 	waitFor(t, 5*time.Second, "/healthz to fail after -health.grace", func() bool { return probe(d.metrics, "/healthz") == 503 })
 	phase2 := flows(t, l.srv4, 8083, 10)

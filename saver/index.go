@@ -42,12 +42,12 @@ var IncompleteReasons = []string{"no_handshake", "captureduration", "limits", "c
 
 // IndexCounts are what the flow index counted. Safe for concurrent use.
 type IndexCounts struct {
-	Records    *metrics.Counters // records written, by end (index.Ends)
-	Incomplete *metrics.Counters // records written, by IncompleteReasons (a record may count for several)
+	Records    *metrics.Counters // records added, by end (index.Ends)
+	Incomplete *metrics.Counters // records added, by IncompleteReasons (a record may count for several)
 	Files      atomic.Uint64     // index files published
 	Recovered  atomic.Uint64     // index files a crash left, published by New
 	Errors     *metrics.Counters // failed operations, by IndexOps
-	Lost       atomic.Uint64     // records not written, for an error
+	Lost       atomic.Uint64     // records added but not written, for an error
 }
 
 // indexWriter appends the records of finished flows to one partial file per
@@ -102,7 +102,8 @@ func newIndexWriter(s *Saver) *indexWriter {
 // IndexCounts returns the flow index's counts.
 func (s *Saver) IndexCounts() *IndexCounts { return &s.index.counts }
 
-// add writes the record of a published file.
+// add adds the record of a published file to its index file, written
+// when indexBatch bytes wait, or by the next PublishIndex.
 func (x *indexWriter) add(r *index.Record, first time.Time) {
 	hour := index.Hour(r.Ended)
 	k := indexKey{day: dayNumber(first), hour: hour.Unix()}
