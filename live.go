@@ -172,7 +172,10 @@ func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *part
 	}
 	x.kernel.start(ctx, goRun)
 	goRun(func() { housekeeping(ctx, c, x.p.Names, checker, x.p.Saver, x.memoryReleases) })
-	goRun(func() { publishIndex(ctx, x.p.Saver) })
+	// The flow index's records are written, and its closed hours
+	// published, on a goroutine of their own, which a stuck disk may hold
+	// (never the housekeeping's health checks).
+	goRun(func() { everySecond(ctx, x.p.Saver.PublishIndex) })
 	return client
 }
 

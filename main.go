@@ -362,48 +362,39 @@ func isTerminal(f *os.File) bool {
 	return err == nil
 }
 
+// everySecond calls f with the time every second until ctx is done.
+func everySecond(ctx context.Context, f func(now time.Time)) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			f(now)
+		}
+	}
+}
+
 // housekeeping enforces -maxidleram, samples the health checks, sweeps
 // the names table and makes the day directories ahead, every second, until
 // ctx is done. (-maxheap is enforced
 // by the demuxers' ticks: a wake-up of its own ten times a second cost the
 // capture several percent of its CPU.)
-// publishIndex writes the flow index's waiting records and publishes the
-// hours that closed, every second, until ctx is done: on a goroutine of its
-// own, which a stuck disk may hold (never the housekeeping's health checks).
-func publishIndex(ctx context.Context, sv *saver.Saver) {
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-tick.C:
-			sv.PublishIndex(now)
-		}
-	}
-}
-
 func housekeeping(ctx context.Context, c *config, table *names.Table, checker *health.Checker, sv *saver.Saver, releases *atomic.Uint64) {
 	samples := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
 	var lastRelease time.Time
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-tick.C:
-			checker.Sample(now)
-			metrics.Read(samples)
-			if samples[0].Value.Uint64() > uint64(c.maxIdleRAM) && now.Sub(lastRelease) > 10*time.Second {
-				debug.FreeOSMemory()
-				releases.Add(1)
-				lastRelease = now
-			}
-			table.Sweep()
-			if err := sv.PrepareDays(now); err != nil {
-				log.Printf("packet-headers: %v", err)
-			}
+	everySecond(ctx, func(now time.Time) {
+		checker.Sample(now)
+		metrics.Read(samples)
+		if samples[0].Value.Uint64() > uint64(c.maxIdleRAM) && now.Sub(lastRelease) > 10*time.Second {
+			debug.FreeOSMemory()
+			releases.Add(1)
+			lastRelease = now
 		}
-	}
+		table.Sweep()
+		if err := sv.PrepareDays(now); err != nil {
+			log.Printf("packet-headers: %v", err)
+		}
+	})
 }

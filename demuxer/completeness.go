@@ -87,7 +87,7 @@ func (rs *readings) after(t int64) (reading, bool) {
 // the capture's counters after its last packet.
 type pendingRecord struct {
 	out   FlowWriter
-	rec   index.Record
+	rec   *index.Record
 	start captureCounts
 }
 
@@ -103,10 +103,14 @@ func (d *Demuxer) read(now int64) {
 		x.t = d.readings.at(n - 1).t // the clock went back: keep them in order
 	}
 	d.readings.add(x)
+	d.handOver(x.captureCounts)
+}
+
+// handOver ends the records that waited for a reading with end.
+func (d *Demuxer) handOver(end captureCounts) {
 	for i := range d.waitRead {
 		p := &d.waitRead[i]
-		rec := p.rec // the writer keeps it; the slot is reused
-		p.out.End(withCapture(&rec, p.start, x.captureCounts))
+		p.out.End(withCapture(p.rec, p.start, end))
 		*p = pendingRecord{}
 	}
 	d.waitRead = d.waitRead[:0]
@@ -144,7 +148,7 @@ func (d *Demuxer) endRecord(f *flow, why index.End, at int64) {
 	}
 	// No reading after the last packet yet (the flow ended at a packet,
 	// or at Close): the next one is.
-	d.waitRead = append(d.waitRead, pendingRecord{out: f.out, rec: r, start: f.start})
+	d.waitRead = append(d.waitRead, pendingRecord{out: f.out, rec: &r, start: f.start})
 }
 
 // savedAddr returns the address of end i (0: A, 1: B) as the file saves it.

@@ -428,7 +428,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	tsn := ts.UnixNano()
 	pureSYN := p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
 	if f != nil && (tsn-f.last >= int64(d.o.FlowTimeout) || f.endAt != 0 && tsn >= f.endAt) {
-		d.remove(f, d.deadline(f, tsn), tsn) // its deadline came before this packet, as a tick would have seen
+		d.remove(f, f.endedOr(index.EndTimeout), tsn) // its deadline came before this packet, as a tick would have seen
 		f = nil
 	}
 	if f != nil && pureSYN && (!f.syn || f.synSeq != p.Seq) && (!f.synced || f.ended) {
@@ -896,28 +896,20 @@ func (d *Demuxer) check(f *flow, nowN int64) bool {
 		}
 	}
 	if nowN-f.last >= int64(d.o.FlowTimeout) || f.endAt != 0 && nowN >= f.endAt {
-		d.remove(f, d.deadline(f, nowN), nowN)
+		d.remove(f, f.endedOr(index.EndTimeout), nowN)
 		return true
 	}
 	return false
 }
 
 // endedOr returns how the flow ended if its FINs, RST or Close came (its
-// linger is cut short), else why.
+// linger may be over, or cut short by a timeout, a new connection or the
+// shutdown), else why.
 func (f *flow) endedOr(why index.End) index.End {
 	if f.end != index.EndNone {
 		return f.end
 	}
 	return why
-}
-
-// deadline returns why a flow whose deadline came by now ended: its FINs,
-// RST or Close announcement, else the lack of packets.
-func (d *Demuxer) deadline(f *flow, now int64) index.End {
-	if f.endAt != 0 && now >= f.endAt {
-		return f.end
-	}
-	return index.EndTimeout
 }
 
 // Close ends every flow at shutdown: flows with a UUID (one last claim is
@@ -941,7 +933,9 @@ func (d *Demuxer) Close() {
 		}
 		d.remove(f, f.endedOr(index.EndShutdown), now)
 	}
-	d.read(now) // for the records that still wait
+	if n := len(d.readings.r); n > 0 {
+		d.handOver(d.readings.at(n - 1).captureCounts) // flows whose last packet came after the clock's now
+	}
 	d.publish()
 }
 

@@ -198,11 +198,19 @@ func TestPublication(t *testing.T) {
 		flows(t, l.srv4, 8091, 20)
 		flows(t, l.srv6, 8091, 20)
 	}
-	// The short flows are written (after their linger, within 1.2 s), and
-	// their index records too (each second: by 2.2 s); the long ones
+	// The short flows are written (after their linger), and the crash
+	// daemon writes their index records (each second); the long ones
 	// stream for 4 s.
-	time.Sleep(3 * time.Second)
 	crash := daemons[len(daemons)-1]
+	waitFor(t, 3*time.Second, "the crash daemon's index records", func() bool {
+		partials, _ := filepath.Glob(filepath.Join(crash.partialDir(), "flows.*"))
+		for _, p := range partials {
+			if st, err := os.Stat(p); err == nil && st.Size() > 0 {
+				return true
+			}
+		}
+		return false
+	})
 	killedAt := time.Now()
 	crash.cmd.Process.Kill()
 	crash.cmd.Wait()

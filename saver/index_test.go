@@ -137,15 +137,20 @@ func TestIndexRecords(t *testing.T) {
 // TestIndexHours: each hour's records go into a file of their own; a
 // record that comes after its hour's file was published goes into another
 // one, numbered; at shutdown (a zero time) every open file is published.
+// saveRecorded saves a flow of 3 packets whose record says it ended then.
+func saveRecorded(s *Saver, uuid string, ended time.Time) {
+	var b record.Buffer
+	fill(&b, 3)
+	f := s.Start(uuid, packet.LinkTypeEthernet, t0)
+	f.Push(&b, true)
+	f.End(testRecord(ended))
+}
+
 func TestIndexHours(t *testing.T) {
 	s := newSaver(t)
 	h := index.Hour(t0.Add(time.Hour)) // 2026-11-26T00
 	save := func(uuid string, ended time.Time) {
-		var b record.Buffer
-		fill(&b, 3)
-		f := s.Start(uuid, packet.LinkTypeEthernet, t0)
-		f.Push(&b, true)
-		f.End(testRecord(ended))
+		saveRecorded(s, uuid, ended)
 		s.Wait()
 	}
 	save("a", h.Add(time.Minute))
@@ -175,13 +180,8 @@ func TestIndexHours(t *testing.T) {
 func TestIndexRecovery(t *testing.T) {
 	s := newSaver(t)
 	h := index.Hour(t0)
-	for uuid, ended := range map[string]time.Time{"a": t0, "b": t0} {
-		var b record.Buffer
-		fill(&b, 3)
-		f := s.Start(uuid, packet.LinkTypeEthernet, t0)
-		f.Push(&b, true)
-		f.End(testRecord(ended))
-	}
+	saveRecorded(s, "a", t0)
+	saveRecorded(s, "b", t0)
 	s.Wait()
 	s.PublishIndex(t0) // writes the records that wait, as every second live; the hour is open
 	// As a crash leaves them: the open file, one cut short, an empty one.
