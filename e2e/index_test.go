@@ -299,9 +299,9 @@ func checkRecordRef(d *daemon, r indexRecord, w indexWant) string {
 }
 
 // labKinds are the lab's connections whose end the reference capture
-// alone does not tell, by client address.
+// alone does not tell, by 4-tuple.
 type labKinds struct {
-	held, reset map[netip.AddrPort]bool
+	held, reset map[flowKey]bool // by 4-tuple: a client port is reused toward other servers
 }
 
 // of returns the kind of a reference connection.
@@ -309,20 +309,20 @@ func (k *labKinds) of(c *refConn) string {
 	switch {
 	case k == nil:
 		return ""
-	case k.held[c.pkts[0].src]:
+	case k.held[c.key]:
 		return kindHeld
-	case k.reset[c.pkts[0].src]:
+	case k.reset[c.key]:
 		return kindRST
 	}
 	return ""
 }
 
 // holdConns opens n echo connections to the lab's server from each family,
-// each exchanging a message, and returns their clients, a function that
+// each exchanging a message, and returns their 4-tuples, a function that
 // makes each exchange another (past a short -captureduration) and one that
 // closes them: the daemons see them open, idle, when they stop.
-func holdConns(t *testing.T, l *lab, port, n int) (clients map[netip.AddrPort]bool, talk, closeAll func()) {
-	clients = map[netip.AddrPort]bool{}
+func holdConns(t *testing.T, l *lab, port, n int) (conns4 map[flowKey]bool, talk, closeAll func()) {
+	conns4 = map[flowKey]bool{}
 	var conns []net.Conn
 	closeAll = func() {
 		for _, c := range conns {
@@ -345,7 +345,7 @@ func holdConns(t *testing.T, l *lab, port, n int) (clients map[netip.AddrPort]bo
 				t.Fatal(err)
 			}
 			conns = append(conns, c)
-			clients[c.LocalAddr().(*net.TCPAddr).AddrPort()] = true
+			conns4[connKey(c)] = true
 			if _, err := c.Write([]byte("e")); err != nil {
 				t.Fatal(err)
 			}
@@ -361,21 +361,21 @@ func holdConns(t *testing.T, l *lab, port, n int) (clients map[netip.AddrPort]bo
 			}
 		}
 	}
-	return clients, talk, closeAll
+	return conns4, talk, closeAll
 }
 
 // resetConns makes n connections from each family that the server resets
 // after its answer (mode 'r'), each open long enough for tcp-info's polls
-// to see it, and returns their clients.
-func resetConns(t *testing.T, l *lab, port, n int) map[netip.AddrPort]bool {
-	clients := map[netip.AddrPort]bool{}
+// to see it, and returns their 4-tuples.
+func resetConns(t *testing.T, l *lab, port, n int) map[flowKey]bool {
+	conns4 := map[flowKey]bool{}
 	for i := 0; i < n; i++ {
 		for _, a := range []netip.Addr{l.srv4, l.srv6} {
 			c, err := net.Dial("tcp", netip.AddrPortFrom(a, uint16(port)).String())
 			if err != nil {
 				t.Fatal(err)
 			}
-			clients[c.LocalAddr().(*net.TCPAddr).AddrPort()] = true
+			conns4[connKey(c)] = true
 			time.Sleep(40 * time.Millisecond)
 			c.Write([]byte("rreset me\n"))
 			io.ReadFull(c, make([]byte, len("reset me\n")))
@@ -383,7 +383,7 @@ func resetConns(t *testing.T, l *lab, port, n int) map[netip.AddrPort]bool {
 			c.Close()
 		}
 	}
-	return clients
+	return conns4
 }
 
 // TestIndexDrops overflows a daemon's capture ring (its default 8 MB, the
@@ -524,4 +524,9 @@ func checkReadmeQuery(t *testing.T, d *daemon) {
 		t.Errorf("%s: the README's jq line lists %d files, %d records say they may be incomplete:\n%v\n%v", d.name, len(got), len(want), got, want)
 	}
 	t.Logf("%s: the README's jq line lists the %d files that may be incomplete", d.name, len(got))
+}
+
+// connKey is the 4-tuple of a connection, as the reference capture keys it.
+func connKey(c net.Conn) flowKey {
+	return keyOf(clientEnd(c), netip.MustParseAddrPort(c.RemoteAddr().String()))
 }
