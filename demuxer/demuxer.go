@@ -208,6 +208,11 @@ type Options struct {
 	// asks nothing), to find the flow's UUID elsewhere (the kernel). It must
 	// not block.
 	Lookup func(packet.Key)
+	// Exclude, when set, says which connections are never tracked (see
+	// package exclude): asked at each packet that has no flow, so a
+	// connection it excludes costs a map miss and this call per packet,
+	// and holds no memory.
+	Exclude func(*packet.Key) bool
 	// Interface names the capture in index records ("" offline).
 	Interface string
 	// Capture, when set, returns the capture's cumulative drops and
@@ -283,6 +288,7 @@ const minWindow = 1 << 16
 // counters are counted per packet in plain fields and published by Tick.
 type counters struct {
 	captured, afterDur, noUUID, flowLimit, memLimit, shutdown uint64
+	excluded                                                  uint64
 	undecodable                                               [packet.NumKinds]uint64
 	started, refusedFlows, refusedMem, uuidTimeout            uint64
 	endedShutdown                                             uint64 // flows unnamed at Close
@@ -370,7 +376,7 @@ func (s *Stats) Named() map[string]uint64 {
 }
 
 // PacketOutcomes are the reasons the demuxer does not save a frame.
-var PacketOutcomes = []string{"no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid"}
+var PacketOutcomes = []string{"excluded", "no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid"}
 
 // RefusalLimits are the limits that refuse new flows: -maxflows, -maxheap.
 var RefusalLimits = []string{"flow_limit", "memory_limit"}
@@ -437,6 +443,10 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	if f == nil {
 		k, firstIsA := p.Key()
+		if d.o.Exclude != nil && d.o.Exclude(&k) {
+			d.c.excluded++
+			return
+		}
 		if f = d.start(k, tsn, pureSYN, p.Seq); f == nil {
 			return
 		}
@@ -945,6 +955,7 @@ func (d *Demuxer) publish() {
 	st.Started.Store(c.started)
 	st.Packets.Store("after_captureduration", c.afterDur)
 	st.Packets.Store("no_uuid", c.noUUID)
+	st.Packets.Store("excluded", c.excluded)
 	st.Packets.Store("flow_limit", c.flowLimit)
 	st.Packets.Store("memory_limit", c.memLimit)
 	st.Packets.Store("shutdown_no_uuid", c.shutdown)

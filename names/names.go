@@ -302,6 +302,9 @@ func (x *Prefix) FromCookie(cookie uint64) string {
 	return fmt.Sprintf("%s_%016X", *x.p.Load(), cookie)
 }
 
+// Learnt reports whether a prefix was learnt.
+func (x *Prefix) Learnt() bool { return x.learnt.Load() }
+
 // Learn takes the prefix of uuid, the name another source gave the socket
 // with this cookie, the first time it is called with a name of that form.
 // It returns the prefix learnt and true when it changed the prefix.

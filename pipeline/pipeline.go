@@ -17,6 +17,7 @@ import (
 
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/exclude"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/saver"
@@ -37,8 +38,12 @@ type Config struct {
 	Key             []byte // the key of anonymize.Keyed mode and of TSOffset
 	ZeroMAC         bool   // see anonymize.Config
 	TSOffset        bool   // see anonymize.Config
-	// Local are the server's addresses, which anonymization keeps.
+	// Local are the server's addresses, which anonymization keeps and
+	// which tell the local end of a connection for Exclude.
 	Local []netip.Addr
+	// Exclude are the connections never saved, tcp-info's rules (nil: the
+	// local addresses only, which tcp-info always excludes).
+	Exclude *exclude.Rules
 	// Authoritative makes tcp-info's announcements win over the kernel's
 	// names for the same socket (live mode with an eventsocket).
 	Authoritative bool
@@ -70,6 +75,10 @@ func New(c Config) (*Pipeline, error) {
 	if c.Saver.Snaplen == 0 {
 		c.Saver.Snaplen = c.MaxHeaderSize // the files' snaplen is the records' longest
 	}
+	if c.Exclude == nil {
+		c.Exclude = &exclude.Rules{}
+	}
+	c.Exclude.SetLocal(c.Local)
 	sv, err := saver.New(c.Saver)
 	if err != nil {
 		return nil, err
@@ -99,11 +108,18 @@ func (p *Pipeline) Demuxer(lt packet.LinkType, with func(*demuxer.Options)) *dem
 		LinkType: lt, MaxHeaderSize: p.c.MaxHeaderSize,
 		CaptureDuration: p.c.CaptureDuration, FlowTimeout: p.c.FlowTimeout, UUIDWait: p.c.UUIDWait,
 		Stream: p.c.Stream, Names: p.Names, Writer: p.writer, Anonymizer: p.Anon, Limits: p.Limits,
+		Exclude: p.c.Exclude.ExcludedKey,
 	}
 	if with != nil {
 		with(&o)
 	}
 	return demuxer.New(o)
+}
+
+// Excluded reports whether the connection between local and remote is
+// never saved (Config.Exclude): the kernel source asks before naming one.
+func (p *Pipeline) Excluded(local, remote netip.AddrPort) bool {
+	return p.c.Exclude.Excluded(local, remote)
 }
 
 // Open announces a connection tcp-info opened. A UUID that cannot name a

@@ -60,6 +60,8 @@ const (
 	// tcp_req_diag_fill), whose cookie is not the connection's, and a
 	// child socket not yet established.
 	StateSynRecv    = 3
+	StateTimeWait   = 6 // a closed connection's timewait socket, with its cookie
+	StateClose      = 7
 	StateListen     = 10
 	StateNewSynRecv = 12 // a request socket's own state, should a kernel report it
 )

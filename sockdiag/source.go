@@ -44,6 +44,25 @@ type Options struct {
 	// lacks CAP_NET_ADMIN): a look-up that gives up then leaves its
 	// connection unnamed, counted as gave_up_no_broadcasts.
 	NoDestroy bool
+	// Exclude, when set, says which connections are never named.
+	Exclude func(local, remote netip.AddrPort) bool
+	// Authority, when set, reports since when the authoritative source
+	// (tcp-info's eventsocket) has been connected without a break. While
+	// it is, its silence is a decision: a connection it has not named
+	// Silence after its request, and that is still open then, is one its
+	// exclusion rules left out, and is not named here either (silenced);
+	// the kernel names only connections that ended sooner, which it could
+	// not have seen (short), and not those of a local port it only ever
+	// silenced (excluded). TestAuthoritySilence.
+	Authority func() (since time.Time, ok bool)
+	// Silence is how long a connection must have lived for the
+	// authority's silence about it to count; default DefaultSilence.
+	Silence time.Duration
+	// Ready, when set, reports whether UUID names cookies as the authority
+	// does (its prefix is known). Names found before are held, and
+	// announced once it does, or dropped after GiveUp (no_prefix), so that
+	// no file takes a made-up prefix while the authority has a real one.
+	Ready func() bool
 }
 
 // Source names connections from the kernel's socket cookies.
@@ -51,6 +70,8 @@ type Source struct {
 	o    Options
 	sink Sink
 	reqs chan packet.Key
+	auth *authority
+	kick chan struct{} // wakes RunLookups when a name is held
 
 	// Counters, read by the daemon's metrics, tests and benchmarks.
 	Sends, Receives atomic.Uint64     // netlink system calls of the look-ups
@@ -62,13 +83,19 @@ type Source struct {
 // not_established (not yet, or no longer), already_named (by the other
 // source), not_local (no local end), queue_full, gave_up, gave_up_no_broadcasts
 // (given up without the destroy broadcasts, which would name it), error,
-// malformed (an answer that cannot be parsed).
-var LookupResults = []string{"found", "not_found", "not_established", "already_named", "not_local", "queue_full", "gave_up", "gave_up_no_broadcasts", "error", "malformed"}
+// malformed (an answer that cannot be parsed); with Options.Exclude,
+// excluded; with Options.Authority, silenced (open after Silence and not
+// named by the authority), short (ended before: named here) and
+// excluded (ended before, on a port the authority silences); with
+// Options.Ready, no_prefix (a name held until GiveUp, then dropped).
+var LookupResults = []string{"found", "not_found", "not_established", "already_named", "not_local", "queue_full", "gave_up", "gave_up_no_broadcasts", "error", "malformed", "excluded", "silenced", "short", "no_prefix"}
 
 // DestroyResults are the results of a destroy broadcast: named,
 // disconnected (closed with SO_LINGER 0: no remote port), ignored
-// (listeners), lost (the socket's buffer overflowed), malformed.
-var DestroyResults = []string{"named", "disconnected", "ignored", "lost", "malformed"}
+// (listeners), lost (the socket's buffer overflowed), malformed, excluded
+// (Options.Exclude), silenced (a connection the authority left unnamed, or
+// on a port it silences).
+var DestroyResults = []string{"named", "disconnected", "ignored", "lost", "malformed", "excluded", "silenced"}
 
 const (
 	batchMax        = 64
@@ -87,7 +114,10 @@ func NewSource(sink Sink, o Options) *Source {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &Source{o: o, sink: sink, reqs: make(chan packet.Key, queueLen),
+	if o.Silence <= 0 {
+		o.Silence = DefaultSilence
+	}
+	return &Source{o: o, sink: sink, reqs: make(chan packet.Key, queueLen), auth: newAuthority(), kick: make(chan struct{}, 1),
 		Lookups: metrics.NewCounters(LookupResults...), Destroys: metrics.NewCounters(DestroyResults...)}
 }
 
@@ -111,6 +141,12 @@ type pending struct {
 	notFound      int  // answers without a connection
 	handshake     bool // the last answer was a request socket: the child comes soon
 	fast          int  // quick retries made for a request socket
+	// With the authority connected at the request: since when it was,
+	// and, once found, the socket's cookie (the look-up due at
+	// asked+Silence then decides).
+	watched bool
+	since   time.Time
+	cookie  uint64
 }
 
 // localEnds orders k's endpoints as (local, remote), or reports that
@@ -146,18 +182,32 @@ func (s *Source) RunLookups(ctx context.Context, conn Conn) error {
 		for _, p := range queue {
 			next = min(next, p.due.Sub(now))
 		}
+		if s.o.Ready != nil && s.flushHeld(now) {
+			next = min(next, 10*time.Millisecond)
+		}
 		timer.Reset(max(next, 0))
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-s.kick:
+			continue
 		case k := <-s.reqs:
 			l, r, ok := s.localEnds(k)
 			if !ok {
 				s.Lookups.Inc("not_local")
 				continue
 			}
+			if s.o.Exclude != nil && s.o.Exclude(l, r) {
+				s.Lookups.Inc("excluded")
+				continue
+			}
 			now := s.o.Now()
-			queue = append(queue, &pending{key: k, local: l, remote: r, asked: now, due: now.Add(s.o.Delay), giveUp: now.Add(s.o.GiveUp)})
+			p := &pending{key: k, local: l, remote: r, asked: now, due: now.Add(s.o.Delay), giveUp: now.Add(s.o.GiveUp)}
+			if since, ok := s.authoritySince(); ok && since.Before(now) {
+				p.watched, p.since = true, since
+				s.watchKey(k)
+			}
+			queue = append(queue, p)
 			continue
 		case <-timer.C:
 		}
@@ -169,6 +219,9 @@ func (s *Source) RunLookups(ctx context.Context, conn Conn) error {
 			switch {
 			case s.sink.NamedSince(p.key, p.asked):
 				s.Lookups.Inc("already_named")
+				if p.watched {
+					s.settle(p, false)
+				}
 			case !p.due.After(now):
 				due = append(due, p)
 			default:
@@ -197,7 +250,12 @@ func (s *Source) reschedule(retry []*pending) []*pending {
 	var out []*pending
 	for _, p := range retry {
 		switch {
+		case p.cookie != 0:
+			// Found with the authority connected: due at asked+Silence.
 		case now.After(p.giveUp) || p.notFound > notFoundRetries:
+			if p.watched {
+				s.settle(p, false)
+			}
 			// Not found twice after its handshake: closed before it could
 			// be looked up (its destroy broadcast names it), or a socket in
 			// another network namespace (never named).
@@ -256,6 +314,10 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 				continue
 			}
 			delete(bySeq, m.Seq)
+			if p.cookie != 0 {
+				s.decide(p, m)
+				continue
+			}
 			switch {
 			case errors.Is(m.Err, ErrNotFound) || m.Err == nil && m.Socket.State == StateListen:
 				// Without a connection for the 4-tuple the kernel answers
@@ -266,6 +328,9 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 				retry = append(retry, p)
 			case m.Err != nil:
 				s.Lookups.Inc("error")
+				if p.watched {
+					s.settle(p, false)
+				}
 			case m.Socket.State == StateSynRecv || m.Socket.State == StateNewSynRecv || m.Socket.Cookie == 0:
 				// Looked up as the handshake's last ACK is captured, before
 				// TCP has made the connection's socket of the request's
@@ -273,13 +338,44 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 				s.Lookups.Inc("not_established")
 				p.handshake = m.Socket.State != StateEstablished
 				retry = append(retry, p)
+			case p.watched:
+				s.Lookups.Inc("found")
+				p.cookie, p.due = m.Socket.Cookie, p.asked.Add(s.o.Silence)
+				retry = append(retry, p)
 			default:
 				s.Lookups.Inc("found")
-				s.sink.Open(s.o.Now(), s.o.UUID(m.Socket.Cookie), p.key, SourceName, m.Socket.Cookie)
+				s.name(s.o.Now(), m.Socket.Cookie, p.key, false)
 			}
 		}
 	}
 	return retry, nil
+}
+
+// decide settles a connection found with the authority connected, from
+// the look-up due Silence after its request (TestAuthoritySilence).
+func (s *Source) decide(p *pending, m Message) {
+	open := m.Err == nil && m.Socket.Cookie == p.cookie && m.Socket.State != StateTimeWait && m.Socket.State != StateClose
+	since, connected := s.authoritySince()
+	switch {
+	case m.Err != nil && !errors.Is(m.Err, ErrNotFound):
+		s.Lookups.Inc("error")
+		s.settle(p, false)
+	case !connected || !since.Equal(p.since):
+		// The authority was not there throughout: its silence says
+		// nothing, as without it.
+		s.settle(p, false)
+		s.name(s.o.Now(), p.cookie, p.key, !open)
+	case open:
+		s.Lookups.Inc("silenced")
+		s.settle(p, true)
+	case !s.shortOK(p.local):
+		s.Lookups.Inc("excluded")
+		s.settle(p, false)
+	default:
+		s.Lookups.Inc("short")
+		s.settle(p, false)
+		s.name(s.o.Now(), p.cookie, p.key, true)
+	}
 }
 
 // RunDestroy names connections from the kernel's destroy broadcasts read on
@@ -323,9 +419,15 @@ func (s *Source) destroyed(sk Socket) {
 		s.Destroys.Inc("disconnected")
 		return
 	}
+	if s.o.Exclude != nil && s.o.Exclude(sk.Local, sk.Remote) {
+		s.Destroys.Inc("excluded")
+		return
+	}
+	k := packet.KeyFromAddrPorts(sk.Local, sk.Remote)
+	if _, ok := s.authoritySince(); ok && !s.destroyNameable(k, sk.Local) {
+		s.Destroys.Inc("silenced")
+		return
+	}
 	s.Destroys.Inc("named")
-	now := s.o.Now()
-	u := s.o.UUID(sk.Cookie)
-	s.sink.Open(now, u, packet.KeyFromAddrPorts(sk.Local, sk.Remote), SourceName, sk.Cookie)
-	s.sink.Close(now, u)
+	s.name(s.o.Now(), sk.Cookie, k, true)
 }

@@ -134,6 +134,7 @@ type Client struct {
 	min       time.Duration
 	max       time.Duration
 	connected atomic.Bool
+	since     atomic.Int64 // unix nanoseconds of the connection, 0 while not connected
 	counts    *Counts
 }
 
@@ -143,6 +144,13 @@ func (c *Client) Counts() *Counts { return c.counts }
 // Connected reports whether the client is connected now. It is safe for
 // concurrent use.
 func (c *Client) Connected() bool { return c.connected.Load() }
+
+// ConnectedSince reports since when the client has been connected without
+// a break, and whether it is connected now. It is safe for concurrent use.
+func (c *Client) ConnectedSince() (time.Time, bool) {
+	ns := c.since.Load()
+	return time.Unix(0, ns), ns != 0
+}
 
 // New returns a client for the socket at path.
 func New(path string, h Handler, opts *Options) *Client {
@@ -184,9 +192,11 @@ func (c *Client) Run(ctx context.Context) error {
 		}
 		log.Printf("eventsocket %s: connected", c.path)
 		loggedDown = false
+		c.since.Store(time.Now().UnixNano())
 		c.connected.Store(true)
 		n := c.read(ctx, conn)
 		c.connected.Store(false)
+		c.since.Store(0)
 		if ctx.Err() == nil {
 			log.Printf("eventsocket %s: connection lost after %d events (reconnecting)", c.path, n)
 		}
