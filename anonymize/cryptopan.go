@@ -5,7 +5,9 @@ import (
 	"crypto/cipher"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"strings"
@@ -46,7 +48,18 @@ func NewCryptoPAn(key []byte) (*CryptoPAn, error) {
 // (as `openssl rand -hex 32` writes them, a final newline allowed). Its
 // errors never quote the file's contents.
 func ReadKey(path string) ([]byte, error) {
-	b, err := os.ReadFile(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return nil, err
+	} else if st.Mode().Perm()&0o004 != 0 {
+		// Whoever reads the key can invert the mapping.
+		return nil, fmt.Errorf("%s: %w (mode %#o): chmod o-r", path, ErrKeyExposed, st.Mode().Perm())
+	}
+	b, err := io.ReadAll(io.LimitReader(f, 4*KeySize))
 	if err != nil {
 		return nil, err
 	}
@@ -60,6 +73,10 @@ func ReadKey(path string) ([]byte, error) {
 	}
 	return nil, fmt.Errorf("%s: %w (it has %d bytes)", path, ErrKeySize, len(b))
 }
+
+// ErrKeyExposed is wrapped by ReadKey's error for a key file that users
+// other than its owner and group can read.
+var ErrKeyExposed = errors.New("the key file is readable by others")
 
 // ErrKeySize is wrapped by ReadKey's error for a file that holds no key.
 var ErrKeySize = fmt.Errorf("not a Crypto-PAn key: want %d bytes, or %d hexadecimal digits", KeySize, 2*KeySize)

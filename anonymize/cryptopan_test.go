@@ -163,6 +163,11 @@ func TestReadKey(t *testing.T) {
 	if _, err := ReadKey(filepath.Join(dir, "missing")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("missing file: %v", err)
 	}
+	exposed := write("exposed", referenceKey)
+	os.Chmod(exposed, 0o644)
+	if _, err := ReadKey(exposed); !errors.Is(err, ErrKeyExposed) {
+		t.Errorf("a key file others can read: %v, want ErrKeyExposed", err)
+	}
 }
 
 // TestApplyMapped: a frame rewritten with a flow's mappings is exactly the

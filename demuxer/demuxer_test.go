@@ -148,7 +148,7 @@ func (h *harness) files() int {
 	h.sv.Wait()
 	n := 0
 	filepath.Walk(h.sv.Dir(), func(p string, info os.FileInfo, err error) error {
-		if err == nil && !info.IsDir() && filepath.Ext(p) == ".pcap" && filepath.Base(filepath.Dir(p)) != saver.LegacyPartialDir {
+		if err == nil && !info.IsDir() && filepath.Ext(p) == ".pcap" {
 			n++
 		}
 		return nil

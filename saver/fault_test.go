@@ -46,7 +46,7 @@ func partials(t *testing.T, s *Saver) int {
 
 func TestDiskFull(t *testing.T) {
 	dir := tmpfs(t, "256k")
-	s, err := New(Options{Dir: dir})
+	s, err := New(Options{Dir: filepath.Join(dir, "data")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +70,7 @@ func TestDiskFull(t *testing.T) {
 
 func TestMinFreeSpace(t *testing.T) {
 	dir := tmpfs(t, "1m")
-	s, err := New(Options{Dir: dir, MinFreePercent: 50})
+	s, err := New(Options{Dir: filepath.Join(dir, "data"), MinFreePercent: 50})
 	if err != nil {
 		t.Fatal(err)
 	}

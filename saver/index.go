@@ -194,7 +194,7 @@ func (s *Saver) publishIndex(tmp, dayDir string, hour time.Time) error {
 		final := dayDir + "/" + index.Name(hour, n)
 		err = renameNoReplace(tmp, final)
 		if errors.Is(err, os.ErrNotExist) {
-			if merr := os.MkdirAll(dayDir, 0o755); merr != nil {
+			if merr := os.MkdirAll(dayDir, s.dirPerm); merr != nil {
 				return merr
 			}
 			err = renameNoReplace(tmp, final)
@@ -220,18 +220,17 @@ func (s *Saver) recoverIndex() {
 			continue
 		}
 		tmp := filepath.Join(s.partial, e.Name())
-		b, err := os.ReadFile(tmp)
+		f, b, err := readOwnFile(tmp)
 		if err != nil {
 			continue
 		}
 		i := bytes.LastIndexByte(b, '\n')
-		if i < 0 {
-			continue // nothing whole: emptyDir removes it
+		if i >= 0 && i+1 < len(b) {
+			err = f.Truncate(int64(i + 1))
 		}
-		if i+1 < len(b) {
-			if err := os.Truncate(tmp, int64(i+1)); err != nil {
-				continue
-			}
+		f.Close()
+		if i < 0 || err != nil {
+			continue // nothing whole (cleanPartial removes it), or not truncated
 		}
 		if err := s.publishIndex(tmp, dayDir, hour); err == nil {
 			s.index.counts.Recovered.Add(1)

@@ -21,9 +21,10 @@
 // (M-Lab's pusher) thus hears of each file exactly once, as one IN_MOVED_TO
 // under its final YYYY/MM/DD/<uuid>.pcap[.gz] name, and of nothing else:
 // no partial file is closed inside the watched tree, and a crash leaves
-// nothing there (New empties the partial directory). Where no sibling can
-// be made on the data directory's filesystem, the partial directory is
-// <datadir>/.partial, with a warning. PrepareDays creates each day's
+// nothing there (New removes what it left in the partial directory). The
+// partial directory is never inside the data directory: where none can be
+// made beside it on its filesystem, New fails and says to give one
+// (dirs.go also says what New trusts in it). PrepareDays creates each day's
 // directory a day ahead, so that a recursive watcher has its watch in place
 // before the day's first file arrives (TestPublication in e2e guards it).
 //
@@ -79,10 +80,6 @@ import (
 	"github.com/m-lab/packet-headers/record"
 )
 
-// LegacyPartialDir is the subdirectory of the data directory that holds
-// files being written when no partial directory can be made beside it.
-const LegacyPartialDir = ".partial"
-
 // FileHeaderLen is the size of a pcap file header.
 const FileHeaderLen = 24
 
@@ -90,10 +87,15 @@ const FileHeaderLen = 24
 type Options struct {
 	Dir string // data directory; created if missing
 	// PartialDir holds files being written; it must be outside Dir and on
-	// its filesystem. Default: <parent of Dir>/.<base of Dir>.partial, or
-	// Dir/.partial where that cannot be made.
+	// its filesystem, owned by this process's user and not writable by
+	// others. Default: <parent of Dir>/.<base of Dir>.partial.
 	PartialDir string
-	Snaplen    int // the snaplen written in file headers; default 256
+	// Perm is the permission of the files written; directories get the
+	// same with search permission where read is given. Default 0640: the
+	// owner and its group (an uploader's) read, others nothing. It may
+	// not give write permission beyond the owner's.
+	Perm    os.FileMode
+	Snaplen int // the snaplen written in file headers; default 256
 	// MinFreeBytes and MinFreePercent: while the data directory's
 	// filesystem has less free space than either, new files are not
 	// written (their flows are counted as low_space), so the disk never
@@ -131,17 +133,18 @@ func (s *Saver) Counts() *Counts { return &s.counts }
 
 // Saver starts and owns the per-flow writer goroutines.
 type Saver struct {
-	dir, partial string
-	snaplen      int
-	minFree      int64
-	minFreePct   float64
-	compress     bool
-	logs         rateLog
-	wg           sync.WaitGroup
-	active       atomic.Int64
-	files, bytes atomic.Int64
-	errors       atomic.Int64
-	counts       Counts
+	dir, partial  string
+	perm, dirPerm os.FileMode
+	snaplen       int
+	minFree       int64
+	minFreePct    float64
+	compress      bool
+	logs          rateLog
+	wg            sync.WaitGroup
+	active        atomic.Int64
+	files, bytes  atomic.Int64
+	errors        atomic.Int64
+	counts        Counts
 	// io bounds the writers doing file I/O at once: thousands of flows
 	// ending together (a shutdown, the end of an offline input) would
 	// otherwise park thousands of threads on the data directory's lock.
@@ -170,25 +173,23 @@ func New(opts Options) (*Saver, error) {
 		io: make(chan struct{}, max(2, runtime.GOMAXPROCS(0))), writing: map[*Flow]struct{}{},
 		counts: Counts{WriteErrors: metrics.NewCounters(WriteOps...), Flows: metrics.NewCounters(Outcomes...), Packets: metrics.NewCounters(Outcomes...)}}
 	s.prepared.Store(math.MinInt64)
-	s.index = newIndexWriter(s)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("datadir: %w", err)
-	}
-	if s.partial, err = partialDir(dir, opts.PartialDir); err != nil {
+	if s.perm, s.dirPerm, err = perms(opts.Perm); err != nil {
 		return nil, err
 	}
-	if s.partial != filepath.Join(dir, LegacyPartialDir) {
-		// What an earlier version left inside the data directory.
-		emptyDir(filepath.Join(dir, LegacyPartialDir))
-		os.Remove(filepath.Join(dir, LegacyPartialDir))
+	s.index = newIndexWriter(s)
+	if err := os.MkdirAll(dir, s.dirPerm); err != nil {
+		return nil, fmt.Errorf("datadir: %w", err)
+	}
+	if s.partial, err = s.partialDir(opts.PartialDir); err != nil {
+		return nil, err
 	}
 	s.recoverIndex()
-	if err := emptyDir(s.partial); err != nil {
+	if err := cleanPartial(s.partial); err != nil {
 		return nil, fmt.Errorf("partial directory: %w", err)
 	}
 	// The probe is made in the partial directory only: a probe closed in the
 	// data directory would be an upload.
-	probe, err := os.CreateTemp(s.partial, "probe-*")
+	probe, err := os.CreateTemp(s.partial, probePrefix+"*")
 	if err != nil {
 		return nil, fmt.Errorf("datadir %s is not writable: %w", dir, err)
 	}
@@ -197,61 +198,6 @@ func New(opts Options) (*Saver, error) {
 		return nil, fmt.Errorf("partial directory: %w", err)
 	}
 	return s, nil
-}
-
-// partialDir makes the directory where files are written before they are
-// renamed into dir: want if given (it must be outside dir, on its
-// filesystem), else a sibling of dir, else dir/.partial with a warning.
-func partialDir(dir, want string) (string, error) {
-	if want != "" {
-		p, err := filepath.Abs(want)
-		if err != nil {
-			return "", fmt.Errorf("partial directory %s: %w", want, err)
-		}
-		if rel, err := filepath.Rel(dir, p); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
-			return "", fmt.Errorf("partial directory %s is inside the data directory %s: uploaders watching it would see partial files", p, dir)
-		}
-		if err := os.MkdirAll(p, 0o755); err != nil {
-			return "", fmt.Errorf("partial directory: %w", err)
-		}
-		if !sameFS(dir, p) {
-			return "", fmt.Errorf("partial directory %s is not on the data directory's filesystem (files are renamed from one to the other)", p)
-		}
-		return p, nil
-	}
-	parent, base := filepath.Split(dir)
-	if base != "" {
-		p := filepath.Join(parent, "."+base+".partial")
-		if err := os.MkdirAll(p, 0o755); err == nil && sameFS(dir, p) {
-			return p, nil
-		} else if err == nil {
-			os.Remove(p)
-		}
-	}
-	p := filepath.Join(dir, LegacyPartialDir)
-	log.Printf("saver: WARNING: no partial directory can be made beside %s on its filesystem: writing files in %s, where an uploader that watches %s recursively will see them being written (give -partialdir)", dir, p, dir)
-	if err := os.MkdirAll(p, 0o755); err != nil {
-		return "", fmt.Errorf("datadir: %w", err)
-	}
-	return p, nil
-}
-
-// sameFS reports whether a and b are on one filesystem.
-func sameFS(a, b string) bool {
-	var sa, sb unix.Stat_t
-	return unix.Stat(a, &sa) == nil && unix.Stat(b, &sb) == nil && sa.Dev == sb.Dev
-}
-
-// emptyDir removes the files in dir: what a crash left being written.
-func emptyDir(dir string) error {
-	leftovers, err := os.ReadDir(dir)
-	if err != nil {
-		return err
-	}
-	for _, e := range leftovers {
-		os.Remove(filepath.Join(dir, e.Name()))
-	}
-	return nil
 }
 
 // PartialDir returns the absolute directory where files are written before
@@ -268,7 +214,7 @@ func (s *Saver) PrepareDays(now time.Time) error {
 		return nil
 	}
 	for i := int64(0); i < 2; i++ {
-		if err := os.MkdirAll(s.dayDir(time.Unix((n+i)*86400, 0)), 0o755); err != nil {
+		if err := os.MkdirAll(s.dayDir(time.Unix((n+i)*86400, 0)), s.dirPerm); err != nil {
 			return fmt.Errorf("datadir: %w", err)
 		}
 	}
@@ -610,7 +556,7 @@ func (w *flowFile) finish() {
 		final := s.Path(uuid, w.f.first)
 		err := renameNoReplace(w.tmp, final)
 		if errors.Is(err, os.ErrNotExist) { // the day's directory is new (or was removed)
-			if merr := os.MkdirAll(filepath.Dir(final), 0o755); merr != nil {
+			if merr := os.MkdirAll(filepath.Dir(final), s.dirPerm); merr != nil {
 				w.fail("mkdir", merr)
 			} else {
 				err = renameNoReplace(w.tmp, final)
@@ -706,7 +652,7 @@ func (s *Saver) create(path string) (int, error) {
 		for {
 			// O_EXCL: a partial file is never shared, even with what a
 			// crash left.
-			fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, 0o644)
+			fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, uint32(s.perm))
 			if err == unix.EINTR {
 				continue
 			}
@@ -718,7 +664,9 @@ func (s *Saver) create(path string) (int, error) {
 	}
 	fd, err := open()
 	if errors.Is(err, os.ErrNotExist) {
-		if merr := os.MkdirAll(s.partial, 0o755); merr != nil {
+		// The partial directory was removed: made again, and checked
+		// again, as at start.
+		if merr := s.ownDir(s.partial); merr != nil {
 			return -1, merr
 		}
 		fd, err = open()
