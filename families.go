@@ -95,7 +95,7 @@ func families(x *parts) *exporter.Collector {
 			func(lc *liveCapture) (float64, bool) { s, ok := stats(lc); return float64(s.Dropped), ok }),
 		perCapture("pcap_interface_dropped_total", "Frames dropped by the interface or driver, per interface (libpcap's ps_ifdrop; 0 for the ring).",
 			func(lc *liveCapture) (float64, bool) { s, ok := stats(lc); return float64(s.IfaceDropped), ok }),
-		byLabel("pcap_packets_total", "Captured frames by outcome: saved, no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, low_space, shutdown_no_uuid.", "outcome",
+		byLabel("pcap_packets_total", "Captured frames by outcome: saved, excluded (tcp-info's exclusion rules), no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, low_space, shutdown_no_uuid.", "outcome",
 			func(emit func(float64, ...string)) {
 				emitAll(emit, sv.Packets)
 				for _, o := range demuxer.PacketOutcomes {
@@ -168,14 +168,14 @@ func families(x *parts) *exporter.Collector {
 			func(emit func(float64, ...string)) { emitAll(emit, events.Events) }),
 		counter("pcap_eventsocket_malformed_lines_total", "Eventsocket lines that were not valid events, or whose UUID cannot name a file (skipped).",
 			func() float64 { return float64(events.Malformed.Load()) }),
-		byLabel("pcap_kernel_uuid_lookups_total", "Look-ups of socket cookies through sock_diag, by result (found, not_found, not_established, already_named, not_local, gave_up, gave_up_no_broadcasts, queue_full, error, malformed).", "result",
+		byLabel("pcap_kernel_uuid_lookups_total", "Look-ups of socket cookies through sock_diag, by result (found, not_found, not_established, already_named, not_local, gave_up, gave_up_no_broadcasts, queue_full, error, malformed; excluded; beside tcp-info: silenced, short, no_prefix).", "result",
 			func(emit func(float64, ...string)) { emitAll(emit, lookups) }),
 		byLabel("pcap_kernel_uuid_netlink_calls_total", "System calls made for sock_diag look-ups, by operation (send, recv).", "op",
 			func(emit func(float64, ...string)) {
 				emit(float64(sends.Load()), "send")
 				emit(float64(recvs.Load()), "recv")
 			}),
-		byLabel("pcap_kernel_destroy_events_total", "TCP socket destroy broadcasts from sock_diag, by result (named; disconnected: closed with SO_LINGER 0, no remote port; ignored: listeners; lost; malformed).", "result",
+		byLabel("pcap_kernel_destroy_events_total", "TCP socket destroy broadcasts from sock_diag, by result (named; disconnected: closed with SO_LINGER 0, no remote port; ignored: listeners; lost; malformed; excluded; silenced: left unnamed by tcp-info).", "result",
 			func(emit func(float64, ...string)) { emitAll(emit, destroys) }),
 		gauge("pcap_kernel_destroy_broadcasts", "1 while the kernel's socket destroy broadcasts are read (they need CAP_NET_ADMIN), 0 without them.", func() float64 {
 			if x.kernel.destroy != nil {
@@ -183,8 +183,8 @@ func families(x *parts) *exporter.Collector {
 			}
 			return 0
 		}),
-		byLabel("pcap_capture_up", "1 while capturing on the interface, 0 while it is gone and being reopened.", "interface",
-			func(emit func(float64, ...string)) {
+		exporter.Family{Name: "pcap_capture_up", Help: "1 while capturing on the interface, 0 while it is gone and being reopened.", Labels: []string{"interface"}, Gauge: true,
+			Read: func(emit func(float64, ...string)) {
 				for _, lc := range x.captures {
 					v := 0.0
 					if lc.h.Up() {
@@ -192,7 +192,7 @@ func families(x *parts) *exporter.Collector {
 					}
 					emit(v, lc.h.Name())
 				}
-			}),
+			}},
 		gauge("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(x.p.Limits.Active()) }),
 		counter("pcap_uuid_renames_total", "Flows the authoritative source (tcp-info) named after the kernel source had named them otherwise: their files take tcp-info's UUID.",
 			func() float64 { return float64(x.p.Names.Renames()) }),
@@ -210,6 +210,13 @@ func families(x *parts) *exporter.Collector {
 			func() float64 { return float64(saver.CompressorsCreated()) }),
 		counter("pcap_memory_releases_total", "Times idle heap above -maxidleram was returned to the OS.",
 			func() float64 { return float64(x.memoryReleases.Load()) }),
+	)
+	v, commit, goVersion := buildInfo()
+	c.Add(
+		exporter.Family{Name: "git_short_commit", Help: "The git commit interpreted as a number, as m-lab/go's prometheusx exports it.", Labels: []string{"commit"}, Gauge: true,
+			Read: func(emit func(float64, ...string)) { emit(commitNumber(commit), commit) }},
+		exporter.Family{Name: "pcap_build_info", Help: "1, labelled with the daemon's version, commit and Go version.", Labels: []string{"version", "commit", "goversion"}, Gauge: true,
+			Read: func(emit func(float64, ...string)) { emit(1, v, commit, goVersion) }},
 	)
 	c.AddHistogram(exporter.HistogramFamily{Name: "pcap_uuid_wait_seconds",
 		Help: "Time from a flow's first packet to the arrival of its UUID (0 when the UUID came first).",

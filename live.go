@@ -10,6 +10,8 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,6 +23,7 @@ import (
 
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/exclude"
 	"github.com/m-lab/packet-headers/health"
 	pm "github.com/m-lab/packet-headers/metrics/exporter"
 	"github.com/m-lab/packet-headers/names"
@@ -63,6 +66,12 @@ func live(ctx context.Context, c *config) error {
 		// work (the lab's CPU row, BenchmarkLab, measures the difference).
 		runtime.GOMAXPROCS(c.maxProcs)
 	}
+	if _, set := os.LookupEnv("GOMEMLIMIT"); !set {
+		// -maxheap is also the runtime's soft limit, as the predecessor
+		// set it: the collector works harder near it instead of letting a
+		// flood's garbage take the pod over its memory limit.
+		debug.SetMemoryLimit(int64(c.maxHeap))
+	}
 	ifaces, local, err := interfaces(c)
 	if err != nil {
 		return err
@@ -80,11 +89,17 @@ func live(ctx context.Context, c *config) error {
 	// Without a prefix file shared with tcp-info, tcp-info's prefix is
 	// learnt from its first Open (see eventHandler).
 	prefix := names.NewPrefix(strings.TrimSuffix(uuid.FromCookie(0), "_0000000000000000"))
-	k, err := openKernel(c, p, local, prefix)
+	h := &eventHandler{p: p, prefix: prefix, learn: c.uuidPrefixFile == ""}
+	var events *tcpeventsocket.Client
+	if c.eventSocket != "" {
+		events = tcpeventsocket.New(c.eventSocket, h, nil)
+	}
+	k, err := openKernel(c, p, local, prefix, events)
 	if err != nil {
 		return err
 	}
 	defer k.close()
+	h.kernel = k.src
 	handles, err := openCaptures(c, ifaces, local)
 	if err != nil {
 		return err
@@ -92,11 +107,11 @@ func live(ctx context.Context, c *config) error {
 	defer closeAll(handles)
 	logStart(c, p, handles, local, k)
 
-	x := &parts{p: p, kernel: k, memoryReleases: new(atomic.Uint64)}
+	x := &parts{p: p, kernel: k, events: events, memoryReleases: new(atomic.Uint64)}
 	bg, cancelBG := context.WithCancel(context.Background())
 	defer cancelBG()
 	var bgWG sync.WaitGroup // owns the background goroutines
-	x.events = startBackground(bg, &bgWG, c, x, prefix, checker)
+	startBackground(bg, &bgWG, c, x, checker)
 	var captures sync.WaitGroup // owns the capture loops
 	for _, h := range handles {
 		x.captures = append(x.captures, startCapture(&captures, p, k, h, checker))
@@ -120,6 +135,11 @@ func interfaces(c *config) ([]capture.Interface, []netip.Addr, error) {
 	}
 	if err != nil {
 		return nil, nil, usage(err)
+	}
+	for _, ifc := range ifaces {
+		if ifc.Loopback || len(ifc.Addrs) > 0 && !slices.ContainsFunc(ifc.Addrs, func(a netip.Addr) bool { return !exclude.Local(a) }) {
+			return nil, nil, usage(fmt.Errorf("interface %s has only loopback or link-local addresses: connections between them are excluded, as tcp-info excludes them, so nothing would be saved", ifc.Name))
+		}
 	}
 	local, err := capture.LocalAddrs()
 	return ifaces, local, err
@@ -157,16 +177,13 @@ func serveHTTP(c *config, reg *prometheus.Registry, checker *health.Checker) (st
 }
 
 // startBackground starts the UUID sources' loops and the housekeeping, on
-// goroutines that wg owns and ctx ends; it returns the eventsocket client,
-// if any.
-func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *parts, prefix *names.Prefix, checker *health.Checker) (client *tcpeventsocket.Client) {
+// goroutines that wg owns and ctx ends.
+func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *parts, checker *health.Checker) {
 	goRun := func(f func()) {
 		wg.Add(1)
 		go func() { defer wg.Done(); f() }()
 	}
-	if c.eventSocket != "" {
-		h := &eventHandler{p: x.p, prefix: prefix, learn: c.uuidPrefixFile == "", checkPrefix: x.kernel.src != nil}
-		client = tcpeventsocket.New(c.eventSocket, h, nil)
+	if client := x.events; client != nil {
 		checker.Add("eventsocket", client.Connected)
 		goRun(func() { client.Run(ctx) })
 	}
@@ -176,7 +193,6 @@ func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *part
 	// published, on a goroutine of their own, which a stuck disk may hold
 	// (never the housekeeping's health checks).
 	goRun(func() { everySecond(ctx, x.p.Saver.PublishIndex) })
-	return client
 }
 
 // startCapture runs a demuxer on the capture h, on a goroutine that wg
@@ -237,7 +253,12 @@ type kernelNames struct {
 	lookup, destroy sockdiag.Conn // destroy is nil without CAP_NET_ADMIN
 }
 
-func openKernel(c *config, p *pipeline.Pipeline, local []netip.Addr, prefix *names.Prefix) (*kernelNames, error) {
+// openKernel opens the kernel's UUID source. Beside tcp-info (events), it
+// defers to tcp-info: a connection tcp-info leaves unnamed though it could
+// have seen it is one tcp-info's rules excluded, and the kernel names only
+// those it could not have seen (sockdiag.Options.Authority); without a
+// prefix file, its names wait for the prefix learnt from tcp-info's events.
+func openKernel(c *config, p *pipeline.Pipeline, local []netip.Addr, prefix *names.Prefix, events *tcpeventsocket.Client) (*kernelNames, error) {
 	k := &kernelNames{}
 	if !c.kernelUUIDs {
 		return k, nil
@@ -257,7 +278,16 @@ func openKernel(c *config, p *pipeline.Pipeline, local []netip.Addr, prefix *nam
 		k.lookup.Close()
 		return nil, err
 	}
-	k.src = sockdiag.NewSource(p.Names, sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.uuidWait, NoDestroy: k.destroy == nil})
+	o := sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.uuidWait, NoDestroy: k.destroy == nil, Exclude: p.Excluded}
+	if events != nil {
+		o.Authority = events.ConnectedSince
+		if c.uuidPrefixFile == "" {
+			// tcp-info's prefix is learnt from its first Open: names wait
+			// for it while tcp-info is there to teach it.
+			o.Ready = func() bool { return prefix.Learnt() || !events.Connected() }
+		}
+	}
+	k.src = sockdiag.NewSource(p.Names, o)
 	return k, nil
 }
 
@@ -323,22 +353,25 @@ func logStart(c *config, p *pipeline.Pipeline, handles []*capture.Live, local []
 // eventHandler feeds eventsocket events into the pipeline, and keeps the
 // kernel source's prefix in step with tcp-info's.
 type eventHandler struct {
-	p           *pipeline.Pipeline
-	prefix      *names.Prefix // the kernel source's
-	learn       bool          // take tcp-info's prefix (no -uuid-prefix-file)
-	checkPrefix bool          // warn once if tcp-info's prefix differs from ours
-	warned      bool
+	p      *pipeline.Pipeline
+	prefix *names.Prefix    // the kernel source's
+	learn  bool             // take tcp-info's prefix (no -uuid-prefix-file)
+	kernel *sockdiag.Source // nil without the kernel source
+	warned bool             // that tcp-info's prefix differs from ours
 }
 
 func (h *eventHandler) Open(ts time.Time, id string, local, remote netip.AddrPort, cookie uint64) error {
 	if err := h.p.Open(ts, id, local, remote, cookie); err != nil {
 		return err
 	}
+	if h.kernel != nil {
+		h.kernel.Announced(local)
+	}
 	if h.learn {
 		if p, changed := h.prefix.Learn(id, cookie); changed {
 			log.Printf("packet-headers: UUID prefix %s taken from tcp-info's events, so that flows named from kernel cookies get tcp-info's names", p)
 		}
-	} else if h.checkPrefix && !h.warned && cookie != 0 && h.prefix.FromCookie(cookie) != id {
+	} else if h.kernel != nil && !h.warned && cookie != 0 && h.prefix.FromCookie(cookie) != id {
 		h.warned = true
 		log.Printf("WARNING: tcp-info's UUIDs have another prefix than this daemon's (%s, not %s): give both the same -uuid-prefix-file, or flows named from kernel cookies will not match tcp-info's", id, h.prefix.FromCookie(cookie))
 	}

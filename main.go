@@ -37,6 +37,7 @@ import (
 
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
+	"github.com/m-lab/packet-headers/exclude"
 	"github.com/m-lab/packet-headers/health"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/offline"
@@ -75,10 +76,29 @@ type config struct {
 	compress        bool
 	maxProcs        int
 	healthGrace     time.Duration
+	excludePorts    flagx.StringArray
+	excludeIPs      flagx.StringArray
+	exclude         *exclude.Rules // parsed from excludePorts and excludeIPs
+	version         bool
 	batchDelay      time.Duration
 	bufferSize      bytecount.ByteCount
 	partialDir      string
+	fileMode        fileMode
 	shutdownTimeout time.Duration
+}
+
+// fileMode is the -fileperm flag: an octal permission.
+type fileMode os.FileMode
+
+func (m *fileMode) String() string { return fmt.Sprintf("%#o", os.FileMode(*m)) }
+
+func (m *fileMode) Set(s string) error {
+	v, err := strconv.ParseUint(s, 8, 32)
+	if err != nil || v > 0o777 {
+		return fmt.Errorf("%q is not an octal permission", s)
+	}
+	*m = fileMode(v)
+	return nil
 }
 
 // freeSpace is the -minfreespace flag: bytes (a byte count such as 500MB)
@@ -140,11 +160,16 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.Var(&c.minFree, "minfreespace", "Keep this much free space in the datadir's filesystem, as bytes (500MB) or a percentage (5%): below it, new flows are not written (counted); 0 disables")
 	fs.DurationVar(&c.healthGrace, "health.grace", time.Minute, "/healthz fails once a capture or the eventsocket has been down this long (/readyz fails at once)")
 	fs.IntVar(&c.maxProcs, "maxprocs", 1, "Processors that run the daemon's Go code (GOMAXPROCS) in live mode; 0: Go's default (one per CPU, as with -compress unless set). One keeps the capture path free of wake-ups between Go's threads")
-	fs.BoolVar(&c.compress, "compress", false, "Write <uuid>.pcap.gz, compressed from the buffered records with pooled compressors (one gzip member per batch written: the whole file for most flows)")
+	fs.BoolVar(&c.compress, "compress", true, "Write <uuid>.pcap.gz, compressed from the buffered records with pooled compressors (one gzip member per batch written: the whole file for most flows), the files M-Lab's ETL parses; -compress=false writes <uuid>.pcap")
+	fs.Var(&c.excludePorts, "exclude-srcport", "Never save connections with these local ports (comma-separated, repeatable), as tcp-info's flag of the same name")
+	fs.Var(&c.excludeIPs, "exclude-dstip", "Never save connections with these remote addresses (comma-separated, repeatable), as tcp-info's flag of the same name; loopback, link-local, multicast and unspecified addresses are always excluded, as by tcp-info")
+	fs.BoolVar(&c.version, "version", false, "Print the version and exit")
 	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
 	fs.BoolVar(&c.quiet, "quiet", false, "Offline mode: no progress line on a terminal")
 	fs.Var(&c.localAddrs, "localaddr", "Offline mode: an address of the server (repeatable), kept by -anonymize.ip; the local ends in -events are added")
+	c.fileMode = 0o640
+	fs.Var(&c.fileMode, "fileperm", "Permissions of the files written (octal; directories get search permission where read is given): 0640 lets the owner and its group (an uploader's) read; 0644 lets everyone read; no write permission beyond the owner's")
 	fs.StringVar(&c.partialDir, "partialdir", "", "Directory where files are written before they are renamed into the datadir: outside it (an uploader watching the datadir sees only finished files) and on its filesystem; unset: .<datadir's name>.partial beside the datadir")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown.timeout", 20*time.Second, "On SIGTERM or SIGINT, the longest the daemon waits for the files being written (after -sigtermwait) before it says which are not written and exits 1; a second signal exits at once")
 	return fs
@@ -169,6 +194,9 @@ func parse(args []string, c *config, stderr io.Writer) error {
 	}
 	if err := flagx.ArgsFromEnvWithLog(fs, false); err != nil {
 		return err
+	}
+	if c.version {
+		return nil
 	}
 	// A flag is set on the command line or by its environment variable
 	// (flagx sets those through Value.Set, which fs.Visit does not see).
@@ -221,6 +249,17 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return errors.New("-read and -events cannot both be stdin")
 	case len(c.localAddrs) > 0 && c.read == "":
 		return errors.New("-localaddr is for offline mode (-read); live mode knows its addresses")
+	}
+	c.exclude = &exclude.Rules{}
+	for _, l := range c.excludePorts {
+		if err := c.exclude.AddSrcPorts(l); err != nil {
+			return err
+		}
+	}
+	for _, l := range c.excludeIPs {
+		if err := c.exclude.AddDstIPs(l); err != nil {
+			return err
+		}
 	}
 	mode, err := anonymize.ParseMode(c.anonymize.Value)
 	if err != nil {
@@ -292,6 +331,10 @@ func main() {
 		fmt.Fprintf(os.Stderr, "packet-headers: %v\n", err)
 		os.Exit(2)
 	}
+	if c.version {
+		fmt.Println("packet-headers", buildVersion())
+		os.Exit(0)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	run := run
@@ -350,9 +393,9 @@ func runOffline(ctx context.Context, c *config) (int, error) {
 // the addresses it finds.
 func (c *config) pipelineConfig() pipeline.Config {
 	return pipeline.Config{
-		Saver:         saver.Options{Dir: c.dataDir, Compress: c.compress},
+		Saver:         saver.Options{Dir: c.dataDir, Compress: c.compress, Perm: os.FileMode(c.fileMode)},
 		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
-		UUIDWait: c.uuidWait, Stream: c.stream, Local: c.local,
+		UUIDWait: c.uuidWait, Stream: c.stream, Local: c.local, Exclude: c.exclude,
 		Anonymize: c.mode, Key: c.key, ZeroMAC: c.zeroMAC, TSOffset: c.tsOffset,
 	}
 }

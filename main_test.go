@@ -75,6 +75,11 @@ func TestParse(t *testing.T) {
 		{"tsoffset with netblock", append([]string{"-anonymize.ip=netblock", "-anonymize.tsoffset", "-anonymize.zeromac", "-anonymize.keyfile", writeFile(t, strings.Repeat("x", 32))}, ok...), nil, ""},
 		{"short key", append([]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", writeFile(t, "secret-bytes")}, ok...), nil, "not a Crypto-PAn key"},
 		{"missing key file", append([]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", "/nonexistent"}, ok...), nil, "no such file"},
+		{"tcp-info's exclusions", append([]string{"-exclude-srcport=9100,9090,9991", "-exclude-dstip=172.25.0.1,35.202.153.90"}, ok...), nil, ""},
+		{"exclusions from the environment", ok, map[string]string{"EXCLUDE_SRCPORT": "9100,9990", "EXCLUDE_DSTIP": "2001:db8::1"}, ""},
+		{"bad excluded port", append([]string{"-exclude-srcport=9100,http"}, ok...), nil, "-exclude-srcport"},
+		{"bad excluded address", ok, map[string]string{"EXCLUDE_DSTIP": "172.25.0"}, "-exclude-dstip"},
+		{"version", []string{"-version"}, nil, ""},
 		{"cryptopan from the environment", ok, map[string]string{"ANONYMIZE_IP": "cryptopan", "ANONYMIZE_KEYFILE": writeFile(t, strings.Repeat("x", 32))}, ""},
 	}
 	for _, tt := range tests {
@@ -102,14 +107,14 @@ func TestParse(t *testing.T) {
 			}
 		})
 	}
-	// -maxprocs: one by default; Go's default with -compress or an
-	// explicit GOMAXPROCS, unless -maxprocs is given.
+	// -maxprocs: Go's default with -compress (the default) or an explicit
+	// GOMAXPROCS, one with -compress=false, unless -maxprocs is given.
 	for _, tt := range []struct {
 		args []string
 		env  string
 		want int
 	}{
-		{nil, "", 1}, {[]string{"-compress"}, "", 0}, {nil, "4", 0},
+		{[]string{"-compress=false"}, "", 1}, {nil, "", 0}, {[]string{"-compress=false"}, "4", 0},
 		{[]string{"-compress", "-maxprocs", "2"}, "", 2}, {[]string{"-maxprocs", "3"}, "4", 3},
 	} {
 		t.Setenv("GOMAXPROCS", tt.env)
@@ -130,6 +135,7 @@ func TestParse(t *testing.T) {
 		{map[string]string{"MAXPROCS": "1", "COMPRESS": "true"}, 1},
 		{map[string]string{"MAXPROCS": "2"}, 2},
 		{map[string]string{"COMPRESS": "true"}, 0},
+		{map[string]string{"COMPRESS": "false"}, 1},
 	} {
 		os.Unsetenv("GOMAXPROCS")
 		for k, v := range tt.env {
@@ -172,6 +178,8 @@ func TestExitCodes(t *testing.T) {
 	}
 	file := filepath.Join(t.TempDir(), "file")
 	os.WriteFile(file, nil, 0o644)
+	private := filepath.Join(t.TempDir(), "private")
+	os.WriteFile(private, nil, 0o600)
 	sock := "-tcpinfo.eventsocket=/nonexistent.sock"
 	split := []string{"-read", "offline/testdata/lab.pcap", "-datadir", t.TempDir(), "-quiet"}
 	for _, tt := range []struct {
@@ -183,10 +191,14 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"-anonymize.ip=md5", sock}, 2, "anonymize.ip"},
 		{[]string{"-interface=no-such-interface0", sock}, 2, "unknown interface"},
 		{[]string{"-uuidwaitduration=1m", sock}, 2, "must not exceed"},
-		{[]string{"-datadir", filepath.Join(file, "sub"), "-interface=lo", sock}, 2, "datadir"},
+		{[]string{"-datadir", filepath.Join(file, "sub"), sock}, 2, "datadir"},
+		{[]string{"-interface=lo", sock}, 2, "loopback"},
+		{[]string{"-exclude-srcport=9100,ssh", sock}, 2, "-exclude-srcport"},
+		{[]string{"-fileperm=0666", sock}, 2, "file permissions"},
 		{[]string{"-captureduration=-5s", sock}, 2, "captureduration"},
 		{[]string{"-uuid.kernel=false"}, 2, "no UUID source"},
-		{[]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", file, sock}, 2, "not a Crypto-PAn key"},
+		{[]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", file, sock}, 2, "readable by others"},
+		{[]string{"-anonymize.ip=cryptopan", "-anonymize.keyfile", private, sock}, 2, "not a Crypto-PAn key"},
 		{split, 0, ""},
 		{split, 1, "3 flows were not written"}, // the files are there already: none is replaced
 		{[]string{"-read", file}, 1, "not a capture file"},

@@ -234,8 +234,9 @@ func (c *Handle) Close() {
 
 // Interface is a network interface to capture on.
 type Interface struct {
-	Name  string
-	Addrs []netip.Addr
+	Name     string
+	Addrs    []netip.Addr // loopback addresses left out
+	Loopback bool
 }
 
 // Interfaces returns the interfaces that are up and have at least one
@@ -266,7 +267,7 @@ func Interfaces(names []string) ([]Interface, error) {
 			if err != nil {
 				return nil, err
 			}
-			out = append(out, Interface{Name: n, Addrs: addrs})
+			out = append(out, Interface{Name: n, Addrs: addrs, Loopback: ifc.Flags&net.FlagLoopback != 0})
 		}
 		return out, nil
 	}

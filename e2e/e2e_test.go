@@ -1012,8 +1012,14 @@ func nanosecondMagic(path string) bool {
 		return false
 	}
 	defer f.Close()
+	var in io.Reader = f
+	if strings.HasSuffix(path, ".gz") {
+		if in, err = gzip.NewReader(f); err != nil {
+			return false
+		}
+	}
 	var m [4]byte
-	io.ReadFull(f, m[:])
+	io.ReadFull(in, m[:])
 	return binary.LittleEndian.Uint32(m[:]) == 0xa1b23c4d || binary.BigEndian.Uint32(m[:]) == 0xa1b23c4d
 }
 

@@ -206,6 +206,26 @@ func (l *lab) inNamespace(f func()) {
 	}
 }
 
+// scrapeIn reads /metrics at addr from inside the namespace (a daemon
+// bound to the namespace's loopback, as M-Lab binds it).
+func (l *lab) scrapeIn(addr string) string {
+	var out []byte
+	l.inNamespace(func() {
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprintf(c, "GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n", addr)
+		out, _ = io.ReadAll(c)
+	})
+	if _, body, ok := strings.Cut(string(out), "\r\n\r\n"); ok {
+		return body
+	}
+	return ""
+}
+
 // server listens in the namespace on both address families. The first byte
 // a client sends chooses how the connection goes:
 //
@@ -260,14 +280,14 @@ func serve(c *net.TCPConn) {
 
 // startTCPInfo runs tcp-info in the namespace with its eventsocket (and the
 // UUID prefix file, if any), logging to logName, and waits for the socket.
-func (l *lab) startTCPInfo(logName, prefixFile string) *exec.Cmd {
+func (l *lab) startTCPInfo(logName, prefixFile string, extra ...string) *exec.Cmd {
 	l.tcpinfoSock = filepath.Join(l.dir, "tcpevents.sock")
 	args := []string{"-tcpinfo.eventsocket", l.tcpinfoSock, "-output", filepath.Join(l.dir, "tcpinfo"),
 		"-prometheusx.listen-address", "127.0.0.1:0"}
 	if prefixFile != "" {
 		args = append(args, "-uuid-prefix-file", prefixFile)
 	}
-	cmd := l.start(logName, filepath.Join(l.bin, "tcp-info"), args...)
+	cmd := l.start(logName, filepath.Join(l.bin, "tcp-info"), append(args, extra...)...)
 	waitFor(l.t, 10*time.Second, "tcp-info's eventsocket", func() bool {
 		c, err := net.Dial("unix", l.tcpinfoSock)
 		if err == nil {
