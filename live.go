@@ -162,10 +162,10 @@ func newPipeline(c *config, local []netip.Addr) (*pipeline.Pipeline, error) {
 // serveHTTP serves the registry's metrics, pprof and the health checks;
 // stop ends it.
 func serveHTTP(c *config, reg *prometheus.Registry, checker *health.Checker) (stop func(), err error) {
-	srv, err := pm.Listen(c.listenAddr, reg, map[string]http.Handler{
+	srv, err := pm.Listen(c.listenAddr, reg, pm.Options{Pprof: c.pprof, Extra: map[string]http.Handler{
 		"/healthz": http.HandlerFunc(checker.Live),
 		"/readyz":  http.HandlerFunc(checker.Ready),
-	})
+	}})
 	if err != nil {
 		return nil, err
 	}

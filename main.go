@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -80,6 +81,7 @@ type config struct {
 	excludeIPs      flagx.StringArray
 	exclude         *exclude.Rules // parsed from excludePorts and excludeIPs
 	version         bool
+	pprof           bool
 	batchDelay      time.Duration
 	bufferSize      bytecount.ByteCount
 	partialDir      string
@@ -145,7 +147,8 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.Var(&c.interfaces, "interface", "Interface to capture on (repeatable); unset: every interface that is up and has an address, loopback excluded")
 	fs.IntVar(&c.maxHeaderSize, "maxheadersize", 256, "Longest prefix of a packet that is saved (also the capture snaplen); headers are cut at the end of the TCP header in any case")
 	fs.Var(&c.maxIdleRAM, "maxidleram", "When idle heap memory exceeds this, return it to the OS (e.g. 1500MB)")
-	fs.StringVar(&c.listenAddr, "prometheusx.listen-address", ":9990", "Address on which /metrics and /debug/pprof/ are served")
+	fs.StringVar(&c.listenAddr, "prometheusx.listen-address", ":9990", "Address on which /metrics, /healthz and /readyz are served (bind it to 127.0.0.1 unless something else must scrape it)")
+	fs.BoolVar(&c.pprof, "pprof", false, "Serve /debug/pprof/ beside /metrics; only on a loopback -prometheusx.listen-address (profiles expose the process's memory, and a trace read slowly grows memory that -maxheap cannot see)")
 	fs.DurationVar(&c.sigtermWait, "sigtermwait", time.Second, "On SIGTERM or SIGINT, keep capturing this long before saving every named flow and exiting")
 	fs.BoolVar(&c.stream, "stream", false, "Write each flow's file incrementally once its UUID is known, instead of all at once when the flow ends")
 	fs.StringVar(&c.eventSocket, "tcpinfo.eventsocket", "", "Path of tcp-info's eventsocket; when set, tcp-info's UUIDs are authoritative")
@@ -239,6 +242,8 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return fmt.Errorf("-maxheap must be positive")
 	case c.maxIdleRAM <= 0:
 		return fmt.Errorf("-maxidleram must be positive")
+	case c.pprof && !loopback(c.listenAddr):
+		return fmt.Errorf("-pprof needs a loopback -prometheusx.listen-address (such as 127.0.0.1:9990), not %q: profiles expose the process's memory", c.listenAddr)
 	case c.read == "" && c.eventSocket == "" && !c.kernelUUIDs:
 		return errors.New("no UUID source: with -uuid.kernel=false, -tcpinfo.eventsocket is required")
 	case c.events != "" && c.read == "":
@@ -306,6 +311,19 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		return fmt.Errorf("the default UUID prefix cannot name files (%w): give -uuid-prefix-file", err)
 	}
 	return nil
+}
+
+// loopback reports whether a listen address binds a loopback address only.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.IsLoopback()
 }
 
 // dedupe returns the interfaces named, each once, in their first order: a
@@ -381,6 +399,9 @@ func runOffline(ctx context.Context, c *config) (int, error) {
 	}
 	if err == nil && sum.WriteErrors > 0 { // the output is incomplete: say so in the status too
 		err = fmt.Errorf("%d flows were not written (their errors are logged above)", sum.WriteErrors)
+	}
+	if errors.Is(err, saver.ErrUnsafeDir) {
+		return 2, err // bad input, as live
 	}
 	if err != nil {
 		return 1, err

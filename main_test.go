@@ -80,6 +80,10 @@ func TestParse(t *testing.T) {
 		{"bad excluded port", append([]string{"-exclude-srcport=9100,http"}, ok...), nil, "-exclude-srcport"},
 		{"bad excluded address", ok, map[string]string{"EXCLUDE_DSTIP": "172.25.0"}, "-exclude-dstip"},
 		{"version", []string{"-version"}, nil, ""},
+		{"pprof on loopback", append([]string{"-pprof", "-prometheusx.listen-address=127.0.0.1:9990"}, ok...), nil, ""},
+		{"pprof on [::1]", append([]string{"-pprof", "-prometheusx.listen-address=[::1]:9990"}, ok...), nil, ""},
+		{"pprof on every address", append([]string{"-pprof"}, ok...), nil, "-pprof needs a loopback"},
+		{"pprof on a public address", append([]string{"-pprof", "-prometheusx.listen-address=192.0.2.1:9990"}, ok...), nil, "-pprof needs a loopback"},
 		{"cryptopan from the environment", ok, map[string]string{"ANONYMIZE_IP": "cryptopan", "ANONYMIZE_KEYFILE": writeFile(t, strings.Repeat("x", 32))}, ""},
 	}
 	for _, tt := range tests {

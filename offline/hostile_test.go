@@ -111,3 +111,57 @@ func TestHostileFrames(t *testing.T) {
 		t.Errorf("%d records saved, %d frames decoded", records, decodable)
 	}
 }
+
+// TestImpossibleRecords: records whose headers no capture makes (a time
+// fraction of a second or more, an original length of 0, shorter than the
+// frame, or 4 GB) are refused one by one and counted; nothing of them is
+// saved, none moves the clock, and the records around them are saved.
+func TestImpossibleRecords(t *testing.T) {
+	i := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: net.IP{192, 0, 2, 9}, DstIP: net.IP{192, 0, 2, 1}}
+	frame := func(syn bool, seq uint32) []byte {
+		l := &layers.TCP{SrcPort: 40000, DstPort: 80, SYN: syn, ACK: !syn, Seq: seq, Window: 100}
+		l.SetNetworkLayerForChecksum(i)
+		return serialize(t, &layers.Ethernet{SrcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, DstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, EthernetType: layers.EthernetTypeIPv4}, i, l)
+	}
+	sec := uint32(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC).Unix())
+	var b []byte
+	le := binary.LittleEndian
+	b = le.AppendUint32(b, 0xa1b23c4d) // nanoseconds
+	b = le.AppendUint16(b, 2)
+	b = le.AppendUint16(b, 4)
+	b = append(b, make([]byte, 8)...)
+	b = le.AppendUint32(b, 256)
+	b = le.AppendUint32(b, 1)
+	record := func(s, frac, orig uint32, f []byte) {
+		b = le.AppendUint32(b, s)
+		b = le.AppendUint32(b, frac)
+		b = le.AppendUint32(b, uint32(len(f)))
+		b = le.AppendUint32(b, orig)
+		b = append(b, f...)
+	}
+	first := frame(true, 1)
+	record(sec, 0, uint32(len(first)), first)
+	record(sec, 4_000_000_000, 1514, frame(false, 2)) // 4 s of fraction
+	record(sec, 1000, 0, frame(false, 3))
+	record(sec, 2000, 20, frame(false, 4))
+	record(sec, 3000, 0xffffffff, frame(false, 5))
+	record(sec, 4000, 1514, frame(false, 6))
+	path := filepath.Join(t.TempDir(), "impossible.pcap")
+	os.WriteFile(path, b, 0o644)
+	out := t.TempDir()
+	sum, err := Run(context.Background(), options(out, path, ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.Impossible != 4 || sum.Packets != 2 {
+		t.Errorf("%s: want 4 records refused and 2 read", sum)
+	}
+	var got []gopacket.CaptureInfo
+	for _, f := range tree(t, out) {
+		cis, _ := readRecords(t, f)
+		got = append(got, cis...)
+	}
+	if len(got) != 2 || got[1].Length != 1514 || got[1].Timestamp.Sub(got[0].Timestamp) != 4*time.Microsecond {
+		t.Errorf("saved %+v, want the first and last records, 4 µs apart", got)
+	}
+}

@@ -77,12 +77,19 @@ type Summary struct {
 	Unsupported []string
 	// UnsupportedPackets counts the frames of those interfaces.
 	UnsupportedPackets uint64
+	// Impossible counts the records refused for an impossible header (see
+	// MaxOrigLen).
+	Impossible uint64
 }
 
 // String is the one-line summary.
 func (s Summary) String() string {
+	impossible := ""
+	if s.Impossible > 0 {
+		impossible = fmt.Sprintf("; %d records refused (impossible length or time)", s.Impossible)
+	}
 	return fmt.Sprintf("read %d packets (%d undecodable) in %d flows; wrote %d files (%d bytes); named %d flows from events and %d by fallback; dropped %d packets without UUID and %d after -captureduration; %d events (%d skipped); %d write errors",
-		s.Packets, s.Undecodable, s.Flows, s.Files, s.Bytes, s.NamedByEvents, s.NamedByFallback, s.NoUUID, s.AfterDuration, s.Events, s.BadEvents, s.WriteErrors)
+		s.Packets, s.Undecodable, s.Flows, s.Files, s.Bytes, s.NamedByEvents, s.NamedByFallback, s.NoUUID, s.AfterDuration, s.Events, s.BadEvents, s.WriteErrors) + impossible
 }
 
 // FallbackName is the name of a flow when no events are given: the UTC time
@@ -328,6 +335,13 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		data, ts, origLen, ifc, err := src.Next()
 		if errors.Is(err, io.EOF) {
 			break
+		}
+		if err == nil {
+			err = plausible(data, origLen)
+		}
+		if errors.Is(err, errImpossible) {
+			sum.Impossible++ // never copied, never a clock
+			continue
 		}
 		if err != nil {
 			// A reader stays past the last good record when it fails.

@@ -17,6 +17,24 @@ const MaxRecordBytes = 256 << 10
 // errTooLong is wrapped by the error for a record longer than MaxRecordBytes.
 var errTooLong = fmt.Errorf("record longer than %d bytes", MaxRecordBytes)
 
+// MaxOrigLen is the longest original length a frame may claim: above the
+// largest GSO/GRO super-packet Linux makes (512 KiB with BIG TCP).
+const MaxOrigLen = 1 << 20
+
+// errImpossible is wrapped by the error for a record whose header is
+// impossible (a time fraction of a second or more, an original length of
+// 0, shorter than the frame or above MaxOrigLen): the record is read and
+// refused, the file goes on (TestImpossibleRecords).
+var errImpossible = errors.New("impossible record header")
+
+// plausible checks a record's original length against its frame.
+func plausible(data []byte, origLen int) error {
+	if origLen == 0 || origLen < len(data) || origLen > MaxOrigLen {
+		return fmt.Errorf("%w: original length %d for %d captured bytes", errImpossible, origLen, len(data))
+	}
+	return nil
+}
+
 // pcapFile reads the records of a classic pcap file straight out of its
 // own buffer. gopacket's pcapgo reader copies every record twice and
 // returned a gopacket.CaptureInfo for each (about a tenth of an offline
@@ -166,5 +184,9 @@ func (f *pcapFile) Next() (data []byte, ts int64, origLen, ifc int, err error) {
 	}
 	data = f.buf[f.off+16 : f.off+n]
 	f.off += n
+	if int64(frac)*f.fracNs >= 1e9 {
+		// It would move the packet by up to 71 minutes.
+		return nil, 0, 0, 0, fmt.Errorf("%w: a time fraction of %d", errImpossible, frac)
+	}
 	return data, int64(sec)*1e9 + int64(frac)*f.fracNs, int(orig), 0, nil
 }

@@ -157,7 +157,8 @@ func TestPcapFileAgreesWithPcapgo(t *testing.T) {
 // differences are allowed: pcapgo refuses records longer than the snapshot
 // or original length, which pcapFile (like libpcap) reads; pcapFile
 // refuses records longer than MaxRecordBytes and records cut short at the
-// end of the file, which pcapgo reads or takes for the end.
+// end of the file, which pcapgo reads or takes for the end, and reads past
+// records with an impossible time fraction (errImpossible).
 func comparePcapgo(t *testing.T, r io.Reader, in []byte) int {
 	t.Helper()
 	ref, rerr := pcapgo.NewReader(bytes.NewReader(in))
@@ -197,6 +198,12 @@ func comparePcapgo(t *testing.T, r io.Reader, in []byte) int {
 				t.Errorf("record %d: pcapgo: %v, pcapFile reads it", n, rerr)
 			}
 			return n
+		case errors.Is(ferr, errImpossible):
+			// Refused, and read past: a time fraction of a second or more.
+			if sec, frac := order.Uint32(in[off:]), order.Uint32(in[off+4:]); int64(frac)*fracNs < 1e9 {
+				t.Errorf("record %d (%d.%d): refused as impossible: %v", n, sec, frac, ferr)
+			}
+			continue
 		case ferr != nil:
 			if !errors.Is(ferr, io.ErrUnexpectedEOF) && !errors.Is(ferr, errTooLong) {
 				t.Errorf("record %d: pcapgo reads it, pcapFile: %v", n, ferr)

@@ -14,8 +14,8 @@ const MaxUUIDLen = 255 - len(".pcap.gz")
 var ErrBadUUID = errors.New("UUID is not a usable file name")
 
 // CheckUUID returns an error wrapping ErrBadUUID unless uuid can name a
-// file in the data directory and nowhere else: 1 to MaxUUIDLen bytes, no
-// '/', no control character, not starting with '.' (no "..", no hidden
+// file in the data directory and nowhere else: 1 to MaxUUIDLen bytes of
+// printable ASCII but space and '/', not starting with '.' (no "..", no hidden
 // file, no clash with the saver's partial directory). tcp-info's UUIDs
 // (<hostname>_<boot time>_<cookie in hex>) always can; a UUID that cannot
 // is bad input, never a path.
@@ -30,8 +30,11 @@ func CheckUUID(uuid string) error {
 		why = "starts with '.'"
 	case strings.IndexByte(uuid, '/') >= 0:
 		why = "contains '/'"
-	case strings.IndexFunc(uuid, func(r rune) bool { return r < 0x20 || r == 0x7f }) >= 0:
-		why = "contains a control character"
+	case strings.IndexFunc(uuid, func(r rune) bool { return r <= ' ' || r > '~' }) >= 0:
+		// Printable ASCII only, as tcp-info's names are: a C1 control
+		// (U+0085), a bidirectional override (U+202E) or invalid UTF-8
+		// would spoof log lines and break the flow index's JSON.
+		why = "contains a space, a control character or a byte outside printable ASCII"
 	default:
 		return nil
 	}

@@ -57,7 +57,7 @@ go test -race -count=1 -timeout 30m ./e2e
 # target on this project's machine kind.
 fuzztime="${FUZZTIME:-100000x}"
 echo "== fuzzing each target for $fuzztime"
-for target in packet:FuzzDecode anonymize:FuzzApply anonymize:FuzzCryptoPAn tcpeventsocket:FuzzParseLine sockdiag:FuzzParseMessages offline:FuzzPcapFile offline:FuzzNgFile; do
+for target in saver:FuzzCheckUUID packet:FuzzDecode anonymize:FuzzApply anonymize:FuzzCryptoPAn tcpeventsocket:FuzzParseLine sockdiag:FuzzParseMessages offline:FuzzPcapFile offline:FuzzNgFile; do
   go test -run '^$' -fuzz "^${target#*:}\$" -fuzztime "$fuzztime" "./${target%%:*}/"
 done
 echo "== all tests passed"

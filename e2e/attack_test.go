@@ -1,0 +1,126 @@
+package e2e
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestMetricsPortFlood holds 2,000 idle connections to the daemon's
+// metrics port, its descriptors limited to 1,024, while connections are
+// made in the lab: /healthz must keep answering and every connection be
+// saved (without the server's bounds, the idle connections took every
+// descriptor: no file could be created, /healthz stopped answering).
+func TestMetricsPortFlood(t *testing.T) {
+	l := newLab(t, 18)
+	d := &daemon{name: "flood", capDur: 30 * time.Second, wrap: []string{"prlimit", "--nofile=1024:1024", "--"}}
+	l.startDaemon(d, 9990, "-interface", l.nsIf, "-flowtimeout=1s", "-sigtermwait=0s")
+	l.server(8098)
+	var idle []net.Conn
+	defer func() {
+		for _, c := range idle {
+			c.Close()
+		}
+	}()
+	healthz := func() error {
+		c := http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		resp, err := c.Get("http://" + d.metrics + "/healthz")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return nil
+	}
+	made := 0
+	for i := 0; i < 2000; i++ {
+		c, err := net.DialTimeout("tcp", d.metrics, 3*time.Second)
+		if err != nil {
+			t.Fatalf("idle connection %d: %v", i, err)
+		}
+		idle = append(idle, c)
+		if i%400 == 399 {
+			made += len(flows(t, l.srv4, 8098, 10))
+			if err := healthz(); err != nil {
+				t.Errorf("/healthz with %d idle connections open: %v", i+1, err)
+			}
+		}
+	}
+	made += len(flows(t, l.srv6, 8098, 10))
+	if err := healthz(); err != nil {
+		t.Errorf("/healthz with 2000 idle connections open: %v", err)
+	}
+	time.Sleep(2500 * time.Millisecond) // the flows' timeouts
+	if _, err := stop(t, d.cmd, syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Fatalf("%v\n%s", err, l.log("daemon-flood.log"))
+	}
+	log := l.log("daemon-flood.log")
+	if strings.Contains(log, "too many open files") {
+		t.Errorf("the daemon ran out of descriptors:\n%s", log)
+	}
+	daemonFiles(t, d) // no hidden or partial file left
+	if got := len(filePorts(t, d.dataDir, 8098)); got != made {
+		t.Errorf("%d files for %d connections made during the flood", got, made)
+	}
+	t.Logf("%d connections saved with 2000 idle connections to the metrics port and 1024 descriptors", made)
+}
+
+// TestPlantedPartialDir: an unprivileged user (65534) who can write the
+// data directory's parent (a shared, sticky directory, as /tmp is) plants
+// the partial directory before a root daemon starts, as a link to a
+// directory of root's, or as a directory of theirs holding a link to a
+// file of root's and a forged index file. The daemon must refuse to start
+// (exit 2, saying why) and leave root's files as they were.
+func TestPlantedPartialDir(t *testing.T) {
+	requireRoot(t)
+	wd, _ := os.Getwd()
+	bin := filepath.Join(buildBinaries(t, filepath.Dir(wd)), "packet-headers")
+	for _, c := range []struct {
+		name  string
+		plant string // a shell script run as 65534 in the shared directory; $V is root's directory
+	}{
+		{"link", `ln -s "$V" .data.partial`},
+		{"directory", `mkdir .data.partial && ln -s "$V/secret" .data.partial/flows.2026-11-25.1764068400.1.jsonl && printf '{"uuid":"forged"}\n' > .data.partial/flows.2026-11-25.1764068400.2.jsonl && chmod 755 .data.partial`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			shared, err := os.MkdirTemp("", "phe2e-shared")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.RemoveAll(shared) })
+			os.Chmod(shared, 0o1777)
+			victim := t.TempDir()
+			os.WriteFile(filepath.Join(victim, "secret"), []byte("line one\nline two, cut"), 0o600)
+			os.WriteFile(filepath.Join(victim, "7.pcap"), []byte("root's"), 0o600)
+			os.Chmod(victim, 0o755) // searchable, not writable, by the other user
+			plant := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", c.plant)
+			plant.Dir, plant.Env = shared, []string{"V=" + victim, "PATH=/usr/bin:/bin"}
+			if out, err := plant.CombinedOutput(); err != nil {
+				t.Fatalf("planting as 65534: %v\n%s", err, out)
+			}
+			cmd := exec.Command(bin, "-read", filepath.Join(wd, "../offline/testdata/lab.pcap"), "-datadir", filepath.Join(shared, "data"), "-quiet")
+			out, _ := cmd.CombinedOutput()
+			if code := cmd.ProcessState.ExitCode(); code != 2 || !strings.Contains(string(out), "partial directory") {
+				t.Errorf("exit %d: %s; want 2 and the reason", code, out)
+			}
+			if b, _ := os.ReadFile(filepath.Join(victim, "secret")); string(b) != "line one\nline two, cut" {
+				t.Errorf("root's file was changed: %q", b)
+			}
+			if _, err := os.Stat(filepath.Join(victim, "7.pcap")); err != nil {
+				t.Errorf("root's file was removed: %v", err)
+			}
+			if found, _ := filepath.Glob(filepath.Join(shared, "data", "*", "*", "*", "flows-*")); len(found) != 0 {
+				t.Errorf("index files were published: %v", found)
+			}
+		})
+	}
+}
