@@ -158,7 +158,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.DurationVar(&c.batchDelay, "capture.batchdelay", capture.DefaultBatchDelay, "Longest a captured packet waits in the kernel's buffer so that packets are read in batches: more saves CPU under load, less names very short connections from the kernel sooner (0: read each packet at once)")
 	fs.Var(&c.bufferSize, "capture.buffersize", "Kernel capture buffer per interface (e.g. 32MB): more absorbs longer bursts without kernel drops")
 	fs.Int64Var(&c.maxFlows, "maxflows", 0, "Track at most this many concurrent flows; beyond it new flows are not tracked (0: unlimited)")
-	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks")
+	fs.Var(&c.maxHeap, "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks; also the Go runtime's soft memory limit. Default: 8GB, or two thirds of the cgroup's memory limit if lower")
 	c.minFree.Set("1%")
 	fs.Var(&c.minFree, "minfreespace", "Keep this much free space in the datadir's filesystem, as bytes (500MB) or a percentage (5%): below it, new flows are not written (counted); 0 disables")
 	fs.DurationVar(&c.healthGrace, "health.grace", time.Minute, "/healthz fails once a capture or the eventsocket has been down this long (/readyz fails at once)")
@@ -210,6 +210,9 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		}
 	})
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if !set["maxheap"] {
+		c.maxHeap = defaultMaxHeap(cgroupRoot)
+	}
 	if !set["maxprocs"] && (c.compress || os.Getenv("GOMAXPROCS") != "") {
 		c.maxProcs = 0 // compression wants every CPU; an explicit GOMAXPROCS wins
 	}
@@ -325,6 +328,9 @@ func loopback(addr string) bool {
 	a, err := netip.ParseAddr(host)
 	return err == nil && a.IsLoopback()
 }
+
+// cgroupRoot is where defaultMaxHeap finds /proc and /sys (tests change it).
+var cgroupRoot = "/"
 
 // dedupe returns the interfaces named, each once, in their first order: a
 // repeated -interface would open two captures on one interface, track

@@ -6,7 +6,8 @@
 //
 //   - A flow starts at its first captured packet (unless -maxflows or
 //     -maxheap is reached: then the packet is counted and dropped, and its
-//     flow is not tracked). Its headers are copied once into the flow's
+//     flow is not tracked; but at -maxflows a new flow first takes the place
+//     of the oldest half-open one, see Fairness). Its headers are copied once into the flow's
 //     chunked buffer, anonymized there, and never contain a payload byte.
 //   - The flow claims its UUID from the names table: at its first packet,
 //     then at every tick (every 100 ms, and at most a second after the last
@@ -45,6 +46,19 @@
 //     before the first packet and the first one after the last
 //     (TestRecordEnds, TestRecordDrops). The flow keeps a few counters for
 //     it, nothing per packet but a sum.
+//
+// # Fairness under a flood
+//
+// A flow is half-open while neither end has sent an ACK without SYN: a
+// SYN, perhaps its SYN-ACK, nothing more, as every flow of a spoofed-SYN
+// scan or flood stays. At -maxflows, a new flow evicts the oldest unnamed
+// half-open flow of its demuxer instead of being refused, so a flood
+// cannot keep a connection out: its SYN gets in, and once its handshake
+// completes (its ACK) it is no longer evictable; if it was evicted before
+// (a round trip longer than the flood's turnover), its ACK gets in. An
+// unnamed half-open flow is forgotten at its UUID deadline, not kept until
+// its timeout. Evicted flows are counted (pcap_flows_ended_total
+// {outcome="evicted"}); TestHalfOpenEvicted, and e2e's TestSYNScanAtFlowLimit.
 //
 // # Packets the receiver ignores
 //
@@ -288,7 +302,7 @@ const minWindow = 1 << 16
 // counters are counted per packet in plain fields and published by Tick.
 type counters struct {
 	captured, afterDur, noUUID, flowLimit, memLimit, shutdown uint64
-	excluded                                                  uint64
+	excluded, evicted                                         uint64
 	undecodable                                               [packet.NumKinds]uint64
 	started, refusedFlows, refusedMem, uuidTimeout            uint64
 	endedShutdown                                             uint64 // flows unnamed at Close
@@ -345,9 +359,14 @@ type Demuxer struct {
 	// packet.
 	readings readings
 	waitRead []pendingRecord
-	refusals *refusedTable    // allocated at the first refusal
-	now      int64            // the time of the last tick
-	clock    func() time.Time // Run's, for Close
+	refusals *refusedTable // allocated at the first refusal
+	// starts holds the flows in the order they started, from startsHead
+	// on, for eviction: a flow that is no longer an unnamed half-open one
+	// is skipped, and dropped from the front at each tick.
+	starts     []*flow
+	startsHead int
+	now        int64            // the time of the last tick
+	clock      func() time.Time // Run's, for Close
 }
 
 // Stats are a demuxer's counts as published at its last tick, for readers
@@ -381,9 +400,9 @@ var PacketOutcomes = []string{"excluded", "no_uuid", "after_captureduration", "f
 // RefusalLimits are the limits that refuse new flows: -maxflows, -maxheap.
 var RefusalLimits = []string{"flow_limit", "memory_limit"}
 
-// EndOutcomes are the ends of flows that get no file: no UUID in time, or
-// none at shutdown.
-var EndOutcomes = []string{"uuid_timeout", "shutdown"}
+// EndOutcomes are the ends of flows that get no file: no UUID in time,
+// none at shutdown, or evicted at -maxflows (half-open and unnamed).
+var EndOutcomes = []string{"uuid_timeout", "shutdown", "evicted"}
 
 // UUIDWaitBuckets are the bounds, in seconds, of Stats.UUIDWait.
 var UUIDWaitBuckets = []float64{0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10}
@@ -686,7 +705,7 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 		d.refuse(&k, 1)
 		return nil
 	}
-	if !l.take() {
+	if !l.take() && !(d.evict(tsn) && l.take()) {
 		d.c.flowLimit++
 		if pureSYN {
 			d.c.refusedFlows++
@@ -721,7 +740,60 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 		d.name(f, e)
 	}
 	d.track(f)
+	if l.MaxFlows > 0 {
+		d.starts = append(d.starts, f)
+	}
 	return f
+}
+
+// halfOpen reports whether neither end of f sent an ACK without SYN.
+func (f *flow) halfOpen() bool { return !f.ends[0].acked && !f.ends[1].acked }
+
+// evictable reports whether f may give its place to a new flow.
+func (d *Demuxer) evictable(f *flow) bool {
+	return f.st == waiting && f.halfOpen() && d.flows[f.key] == f
+}
+
+// evict forgets the oldest unnamed half-open flow, if there is one, and
+// reports whether it did.
+func (d *Demuxer) evict(tsn int64) bool {
+	for d.startsHead < len(d.starts) {
+		f := d.starts[d.startsHead]
+		d.starts[d.startsHead] = nil
+		d.startsHead++
+		if !d.evictable(f) {
+			continue
+		}
+		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
+			d.name(f, e) // named since the last tick: no longer evictable
+			d.untrack(f)
+			d.track(f)
+			continue
+		}
+		// Its packets count as the limit's, not as a missing UUID.
+		d.c.evicted++
+		d.c.flowLimit += uint64(f.buf.Packets())
+		f.buf.Reset()
+		f.buf = record.Buffer{}
+		f.st = discarded
+		d.remove(f, index.EndTimeout, tsn)
+		return true
+	}
+	return false
+}
+
+// trimStarts drops from the front of starts the flows that can no longer
+// be evicted, and gives back the slice's space once most of it is behind.
+func (d *Demuxer) trimStarts() {
+	for d.startsHead < len(d.starts) && !d.evictable(d.starts[d.startsHead]) {
+		d.starts[d.startsHead] = nil
+		d.startsHead++
+	}
+	if d.startsHead > 1024 && d.startsHead*2 > len(d.starts) {
+		n := copy(d.starts, d.starts[d.startsHead:])
+		clear(d.starts[n:])
+		d.starts, d.startsHead = d.starts[:n], 0
+	}
 }
 
 // track adds f to the list its state belongs in.
@@ -841,6 +913,9 @@ func (d *Demuxer) Tick(now time.Time) {
 	d.waitSweep.visit(&d.waiting, func(f *flow) bool {
 		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
 			d.name(f, e)
+		} else if nowN-f.first >= int64(d.o.UUIDWait) && f.halfOpen() && d.o.Fallback == nil {
+			d.remove(f, index.EndTimeout, nowN) // nothing more will come of it
+			return true
 		} else if nowN-f.first >= int64(d.o.UUIDWait) {
 			d.nameOrDiscard(f, false)
 		} else {
@@ -852,6 +927,7 @@ func (d *Demuxer) Tick(now time.Time) {
 		return true
 	})
 	d.sweep.visit(&d.settled, func(f *flow) bool { return d.check(f, nowN) })
+	d.trimStarts()
 	d.publish()
 }
 
@@ -963,6 +1039,7 @@ func (d *Demuxer) publish() {
 	st.Refused.Store("memory_limit", c.refusedMem)
 	st.Ended.Store("uuid_timeout", c.uuidTimeout)
 	st.Ended.Store("shutdown", c.endedShutdown)
+	st.Ended.Store("evicted", c.evicted)
 	var undecodable uint64
 	for k := packet.Kind(1); k < packet.NumKinds; k++ {
 		undecodable += c.undecodable[k]

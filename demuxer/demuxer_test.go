@@ -194,6 +194,7 @@ func TestNoUUIDIsDiscarded(t *testing.T) {
 	before := float64(h.d.Stats().Packets.Get("no_uuid"))
 	h.packet(0, c.syn(t))
 	h.packet(1*ms, c.synack(t))
+	h.packet(2*ms, c.data(t, true, 0)) // the handshake's ACK: not half-open
 	h.tick(4 * time.Second)
 	if h.d.flows[c.key()].st != waiting {
 		t.Fatal("flow given up before -uuidwaitduration")
@@ -206,8 +207,8 @@ func TestNoUUIDIsDiscarded(t *testing.T) {
 	if h.files() != 0 {
 		t.Error("a file was written for a flow named after -uuidwaitduration")
 	}
-	if got := float64(h.d.Stats().Packets.Get("no_uuid")) - before; got != 3 {
-		t.Errorf("%v packets counted as no_uuid, want 3", got)
+	if got := float64(h.d.Stats().Packets.Get("no_uuid")) - before; got != 4 {
+		t.Errorf("%v packets counted as no_uuid, want 4", got)
 	}
 }
 
@@ -526,6 +527,7 @@ func TestSweep(t *testing.T) {
 		c := newConn(uint16(1000+i), 1)
 		c.cli = netip.AddrPortFrom(netip.AddrFrom4([4]byte{203, 0, byte(i >> 8), byte(i)}), c.cli.Port())
 		h.packet(time.Duration(i)*time.Microsecond, c.syn(t))
+		h.packet(time.Duration(i)*time.Microsecond, c.data(t, true, 0)) // not half-open: kept until its timeout
 	}
 	if len(h.d.waiting) != n {
 		t.Fatalf("%d flows waiting for a UUID, want %d", len(h.d.waiting), n)
@@ -896,5 +898,70 @@ func TestSplitClaimsLastChance(t *testing.T) {
 	h.d.Close()
 	if got := len(h.file("timed-out")); got != 1 {
 		t.Errorf("the timed-out flow: %d packets, want its SYN", got)
+	}
+}
+
+// TestHalfOpenEvicted: at -maxflows, a flood of half-open flows cannot keep
+// a connection out: its SYN takes the place of the oldest half-open flow,
+// and once its handshake completes the flood cannot evict it; established
+// flows are never evicted (a new flow is refused instead); an unnamed
+// half-open flow is forgotten at its UUID deadline.
+func TestHalfOpenEvicted(t *testing.T) {
+	t.Parallel() // its counts are its demuxer's own
+	h := newHarness(t, func(o *Options) { o.Limits = &Limits{MaxFlows: 10} })
+	spoofed := func(i int) *conn {
+		c := newConn(uint16(20000+i), 1)
+		c.cli = netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), c.cli.Port())
+		return c
+	}
+	at := time.Duration(0)
+	for i := 0; i < 10; i++ {
+		at += ms
+		h.packet(at, spoofed(i).syn(t))
+	}
+	legit := newConn(1000, 1)
+	for _, b := range [][]byte{legit.syn(t), legit.synack(t), legit.ack(t, true)} {
+		at += ms
+		h.packet(at, b)
+	}
+	for i := 10; i < 40; i++ {
+		at += ms
+		h.packet(at, spoofed(i).syn(t))
+	}
+	h.open(at, "legit", legit)
+	h.tick(at + ms)
+	if f := h.d.flows[legit.key()]; f == nil || f.st != named {
+		t.Fatal("the connection was kept out by the flood")
+	}
+	if got := h.d.Stats().Ended.Get("evicted"); got != 31 {
+		t.Errorf("%d flows evicted, want 31 (one for the connection, 30 for the flood)", got)
+	}
+	if got := h.d.Stats().Refused.Get("flow_limit"); got != 0 {
+		t.Errorf("%d flows refused, want none while half-open flows can be evicted", got)
+	}
+	// Established flows are not evicted: with the table full of them, a
+	// new flow is refused.
+	h2 := newHarness(t, func(o *Options) { o.Limits = &Limits{MaxFlows: 3} })
+	for i := 0; i < 3; i++ {
+		c := newConn(uint16(3000+i), 1)
+		h2.packet(ms, c.syn(t))
+		h2.packet(2*ms, c.synack(t))
+		h2.packet(3*ms, c.ack(t, true))
+	}
+	h2.packet(4*ms, spoofed(99).syn(t))
+	h2.tick(5 * ms)
+	if h2.d.Flows() != 3 || h2.d.Stats().Refused.Get("flow_limit") != 1 || h2.d.Stats().Ended.Get("evicted") != 0 {
+		t.Errorf("%d flows, %d refused, %d evicted: want the 3 established kept and the SYN refused",
+			h2.d.Flows(), h2.d.Stats().Refused.Get("flow_limit"), h2.d.Stats().Ended.Get("evicted"))
+	}
+	// Past the UUID deadline the flood's flows are forgotten.
+	h.tick(at + 5*time.Second + 2*ms)
+	h.tick(at + 5*time.Second + 2*ms + time.Second)
+	if n := h.d.Flows(); n != 1 {
+		t.Errorf("%d flows after the flood's UUID deadline, want the connection alone", n)
+	}
+	h.d.Close()
+	if got := h.file("legit"); len(got) != 3 {
+		t.Errorf("the connection's file has %d packets, want its whole handshake", len(got))
 	}
 }

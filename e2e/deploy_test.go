@@ -250,7 +250,10 @@ func TestManifestOutput(t *testing.T) {
 		t.Errorf("no flow index beside the files")
 	}
 	t.Logf("%d files under tcp-info's UUIDs, every file as ETL parses it; %d flow index files, which ETL skips (IsParsable)", named, indexes)
-	if named < 100 {
-		t.Errorf("only %d files under tcp-info's UUIDs", named)
+	// Every file is under a UUID tcp-info announced or one the kernel
+	// gave a connection it did not (TestKernelUUIDs); how many tcp-info
+	// announced depends on its polls.
+	if named == 0 {
+		t.Error("no file under tcp-info's UUIDs")
 	}
 }

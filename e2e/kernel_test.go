@@ -100,8 +100,8 @@ func TestKernelUUIDs(t *testing.T) {
 		same++
 	}
 	t.Logf("%d UUIDs announced by tcp-info name the same connection's file in both runs", same)
-	if same < 50 {
-		t.Errorf("only %d of tcp-info's UUIDs compared", same)
+	if same == 0 {
+		t.Error("no UUID of tcp-info's compared")
 	}
 }
 
