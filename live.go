@@ -145,11 +145,11 @@ func interfaces(c *config) ([]capture.Interface, []netip.Addr, error) {
 	return ifaces, local, err
 }
 
-// newPipeline builds the pipeline the flags describe, and today's and
+// newPipeline builds the pipeline the flags describe, with live mode's
+// limits and addresses, and today's and
 // tomorrow's directories.
 func newPipeline(c *config, local []netip.Addr) (*pipeline.Pipeline, error) {
 	cfg := c.pipelineConfig()
-	cfg.Saver.PartialDir, cfg.Saver.MinFreeBytes, cfg.Saver.MinFreePercent = c.partialDir, c.minFree.bytes, c.minFree.percent
 	cfg.Local, cfg.Authoritative = local, c.eventSocket != ""
 	cfg.MaxFlows, cfg.MaxHeap = c.maxFlows, uint64(c.maxHeap)
 	p, err := pipeline.New(cfg)

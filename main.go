@@ -210,6 +210,13 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		}
 	})
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if c.read != "" {
+		for _, f := range liveOnly {
+			if set[f] {
+				return fmt.Errorf("-%s is for live capture: offline mode (-read) does not use it", f)
+			}
+		}
+	}
 	if !set["maxheap"] {
 		c.maxHeap = defaultMaxHeap(cgroupRoot)
 	}
@@ -329,6 +336,11 @@ func loopback(addr string) bool {
 	return err == nil && a.IsLoopback()
 }
 
+// liveOnly are the flags that offline mode refuses rather than ignores
+// (-interface and -tcpinfo.eventsocket have reasons of their own).
+var liveOnly = []string{"capture.batchdelay", "capture.buffersize", "maxflows", "maxheap", "maxidleram", "maxprocs",
+	"health.grace", "sigtermwait", "shutdown.timeout", "prometheusx.listen-address", "pprof", "uuid.kernel", "uuid-prefix-file"}
+
 // cgroupRoot is where defaultMaxHeap finds /proc and /sys (tests change it).
 var cgroupRoot = "/"
 
@@ -420,7 +432,8 @@ func runOffline(ctx context.Context, c *config) (int, error) {
 // the addresses it finds.
 func (c *config) pipelineConfig() pipeline.Config {
 	return pipeline.Config{
-		Saver:         saver.Options{Dir: c.dataDir, Compress: c.compress, Perm: os.FileMode(c.fileMode)},
+		Saver: saver.Options{Dir: c.dataDir, Compress: c.compress, Perm: os.FileMode(c.fileMode),
+			PartialDir: c.partialDir, MinFreeBytes: c.minFree.bytes, MinFreePercent: c.minFree.percent},
 		MaxHeaderSize: c.maxHeaderSize, CaptureDuration: c.captureDuration, FlowTimeout: c.flowTimeout,
 		UUIDWait: c.uuidWait, Stream: c.stream, Local: c.local, Exclude: c.exclude,
 		Anonymize: c.mode, Key: c.key, ZeroMAC: c.zeroMAC, TSOffset: c.tsOffset,

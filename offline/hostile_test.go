@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -163,5 +164,53 @@ func TestImpossibleRecords(t *testing.T) {
 	}
 	if len(got) != 2 || got[1].Length != 1514 || got[1].Timestamp.Sub(got[0].Timestamp) != 4*time.Microsecond {
 		t.Errorf("saved %+v, want the first and last records, 4 µs apart", got)
+	}
+}
+
+// TestFutureFrame: one frame dated a day ahead of the others, in the
+// middle of a connection, is dropped and counted; it does not move the
+// clock, so the connection is not ended by it and stays one file. A jump
+// that ConfirmJump frames in a row confirm (a pause in the capture) is
+// taken, and its frames saved.
+func TestFutureFrame(t *testing.T) {
+	i := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: net.IP{192, 0, 2, 9}, DstIP: net.IP{192, 0, 2, 1}}
+	frame := func(sport uint16, syn, ack bool) []byte {
+		l := &layers.TCP{SrcPort: layers.TCPPort(sport), DstPort: 80, SYN: syn, ACK: ack, Seq: 1, Window: 100}
+		l.SetNetworkLayerForChecksum(i)
+		return serialize(t, &layers.Ethernet{SrcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, DstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, EthernetType: layers.EthernetTypeIPv4}, i, l)
+	}
+	path := filepath.Join(t.TempDir(), "future.pcap")
+	f, _ := os.Create(path)
+	w := pcapgo.NewWriterNanos(f)
+	w.WriteFileHeader(256, layers.LinkTypeEthernet)
+	t0 := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	write := func(ts time.Time, b []byte) {
+		w.WritePacket(gopacket.CaptureInfo{Timestamp: ts, CaptureLength: len(b), Length: len(b)}, b)
+	}
+	write(t0, frame(40000, true, false))
+	for s := 1; s <= 40; s++ { // a connection busy for 40 s, beyond -flowtimeout
+		if s == 20 {
+			write(t0.Add(24*time.Hour), frame(40001, true, false)) // the odd frame
+		}
+		write(t0.Add(time.Duration(s)*time.Second), frame(40000, false, true))
+	}
+	// A pause of a day, then a connection of ConfirmJump frames.
+	for s := 0; s < ConfirmJump; s++ {
+		write(t0.Add(48*time.Hour+time.Duration(s)*time.Millisecond), frame(40002, s == 0, s > 0))
+	}
+	f.Close()
+	out := t.TempDir()
+	sum, err := Run(context.Background(), options(out, path, ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.OddTimes != 1 || sum.Files != 2 {
+		t.Errorf("%s: want the odd frame dropped and counted, and 2 files (the connection whole, and the one after the pause)", sum)
+	}
+	for name, b := range tree(t, out) {
+		cis, _ := readRecords(t, b)
+		if strings.Contains(name, "_40000_") && len(cis) != 41 || strings.Contains(name, "_40002_") && len(cis) != ConfirmJump {
+			t.Errorf("%s: %d packets", name, len(cis))
+		}
 	}
 }

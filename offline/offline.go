@@ -25,6 +25,7 @@ package offline
 
 import (
 	"bufio"
+	"bytes"
 	"compress/gzip"
 	"context"
 	"encoding/binary"
@@ -80,6 +81,47 @@ type Summary struct {
 	// Impossible counts the records refused for an impossible header (see
 	// MaxOrigLen).
 	Impossible uint64
+	// OddTimes counts the frames dated too far ahead of the others,
+	// dropped (see jumpGuard).
+	OddTimes uint64
+}
+
+// ConfirmJump is how many frames in a row, each more than -flowtimeout
+// past the offline clock, make it jump.
+const ConfirmJump = 8
+
+// jumpGuard holds frames dated too far past the clock until they confirm
+// a jump. It copies their bytes, at most ConfirmJump frames.
+type jumpGuard struct {
+	max  int64 // nanoseconds
+	held []heldFrame
+}
+
+type heldFrame struct {
+	data         []byte
+	ts           int64
+	origLen, ifc int
+}
+
+// hold keeps a frame and reports whether ConfirmJump are held.
+func (g *jumpGuard) hold(data []byte, ts int64, origLen, ifc int) bool {
+	g.held = append(g.held, heldFrame{data: bytes.Clone(data), ts: ts, origLen: origLen, ifc: ifc})
+	return len(g.held) >= ConfirmJump
+}
+
+// release processes the held frames, in their order.
+func (g *jumpGuard) release(process func([]byte, int64, int, int)) {
+	for _, h := range g.held {
+		process(h.data, h.ts, h.origLen, h.ifc)
+	}
+	g.held = g.held[:0]
+}
+
+// drop forgets the held frames and returns how many there were.
+func (g *jumpGuard) drop() uint64 {
+	n := len(g.held)
+	g.held = g.held[:0]
+	return uint64(n)
 }
 
 // String is the one-line summary.
@@ -87,6 +129,9 @@ func (s Summary) String() string {
 	impossible := ""
 	if s.Impossible > 0 {
 		impossible = fmt.Sprintf("; %d records refused (impossible length or time)", s.Impossible)
+	}
+	if s.OddTimes > 0 {
+		impossible += fmt.Sprintf("; %d frames dated far ahead of the others dropped", s.OddTimes)
 	}
 	return fmt.Sprintf("read %d packets (%d undecodable) in %d flows; wrote %d files (%d bytes); named %d flows from events and %d by fallback; dropped %d packets without UUID and %d after -captureduration; %d events (%d skipped); %d write errors",
 		s.Packets, s.Undecodable, s.Flows, s.Files, s.Bytes, s.NamedByEvents, s.NamedByFallback, s.NoUUID, s.AfterDuration, s.Events, s.BadEvents, s.WriteErrors) + impossible
@@ -331,23 +376,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		ifc int
 		d   *demuxer.Demuxer
 	}
-	for n&1023 != 0 || ctx.Err() == nil { // the context, every 1024 packets
-		data, ts, origLen, ifc, err := src.Next()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err == nil {
-			err = plausible(data, origLen)
-		}
-		if errors.Is(err, errImpossible) {
-			sum.Impossible++ // never copied, never a clock
-			continue
-		}
-		if err != nil {
-			// A reader stays past the last good record when it fails.
-			readErr = fmt.Errorf("read %s: truncated or corrupt capture at offset %d (after packet %d): %w", o.Read, src.Offset(), n, err)
-			break
-		}
+	process := func(data []byte, ts int64, origLen, ifc int) {
 		n++
 		clock = max(clock, ts)
 		apply(false)
@@ -371,6 +400,40 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 			fmt.Fprintf(o.Progress, "\r%d packets, %d files, at %s ", n, files, now().UTC().Format(time.RFC3339))
 		}
 	}
+	// The clock is the packets' time, so a frame dated far ahead of the
+	// others (a corrupt timestamp, a clock step in the capturing host)
+	// would end every open flow at the next tick. A frame more than
+	// -flowtimeout past the clock is held until ConfirmJump of them in a
+	// row confirm the jump (a pause in the capture); a frame within it
+	// first drops the held ones, counted as odd (TestFutureFrame).
+	guard := jumpGuard{max: int64(o.Config.FlowTimeout)}
+	for n&1023 != 0 || ctx.Err() == nil { // the context, every 1024 packets
+		data, ts, origLen, ifc, err := src.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err == nil {
+			err = plausible(data, origLen)
+		}
+		if errors.Is(err, errImpossible) {
+			sum.Impossible++ // never copied, never a clock
+			continue
+		}
+		if err != nil {
+			// A reader stays past the last good record when it fails.
+			readErr = fmt.Errorf("read %s: truncated or corrupt capture at offset %d (after packet %d): %w", o.Read, src.Offset(), n, err)
+			break
+		}
+		if n > 0 && ts > clock+guard.max {
+			if guard.hold(data, ts, origLen, ifc) {
+				guard.release(process)
+			}
+			continue
+		}
+		sum.OddTimes += guard.drop()
+		process(data, ts, origLen, ifc)
+	}
+	guard.release(process) // the end of the capture: nothing to confirm them
 	if o.Progress != nil && n >= 4096 {
 		fmt.Fprintln(o.Progress)
 	}
@@ -385,7 +448,9 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		demuxers[ifc].Close()
 	}
 	p.Wait()
-	os.Remove(sv.PartialDir()) // empty now; the output is only the files
+	if o.Config.Saver.PartialDir == "" {
+		os.Remove(sv.PartialDir()) // its own, empty now: the output is only the files
+	}
 	for ifc, d := range demuxers {
 		c := d.Counts()
 		sum.Packets += c.Packets

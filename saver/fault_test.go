@@ -1,10 +1,15 @@
 package saver
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
@@ -145,5 +150,47 @@ func TestBadUUIDStaysInside(t *testing.T) {
 	}
 	if _, _, failed := s.Written(); failed != 4 {
 		t.Errorf("%d flows failed, want 4", failed)
+	}
+}
+
+// TestIndexDiskFull: a batch of index records that the full disk cuts
+// short is cut back whole and counted lost; the records before and after
+// it are whole lines, and every line of the published index is JSON.
+func TestIndexDiskFull(t *testing.T) {
+	dir := tmpfs(t, "256k")
+	s, err := New(Options{Dir: filepath.Join(dir, "data")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := t0.Add(time.Minute)
+	saveRecorded(s, "before", ended)
+	s.Wait()
+	s.PublishIndex(t0)        // written; the hour is open
+	for i := 0; i < 20; i++ { // beyond the page the first record began
+		saveRecorded(s, fmt.Sprintf("lost-%d", i), ended)
+	}
+	s.Wait()
+	// Fill the disk but for a few hundred bytes: the batch's write is cut.
+	filler := filepath.Join(dir, "filler")
+	var st unix.Statfs_t
+	unix.Statfs(dir, &st)
+	os.WriteFile(filler, make([]byte, int64(st.Bavail)*st.Bsize-300), 0o644)
+	s.PublishIndex(t0)
+	if n := s.IndexCounts().Lost.Load(); n != 20 {
+		t.Errorf("%d records counted lost, want the 20 of the cut batch", n)
+	}
+	os.Remove(filler)
+	saveRecorded(s, "after", ended)
+	s.Wait()
+	s.PublishIndex(time.Time{})
+	got := indexFiles(t, s) // fails the test on a line that is not JSON
+	var uuids []string
+	for _, lines := range got {
+		for _, l := range lines {
+			uuids = append(uuids, l.UUID)
+		}
+	}
+	if len(got) != 1 || !slices.Equal(uuids, []string{"before", "after"}) {
+		t.Errorf("index %v, want one file with the records of before and after", got)
 	}
 }

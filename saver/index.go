@@ -3,6 +3,7 @@ package saver
 import (
 	"bytes"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -74,6 +75,7 @@ type indexFile struct {
 	hour     time.Time
 	pending  []byte // records not written yet
 	pendingN uint64
+	size     int64 // bytes of whole records written
 }
 
 // indexBatch is how many bytes of records are written at once: one write
@@ -89,7 +91,21 @@ func (x *indexWriter) flush(f *indexFile) {
 		return
 	}
 	if _, err := writeAll(f.fd, [][]byte{f.pending}); err != nil {
+		// A short write (a full disk) must not leave half a record, to
+		// which the next batch would be glued: the file is cut back to its
+		// last whole record and the batch counted lost
+		// (TestIndexDiskFull).
+		if terr := unix.Ftruncate(f.fd, f.size); terr == nil {
+			_, terr = unix.Seek(f.fd, f.size, io.SeekStart)
+			if terr != nil {
+				err = errors.Join(err, terr)
+			}
+		} else {
+			err = errors.Join(err, terr)
+		}
 		x.fail("write", &os.PathError{Op: "write", Path: f.tmp, Err: err}, f.pendingN)
+	} else {
+		f.size += int64(len(f.pending))
 	}
 	f.pending, f.pendingN = f.pending[:0], 0
 }
