@@ -111,6 +111,8 @@ func families(x *parts) *exporter.Collector {
 					emit(sum(func(s *demuxer.Stats) uint64 { return s.Undecodable.Get(k) }), k)
 				}
 			}),
+		counter("pcap_clock_steps_total", "Steps of the wall clock (against the monotonic clock) seen by the captures' demuxers; deadlines follow the monotonic clock, so a step changes no flow's fate.",
+			func() float64 { return sum(func(s *demuxer.Stats) uint64 { return s.ClockSteps.Load() }) }),
 		counter("pcap_flows_started_total", "Flows that began to be tracked.",
 			func() float64 { return sum(func(s *demuxer.Stats) uint64 { return s.Started.Load() }) }),
 		byLabel("pcap_flows_ended_total", "Tracked flows that ended, by outcome: saved, uuid_timeout, write_error, low_space, shutdown, evicted (half-open and unnamed, its place taken at -maxflows).", "outcome",

@@ -233,6 +233,9 @@ type Options struct {
 	// failures; Tick reads it once, and the index records of the flows
 	// give the difference between the readings around each flow.
 	Capture func() (dropped, failures uint64)
+	// Monotonic, for Run, returns the time elapsed on a clock that no
+	// step of the wall clock moves; default: Go's monotonic clock.
+	Monotonic func() time.Duration
 }
 
 type state uint8
@@ -265,7 +268,8 @@ type flow struct {
 	start        captureCounts // the capture's counters before the first packet
 	source       string        // the UUID source of the file's name, at its final Push
 	ends         [2]end        // A and B
-	first, last  int64         // unix nanoseconds
+	first, last  int64         // unix nanoseconds, plus Demuxer.corr
+	corr         int64         // Demuxer.corr at the first packet: first-corr is its wall time
 	endAt        int64         // when non-zero, the flow ends at this time
 	entry        *names.Entry
 	out          FlowWriter // once named in stream mode, or once spilled
@@ -302,7 +306,7 @@ const minWindow = 1 << 16
 // counters are counted per packet in plain fields and published by Tick.
 type counters struct {
 	captured, afterDur, noUUID, flowLimit, memLimit, shutdown uint64
-	excluded, evicted                                         uint64
+	excluded, evicted, steps                                  uint64
 	undecodable                                               [packet.NumKinds]uint64
 	started, refusedFlows, refusedMem, uuidTimeout            uint64
 	endedShutdown                                             uint64 // flows unnamed at Close
@@ -367,6 +371,13 @@ type Demuxer struct {
 	startsHead int
 	now        int64            // the time of the last tick
 	clock      func() time.Time // Run's, for Close
+	// corr is added to the wall clock's times (the packets' timestamps,
+	// the clock Run reads) to give the time that deadlines use, which
+	// follows Options.Monotonic: a step of the wall clock changes corr,
+	// not a flow's fate (see Run). monoBase is the wall time at the
+	// monotonic clock's zero, read at Run's first reading.
+	corr, monoBase int64
+	clockSet       bool
 }
 
 // Stats are a demuxer's counts as published at its last tick, for readers
@@ -374,6 +385,7 @@ type Demuxer struct {
 type Stats struct {
 	Captured    atomic.Uint64     // frames given to Packet
 	Started     atomic.Uint64     // flows started
+	ClockSteps  atomic.Uint64     // steps of the wall clock seen by Run
 	Packets     *metrics.Counters // frames not saved, by PacketOutcomes
 	Undecodable *metrics.Counters // frames not decodable, by packet.Kind
 	Refused     *metrics.Counters // new flows refused, by RefusalLimits
@@ -450,7 +462,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	p := &d.p
 	f, srcIsA := d.lookup(p)
-	tsn := ts.UnixNano()
+	tsn := ts.UnixNano() + d.corr
 	pureSYN := p.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
 	if f != nil && (tsn-f.last >= int64(d.o.FlowTimeout) || f.endAt != 0 && tsn >= f.endAt) {
 		d.remove(f, f.endedOr(index.EndTimeout), tsn) // its deadline came before this packet, as a tick would have seen
@@ -663,7 +675,7 @@ func (d *Demuxer) writer(f *flow) FlowWriter {
 	name := f.entry.Name()
 	switch {
 	case f.out == nil:
-		f.out = d.o.Writer.Start(name, d.o.LinkType, time.Unix(0, f.first))
+		f.out = d.o.Writer.Start(name, d.o.LinkType, f.firstWall())
 	case name != f.outName:
 		f.out.Rename(name)
 	}
@@ -714,7 +726,7 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 		return nil
 	}
 	d.c.started++
-	f := &flow{key: k, first: tsn, syn: pureSYN, synSeq: seq, refused: d.refusedBefore(&k)}
+	f := &flow{key: k, first: tsn, corr: d.corr, syn: pureSYN, synSeq: seq, refused: d.refusedBefore(&k)}
 	if d.o.Capture != nil {
 		f.start = d.readings.before(tsn)
 	}
@@ -746,6 +758,10 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 	return f
 }
 
+// firstWall returns the wall time of f's first packet, for names, dates
+// and the UUID sources' times.
+func (f *flow) firstWall() time.Time { return time.Unix(0, f.first-f.corr) }
+
 // halfOpen reports whether neither end of f sent an ACK without SYN.
 func (f *flow) halfOpen() bool { return !f.ends[0].acked && !f.ends[1].acked }
 
@@ -764,7 +780,7 @@ func (d *Demuxer) evict(tsn int64) bool {
 		if !d.evictable(f) {
 			continue
 		}
-		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
+		if e := d.o.Names.Claim(f.key, f.firstWall()); e != nil {
 			d.name(f, e) // named since the last tick: no longer evictable
 			d.untrack(f)
 			d.track(f)
@@ -824,7 +840,7 @@ func (d *Demuxer) untrack(f *flow) {
 func (d *Demuxer) name(f *flow, e *names.Entry) {
 	f.entry = e
 	f.st = named
-	d.stats.UUIDWait.Observe(max(0, e.OpenedAt.Sub(time.Unix(0, f.first)).Seconds()))
+	d.stats.UUIDWait.Observe(max(0, e.OpenedAt.Sub(f.firstWall()).Seconds()))
 	d.named[e.Source]++
 	if d.o.Stream {
 		d.writer(f)
@@ -847,7 +863,7 @@ func (d *Demuxer) finish(f *flow) {
 // its headers.
 func (d *Demuxer) nameOrDiscard(f *flow, shutdown bool) {
 	if d.o.Fallback != nil {
-		d.name(f, d.o.Fallback(f.key, time.Unix(0, f.first)))
+		d.name(f, d.o.Fallback(f.key, f.firstWall()))
 		return
 	}
 	d.discard(f, shutdown)
@@ -876,7 +892,7 @@ func (d *Demuxer) remove(f *flow, why index.End, at int64) {
 		// may be a second away when the traffic stops, or late on a loaded
 		// machine (a connection ended by a new one on its 4-tuple, a
 		// deadline applied at a packet; TestSplitClaimsLastChance).
-		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
+		if e := d.o.Names.Claim(f.key, f.firstWall()); e != nil {
 			d.name(f, e)
 		} else {
 			d.nameOrDiscard(f, false)
@@ -911,7 +927,7 @@ func (d *Demuxer) Tick(now time.Time) {
 	d.now = nowN
 	d.read(nowN)
 	d.waitSweep.visit(&d.waiting, func(f *flow) bool {
-		if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
+		if e := d.o.Names.Claim(f.key, f.firstWall()); e != nil {
 			d.name(f, e)
 		} else if nowN-f.first >= int64(d.o.UUIDWait) && f.halfOpen() && d.o.Fallback == nil {
 			d.remove(f, index.EndTimeout, nowN) // nothing more will come of it
@@ -971,7 +987,7 @@ func (s *sweep) restart(n int) {
 func (d *Demuxer) check(f *flow, nowN int64) bool {
 	if f.st == named {
 		if closed, ok := f.entry.Closed(); ok && f.endAt == 0 {
-			f.endAt, f.end = max(closed.UnixNano(), nowN)+int64(d.o.Linger), index.EndClose
+			f.endAt, f.end = max(closed.UnixNano()+d.corr, nowN)+int64(d.o.Linger), index.EndClose
 		}
 		// Packets are stamped when captured but may reach the demuxer a
 		// ring-block timeout later: a quiet flow is finished by the clock
@@ -1006,12 +1022,12 @@ func (d *Demuxer) Close() {
 	all := append(append(make([]*flow, 0, len(d.flows)), d.waiting...), d.settled...)
 	now := d.now
 	if d.clock != nil {
-		now = max(now, d.clock().UnixNano())
+		now = max(now, d.readClock())
 	}
 	d.read(now) // the readings after every flow's last packet
 	for _, f := range all {
 		if f.st == waiting {
-			if e := d.o.Names.Claim(f.key, time.Unix(0, f.first)); e != nil {
+			if e := d.o.Names.Claim(f.key, f.firstWall()); e != nil {
 				d.name(f, e)
 			} else {
 				d.nameOrDiscard(f, true)
@@ -1040,6 +1056,7 @@ func (d *Demuxer) publish() {
 	st.Ended.Store("uuid_timeout", c.uuidTimeout)
 	st.Ended.Store("shutdown", c.endedShutdown)
 	st.Ended.Store("evicted", c.evicted)
+	st.ClockSteps.Store(c.steps)
 	var undecodable uint64
 	for k := packet.Kind(1); k < packet.NumKinds; k++ {
 		undecodable += c.undecodable[k]
@@ -1066,21 +1083,39 @@ type Source interface {
 // is a timeout (the capture package's errors wrap both).
 func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) error {
 	d.clock = clock
+	if d.o.Monotonic == nil {
+		start := time.Now()
+		d.o.Monotonic = func() time.Duration { return time.Since(start) }
+	}
 	defer d.Close()
 	// A first tick, so that the limits apply from the first packet on;
 	// the next one is due TickInterval later.
 	var ticks Schedule
-	now := clock()
-	ticks.Due(now.UnixNano(), TickInterval)
-	d.Tick(now)
+	now := d.readClock()
+	ticks.Due(now, TickInterval)
+	d.Tick(time.Unix(0, now))
+	var prev int64 // the last packet's time, plus corr
 	for {
 		data, ts, origLen, err := src.Read()
 		switch {
 		case err == nil:
-			d.Packet(data, ts, origLen)
-			if !ticks.Pending(ts.UnixNano()) {
-				continue // (no clock read per packet)
+			// The clock is read when a tick is due by the packet's time,
+			// or when the packets' time went back by more than
+			// StepThreshold (no clock read per packet): a step of the wall
+			// clock either way is then seen, and corrected, before the
+			// packet is taken (TestClockSteps).
+			tsn := ts.UnixNano() + d.corr
+			if !ticks.Pending(tsn) && tsn > prev-int64(StepThreshold) {
+				prev = tsn
+				d.Packet(data, ts, origLen)
+				continue
 			}
+			if now = d.readClock(); ticks.Due(now, TickInterval) {
+				d.Tick(time.Unix(0, now))
+			}
+			prev = ts.UnixNano() + d.corr
+			d.Packet(data, ts, origLen)
+			continue
 		case errors.Is(err, os.ErrDeadlineExceeded):
 		case errors.Is(err, net.ErrClosed):
 			return nil
@@ -1088,10 +1123,32 @@ func (d *Demuxer) Run(src Source, clock func() time.Time, onError func(error)) e
 			onError(err)
 			time.Sleep(TickInterval) // a failing capture must not spin
 		}
-		if now = clock(); ticks.Due(now.UnixNano(), TickInterval) {
-			d.Tick(now)
+		if now = d.readClock(); ticks.Due(now, TickInterval) {
+			d.Tick(time.Unix(0, now))
 		}
 	}
+}
+
+// StepThreshold is how far the wall clock must move against the monotonic
+// clock to count as a step (NTP at boot, a hypervisor's resync, an
+// operator): NTP slews both clocks alike, so they drift apart only by
+// steps.
+const StepThreshold = time.Second
+
+// readClock reads the wall and monotonic clocks, updates corr when the
+// wall clock stepped, and returns the time deadlines use: the wall clock's
+// plus corr.
+func (d *Demuxer) readClock() int64 {
+	wall := d.clock().UnixNano()
+	mono := int64(d.o.Monotonic())
+	if !d.clockSet {
+		d.monoBase, d.clockSet = wall-mono, true
+	}
+	if c := d.monoBase + mono - wall; c-d.corr > int64(StepThreshold) || d.corr-c > int64(StepThreshold) {
+		d.corr = c
+		d.c.steps++
+	}
+	return wall + d.corr
 }
 
 // Schedule says when periodic work is due, in Unix nanoseconds of a

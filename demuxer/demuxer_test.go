@@ -965,3 +965,79 @@ func TestHalfOpenEvicted(t *testing.T) {
 		t.Errorf("the connection's file has %d packets, want its whole handshake", len(got))
 	}
 }
+
+// fakeCapture is a capture whose packets are stamped by a fake wall
+// clock, which a script advances, with the monotonic clock beside it, and
+// steps.
+type fakeCapture struct {
+	steps      []fakeStep
+	i          int
+	wall, mono int64
+}
+
+type fakeStep struct {
+	advance time.Duration // both clocks
+	jump    time.Duration // the wall clock alone, first
+	frame   []byte        // nil: a read that times out
+}
+
+func (c *fakeCapture) Read() ([]byte, time.Time, int, error) {
+	if c.i >= len(c.steps) {
+		return nil, time.Time{}, 0, net.ErrClosed
+	}
+	s := c.steps[c.i]
+	c.i++
+	c.wall += int64(s.jump + s.advance)
+	c.mono += int64(s.advance)
+	if s.frame == nil {
+		return nil, time.Time{}, 0, os.ErrDeadlineExceeded
+	}
+	return s.frame, time.Unix(0, c.wall), len(s.frame), nil
+}
+
+// TestClockSteps: a step of the wall clock, back or forward by an hour, in
+// the middle of a capture changes no flow's fate: the named connection
+// stays one file with every packet, the unnamed one meets its UUID
+// deadline on time (a step back stopped every deadline for the step's
+// length), and the step is counted.
+func TestClockSteps(t *testing.T) {
+	for _, jump := range []time.Duration{-time.Hour, time.Hour} {
+		h := newHarness(t, nil)
+		capt := &fakeCapture{wall: t0.UnixNano()}
+		h.d.o.Monotonic = func() time.Duration { return time.Duration(capt.mono) }
+		a, b := newConn(1000, 1), newConn(2000, 2)
+		h.open(0, "a", a)
+		var steps []fakeStep
+		add := func(advance time.Duration, frame []byte) {
+			steps = append(steps, fakeStep{advance: advance, frame: frame})
+		}
+		for _, c := range []*conn{a, b} {
+			add(ms, c.syn(t))
+			add(ms, c.synack(t))
+			add(ms, c.ack(t, true))
+		}
+		packets := 3
+		for i := 0; i < 70; i++ { // 7 s of a's data, the step at 2 s
+			if i == 20 {
+				steps = append(steps, fakeStep{jump: jump})
+			}
+			add(100*ms, a.data(t, true, 10))
+			packets++
+		}
+		for i := 0; i < 10; i++ {
+			add(100*ms, nil)
+		}
+		capt.steps = steps
+		stepsBefore := h.d.Stats().ClockSteps.Load()
+		h.d.Run(capt, func() time.Time { return time.Unix(0, capt.wall) }, func(err error) { t.Error(err) })
+		if got := h.d.Stats().Ended.Get("uuid_timeout"); got != 1 {
+			t.Errorf("step %v: %d flows ended at their UUID deadline, want the unnamed one", jump, got)
+		}
+		if got := h.d.Stats().ClockSteps.Load() - stepsBefore; got != 1 {
+			t.Errorf("step %v: %d steps counted, want 1", jump, got)
+		}
+		if got := len(h.file("a")); got != packets {
+			t.Errorf("step %v: the named connection's file has %d packets, want %d", jump, got, packets)
+		}
+	}
+}
