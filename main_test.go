@@ -180,8 +180,11 @@ func TestParse(t *testing.T) {
 // a one-line reason, before capturing anything.
 func TestExitCodes(t *testing.T) {
 	bin := filepath.Join(t.TempDir(), "packet-headers")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", "build", "-ldflags", "-X main.version=v9.9.9 -X main.commit=0123abc", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
+	}
+	if out, err := exec.Command(bin, "-version").Output(); err != nil || !strings.HasPrefix(string(out), "packet-headers v9.9.9 (commit 0123abc, go") {
+		t.Errorf("-version: %q %v", out, err)
 	}
 	file := filepath.Join(t.TempDir(), "file")
 	os.WriteFile(file, nil, 0o644)

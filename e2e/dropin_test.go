@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"sort"
 	"strings"
 	"syscall"
@@ -206,6 +207,17 @@ func TestKubernetesDropIn(t *testing.T) {
 		t.Errorf("%v connections silenced, want at least the 4 long ones of the excluded port", silenced)
 	}
 	checkPromtool(t, metricsText)
+	// -maxheap=2GB is the runtime's soft memory limit too; the version is
+	// where M-Lab's dashboards look for it (m-lab/go's prometheusx).
+	for name, want := range map[string]float64{
+		"go_gc_gomemlimit_bytes":                        2e9,
+		`git_short_commit{commit="` + testCommit + `"}`: 0xabc1234,
+		`pcap_build_info{commit="` + testCommit + `",goversion="` + runtime.Version() + `",version="` + testVersion + `"}`: 1,
+	} {
+		if v, ok := metricValue(metricsText, name); !ok || v != want {
+			t.Errorf("%s = %v (%v), want %v", name, v, ok, want)
+		}
+	}
 }
 
 // checkPromtool lints a /metrics text with promtool, as Prometheus's own

@@ -121,6 +121,9 @@ func newLab(t testing.TB, subnet int) *lab {
 	return l
 }
 
+// The version and commit the lab's daemon is built with.
+const testVersion, testCommit = "v0.0.0-e2e", "abc1234"
+
 var (
 	buildOnce sync.Once
 	binDir    string
@@ -136,7 +139,9 @@ func buildBinaries(t testing.TB, modRoot string) string {
 			return
 		}
 		for _, b := range [][2]string{{"packet-headers", "github.com/m-lab/packet-headers"}, {"tcp-info", "github.com/m-lab/tcp-info"}} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, b[0]), b[1])
+			// The daemon's version variables as the Dockerfile sets them
+			// (TestKubernetesDropIn finds them in its metrics).
+			cmd := exec.Command("go", "build", "-ldflags", "-X main.version="+testVersion+" -X main.commit="+testCommit, "-o", filepath.Join(binDir, b[0]), b[1])
 			cmd.Dir = modRoot
 			if out, err := cmd.CombinedOutput(); err != nil {
 				buildErr = fmt.Errorf("go build %s: %v\n%s", b[1], err, out)

@@ -13,7 +13,7 @@ fi
 source scripts/go.sh
 
 mkdir -p bin
-go build -o bin/packet-headers .
+go build -ldflags "-X main.commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" -o bin/packet-headers .
 case " $* " in
   *" -datadir"* | *" --datadir"*) ;;
   *) set -- -datadir ./data "$@" ;;
