@@ -15,19 +15,12 @@ import (
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
 
-// liveCapture is a capture, its demuxer, and the read errors main counted.
-type liveCapture struct {
-	h      *capture.Live
-	d      *demuxer.Demuxer
-	errors atomic.Uint64
-}
-
 // parts are what the daemon's metrics read at scrape time.
 type parts struct {
 	p              *pipeline.Pipeline
 	kernel         *kernelNames
 	events         *tcpeventsocket.Client // nil without -tcpinfo.eventsocket
-	captures       []*liveCapture
+	captures       *captureSet
 	memoryReleases *atomic.Uint64
 }
 
@@ -49,18 +42,18 @@ func families(x *parts) *exporter.Collector {
 	}
 	perCapture := func(name, help string, read func(*liveCapture) (float64, bool)) exporter.Family {
 		return byLabel(name, help, "interface", func(emit func(float64, ...string)) {
-			for _, lc := range x.captures {
+			for _, lc := range x.captures.list() {
 				if v, ok := read(lc); ok {
 					emit(v, lc.h.Name())
 				}
 			}
 		})
 	}
-	// sum adds up one counter of every demuxer.
+	// sum adds up one counter of every demuxer, retired ones too.
 	sum := func(get func(*demuxer.Stats) uint64) float64 {
 		var n uint64
-		for _, lc := range x.captures {
-			n += get(lc.d.Stats())
+		for _, s := range x.captures.stats() {
+			n += get(s)
 		}
 		return float64(n)
 	}
@@ -104,10 +97,7 @@ func families(x *parts) *exporter.Collector {
 			}),
 		byLabel("pcap_undecodable_packets_total", "Frames that were not decodable TCP/IP, by kind (truncated, bad_ip, bad_tcp, fragment, not_tcp, unknown_link, too_many_headers).", "kind",
 			func(emit func(float64, ...string)) {
-				if len(x.captures) == 0 {
-					return
-				}
-				for _, k := range x.captures[0].d.Stats().Undecodable.Values() {
+				for _, k := range x.captures.retired.Undecodable.Values() {
 					emit(sum(func(s *demuxer.Stats) uint64 { return s.Undecodable.Get(k) }), k)
 				}
 			}),
@@ -131,8 +121,8 @@ func families(x *parts) *exporter.Collector {
 		byLabel("pcap_uuids_total", "Flows named, by the source of the UUID (eventsocket: tcp-info; kernel: sock_diag socket cookies).", "source",
 			func(emit func(float64, ...string)) {
 				named := map[string]uint64{"eventsocket": 0, "kernel": 0}
-				for _, lc := range x.captures {
-					for src, n := range lc.d.Stats().Named() {
+				for _, s := range x.captures.stats() {
+					for src, n := range s.Named() {
 						named[src] += n
 					}
 				}
@@ -187,7 +177,7 @@ func families(x *parts) *exporter.Collector {
 		}),
 		exporter.Family{Name: "pcap_capture_up", Help: "1 while capturing on the interface, 0 while it is gone and being reopened.", Labels: []string{"interface"}, Gauge: true,
 			Read: func(emit func(float64, ...string)) {
-				for _, lc := range x.captures {
+				for _, lc := range x.captures.list() {
 					v := 0.0
 					if lc.h.Up() {
 						v = 1
@@ -223,9 +213,9 @@ func families(x *parts) *exporter.Collector {
 	c.AddHistogram(exporter.HistogramFamily{Name: "pcap_uuid_wait_seconds",
 		Help: "Time from a flow's first packet to the arrival of its UUID (0 when the UUID came first).",
 		Read: func() []*metrics.Histogram {
-			hs := make([]*metrics.Histogram, 0, len(x.captures))
-			for _, lc := range x.captures {
-				hs = append(hs, lc.d.Stats().UUIDWait)
+			var hs []*metrics.Histogram
+			for _, s := range x.captures.stats() {
+				hs = append(hs, s.UUIDWait)
 			}
 			return hs
 		}})

@@ -22,7 +22,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/m-lab/packet-headers/capture"
-	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/exclude"
 	"github.com/m-lab/packet-headers/health"
 	pm "github.com/m-lab/packet-headers/metrics/exporter"
@@ -100,26 +99,22 @@ func live(ctx context.Context, c *config) error {
 	}
 	defer k.close()
 	h.kernel = k.src
-	handles, err := openCaptures(c, ifaces, local)
-	if err != nil {
+	set := newCaptureSet(c, p, k, checker, local)
+	if err := set.open(ifaces); err != nil {
 		return err
 	}
-	defer closeAll(handles)
-	logStart(c, p, handles, local, k)
+	defer set.closeAll()
+	logStart(c, p, set, local, k)
 
-	x := &parts{p: p, kernel: k, events: events, memoryReleases: new(atomic.Uint64)}
+	x := &parts{p: p, kernel: k, events: events, captures: set, memoryReleases: new(atomic.Uint64)}
 	bg, cancelBG := context.WithCancel(context.Background())
 	defer cancelBG()
 	var bgWG sync.WaitGroup // owns the background goroutines
 	startBackground(bg, &bgWG, c, x, checker)
-	var captures sync.WaitGroup // owns the capture loops
-	for _, h := range handles {
-		x.captures = append(x.captures, startCapture(&captures, p, k, h, checker))
-	}
 	reg.MustRegister(families(x))
 	checker.Serving() // /readyz: every capture and the eventsocket are registered
 	<-ctx.Done()
-	if err := shutdown(c, p, handles, &captures); err != nil {
+	if err := shutdown(c, p, set); err != nil {
 		return err // at once: a stuck disk may hold the background too
 	}
 	cancelBG()
@@ -188,6 +183,9 @@ func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *part
 		goRun(func() { client.Run(ctx) })
 	}
 	x.kernel.start(ctx, goRun)
+	if x.captures.follow {
+		goRun(func() { x.captures.followInterfaces(ctx) })
+	}
 	goRun(func() { housekeeping(ctx, c, x.p.Names, checker, x.p.Saver, x.memoryReleases) })
 	// The flow index's records are written, and its closed hours
 	// published, on a goroutine of their own, which a stuck disk may hold
@@ -195,34 +193,10 @@ func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *part
 	goRun(func() { everySecond(ctx, x.p.Saver.PublishIndex) })
 }
 
-// startCapture runs a demuxer on the capture h, on a goroutine that wg
-// owns and closing h ends.
-func startCapture(wg *sync.WaitGroup, p *pipeline.Pipeline, k *kernelNames, h *capture.Live, checker *health.Checker) *liveCapture {
-	checker.Add("capture "+h.Name(), h.Up)
-	lc := &liveCapture{h: h, d: p.Demuxer(h.LinkType(), func(o *demuxer.Options) {
-		if k.src != nil {
-			o.Lookup = k.src.Request
-		}
-		o.Interface, o.Capture = h.Name(), h.Totals
-	})}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		lc.d.Run(h, time.Now, func(err error) { lc.errors.Add(1); log.Printf("capture: %v", err) })
-	}()
-	return lc
-}
-
-func closeAll(handles []*capture.Live) {
-	for _, h := range handles {
-		h.Close()
-	}
-}
-
 // shutdown keeps capturing for -sigtermwait, then closes the captures and
 // waits until every named flow is written, for at most -shutdown.timeout;
 // a second signal ends it at once.
-func shutdown(c *config, p *pipeline.Pipeline, handles []*capture.Live, captures *sync.WaitGroup) error {
+func shutdown(c *config, p *pipeline.Pipeline, set *captureSet) error {
 	second := make(chan os.Signal, 1)
 	signal.Notify(second, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(second)
@@ -231,8 +205,8 @@ func shutdown(c *config, p *pipeline.Pipeline, handles []*capture.Live, captures
 	go func() { // ends with the process if the shutdown does not
 		defer close(done)
 		time.Sleep(c.sigtermWait)
-		closeAll(handles)
-		captures.Wait() // the demuxers hand every named flow to the saver
+		set.closeAll()
+		set.wg.Wait() // the demuxers hand every named flow to the saver
 		p.Wait()
 	}()
 	select {
@@ -313,31 +287,10 @@ func (k *kernelNames) close() {
 	}
 }
 
-// openCaptures opens a resilient capture on every interface, or none.
-func openCaptures(c *config, ifaces []capture.Interface, local []netip.Addr) ([]*capture.Live, error) {
-	filter := func() string {
-		// At each (re)open: the interface may come back with new addresses.
-		if now, err := capture.LocalAddrs(); err == nil {
-			return capture.Filter(now)
-		}
-		return capture.Filter(local)
-	}
-	var handles []*capture.Live
-	for _, ifc := range ifaces {
-		h, err := capture.OpenLive(ifc.Name, &capture.Options{Snaplen: c.maxHeaderSize, BufferSize: int(c.bufferSize), BatchDelay: c.batchDelay}, filter)
-		if err != nil {
-			closeAll(handles)
-			return nil, err
-		}
-		handles = append(handles, h)
-	}
-	return handles, nil
-}
-
-func logStart(c *config, p *pipeline.Pipeline, handles []*capture.Live, local []netip.Addr, k *kernelNames) {
-	ifnames := make([]string, len(handles))
-	for i, h := range handles {
-		ifnames[i] = h.Name()
+func logStart(c *config, p *pipeline.Pipeline, set *captureSet, local []netip.Addr, k *kernelNames) {
+	var ifnames []string
+	for _, lc := range set.list() {
+		ifnames = append(ifnames, lc.h.Name())
 	}
 	sources := []string{}
 	if c.eventSocket != "" {

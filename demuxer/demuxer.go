@@ -438,14 +438,45 @@ func New(o Options) *Demuxer {
 	if o.Stream {
 		d.spill = 0 // every full chunk
 	}
+	d.stats.init()
+	return d
+}
+
+// NewStats returns zero counts, to which the counts of demuxers that
+// ended can be added (AddTo), so that sums over demuxers never go back.
+func NewStats() *Stats {
+	s := &Stats{}
+	s.init()
+	return s
+}
+
+func (s *Stats) init() {
 	kinds := make([]string, 0, packet.NumKinds-1)
 	for k := packet.Kind(1); k < packet.NumKinds; k++ {
 		kinds = append(kinds, k.String())
 	}
-	d.stats.Packets, d.stats.Undecodable = metrics.NewCounters(PacketOutcomes...), metrics.NewCounters(kinds...)
-	d.stats.Refused, d.stats.Ended = metrics.NewCounters(RefusalLimits...), metrics.NewCounters(EndOutcomes...)
-	d.stats.UUIDWait, d.stats.named = metrics.NewHistogram(UUIDWaitBuckets...), map[string]uint64{}
-	return d
+	s.Packets, s.Undecodable = metrics.NewCounters(PacketOutcomes...), metrics.NewCounters(kinds...)
+	s.Refused, s.Ended = metrics.NewCounters(RefusalLimits...), metrics.NewCounters(EndOutcomes...)
+	s.UUIDWait, s.named = metrics.NewHistogram(UUIDWaitBuckets...), map[string]uint64{}
+}
+
+// AddTo adds s's counts to dst's.
+func (s *Stats) AddTo(dst *Stats) {
+	dst.Captured.Add(s.Captured.Load())
+	dst.Started.Add(s.Started.Load())
+	dst.ClockSteps.Add(s.ClockSteps.Load())
+	for _, c := range [][2]*metrics.Counters{{s.Packets, dst.Packets}, {s.Undecodable, dst.Undecodable}, {s.Refused, dst.Refused}, {s.Ended, dst.Ended}} {
+		for _, v := range c[0].Values() {
+			c[1].Add(v, c[0].Get(v))
+		}
+	}
+	dst.UUIDWait.Merge(s.UUIDWait)
+	named := s.Named()
+	dst.mu.Lock()
+	for src, n := range named {
+		dst.named[src] += n
+	}
+	dst.mu.Unlock()
 }
 
 // Flows returns the number of flows tracked by this demuxer.

@@ -103,7 +103,8 @@ func (l *lab) addLink(name string, subnet int) (cli, srv netip.Addr, nsIf string
 
 // TestInterfaceFaults deletes and re-creates one of two captured
 // interfaces, and takes the other down and up: capture goes on where it
-// can, and resumes on the interface that comes back. A connection idle
+// can, and resumes on the interface that comes back; the health checks pass
+// meanwhile. A connection idle
 // across the deletion, and used again after it, is one flow, from its SYN
 // (the frames captured just before the deletion are read from the ring),
 // whose index record says the capture was down meanwhile; flows before it
@@ -146,7 +147,13 @@ func TestInterfaceFaults(t *testing.T) {
 	deletedAt := time.Now()
 	run(t, "ip", "link", "del", "pa"+name)
 	waitFor(t, 5*time.Second, "capture on the deleted interface to be reported down", func() bool { return upMetric(nsB) == "0" })
-	waitFor(t, 5*time.Second, "/healthz to fail after -health.grace", func() bool { return probe(d.metrics, "/healthz") == 503 })
+	// Captures of interfaces the daemon chose (no -interface) follow the
+	// interfaces: one that is gone is no failure (TestInterfacesFollowed
+	// has the named case).
+	time.Sleep(1500 * time.Millisecond) // past -health.grace
+	if code := probe(d.metrics, "/healthz"); code != 200 {
+		t.Errorf("/healthz %d while an interface the daemon chose is gone, want 200", code)
+	}
 	phase2 := flows(t, l.srv4, 8083, 10)
 
 	_, srvB, _ = l.addLink(name, 3) // and comes back
@@ -557,5 +564,43 @@ func TestMaxHeap(t *testing.T) {
 	}
 	if files := filePorts(t, d2.dataDir, 8090); len(files) != 5 {
 		t.Errorf("-maxflows 5: %d flows written, want 5", len(files))
+	}
+}
+
+// TestInterfacesFollowed: without -interface, an interface that appears
+// under a running daemon (a container's veth) is captured, its connections
+// saved, and one that is deleted fails no health check; with -interface,
+// the named interface's deletion fails /healthz after -health.grace, so
+// that an orchestrator restarts a daemon that cannot do what it was told.
+func TestInterfacesFollowed(t *testing.T) {
+	l := newLab(t, 23)
+	l.server(8084)
+	auto := &daemon{name: "auto"}
+	l.startDaemon(auto, 9990, "-health.grace", "1s", "-flowtimeout=1s")
+	name := strconv.Itoa(os.Getpid()%100000 + 1)
+	_, srvB, nsB := l.addLink(name, 23)
+	up := func(d *daemon) string {
+		v, _ := metricValue(scrape(d.metrics), fmt.Sprintf(`pcap_capture_up{interface="%s"}`, nsB))
+		return fmt.Sprint(v)
+	}
+	waitFor(t, 5*time.Second, "the new interface to be captured", func() bool { return up(auto) == "1" })
+	named := &daemon{name: "named"}
+	l.startDaemon(named, 9991, "-health.grace", "1s", "-interface", nsB)
+	made := flows(t, srvB, 8084, 10)
+	time.Sleep(1500 * time.Millisecond) // the flows' timeouts
+	run(t, "ip", "link", "del", "pa"+name)
+	waitFor(t, 5*time.Second, "the capture of the deleted interface to be reported down", func() bool { return up(auto) == "0" })
+	waitFor(t, 5*time.Second, "/healthz of the daemon told to capture it to fail", func() bool { return probe(named.metrics, "/healthz") == 503 })
+	if code := probe(auto.metrics, "/healthz"); code != 200 {
+		t.Errorf("/healthz %d for the daemon that chose its interfaces, want 200", code)
+	}
+	for _, d := range []*daemon{auto, named} {
+		if _, err := stop(t, d.cmd, syscall.SIGTERM, 10*time.Second); err != nil {
+			t.Fatalf("%s: %v\n%s", d.name, err, l.log("daemon-"+d.name+".log"))
+		}
+	}
+	expectFiles(t, "on the interface that appeared", made, filePorts(t, auto.dataDir, 8084))
+	if !strings.Contains(l.log("daemon-auto.log"), "interface "+nsB+" appeared") {
+		t.Errorf("the log does not say the interface appeared:\n%s", l.log("daemon-auto.log"))
 	}
 }

@@ -51,6 +51,13 @@ func (c *Checker) Add(name string, up func() bool) {
 	c.parts[name] = &part{up: up, isUp: true}
 }
 
+// Remove forgets a part (a capture of an interface that is gone for good).
+func (c *Checker) Remove(name string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.parts, name)
+}
+
 // Serving says that every part is registered: /readyz answers 503
 // ("starting") until then.
 func (c *Checker) Serving() {

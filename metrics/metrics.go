@@ -112,3 +112,17 @@ func (h *Histogram) Snapshot() (bounds []float64, counts []uint64, sum float64) 
 	}
 	return h.bounds, counts, math.Float64frombits(h.sum.Load())
 }
+
+// Merge adds o's observations to h; both have the same bounds.
+func (h *Histogram) Merge(o *Histogram) {
+	_, counts, sum := o.Snapshot()
+	for i, n := range counts {
+		h.counts[i].Add(n)
+	}
+	for {
+		old := h.sum.Load()
+		if h.sum.CompareAndSwap(old, math.Float64bits(math.Float64frombits(old)+sum)) {
+			return
+		}
+	}
+}

@@ -18,5 +18,9 @@ case " $* " in
   *" -datadir"* | *" --datadir"*) ;;
   *) set -- -datadir ./data "$@" ;;
 esac
+case " $* " in
+  *" -prometheusx.listen-address"* | *" --prometheusx.listen-address"*) ;;
+  *) set -- -prometheusx.listen-address 127.0.0.1:9990 "$@" ;; # metrics on loopback only
+esac
 echo "packet-headers $*"
 exec bin/packet-headers "$@"
