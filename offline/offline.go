@@ -34,6 +34,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"runtime"
 	"sort"
 	"strings"
 	"time"
@@ -376,7 +377,14 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		ifc int
 		d   *demuxer.Demuxer
 	}
+	// The reader waits for the writers: a capture of many short flows,
+	// read faster than the disk takes their files, would otherwise hold
+	// them all in memory (TestDrainingBounded).
+	maxDraining := int64(max(8, 4*runtime.GOMAXPROCS(0)))
 	process := func(data []byte, ts int64, origLen, ifc int) {
+		if sv.Draining() > maxDraining {
+			sv.WaitDraining(maxDraining)
+		}
 		n++
 		clock = max(clock, ts)
 		apply(false)
@@ -391,6 +399,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 			}
 			if sweeps.Due(clock, time.Second) {
 				table.Sweep()
+				sv.PublishIndex(now()) // index files close as their hours close, as live
 			}
 		}
 		last.d.Packet(data, time.Unix(0, ts), origLen)

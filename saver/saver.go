@@ -142,6 +142,7 @@ type Saver struct {
 	logs          rateLog
 	wg            sync.WaitGroup
 	active        atomic.Int64
+	draining      atomic.Int64 // flows handed their last chunks, not written yet
 	files, bytes  atomic.Int64
 	errors        atomic.Int64
 	counts        Counts
@@ -266,6 +267,21 @@ func dayNumber(t time.Time) int64 {
 // Active returns the number of flows being written.
 func (s *Saver) Active() int64 { return s.active.Load() }
 
+// Draining returns the number of flows handed their last chunks and not
+// written yet.
+func (s *Saver) Draining() int64 { return s.draining.Load() }
+
+// WaitDraining waits while more than max flows have been handed their
+// last chunks and are not written yet. A reader faster than the disk
+// (offline mode) calls it, so that the records waiting to be written, and
+// the writers' goroutines, stay bounded (TestDrainingBounded); flows still
+// being captured are not waited for.
+func (s *Saver) WaitDraining(max int64) {
+	for s.draining.Load() > max {
+		time.Sleep(100 * time.Microsecond)
+	}
+}
+
 // Written returns the number of files and bytes written, and of flows lost
 // to write errors, since New.
 func (s *Saver) Written() (files, bytes, failed int64) {
@@ -317,6 +333,11 @@ func (s *Saver) Start(uuid string, lt packet.LinkType, first time.Time) *Flow {
 		s.mu.Lock()
 		delete(s.writing, f)
 		s.mu.Unlock()
+		f.mu.Lock()
+		if f.final {
+			s.draining.Add(-1)
+		}
+		f.mu.Unlock()
 	}()
 	return f
 }
@@ -344,7 +365,10 @@ func (f *Flow) Push(buf *record.Buffer, final bool) {
 	}
 	f.mu.Lock()
 	f.queue = append(f.queue, cs...)
-	f.final = f.final || final
+	if final && !f.final {
+		f.final = true
+		f.s.draining.Add(1)
+	}
 	f.mu.Unlock()
 	select {
 	case f.wake <- struct{}{}:

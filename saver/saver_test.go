@@ -676,3 +676,45 @@ func TestLongestUUID(t *testing.T) {
 		}
 	}
 }
+
+// TestDrainingBounded: flows handed their last chunks count as draining
+// until written, and WaitDraining holds its caller (offline mode's reader)
+// while more than its bound are: with the disk's writers held, the reader
+// waits; once they go on, it goes on.
+func TestDrainingBounded(t *testing.T) {
+	s := newSaver(t)
+	for range cap(s.io) { // every writer slot taken: a disk that does not keep up
+		s.io <- struct{}{}
+	}
+	streaming := s.Start("streaming", packet.LinkTypeEthernet, t0) // not final: not waited for
+	for i := 0; i < 20; i++ {
+		var b record.Buffer
+		fill(&b, 3)
+		s.Start(fmt.Sprintf("flow-%d", i), packet.LinkTypeEthernet, t0).Push(&b, true)
+	}
+	if n := s.Draining(); n != 20 {
+		t.Fatalf("%d flows draining, want 20", n)
+	}
+	waited := make(chan struct{})
+	go func() { s.WaitDraining(5); close(waited) }()
+	select {
+	case <-waited:
+		t.Fatal("WaitDraining returned with 20 flows draining")
+	case <-time.After(50 * time.Millisecond):
+	}
+	for range cap(s.io) {
+		<-s.io
+	}
+	select {
+	case <-waited:
+	case <-time.After(5 * time.Second):
+		t.Fatal("WaitDraining still waits once the writers go on")
+	}
+	var b record.Buffer
+	fill(&b, 1)
+	streaming.Push(&b, true)
+	s.Wait()
+	if n := s.Draining(); n != 0 {
+		t.Errorf("%d flows draining after every one was written", n)
+	}
+}
