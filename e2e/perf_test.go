@@ -474,28 +474,15 @@ func synFlood(b *testing.B, l *lab, n, port int, name, label string, anon *anony
 	legit := make(chan map[netip.AddrPort]bool)
 	go func() { legit <- flows(b, l.srv4, port, 50) }()
 
-	h, err := pcap.OpenLive(l.hostIf, 128, false, pcap.BlockForever)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ifc, _ := net.InterfaceByName(l.hostIf)
-	dstMAC, _ := net.ParseMAC(strings.TrimSpace(l.exec("cat", "/sys/class/net/"+l.nsIf+"/address")))
+	syns := l.synSender(b, port)
 	start := time.Now()
-	buf := gopacket.NewSerializeBuffer()
 	for i := 0; i < n; i++ {
-		ip := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP,
-			SrcIP: net.IP{198, 18 + byte(i>>16&1), byte(i >> 8), byte(i)}, DstIP: l.srv4.AsSlice()}
-		tcp := &layers.TCP{SrcPort: layers.TCPPort(1024 + i%60000), DstPort: layers.TCPPort(port), SYN: true, Seq: uint32(i * 7919), Window: 64240,
-			Options: []layers.TCPOption{{OptionType: layers.TCPOptionKindMSS, OptionLength: 4, OptionData: []byte{5, 0xb4}}}}
-		tcp.SetNetworkLayerForChecksum(ip)
-		gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
-			&layers.Ethernet{SrcMAC: ifc.HardwareAddr, DstMAC: dstMAC, EthernetType: layers.EthernetTypeIPv4}, ip, tcp)
-		if err := h.WritePacketData(buf.Bytes()); err != nil {
+		if err := syns.send(i); err != nil {
 			b.Fatalf("send: %v", err)
 		}
 	}
 	sendTime := time.Since(start)
-	h.Close()
+	syns.close()
 	saved := <-legit
 	time.Sleep(7 * time.Second) // past -uuidwaitduration and a sweep: the flood's flows are dropped
 	close(stopSampling)
@@ -520,3 +507,39 @@ func synFlood(b *testing.B, l *lab, n, port int, name, label string, anon *anony
 		fmt.Sprintf("%d of %d legitimate flows saved; %.0f flows started, %.0f dropped without UUID; RSS %d MB before, peak %d MB, %d MB after: %.0f bytes per flood flow at peak; CPU %v, %.1f µs per flood flow",
 			kept, len(saved), started, timeouts, before>>20, peak>>20, after>>20, float64(peak-before)/float64(n), cpu.Round(time.Millisecond), float64(cpu.Microseconds())/float64(n)), "", ""}
 }
+
+// synSender injects spoofed SYNs into the lab, on the client's side of
+// its link, to the server's port.
+type synSender struct {
+	h       *pcap.Handle
+	l       *lab
+	port    int
+	src     net.HardwareAddr
+	dst     net.HardwareAddr
+	buf     gopacket.SerializeBuffer
+	options []layers.TCPOption
+}
+
+func (l *lab) synSender(t testing.TB, port int) *synSender {
+	h, err := pcap.OpenLive(l.hostIf, 128, false, pcap.BlockForever)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ifc, _ := net.InterfaceByName(l.hostIf)
+	dstMAC, _ := net.ParseMAC(strings.TrimSpace(l.exec("cat", "/sys/class/net/"+l.nsIf+"/address")))
+	return &synSender{h: h, l: l, port: port, src: ifc.HardwareAddr, dst: dstMAC, buf: gopacket.NewSerializeBuffer(),
+		options: []layers.TCPOption{{OptionType: layers.TCPOptionKindMSS, OptionLength: 4, OptionData: []byte{5, 0xb4}}}}
+}
+
+// send sends SYN number i, from 198.18.0.0/15 (131,072 addresses).
+func (s *synSender) send(i int) error {
+	ip := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP,
+		SrcIP: net.IP{198, 18 + byte(i>>16&1), byte(i >> 8), byte(i)}, DstIP: s.l.srv4.AsSlice()}
+	tcp := &layers.TCP{SrcPort: layers.TCPPort(1024 + i%60000), DstPort: layers.TCPPort(s.port), SYN: true, Seq: uint32(i * 7919), Window: 64240, Options: s.options}
+	tcp.SetNetworkLayerForChecksum(ip)
+	gopacket.SerializeLayers(s.buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
+		&layers.Ethernet{SrcMAC: s.src, DstMAC: s.dst, EthernetType: layers.EthernetTypeIPv4}, ip, tcp)
+	return s.h.WritePacketData(s.buf.Bytes())
+}
+
+func (s *synSender) close() { s.h.Close() }
