@@ -17,13 +17,12 @@ import (
 const DefaultSilence = 200 * time.Millisecond
 
 // authority is what the source knows of the authoritative source's
-// silences (Options.Authority): which connections it is waiting for, which
-// it let pass unnamed, and the local ports it never names. Its maps are
-// shared by the look-up and destroy loops, under mu; each is touched once
-// per connection, never per packet.
+// silences (Options.Authority): which connections it let pass unnamed, and
+// the local ports it never names. Its maps are shared by the look-up and
+// destroy loops, under mu; each is touched once per connection, never per
+// packet.
 type authority struct {
 	mu       sync.Mutex
-	watch    map[packet.Key]struct{} // requested with the authority connected, not decided yet
 	silenced map[packet.Key]struct{} // open after Silence and not named: excluded
 	// silentPorts counts the connections of each local port the
 	// authority left unnamed though they lived past Silence; announced
@@ -50,7 +49,7 @@ type heldName struct {
 }
 
 func newAuthority() *authority {
-	return &authority{watch: map[packet.Key]struct{}{}, silenced: map[packet.Key]struct{}{},
+	return &authority{silenced: map[packet.Key]struct{}{},
 		silentPorts: map[uint16]uint32{}, announced: map[uint16]bool{}}
 }
 
@@ -79,28 +78,18 @@ func (a *authority) portSilent(port uint16) bool {
 	return a.silentPorts[port] > 0 && !a.announced[port]
 }
 
-// watchKey records that connection k is requested while the authority
-// is connected.
-func (s *Source) watchKey(k packet.Key) {
-	s.auth.mu.Lock()
-	s.auth.watch[k] = struct{}{}
-	s.auth.mu.Unlock()
-}
-
-// settle ends the watch of p's connection; silenced says it lived past
-// Silence unnamed, and is remembered for its destroy broadcast.
-func (s *Source) settle(p *pending, silenced bool) {
+// silence records that p's connection lived past Silence unnamed by the
+// authority: it is remembered for its destroy broadcast, and counts
+// against its local port.
+func (s *Source) silence(p *pending) {
 	a := s.auth
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	delete(a.watch, p.key)
-	if silenced {
-		if len(a.silenced) >= maxSilenced {
-			clear(a.silenced)
-		}
-		a.silenced[p.key] = struct{}{}
-		a.silentPorts[p.local.Port()]++
+	if len(a.silenced) >= maxSilenced {
+		clear(a.silenced)
 	}
+	a.silenced[p.key] = struct{}{}
+	a.silentPorts[p.local.Port()]++
 }
 
 // shortOK reports whether a connection that ended before Silence may be
@@ -114,9 +103,9 @@ func (s *Source) shortOK(local netip.AddrPort) bool {
 
 // destroyNameable decides whether a destroy broadcast of connection k
 // names it while the authority is connected: not when it was silenced,
-// nor on a port the authority excludes. A connection being watched ended
-// before Silence, one never requested before its request came (or was
-// never captured, and so is claimed by no flow): both are named.
+// nor on a port the authority excludes. Any other ended before Silence
+// (its look-up is still to decide), or before its request came, or was
+// never captured (then no flow claims it): it is named.
 func (s *Source) destroyNameable(k packet.Key, local netip.AddrPort) bool {
 	a := s.auth
 	a.mu.Lock()

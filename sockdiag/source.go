@@ -205,7 +205,6 @@ func (s *Source) RunLookups(ctx context.Context, conn Conn) error {
 			p := &pending{key: k, local: l, remote: r, asked: now, due: now.Add(s.o.Delay), giveUp: now.Add(s.o.GiveUp)}
 			if since, ok := s.authoritySince(); ok && since.Before(now) {
 				p.watched, p.since = true, since
-				s.watchKey(k)
 			}
 			queue = append(queue, p)
 			continue
@@ -219,9 +218,6 @@ func (s *Source) RunLookups(ctx context.Context, conn Conn) error {
 			switch {
 			case s.sink.NamedSince(p.key, p.asked):
 				s.Lookups.Inc("already_named")
-				if p.watched {
-					s.settle(p, false)
-				}
 			case !p.due.After(now):
 				due = append(due, p)
 			default:
@@ -253,9 +249,6 @@ func (s *Source) reschedule(retry []*pending) []*pending {
 		case p.cookie != 0:
 			// Found with the authority connected: due at asked+Silence.
 		case now.After(p.giveUp) || p.notFound > notFoundRetries:
-			if p.watched {
-				s.settle(p, false)
-			}
 			// Not found twice after its handshake: closed before it could
 			// be looked up (its destroy broadcast names it), or a socket in
 			// another network namespace (never named).
@@ -328,9 +321,6 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 				retry = append(retry, p)
 			case m.Err != nil:
 				s.Lookups.Inc("error")
-				if p.watched {
-					s.settle(p, false)
-				}
 			case m.Socket.State == StateSynRecv || m.Socket.State == StateNewSynRecv || m.Socket.Cookie == 0:
 				// Looked up as the handshake's last ACK is captured, before
 				// TCP has made the connection's socket of the request's
@@ -359,21 +349,17 @@ func (s *Source) decide(p *pending, m Message) {
 	switch {
 	case m.Err != nil && !errors.Is(m.Err, ErrNotFound):
 		s.Lookups.Inc("error")
-		s.settle(p, false)
 	case !connected || !since.Equal(p.since):
 		// The authority was not there throughout: its silence says
 		// nothing, as without it.
-		s.settle(p, false)
 		s.name(s.o.Now(), p.cookie, p.key, !open)
 	case open:
 		s.Lookups.Inc("silenced")
-		s.settle(p, true)
+		s.silence(p)
 	case !s.shortOK(p.local):
 		s.Lookups.Inc("excluded")
-		s.settle(p, false)
 	default:
 		s.Lookups.Inc("short")
-		s.settle(p, false)
 		s.name(s.o.Now(), p.cookie, p.key, true)
 	}
 }
