@@ -44,7 +44,6 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/pipeline"
-	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
 
 // Options configures a Run.
@@ -202,19 +201,6 @@ func (f fallbackNamer) Release(e *names.Entry) {
 	}
 }
 
-// eventCollector gathers the events of a file.
-type eventCollector struct{ evs []tcpeventsocket.Parsed }
-
-func (c *eventCollector) Open(ts time.Time, uuid string, local, remote netip.AddrPort, cookie uint64) error {
-	c.evs = append(c.evs, tcpeventsocket.Parsed{Open: true, Timestamp: ts, UUID: uuid, Local: local, Remote: remote, Cookie: cookie})
-	return nil
-}
-
-func (c *eventCollector) Close(ts time.Time, uuid string) error {
-	c.evs = append(c.evs, tcpeventsocket.Parsed{Timestamp: ts, UUID: uuid})
-	return nil
-}
-
 // open opens a file or "-", decompressing gzip.
 func open(path string, stdin io.Reader) (io.Reader, func(), error) {
 	var r io.Reader = stdin
@@ -236,19 +222,6 @@ func open(path string, stdin io.Reader) (io.Reader, func(), error) {
 		return bufio.NewReaderSize(zr, 1<<16), closeFn, nil
 	}
 	return br, closeFn, nil
-}
-
-// readEvents reads every event of the file, in timestamp order.
-func readEvents(path string, stdin io.Reader) ([]tcpeventsocket.Parsed, int, error) {
-	r, closeFn, err := open(path, stdin)
-	if err != nil {
-		return nil, 0, fmt.Errorf("events: %w", err)
-	}
-	defer closeFn()
-	var c eventCollector
-	lines := tcpeventsocket.Serve(r, &c, nil)
-	sort.SliceStable(c.evs, func(i, j int) bool { return c.evs[i].Timestamp.Before(c.evs[j].Timestamp) })
-	return c.evs, lines - len(c.evs), nil
 }
 
 // source is a capture file's records.
@@ -296,18 +269,29 @@ func newSource(r io.Reader) (source, error) {
 // returns the error, which names the offset.
 func Run(ctx context.Context, o Options) (Summary, error) {
 	var sum Summary
-	var evs []tcpeventsocket.Parsed
+	var evs *eventStream
 	cfg := o.Config
 	local := append([]netip.Addr{}, o.Local...)
 	if o.Events != "" {
+		// The server's addresses first (anonymization keeps them), then
+		// the events as the packets' clock reaches them.
+		if o.Events != "-" {
+			more, err := eventLocals(o.Events, nil)
+			if err != nil {
+				return sum, err
+			}
+			local = append(local, more...)
+		}
 		var err error
-		if evs, sum.BadEvents, err = readEvents(o.Events, o.Stdin); err != nil {
+		if evs, err = openEvents(o.Events, o.Stdin); err != nil {
 			return sum, err
 		}
-		sum.Events = len(evs)
-		for _, e := range evs {
-			if e.Open {
-				local = append(local, e.Local.Addr())
+		defer evs.close()
+		if o.Events == "-" { // read whole: its addresses are there
+			for _, e := range evs.h {
+				if e.Open {
+					local = append(local, e.Local.Addr())
+				}
 			}
 		}
 	}
@@ -353,8 +337,10 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		return d
 	}
 	apply := func(all bool) {
-		for len(evs) > 0 && (all || evs[0].Timestamp.UnixNano() <= clock) {
-			e := evs[0]
+		if evs == nil {
+			return
+		}
+		for e, ok := evs.next(clock, all); ok; e, ok = evs.next(clock, all) {
 			var err error
 			if e.Open {
 				err = p.Open(e.Timestamp, e.UUID, e.Local, e.Remote, e.Cookie)
@@ -362,10 +348,10 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 				err = p.Close(e.Timestamp, e.UUID)
 			}
 			if err != nil { // a UUID that cannot name a file
-				sum.Events--
 				sum.BadEvents++
+			} else {
+				sum.Events++
 			}
-			evs = evs[1:]
 		}
 	}
 
@@ -447,6 +433,12 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		fmt.Fprintln(o.Progress)
 	}
 	apply(true)
+	if evs != nil {
+		sum.BadEvents += evs.bad
+		if readErr == nil {
+			readErr = evs.err
+		}
+	}
 	ifcs := make([]int, 0, len(demuxers))
 	for ifc := range demuxers {
 		ifcs = append(ifcs, ifc)
