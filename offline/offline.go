@@ -160,20 +160,35 @@ func FallbackName(k packet.Key, first time.Time, a *anonymize.Anonymizer) string
 // so the same input always gives the same names.
 type fallbacks struct {
 	anon *anonymize.Anonymizer
-	used map[string]int
+	// The names given, in two generations of at most fallbackGeneration
+	// each: two flows can have one base name only if their first packets
+	// have the same time to the nanosecond, so they are named close
+	// together, and the names of a long capture need not all be kept
+	// (the memory of TestOfflineMemoryBound).
+	cur, prev map[string]int
 }
+
+const fallbackGeneration = 1 << 16
+
+// used returns how many flows took name.
+func (f *fallbacks) used(name string) int { return f.cur[name] + f.prev[name] }
 
 func (f *fallbacks) name(k packet.Key, first time.Time, ifc int) *names.Entry {
 	base := FallbackName(k, first, f.anon)
 	if ifc > 0 {
 		base += fmt.Sprintf("_if%d", ifc)
 	}
-	name := base
-	for f.used[name] > 0 {
-		f.used[base]++
-		name = fmt.Sprintf("%s_%d", base, f.used[base])
+	if len(f.cur) >= fallbackGeneration {
+		f.prev, f.cur = f.cur, map[string]int{}
 	}
-	f.used[name]++
+	name := base
+	for n := f.used(base) + 1; f.used(name) > 0; n++ {
+		name = fmt.Sprintf("%s_%d", base, n)
+	}
+	f.cur[base]++
+	if name != base {
+		f.cur[name]++
+	}
 	return &names.Entry{UUID: name, Key: k, Source: FallbackSource, OpenedAt: first}
 }
 
@@ -313,7 +328,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		return sum, err
 	}
 	sv, table := p.Saver, p.Names
-	fb := &fallbacks{anon: p.Anon, used: map[string]int{}}
+	fb := &fallbacks{anon: p.Anon, cur: map[string]int{}}
 	demuxers := map[int]*demuxer.Demuxer{} // by interface (pcapng) or 0
 	unsupported := map[int]bool{}
 	get := func(ifc int) *demuxer.Demuxer {
