@@ -160,7 +160,7 @@ func families(x *parts) *exporter.Collector {
 			func(emit func(float64, ...string)) { emitAll(emit, events.Events) }),
 		counter("pcap_eventsocket_malformed_lines_total", "Eventsocket lines that were not valid events, or whose UUID cannot name a file (skipped).",
 			func() float64 { return float64(events.Malformed.Load()) }),
-		byLabel("pcap_kernel_uuid_lookups_total", "Look-ups of socket cookies through sock_diag, by result (found, not_found, not_established, already_named, not_local, gave_up, gave_up_no_broadcasts, queue_full, error, malformed; excluded; beside tcp-info: silenced, short, no_prefix).", "result",
+		byLabel("pcap_kernel_uuid_lookups_total", "Look-ups of socket cookies through sock_diag, by result (found, not_found, not_established, already_named, not_local, gave_up, gave_up_no_broadcasts, queue_full, error, malformed; excluded; beside tcp-info: silenced, short, behind, no_prefix).", "result",
 			func(emit func(float64, ...string)) { emitAll(emit, lookups) }),
 		byLabel("pcap_kernel_uuid_netlink_calls_total", "System calls made for sock_diag look-ups, by operation (send, recv).", "op",
 			func(emit func(float64, ...string)) {

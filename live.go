@@ -318,7 +318,7 @@ func (h *eventHandler) Open(ts time.Time, id string, local, remote netip.AddrPor
 		return err
 	}
 	if h.kernel != nil {
-		h.kernel.Announced(local)
+		h.kernel.Announced(ts, local)
 	}
 	if h.learn {
 		if p, changed := h.prefix.Learn(id, cookie); changed {
@@ -331,4 +331,12 @@ func (h *eventHandler) Open(ts time.Time, id string, local, remote netip.AddrPor
 	return nil
 }
 
-func (h *eventHandler) Close(ts time.Time, id string) error { return h.p.Close(ts, id) }
+func (h *eventHandler) Close(ts time.Time, id string) error {
+	if err := h.p.Close(ts, id); err != nil {
+		return err
+	}
+	if h.kernel != nil {
+		h.kernel.Heard(ts)
+	}
+	return nil
+}

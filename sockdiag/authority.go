@@ -3,6 +3,7 @@ package sockdiag
 import (
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/m-lab/packet-headers/packet"
@@ -32,6 +33,9 @@ type authority struct {
 	silentPorts map[uint16]uint32
 	announced   map[uint16]bool
 	held        []heldName // names waiting for Options.Ready
+	// latest is the time of the newest announcement (the authority's own
+	// clock: the poll that saw the socket), unix nanoseconds.
+	latest atomic.Int64
 }
 
 // maxSilenced bounds the silenced connections remembered for their
@@ -63,13 +67,34 @@ func (s *Source) authoritySince() (time.Time, bool) {
 }
 
 // Announced tells the source that the authority named a connection with
-// this local end: its port is not one the authority excludes. It is safe
-// for concurrent use.
-func (s *Source) Announced(local netip.AddrPort) {
+// this local end, at ts by its clock: the port is not one the authority
+// excludes, and the authority has looked at the sockets as they were at ts.
+// It is safe for concurrent use.
+func (s *Source) Announced(ts time.Time, local netip.AddrPort) {
+	s.Heard(ts)
 	a := s.auth
 	a.mu.Lock()
 	a.announced[local.Port()] = true
 	a.mu.Unlock()
+}
+
+// Heard tells the source that the authority said something (an Open or a
+// Close) at ts by its clock: it has looked at the sockets as they were
+// then. It is safe for concurrent use.
+func (s *Source) Heard(ts time.Time) {
+	for ns := ts.UnixNano(); ; {
+		old := s.auth.latest.Load()
+		if ns <= old || s.auth.latest.CompareAndSwap(old, ns) {
+			return
+		}
+	}
+}
+
+// caughtUp reports whether the authority has announced a connection it saw
+// Silence or more after t: its polls have passed t, so a connection open
+// since t that it did not announce is one it chose not to.
+func (s *Source) caughtUp(t time.Time) bool {
+	return s.auth.latest.Load() >= t.Add(s.o.Silence).UnixNano()
 }
 
 // portSilent reports whether the authority excludes the local port, as

@@ -73,7 +73,10 @@ func TestAuthoritySilence(t *testing.T) {
 		src.Request(keyOf(s))
 	}
 	tbl.Open(time.Now(), "tcpinfo_1_000000000000000D", keyOf(told), "eventsocket", 13)
-	src.Announced(told.Local)
+	src.Announced(time.Now(), told.Local)
+	// tcp-info goes on announcing: it has looked at the sockets well after
+	// these were made, so its silence about them is a decision.
+	src.Announced(time.Now().Add(time.Hour), netip.AddrPortFrom(server, 8443))
 	waitCount(t, "found", func() uint64 { return src.Lookups.Get("found") + src.Lookups.Get("already_named") }, 4)
 	lk.remove(short)
 	tw := timewait
@@ -120,7 +123,7 @@ func TestAuthoritySilence(t *testing.T) {
 	}
 	// Once tcp-info announces a connection of the port, its short ones
 	// are named again.
-	src.Announced(long.Local)
+	src.Announced(time.Now(), long.Local)
 	again := sockOn(9100, 1006, 17, StateClose)
 	ds.push(diagReply(0, again))
 	waitClaim(t, tbl, keyOf(again))
@@ -189,5 +192,29 @@ func TestExcludedNeverNamed(t *testing.T) {
 	waitCount(t, "excluded", func() uint64 { return src.Lookups.Get("excluded") + src.Destroys.Get("excluded") }, 2)
 	if tbl.Len() != 0 {
 		t.Errorf("%d names for an excluded connection", tbl.Len())
+	}
+}
+
+// TestAuthorityBehind: a connection still open Silence after its request,
+// while tcp-info has announced nothing it saw later (it is behind, on a
+// loaded machine), is not taken for excluded: the kernel names it once
+// half the give-up time has passed, and it is counted.
+func TestAuthorityBehind(t *testing.T) {
+	tbl := names.New(&names.Options{Authority: "eventsocket"})
+	lk, ds := newFake(), newFake()
+	var auth authorityFake
+	auth.since.Store(time.Now().Add(-time.Minute).UnixNano())
+	src := startAuthoritySource(t, tbl, lk, ds, Options{Authority: auth.get, Silence: 50 * time.Millisecond})
+	src.Announced(time.Now().Add(-time.Second), netip.AddrPortFrom(server, 443)) // its last word, before the connection
+	s := sockOn(443, 5000, 51, StateEstablished)
+	lk.set(s)
+	asked := time.Now()
+	src.Request(keyOf(s))
+	e := waitClaim(t, tbl, keyOf(s))
+	if e.UUID != uuid.FromCookie(51) || src.Lookups.Get("behind") != 1 || src.Lookups.Get("silenced") != 0 {
+		t.Errorf("named %s; behind %d, silenced %d", e.UUID, src.Lookups.Get("behind"), src.Lookups.Get("silenced"))
+	}
+	if d := time.Since(asked); d < time.Second-50*time.Millisecond {
+		t.Errorf("named after %v, before half the give-up time (1 s) for tcp-info to catch up", d)
 	}
 }

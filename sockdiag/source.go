@@ -86,9 +86,11 @@ type Source struct {
 // malformed (an answer that cannot be parsed); with Options.Exclude,
 // excluded; with Options.Authority, silenced (open after Silence and not
 // named by the authority), short (ended before: named here) and
-// excluded (ended before, on a port the authority silences); with
-// Options.Ready, no_prefix (a name held until GiveUp, then dropped).
-var LookupResults = []string{"found", "not_found", "not_established", "already_named", "not_local", "queue_full", "gave_up", "gave_up_no_broadcasts", "error", "malformed", "excluded", "silenced", "short", "no_prefix"}
+// excluded (ended before, on a port the authority silences), behind
+// (named here: the authority had announced nothing newer by half the
+// give-up time); with Options.Ready, no_prefix (a name held until GiveUp,
+// then dropped).
+var LookupResults = []string{"found", "not_found", "not_established", "already_named", "not_local", "queue_full", "gave_up", "gave_up_no_broadcasts", "error", "malformed", "excluded", "silenced", "short", "behind", "no_prefix"}
 
 // DestroyResults are the results of a destroy broadcast: named,
 // disconnected (closed with SO_LINGER 0: no remote port), ignored
@@ -308,7 +310,10 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 			}
 			delete(bySeq, m.Seq)
 			if p.cookie != 0 {
-				s.decide(p, m)
+				if s.decide(p, m) {
+					p.due = s.o.Now().Add(retrySlow)
+					retry = append(retry, p)
+				}
 				continue
 			}
 			switch {
@@ -342,8 +347,13 @@ func (s *Source) lookup(conn Conn, batch []*pending, seq *uint32, buf []byte) (r
 }
 
 // decide settles a connection found with the authority connected, from
-// the look-up due Silence after its request (TestAuthoritySilence).
-func (s *Source) decide(p *pending, m Message) {
+// the look-up due Silence after its request (TestAuthoritySilence). It
+// reports whether to look again later: the connection is open, but the
+// authority has announced nothing it saw after it yet (it is behind, on a
+// loaded machine), so its silence says nothing yet. Past half the give-up
+// time without that, the connection is named here: a lagging authority
+// must not cost a connection (TestAuthorityBehind).
+func (s *Source) decide(p *pending, m Message) (again bool) {
 	open := m.Err == nil && m.Socket.Cookie == p.cookie && m.Socket.State != StateTimeWait && m.Socket.State != StateClose
 	since, connected := s.authoritySince()
 	switch {
@@ -353,15 +363,21 @@ func (s *Source) decide(p *pending, m Message) {
 		// The authority was not there throughout: its silence says
 		// nothing, as without it.
 		s.name(s.o.Now(), p.cookie, p.key, !open)
-	case open:
+	case open && s.caughtUp(p.asked):
 		s.Lookups.Inc("silenced")
 		s.silence(p)
+	case open && s.o.Now().Sub(p.asked) < s.o.GiveUp/2:
+		return true
+	case open:
+		s.Lookups.Inc("behind")
+		s.name(s.o.Now(), p.cookie, p.key, false)
 	case !s.shortOK(p.local):
 		s.Lookups.Inc("excluded")
 	default:
 		s.Lookups.Inc("short")
 		s.name(s.o.Now(), p.cookie, p.key, true)
 	}
+	return false
 }
 
 // RunDestroy names connections from the kernel's destroy broadcasts read on
