@@ -104,17 +104,17 @@ func TestKubernetesManifest(t *testing.T) {
 	if err := parse(args, &c, &bytes.Buffer{}); err != nil {
 		t.Fatalf("packet-headers arguments: %v", err)
 	}
-	if c.exclude.Empty() || env["EXCLUDE_SRCPORT"] == "" {
+	if c.p.Exclude.Empty() || env["EXCLUDE_SRCPORT"] == "" {
 		t.Error("packet-headers gets no exclusions")
 	}
 	if len(ti.EnvFrom) != 1 || ti.EnvFrom[0].ConfigMapRef == nil || ti.EnvFrom[0].ConfigMapRef.Name != cm.Name ||
 		flagValue(ti.Args, "exclude-srcport") != "" || flagValue(ti.Args, "exclude-dstip") != "" {
 		t.Error("tcp-info must take its exclusions from the same environment block as packet-headers, and only from it")
 	}
-	if flagValue(ti.Args, "tcpinfo.eventsocket") != c.eventSocket {
-		t.Errorf("tcp-info does not serve the eventsocket the daemon reads (%s)", c.eventSocket)
+	if flagValue(ti.Args, "tcpinfo.eventsocket") != c.l.EventSocket {
+		t.Errorf("tcp-info does not serve the eventsocket the daemon reads (%s)", c.l.EventSocket)
 	}
-	if flagValue(ti.Args, "uuid-prefix-file") != "/var/local/uuid/prefix" || c.uuidPrefixFile != prefix {
+	if flagValue(ti.Args, "uuid-prefix-file") != "/var/local/uuid/prefix" || c.l.PrefixFile != prefix {
 		t.Error("tcp-info and packet-headers must read the same prefix file")
 	}
 	// M-Lab's port map, every listener on loopback.
@@ -155,7 +155,7 @@ func TestKubernetesManifest(t *testing.T) {
 		}
 	}
 	dir := flagValue(pusher.Args, "directory")
-	for _, want := range []string{c.dataDir, flagValue(ti.Args, "output")} {
+	for _, want := range []string{c.p.Saver.Dir, flagValue(ti.Args, "output")} {
 		if !slices.Contains(datatypes, strings.TrimPrefix(want, dir+"/")) || filepath.Dir(want) != dir {
 			t.Errorf("pusher (%s, datatypes %v) does not upload %s", dir, datatypes, want)
 		}
@@ -166,12 +166,12 @@ func TestKubernetesManifest(t *testing.T) {
 		t.Error("pusher has no -sigterm_wait_time")
 	}
 	grace := time.Duration(*pod.Spec.TerminationGracePeriodSeconds) * time.Second
-	if grace <= pusherWait || grace <= c.sigtermWait+c.shutdownTimeout {
-		t.Errorf("grace period %v: pusher waits %v, packet-headers up to %v", grace, pusherWait, c.sigtermWait+c.shutdownTimeout)
+	if grace <= pusherWait || grace <= c.l.SigtermWait+c.l.ShutdownTimeout {
+		t.Errorf("grace period %v: pusher waits %v, packet-headers up to %v", grace, pusherWait, c.l.SigtermWait+c.l.ShutdownTimeout)
 	}
 	limit := ph.Resources.Limits.Memory().Value()
-	if limit < int64(c.maxHeap)*5/4 {
-		t.Errorf("memory limit %d leaves less than 25%% above -maxheap %d", limit, int64(c.maxHeap))
+	if limit < int64(c.l.MaxHeap)*5/4 {
+		t.Errorf("memory limit %d leaves less than 25%% above -maxheap %d", limit, int64(c.l.MaxHeap))
 	}
 	var uuidInit *corev1.Container
 	for i, ic := range pod.Spec.InitContainers {
@@ -316,18 +316,18 @@ func TestSystemdUnitSettings(t *testing.T) {
 		for k := range env {
 			os.Unsetenv(k)
 		}
-		if !strings.HasPrefix(c.listenAddr, "127.0.0.1:") {
-			t.Errorf("the unit serves metrics on %q, not on the loopback address", c.listenAddr)
+		if !strings.HasPrefix(c.l.ListenAddr, "127.0.0.1:") {
+			t.Errorf("the unit serves metrics on %q, not on the loopback address", c.l.ListenAddr)
 		}
-		if c.dataDir != tt.datadir || c.minFree.text != tt.min {
-			t.Errorf("env file %q: -datadir %s -minfreespace %s, want %s and %s", tt.envFile, c.dataDir, c.minFree.text, tt.datadir, tt.min)
+		if c.p.Saver.Dir != tt.datadir || c.minFree.String() != tt.min {
+			t.Errorf("env file %q: -datadir %s -minfreespace %s, want %s and %s", tt.envFile, c.p.Saver.Dir, c.minFree.String(), tt.datadir, tt.min)
 		}
 		var limit bytecount.ByteCount
 		if err := limit.Set(strings.TrimSuffix(settings["MemoryMax"], "G") + "GB"); err != nil {
 			t.Fatalf("MemoryMax=%s: %v", settings["MemoryMax"], err)
 		}
-		if int64(limit) < int64(c.maxHeap)*5/4 {
-			t.Errorf("MemoryMax=%s leaves less than 25%% above -maxheap %v: the cgroup would kill the daemon before its own guard acts", settings["MemoryMax"], c.maxHeap)
+		if int64(limit) < int64(c.l.MaxHeap)*5/4 {
+			t.Errorf("MemoryMax=%s leaves less than 25%% above -maxheap %v: the cgroup would kill the daemon before its own guard acts", settings["MemoryMax"], c.l.MaxHeap)
 		}
 	}
 }

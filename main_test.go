@@ -129,8 +129,8 @@ func TestParse(t *testing.T) {
 			os.Unsetenv("GOMAXPROCS")
 		}
 		var c config
-		if err := parse(tt.args, &c, nil); err != nil || c.maxProcs != tt.want {
-			t.Errorf("%v with GOMAXPROCS=%q: -maxprocs %d (%v), want %d", tt.args, tt.env, c.maxProcs, err, tt.want)
+		if err := parse(tt.args, &c, nil); err != nil || c.l.MaxProcs != tt.want {
+			t.Errorf("%v with GOMAXPROCS=%q: -maxprocs %d (%v), want %d", tt.args, tt.env, c.l.MaxProcs, err, tt.want)
 		}
 	}
 	// The same from the environment (flagx sets it through Value.Set,
@@ -149,8 +149,8 @@ func TestParse(t *testing.T) {
 			t.Setenv(k, v)
 		}
 		var c config
-		if err := parse(nil, &c, nil); err != nil || c.maxProcs != tt.want {
-			t.Errorf("environment %v: -maxprocs %d (%v), want %d", tt.env, c.maxProcs, err, tt.want)
+		if err := parse(nil, &c, nil); err != nil || c.l.MaxProcs != tt.want {
+			t.Errorf("environment %v: -maxprocs %d (%v), want %d", tt.env, c.l.MaxProcs, err, tt.want)
 		}
 		for k := range tt.env {
 			os.Unsetenv(k)
@@ -164,12 +164,12 @@ func TestParse(t *testing.T) {
 	}
 	uuid.SetUUIDPrefixFile(writeFile(t, "host_1764000000"))
 	var c config
-	if err := parse([]string{"-tcpinfo.eventsocket=x", "-interface=a", "-interface=b"}, &c, nil); err != nil || len(c.interfaces) != 2 {
-		t.Errorf("-interface is not repeatable: %v %v", c.interfaces, err)
+	if err := parse([]string{"-tcpinfo.eventsocket=x", "-interface=a", "-interface=b"}, &c, nil); err != nil || len(c.l.Interfaces) != 2 {
+		t.Errorf("-interface is not repeatable: %v %v", c.l.Interfaces, err)
 	}
 	c = config{}
-	if err := parse([]string{"-tcpinfo.eventsocket=x", "-interface=a", "-interface=b", "-interface=a"}, &c, nil); err != nil || !slices.Equal(c.interfaces, []string{"a", "b"}) {
-		t.Errorf("a repeated -interface: %v %v, want each once", c.interfaces, err)
+	if err := parse([]string{"-tcpinfo.eventsocket=x", "-interface=a", "-interface=b", "-interface=a"}, &c, nil); err != nil || !slices.Equal(c.l.Interfaces, []string{"a", "b"}) {
+		t.Errorf("a repeated -interface: %v %v, want each once", c.l.Interfaces, err)
 	}
 	if err := parse([]string{"-help"}, &c, &bytes.Buffer{}); !errors.Is(err, flag.ErrHelp) {
 		t.Errorf("-help: %v", err)

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"runtime"
 	"runtime/debug"
-	"strconv"
 )
 
 // version and commit are set at build time (scripts/build.sh, the
@@ -41,14 +40,4 @@ func buildInfo() (v, c, goVersion string) {
 func buildVersion() string {
 	v, c, g := buildInfo()
 	return fmt.Sprintf("%s (commit %s, %s)", v, c, g)
-}
-
-// commitNumber is the short commit read as hexadecimal, the value of
-// git_short_commit as m-lab/go's prometheusx sets it (0 if not hex).
-func commitNumber(c string) float64 {
-	n, err := strconv.ParseInt(c, 16, 64)
-	if err != nil {
-		return 0
-	}
-	return float64(n)
 }

@@ -44,6 +44,27 @@ func NewCryptoPAn(key []byte) (*CryptoPAn, error) {
 	return c, nil
 }
 
+// LoadKey reads the key that the -anonymize.* flags call for: keyFile's
+// with -anonymize.ip=cryptopan (mode Keyed) or -anonymize.tsoffset, and a
+// one-line reason, naming the flags, when one is given without the other.
+func LoadKey(mode Mode, tsOffset bool, keyFile string) ([]byte, error) {
+	switch {
+	case mode == Keyed && keyFile == "":
+		return nil, errors.New("-anonymize.ip=cryptopan needs -anonymize.keyfile")
+	case tsOffset && keyFile == "":
+		return nil, errors.New("-anonymize.tsoffset needs -anonymize.keyfile")
+	case mode != Keyed && !tsOffset && keyFile != "":
+		return nil, errors.New("-anonymize.keyfile goes with -anonymize.ip=cryptopan or -anonymize.tsoffset")
+	case keyFile == "":
+		return nil, nil
+	}
+	key, err := ReadKey(keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("-anonymize.keyfile: %w", err)
+	}
+	return key, nil
+}
+
 // ReadKey reads a key file: KeySize bytes, or 2*KeySize hexadecimal digits
 // (as `openssl rand -hex 32` writes them, a final newline allowed). Its
 // errors never quote the file's contents.

@@ -54,6 +54,24 @@ type Config struct {
 	Now func() time.Time
 }
 
+// Check returns a one-line reason, naming the flag, for a setting that
+// neither mode can run with.
+func (c *Config) Check() error {
+	switch {
+	case c.CaptureDuration <= 0:
+		return fmt.Errorf("-captureduration must be positive, not %v", c.CaptureDuration)
+	case c.FlowTimeout <= 0:
+		return fmt.Errorf("-flowtimeout must be positive, not %v", c.FlowTimeout)
+	case c.UUIDWait <= 0:
+		return fmt.Errorf("-uuidwaitduration must be positive, not %v", c.UUIDWait)
+	case c.UUIDWait > c.CaptureDuration:
+		return fmt.Errorf("-uuidwaitduration (%v) must not exceed -captureduration (%v)", c.UUIDWait, c.CaptureDuration)
+	case c.MaxHeaderSize < 64 || c.MaxHeaderSize > 65535:
+		return fmt.Errorf("-maxheadersize must be between 64 and 65535, not %d", c.MaxHeaderSize)
+	}
+	return nil
+}
+
 // Pipeline is the shared part of a run. Its fields are for the
 // composition root: to wire sources to it, report on it and shut it down.
 type Pipeline struct {

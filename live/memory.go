@@ -1,4 +1,4 @@
-package main
+package live
 
 import (
 	"bufio"
@@ -10,12 +10,12 @@ import (
 	"github.com/m-lab/go/bytecount"
 )
 
-// defaultMaxHeap is -maxheap's default: 8GB, or two thirds of the memory
+// DefaultMaxHeap is -maxheap's default: 8GB, or two thirds of the memory
 // limit of the daemon's cgroup if that is lower, so that under a pod's
 // 3G limit the daemon refuses new flows (and the runtime collects
 // harder) well before the kernel's OOM killer acts, with room above the
 // Go heap for the capture rings and the runtime (TestDefaultMaxHeap).
-func defaultMaxHeap(root string) bytecount.ByteCount {
+func DefaultMaxHeap(root string) bytecount.ByteCount {
 	heap := 8 * bytecount.Gigabyte
 	if limit := cgroupMemoryLimit(root); limit > 0 {
 		heap = min(heap, bytecount.ByteCount(limit/3*2))

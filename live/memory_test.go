@@ -1,4 +1,4 @@
-package main
+package live
 
 import (
 	"os"
@@ -43,7 +43,7 @@ func TestDefaultMaxHeap(t *testing.T) {
 			os.MkdirAll(filepath.Dir(filepath.Join(root, p)), 0o755)
 			os.WriteFile(filepath.Join(root, p), []byte(v), 0o644)
 		}
-		if got := defaultMaxHeap(root); got != tt.want {
+		if got := DefaultMaxHeap(root); got != tt.want {
 			t.Errorf("%s: %d, want %d", tt.name, got, tt.want)
 		}
 	}

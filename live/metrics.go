@@ -1,6 +1,7 @@
-package main
+package live
 
 import (
+	"strconv"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
@@ -22,6 +23,7 @@ type parts struct {
 	events         *tcpeventsocket.Client // nil without -tcpinfo.eventsocket
 	captures       *captureSet
 	memoryReleases *atomic.Uint64
+	build          Build
 }
 
 // families describes every pcap_* metric of the daemon, each read from
@@ -203,7 +205,7 @@ func families(x *parts) *exporter.Collector {
 		counter("pcap_memory_releases_total", "Times idle heap above -maxidleram was returned to the OS.",
 			func() float64 { return float64(x.memoryReleases.Load()) }),
 	)
-	v, commit, goVersion := buildInfo()
+	v, commit, goVersion := x.build.Version, x.build.Commit, x.build.GoVersion
 	c.Add(
 		exporter.Family{Name: "git_short_commit", Help: "The git commit interpreted as a number, as m-lab/go's prometheusx exports it.", Labels: []string{"commit"}, Gauge: true,
 			Read: func(emit func(float64, ...string)) { emit(commitNumber(commit), commit) }},
@@ -220,4 +222,14 @@ func families(x *parts) *exporter.Collector {
 			return hs
 		}})
 	return c
+}
+
+// commitNumber is the short commit read as hexadecimal, the value of
+// git_short_commit as m-lab/go's prometheusx sets it (0 if not hex).
+func commitNumber(c string) float64 {
+	n, err := strconv.ParseInt(c, 16, 64)
+	if err != nil {
+		return 0
+	}
+	return float64(n)
 }

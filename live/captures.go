@@ -1,4 +1,4 @@
-package main
+package live
 
 import (
 	"context"
@@ -35,7 +35,7 @@ const RetireAfter = 2 * time.Minute
 // and its capture is retired after RetireAfter, its counts kept in retired
 // so that the metrics' sums never go back (TestInterfacesFollowed).
 type captureSet struct {
-	c       *config
+	c       *Config
 	p       *pipeline.Pipeline
 	k       *kernelNames
 	checker *health.Checker
@@ -58,8 +58,8 @@ type liveCapture struct {
 	goneFrom time.Time     // when its interface was first seen gone (follow), else zero
 }
 
-func newCaptureSet(c *config, p *pipeline.Pipeline, k *kernelNames, checker *health.Checker, local []netip.Addr) *captureSet {
-	return &captureSet{c: c, p: p, k: k, checker: checker, local: local, follow: len(c.interfaces) == 0,
+func newCaptureSet(c *Config, p *pipeline.Pipeline, k *kernelNames, checker *health.Checker, local []netip.Addr) *captureSet {
+	return &captureSet{c: c, p: p, k: k, checker: checker, local: local, follow: len(c.Interfaces) == 0,
 		active: map[string]*liveCapture{}, retired: demuxer.NewStats()}
 }
 
@@ -85,7 +85,7 @@ func (s *captureSet) filter() string {
 
 // add starts a capture of the interface name and its demuxer.
 func (s *captureSet) add(name string) error {
-	h, err := capture.OpenLive(name, &capture.Options{Snaplen: s.c.maxHeaderSize, BufferSize: int(s.c.bufferSize), BatchDelay: s.c.batchDelay}, s.filter)
+	h, err := capture.OpenLive(name, &capture.Options{Snaplen: s.c.Pipeline.MaxHeaderSize, BufferSize: int(s.c.BufferSize), BatchDelay: s.c.BatchDelay}, s.filter)
 	if err != nil {
 		return err
 	}

@@ -1,16 +1,24 @@
-package main
+// Package live is the daemon: it composes the captures (capture: the
+// kernel's ring per interface), the UUID sources (sockdiag: the kernel's
+// socket cookies; tcpeventsocket: tcp-info's eventsocket, whose names win)
+// and the pipeline that pipeline.New builds, serves the metrics and the
+// health checks, and shuts it all down. Offline mode (package offline)
+// drives the same pipeline from a capture file; main chooses between them.
+package live
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"log"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"slices"
 	"strings"
 	"sync"
@@ -27,49 +35,122 @@ import (
 	pm "github.com/m-lab/packet-headers/metrics/exporter"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/pipeline"
+	"github.com/m-lab/packet-headers/saver"
 	"github.com/m-lab/packet-headers/sockdiag"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
 
-// exitError is an error with the exit status it calls for.
-type exitError struct {
-	code int
-	err  error
+// Config is what the live daemon is told: the pipeline's configuration
+// (as offline mode builds it; Run adds the local addresses and the
+// limits) and the live-only settings, each named by its flag.
+type Config struct {
+	Pipeline        pipeline.Config
+	Interfaces      []string      // -interface; none: follow every interface up with an address
+	EventSocket     string        // -tcpinfo.eventsocket
+	KernelUUIDs     bool          // -uuid.kernel
+	PrefixFile      string        // -uuid-prefix-file; unset: tcp-info's prefix is learnt
+	MaxFlows        int64         // -maxflows
+	MaxHeap         int64         // -maxheap
+	MaxIdleRAM      int64         // -maxidleram
+	MaxProcs        int           // -maxprocs; 0: Go's default
+	ListenAddr      string        // -prometheusx.listen-address
+	Pprof           bool          // -pprof
+	HealthGrace     time.Duration // -health.grace
+	SigtermWait     time.Duration // -sigtermwait
+	ShutdownTimeout time.Duration // -shutdown.timeout
+	BatchDelay      time.Duration // -capture.batchdelay
+	BufferSize      int64         // -capture.buffersize
+	Build           Build
 }
 
-func (e exitError) Error() string { return e.err.Error() }
-
-// usage marks err as bad input: exit status 2.
-func usage(err error) error { return exitError{2, err} }
-
-// run runs the daemon until ctx is done and returns the exit code.
-func run(ctx context.Context, c *config) (int, error) {
-	err := live(ctx, c)
-	var ee exitError
+// Check returns a one-line reason, naming the flag, for a setting the
+// daemon cannot run with. With a PrefixFile it makes the file's prefix the
+// one of kernel-named UUIDs (m-lab/uuid's, for the whole process).
+func (c *Config) Check() error {
 	switch {
-	case err == nil:
-		return 0, nil
-	case errors.As(err, &ee):
-		return ee.code, ee.err
+	case c.SigtermWait < 0:
+		return fmt.Errorf("-sigtermwait must not be negative, not %v", c.SigtermWait)
+	case c.HealthGrace <= 0:
+		return fmt.Errorf("-health.grace must be positive, not %v", c.HealthGrace)
+	case c.ShutdownTimeout <= 0:
+		return fmt.Errorf("-shutdown.timeout must be positive, not %v", c.ShutdownTimeout)
+	case c.BatchDelay < 0 || c.BatchDelay > time.Second:
+		return fmt.Errorf("-capture.batchdelay must be between 0 and 1s, not %v", c.BatchDelay)
+	case c.BufferSize < 64<<10 || c.BufferSize > 2<<30:
+		return fmt.Errorf("-capture.buffersize must be between 64KB and 2GB, not %d bytes", c.BufferSize)
+	case c.MaxFlows < 0:
+		return fmt.Errorf("-maxflows must not be negative, not %d", c.MaxFlows)
+	case c.MaxProcs < 0:
+		return fmt.Errorf("-maxprocs must not be negative, not %d", c.MaxProcs)
+	case c.MaxHeap <= 0:
+		return errors.New("-maxheap must be positive")
+	case c.MaxIdleRAM <= 0:
+		return errors.New("-maxidleram must be positive")
+	case c.Pprof && !loopback(c.ListenAddr):
+		return fmt.Errorf("-pprof needs a loopback -prometheusx.listen-address (such as 127.0.0.1:9990), not %q: profiles expose the process's memory", c.ListenAddr)
+	case c.EventSocket == "" && !c.KernelUUIDs:
+		return errors.New("no UUID source: with -uuid.kernel=false, -tcpinfo.eventsocket is required")
 	}
-	return 1, err
+	if c.PrefixFile != "" {
+		// The prefix begins every kernel-named flow's file name: one that
+		// cannot (a trailing newline, a '/') is refused here, not flow by flow.
+		prefix, err := os.ReadFile(c.PrefixFile)
+		if err == nil {
+			err = saver.CheckUUID(string(prefix) + "_0000000000000000")
+		}
+		if err == nil {
+			err = uuid.SetUUIDPrefixFile(c.PrefixFile)
+		}
+		if err != nil {
+			return fmt.Errorf("-uuid-prefix-file: %w", err)
+		}
+	} else if err := saver.CheckUUID(uuid.FromCookie(0)); err != nil && c.KernelUUIDs {
+		// The made-up prefix comes from the host name.
+		return fmt.Errorf("the default UUID prefix cannot name files (%w): give -uuid-prefix-file", err)
+	}
+	return nil
 }
 
-// live composes the daemon: the pipeline, its sources (captures, the
-// kernel's and tcp-info's UUIDs) and its reports (metrics, health), and
-// shuts it down when ctx is done. Everything opened is closed by a defer.
-func live(ctx context.Context, c *config) error {
-	if c.maxProcs > 0 {
+// loopback reports whether a listen address binds a loopback address only.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.IsLoopback()
+}
+
+// Build is what the binary says of itself (-version, and the metrics).
+type Build struct{ Version, Commit, GoVersion string }
+
+// UsageError is an error of the configuration (the interfaces, the
+// directories): main exits 2 on it.
+type UsageError struct{ Err error }
+
+func (e UsageError) Error() string { return e.Err.Error() }
+func (e UsageError) Unwrap() error { return e.Err }
+
+func usage(err error) error { return UsageError{err} }
+
+// Run runs the daemon until ctx is done, then shuts it down within
+// c.SigtermWait and c.ShutdownTimeout. Everything opened is closed by a
+// defer.
+func Run(ctx context.Context, c *Config) error {
+	if c.MaxProcs > 0 {
 		// One processor: a goroutine made runnable (the capture's, once
 		// per block of frames) never wakes a second thread to look for
 		// work (the lab's CPU row, BenchmarkLab, measures the difference).
-		runtime.GOMAXPROCS(c.maxProcs)
+		runtime.GOMAXPROCS(c.MaxProcs)
 	}
 	if _, set := os.LookupEnv("GOMEMLIMIT"); !set {
 		// -maxheap is also the runtime's soft limit, as the predecessor
 		// set it: the collector works harder near it instead of letting a
 		// flood's garbage take the pod over its memory limit.
-		debug.SetMemoryLimit(int64(c.maxHeap))
+		debug.SetMemoryLimit(c.MaxHeap)
 	}
 	ifaces, local, err := interfaces(c)
 	if err != nil {
@@ -79,7 +160,7 @@ func live(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
-	checker, reg := health.New(c.healthGrace), pm.NewRegistry()
+	checker, reg := health.New(c.HealthGrace), pm.NewRegistry()
 	stopHTTP, err := serveHTTP(c, reg, checker)
 	if err != nil {
 		return err
@@ -88,10 +169,10 @@ func live(ctx context.Context, c *config) error {
 	// Without a prefix file shared with tcp-info, tcp-info's prefix is
 	// learnt from its first Open (see eventHandler).
 	prefix := names.NewPrefix(strings.TrimSuffix(uuid.FromCookie(0), "_0000000000000000"))
-	h := &eventHandler{p: p, prefix: prefix, learn: c.uuidPrefixFile == ""}
+	h := &eventHandler{p: p, prefix: prefix, learn: c.PrefixFile == ""}
 	var events *tcpeventsocket.Client
-	if c.eventSocket != "" {
-		events = tcpeventsocket.New(c.eventSocket, h, nil)
+	if c.EventSocket != "" {
+		events = tcpeventsocket.New(c.EventSocket, h, nil)
 	}
 	k, err := openKernel(c, p, local, prefix, events)
 	if err != nil {
@@ -106,7 +187,7 @@ func live(ctx context.Context, c *config) error {
 	defer set.closeAll()
 	logStart(c, p, set, local, k)
 
-	x := &parts{p: p, kernel: k, events: events, captures: set, memoryReleases: new(atomic.Uint64)}
+	x := &parts{p: p, kernel: k, events: events, captures: set, memoryReleases: new(atomic.Uint64), build: c.Build}
 	bg, cancelBG := context.WithCancel(context.Background())
 	defer cancelBG()
 	var bgWG sync.WaitGroup // owns the background goroutines
@@ -123,8 +204,8 @@ func live(ctx context.Context, c *config) error {
 }
 
 // interfaces returns the interfaces to capture on and the local addresses.
-func interfaces(c *config) ([]capture.Interface, []netip.Addr, error) {
-	ifaces, err := capture.Interfaces(c.interfaces)
+func interfaces(c *Config) ([]capture.Interface, []netip.Addr, error) {
+	ifaces, err := capture.Interfaces(c.Interfaces)
 	if err == nil && len(ifaces) == 0 {
 		err = errors.New("no interface to capture on: none is up with an address (name one with -interface)")
 	}
@@ -143,10 +224,10 @@ func interfaces(c *config) ([]capture.Interface, []netip.Addr, error) {
 // newPipeline builds the pipeline the flags describe, with live mode's
 // limits and addresses, and today's and
 // tomorrow's directories.
-func newPipeline(c *config, local []netip.Addr) (*pipeline.Pipeline, error) {
-	cfg := c.pipelineConfig()
-	cfg.Local, cfg.Authoritative = local, c.eventSocket != ""
-	cfg.MaxFlows, cfg.MaxHeap = c.maxFlows, uint64(c.maxHeap)
+func newPipeline(c *Config, local []netip.Addr) (*pipeline.Pipeline, error) {
+	cfg := c.Pipeline
+	cfg.Local, cfg.Authoritative = local, c.EventSocket != ""
+	cfg.MaxFlows, cfg.MaxHeap = c.MaxFlows, uint64(c.MaxHeap)
 	p, err := pipeline.New(cfg)
 	if err != nil {
 		return nil, usage(err)
@@ -156,8 +237,8 @@ func newPipeline(c *config, local []netip.Addr) (*pipeline.Pipeline, error) {
 
 // serveHTTP serves the registry's metrics, pprof and the health checks;
 // stop ends it.
-func serveHTTP(c *config, reg *prometheus.Registry, checker *health.Checker) (stop func(), err error) {
-	srv, err := pm.Listen(c.listenAddr, reg, pm.Options{Pprof: c.pprof, Extra: map[string]http.Handler{
+func serveHTTP(c *Config, reg *prometheus.Registry, checker *health.Checker) (stop func(), err error) {
+	srv, err := pm.Listen(c.ListenAddr, reg, pm.Options{Pprof: c.Pprof, Extra: map[string]http.Handler{
 		"/healthz": http.HandlerFunc(checker.Live),
 		"/readyz":  http.HandlerFunc(checker.Ready),
 	}})
@@ -173,7 +254,7 @@ func serveHTTP(c *config, reg *prometheus.Registry, checker *health.Checker) (st
 
 // startBackground starts the UUID sources' loops and the housekeeping, on
 // goroutines that wg owns and ctx ends.
-func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *parts, checker *health.Checker) {
+func startBackground(ctx context.Context, wg *sync.WaitGroup, c *Config, x *parts, checker *health.Checker) {
 	goRun := func(f func()) {
 		wg.Add(1)
 		go func() { defer wg.Done(); f() }()
@@ -196,15 +277,15 @@ func startBackground(ctx context.Context, wg *sync.WaitGroup, c *config, x *part
 // shutdown keeps capturing for -sigtermwait, then closes the captures and
 // waits until every named flow is written, for at most -shutdown.timeout;
 // a second signal ends it at once.
-func shutdown(c *config, p *pipeline.Pipeline, set *captureSet) error {
+func shutdown(c *Config, p *pipeline.Pipeline, set *captureSet) error {
 	second := make(chan os.Signal, 1)
 	signal.Notify(second, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(second)
-	log.Printf("packet-headers: signal received, capturing %v more", c.sigtermWait)
+	log.Printf("packet-headers: signal received, capturing %v more", c.SigtermWait)
 	done := make(chan struct{})
 	go func() { // ends with the process if the shutdown does not
 		defer close(done)
-		time.Sleep(c.sigtermWait)
+		time.Sleep(c.SigtermWait)
 		set.closeAll()
 		set.wg.Wait() // the demuxers hand every named flow to the saver
 		p.Wait()
@@ -213,8 +294,8 @@ func shutdown(c *config, p *pipeline.Pipeline, set *captureSet) error {
 	case <-done:
 	case sig := <-second:
 		return fmt.Errorf("second signal (%v): exiting now; %s", sig, notWritten(p.Saver))
-	case <-time.After(c.sigtermWait + c.shutdownTimeout):
-		return fmt.Errorf("shutdown took longer than -sigtermwait and -shutdown.timeout (%v): exiting; %s", c.sigtermWait+c.shutdownTimeout, notWritten(p.Saver))
+	case <-time.After(c.SigtermWait + c.ShutdownTimeout):
+		return fmt.Errorf("shutdown took longer than -sigtermwait and -shutdown.timeout (%v): exiting; %s", c.SigtermWait+c.ShutdownTimeout, notWritten(p.Saver))
 	}
 	log.Printf("packet-headers: every named flow saved; exiting")
 	return nil
@@ -232,9 +313,9 @@ type kernelNames struct {
 // have seen it is one tcp-info's rules excluded, and the kernel names only
 // those it could not have seen (sockdiag.Options.Authority); without a
 // prefix file, its names wait for the prefix learnt from tcp-info's events.
-func openKernel(c *config, p *pipeline.Pipeline, local []netip.Addr, prefix *names.Prefix, events *tcpeventsocket.Client) (*kernelNames, error) {
+func openKernel(c *Config, p *pipeline.Pipeline, local []netip.Addr, prefix *names.Prefix, events *tcpeventsocket.Client) (*kernelNames, error) {
 	k := &kernelNames{}
-	if !c.kernelUUIDs {
+	if !c.KernelUUIDs {
 		return k, nil
 	}
 	var err error
@@ -252,10 +333,10 @@ func openKernel(c *config, p *pipeline.Pipeline, local []netip.Addr, prefix *nam
 		k.lookup.Close()
 		return nil, err
 	}
-	o := sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.uuidWait, NoDestroy: k.destroy == nil, Exclude: p.Excluded}
+	o := sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.Pipeline.UUIDWait, NoDestroy: k.destroy == nil, Exclude: p.Excluded}
 	if events != nil {
 		o.Authority = events.ConnectedSince
-		if c.uuidPrefixFile == "" {
+		if c.PrefixFile == "" {
 			// tcp-info's prefix is learnt from its first Open: names wait
 			// for it while tcp-info is there to teach it.
 			o.Ready = func() bool { return prefix.Learnt() || !events.Connected() }
@@ -287,20 +368,20 @@ func (k *kernelNames) close() {
 	}
 }
 
-func logStart(c *config, p *pipeline.Pipeline, set *captureSet, local []netip.Addr, k *kernelNames) {
+func logStart(c *Config, p *pipeline.Pipeline, set *captureSet, local []netip.Addr, k *kernelNames) {
 	var ifnames []string
 	for _, lc := range set.list() {
 		ifnames = append(ifnames, lc.h.Name())
 	}
 	sources := []string{}
-	if c.eventSocket != "" {
+	if c.EventSocket != "" {
 		sources = append(sources, "tcp-info eventsocket")
 	}
 	if k.src != nil {
 		sources = append(sources, "kernel socket cookies")
 	}
 	log.Printf("packet-headers: capturing on %s, %d local addresses, writing to %s (anonymize=%s, stream=%v, UUIDs from %s)",
-		strings.Join(ifnames, ","), len(local), p.Saver.Dir(), c.mode, c.stream, strings.Join(sources, " and "))
+		strings.Join(ifnames, ","), len(local), p.Saver.Dir(), c.Pipeline.Anonymize, c.Pipeline.Stream, strings.Join(sources, " and "))
 }
 
 // eventHandler feeds eventsocket events into the pipeline, and keeps the
@@ -339,4 +420,56 @@ func (h *eventHandler) Close(ts time.Time, id string) error {
 		h.kernel.Heard(ts)
 	}
 	return nil
+}
+
+// notWritten says which files were still being written.
+func notWritten(sv *saver.Saver) string {
+	w := sv.Writing()
+	n := len(w)
+	if n == 0 {
+		return "no file was being written"
+	}
+	const most = 20
+	more := ""
+	if n > most {
+		more = fmt.Sprintf(" and %d more", n-most)
+		w = w[:most]
+	}
+	return fmt.Sprintf("%d files not written: %s%s", n, strings.Join(w, ", "), more)
+}
+
+// everySecond calls f with the time every second until ctx is done.
+func everySecond(ctx context.Context, f func(now time.Time)) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			f(now)
+		}
+	}
+}
+
+// housekeeping enforces -maxidleram, samples the health checks, sweeps
+// the names table and makes the day directories ahead, every second, until
+// ctx is done. (-maxheap is enforced by the demuxers' ticks: a wake-up of
+// its own ten times a second cost the capture several percent of its CPU.)
+func housekeeping(ctx context.Context, c *Config, table *names.Table, checker *health.Checker, sv *saver.Saver, releases *atomic.Uint64) {
+	samples := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
+	var lastRelease time.Time
+	everySecond(ctx, func(now time.Time) {
+		checker.Sample(now)
+		metrics.Read(samples)
+		if samples[0].Value.Uint64() > uint64(c.MaxIdleRAM) && now.Sub(lastRelease) > 10*time.Second {
+			debug.FreeOSMemory()
+			releases.Add(1)
+			lastRelease = now
+		}
+		table.Sweep()
+		if err := sv.PrepareDays(now); err != nil {
+			log.Printf("packet-headers: %v", err)
+		}
+	})
 }
