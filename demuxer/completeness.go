@@ -157,13 +157,7 @@ func (d *Demuxer) savedAddr(f *flow, i int) netip.Addr {
 	if i == 1 {
 		raw = &f.key.B
 	}
-	if f.anon != nil && f.anon.mapped {
-		if m := f.side(i); m != nil {
-			raw = m
-		}
-		return netip.AddrFrom16(*raw).Unmap()
-	}
-	return d.o.Anonymizer.Anonymized(netip.AddrFrom16(*raw).Unmap())
+	return f.anon.Saved(i, *raw)
 }
 
 // refusedSlots is the size of the table of refused connections: the
