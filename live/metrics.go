@@ -11,7 +11,6 @@ import (
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/metrics/exporter"
 	"github.com/m-lab/packet-headers/pipeline"
-	"github.com/m-lab/packet-headers/saver"
 	"github.com/m-lab/packet-headers/sockdiag"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
@@ -199,9 +198,9 @@ func families(x *parts) *exporter.Collector {
 			}
 			return float64(st.Bavail) * float64(st.Bsize)
 		}),
-		gauge("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(saver.CompressorsInUse()) }),
+		gauge("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(x.p.Saver.CompressorsInUse()) }),
 		counter("pcap_compressors_created_total", "gzip compressors created by the saver's pool (-compress); a steady value means they are reused.",
-			func() float64 { return float64(saver.CompressorsCreated()) }),
+			func() float64 { return float64(x.p.Saver.CompressorsCreated()) }),
 		counter("pcap_memory_releases_total", "Times idle heap above -maxidleram was returned to the OS.",
 			func() float64 { return float64(x.memoryReleases.Load()) }),
 	)

@@ -29,7 +29,7 @@ echo "== staticcheck"
 go tool staticcheck ./...
 # The core (everything but the capture, the command and the end-to-end
 # tests) builds and passes its tests without cgo.
-core=$(go list ./... | grep -v -e '/e2e$' -e '/capture$' -e '^github.com/m-lab/packet-headers$')
+core=$(go list ./... | grep -v -e '/e2e$' -e '/capture$' -e '/live$' -e '^github.com/m-lab/packet-headers$')
 echo "== CGO_ENABLED=0 go test (the core, without cgo)"
 CGO_ENABLED=0 go test -count=1 $core
 echo "== go test -race (unit)"

@@ -1,0 +1,164 @@
+package demuxer
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+)
+
+func TestMaxFlows(t *testing.T) {
+	t.Parallel() // its counts are its demuxer's own
+	h := newHarness(t, func(o *Options) { o.Limits = &Limits{MaxFlows: 1} })
+	a, b := newConn(1000, 1), newConn(2000, 2)
+	h.open(0, "a", a)
+	h.open(0, "b", b)
+	refused := float64(h.d.Stats().Refused.Get("flow_limit"))
+	h.packet(1*ms, a.syn(t))
+	h.packet(2*ms, b.syn(t))
+	h.packet(3*ms, a.synack(t))
+	h.packet(4*ms, b.synack(t))
+	h.tick(100 * ms)
+	if got := float64(h.d.Stats().Refused.Get("flow_limit")) - refused; got != 1 {
+		t.Errorf("%v flows refused, want 1", got)
+	}
+	h.d.Close()
+	if len(h.file("a")) != 2 || h.file("b") != nil {
+		t.Error("the first flow must be saved whole and the second not at all")
+	}
+}
+
+func TestMemoryLimit(t *testing.T) {
+	h := newHarness(t, nil)
+	a := newConn(1000, 1)
+	h.lim.SetOverMemory(true)
+	h.open(0, "a", a)
+	h.packet(1*ms, a.syn(t))
+	h.lim.SetOverMemory(false)
+	h.packet(2*ms, a.synack(t)) // the flow starts only now
+	h.d.Close()
+	if got := len(h.file("a")); got != 1 {
+		t.Errorf("%d packets saved, want 1", got)
+	}
+}
+
+// TestMaxHeapAtTick: with Limits.MaxHeap set, each Tick compares the heap
+// with it: below, flows start; above, they are refused until a Tick finds
+// the heap below again.
+func TestMaxHeapAtTick(t *testing.T) {
+	h := newHarness(t, nil)
+	a, b := newConn(1000, 1), newConn(1001, 1)
+	h.lim.MaxHeap = 1 << 50
+	h.tick(0)
+	h.packet(1*ms, a.syn(t))
+	h.lim.MaxHeap = 1 // any heap is over it
+	h.tick(100 * ms)
+	h.packet(101*ms, b.syn(t))
+	if h.d.Flows() != 1 || h.d.Counts().MemoryLimit != 1 {
+		t.Errorf("%d flows, %d packets refused for memory; want the first flow alone", h.d.Flows(), h.d.Counts().MemoryLimit)
+	}
+	h.lim.MaxHeap = 1 << 50
+	h.tick(200 * ms)
+	h.packet(201*ms, b.syn(t))
+	if h.d.Flows() != 2 {
+		t.Errorf("%d flows once the heap is below the limit again, want 2", h.d.Flows())
+	}
+}
+
+// TestMaxFlowsAcrossDemuxers: demuxers that start flows at once on two
+// goroutines never track more than -maxflows together.
+func TestMaxFlowsAcrossDemuxers(t *testing.T) {
+	lim := &Limits{MaxFlows: 50}
+	var ds [4]*Demuxer
+	frames := make([][][]byte, len(ds))
+	for i := range ds {
+		h := newHarness(t, func(o *Options) { o.Limits = lim })
+		ds[i] = h.d
+		for j := 0; j < 200; j++ {
+			frames[i] = append(frames[i], newConn(uint16(1+i*1000+j), 1).syn(t))
+		}
+	}
+	done := make(chan struct{})
+	for i := range ds {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for _, f := range frames[i] {
+				ds[i].Packet(f, t0, len(f))
+			}
+		}()
+	}
+	for range ds {
+		<-done
+	}
+	total := 0
+	for _, d := range ds {
+		total += d.Flows()
+	}
+	if total != 50 || lim.Active() != 50 {
+		t.Errorf("%d flows tracked (%d active), want exactly -maxflows 50", total, lim.Active())
+	}
+}
+
+// TestHalfOpenEvicted: at -maxflows, a flood of half-open flows cannot keep
+// a connection out: its SYN takes the place of the oldest half-open flow,
+// and once its handshake completes the flood cannot evict it; established
+// flows are never evicted (a new flow is refused instead); an unnamed
+// half-open flow is forgotten at its UUID deadline.
+func TestHalfOpenEvicted(t *testing.T) {
+	t.Parallel() // its counts are its demuxer's own
+	h := newHarness(t, func(o *Options) { o.Limits = &Limits{MaxFlows: 10} })
+	spoofed := func(i int) *conn {
+		c := newConn(uint16(20000+i), 1)
+		c.cli = netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), c.cli.Port())
+		return c
+	}
+	at := time.Duration(0)
+	for i := 0; i < 10; i++ {
+		at += ms
+		h.packet(at, spoofed(i).syn(t))
+	}
+	legit := newConn(1000, 1)
+	for _, b := range [][]byte{legit.syn(t), legit.synack(t), legit.ack(t, true)} {
+		at += ms
+		h.packet(at, b)
+	}
+	for i := 10; i < 40; i++ {
+		at += ms
+		h.packet(at, spoofed(i).syn(t))
+	}
+	h.open(at, "legit", legit)
+	h.tick(at + ms)
+	if f := h.d.flows[legit.key()]; f == nil || f.st != named {
+		t.Fatal("the connection was kept out by the flood")
+	}
+	if got := h.d.Stats().Ended.Get("evicted"); got != 31 {
+		t.Errorf("%d flows evicted, want 31 (one for the connection, 30 for the flood)", got)
+	}
+	if got := h.d.Stats().Refused.Get("flow_limit"); got != 0 {
+		t.Errorf("%d flows refused, want none while half-open flows can be evicted", got)
+	}
+	// Established flows are not evicted: with the table full of them, a
+	// new flow is refused.
+	h2 := newHarness(t, func(o *Options) { o.Limits = &Limits{MaxFlows: 3} })
+	for i := 0; i < 3; i++ {
+		c := newConn(uint16(3000+i), 1)
+		h2.packet(ms, c.syn(t))
+		h2.packet(2*ms, c.synack(t))
+		h2.packet(3*ms, c.ack(t, true))
+	}
+	h2.packet(4*ms, spoofed(99).syn(t))
+	h2.tick(5 * ms)
+	if h2.d.Flows() != 3 || h2.d.Stats().Refused.Get("flow_limit") != 1 || h2.d.Stats().Ended.Get("evicted") != 0 {
+		t.Errorf("%d flows, %d refused, %d evicted: want the 3 established kept and the SYN refused",
+			h2.d.Flows(), h2.d.Stats().Refused.Get("flow_limit"), h2.d.Stats().Ended.Get("evicted"))
+	}
+	// Past the UUID deadline the flood's flows are forgotten.
+	h.tick(at + 5*time.Second + 2*ms)
+	h.tick(at + 5*time.Second + 2*ms + time.Second)
+	if n := h.d.Flows(); n != 1 {
+		t.Errorf("%d flows after the flood's UUID deadline, want the connection alone", n)
+	}
+	h.d.Close()
+	if got := h.file("legit"); len(got) != 3 {
+		t.Errorf("the connection's file has %d packets, want its whole handshake", len(got))
+	}
+}

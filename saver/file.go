@@ -1,0 +1,315 @@
+package saver
+
+import (
+	"bytes"
+	"compress/gzip"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/m-lab/packet-headers/packet"
+	"github.com/m-lab/packet-headers/record"
+)
+
+// flowFile is the state of a Flow's writer.
+type flowFile struct {
+	f         *Flow
+	tmp       string   // the partial file's path
+	file      int      // its descriptor, -1 when closed
+	err       error    // the first error; nothing is written after it
+	op        string   // what failed
+	packets   int      // records written
+	total     int      // records received
+	written   int      // bytes written
+	raw       int      // header bytes of the records written (without their record headers)
+	published string   // the UUID the file was published under
+	final     string   // and its path
+	iov       [][]byte // reused: one writev per batch of chunks
+}
+
+// closeFile closes the partial file's descriptor, once.
+func (w *flowFile) closeFile() error {
+	if w.file < 0 {
+		return nil
+	}
+	err := unix.Close(w.file)
+	w.file = -1 // closed even when close fails: the number may be another file's now
+	return err
+}
+
+// fail records the first error and removes the partial file.
+func (w *flowFile) fail(op string, err error) {
+	if w.err == nil {
+		w.op, w.err = op, err
+		w.closeFile()
+		if w.tmp != "" {
+			os.Remove(w.tmp)
+		}
+	}
+}
+
+// write writes a batch of chunks (creating the file first) and recycles
+// them.
+func (w *flowFile) write(cs []*record.Chunk) {
+	s := w.f.s
+	w.iov = w.iov[:0]
+	if w.err == nil && w.file < 0 {
+		var err error
+		if err = s.checkSpace(); err != nil {
+			w.op, w.err = "low_space", err
+		} else if w.file, err = s.create(w.tmp); err != nil {
+			w.file = -1
+			w.op, w.err = "create", err
+		} else {
+			w.iov = append(w.iov, fileHeader(s.snaplen, w.f.linkType))
+		}
+	}
+	n, raw := 0, 0
+	for _, c := range cs {
+		w.total += c.Records()
+		n += c.Records()
+		raw += len(c.Bytes()) - record.RecordHeaderLen*c.Records()
+		w.iov = append(w.iov, c.Bytes())
+	}
+	bufs := w.iov
+	var z *compressor
+	if w.err == nil && s.compress && len(bufs) > 0 {
+		z = s.getCompressor()
+		bufs = z.compress(bufs) // the compressor's, until it is put back
+	}
+	if w.err == nil && len(bufs) > 0 {
+		if m, err := writeAll(w.file, bufs); err != nil {
+			w.fail("write", &os.PathError{Op: "write", Path: w.tmp, Err: err})
+		} else {
+			w.written += m
+			w.packets += n
+			w.raw += raw
+		}
+	}
+	if z != nil {
+		s.putCompressor(z)
+	}
+	for _, c := range cs {
+		c.Release()
+	}
+}
+
+// finish closes the file and renames it into place under the flow's name
+// as it is now.
+func (w *flowFile) finish() {
+	s := w.f.s
+	if w.err == nil {
+		if err := w.closeFile(); err != nil {
+			w.fail("close", &os.PathError{Op: "close", Path: w.tmp, Err: err})
+		}
+	}
+	uuid := w.f.name()
+	if w.err == nil && uuid != w.f.uuid {
+		if err := CheckUUID(uuid); err != nil {
+			w.fail("name", err)
+		}
+	}
+	if w.err == nil {
+		final := s.Path(uuid, w.f.first)
+		err := renameNoReplace(w.tmp, final)
+		if errors.Is(err, os.ErrNotExist) { // the day's directory is new (or was removed)
+			if merr := os.MkdirAll(filepath.Dir(final), s.dirPerm); merr != nil {
+				w.fail("mkdir", merr)
+			} else {
+				err = renameNoReplace(w.tmp, final)
+			}
+		}
+		if err != nil {
+			w.fail("rename", err)
+		} else {
+			w.published, w.final = uuid, final
+		}
+	}
+}
+
+// account counts the flow's outcome and logs its error.
+func (w *flowFile) account() {
+	s := w.f.s
+	switch {
+	case errors.Is(w.err, ErrLowSpace):
+		s.counts.Packets.Add("low_space", uint64(w.total))
+		s.counts.Flows.Inc("low_space")
+		s.logs.printf(w.op, "saver: not writing flows: %v", w.err)
+		s.errors.Add(1)
+	case w.err != nil:
+		s.counts.WriteErrors.Inc(w.op)
+		s.counts.Packets.Add("write_error", uint64(w.total))
+		s.counts.Flows.Inc("write_error")
+		s.logs.printf(w.op, "saver: %s: %v", w.op, w.err)
+		s.errors.Add(1)
+	default:
+		s.files.Add(1)
+		s.bytes.Add(int64(w.written))
+		s.counts.Packets.Add("saved", uint64(w.packets))
+		s.counts.Flows.Inc("saved")
+	}
+}
+
+// compressor is a pooled gzip writer and the buffer it compresses into.
+type compressor struct {
+	zw  *gzip.Writer
+	out bytes.Buffer
+	iov [1][]byte
+}
+
+// CompressorsCreated returns the number of compressors the saver's pool
+// made; steady when they are reused.
+func (s *Saver) CompressorsCreated() int64 { return s.compressorsCreated.Load() }
+
+// CompressorsInUse returns how many pooled compressors are compressing now.
+func (s *Saver) CompressorsInUse() int64 { return s.compressorsInUse.Load() }
+
+func (s *Saver) getCompressor() *compressor {
+	s.compressorsInUse.Add(1)
+	if z, ok := s.compressors.Get().(*compressor); ok {
+		return z
+	}
+	s.compressorsCreated.Add(1)
+	zw, _ := gzip.NewWriterLevel(nil, gzip.DefaultCompression)
+	return &compressor{zw: zw}
+}
+
+func (s *Saver) putCompressor(z *compressor) {
+	z.iov[0] = nil
+	z.out.Reset()
+	s.compressors.Put(z)
+	s.compressorsInUse.Add(-1)
+}
+
+// compress compresses bufs (the file header and records of one batch) as
+// one gzip member and returns it as one buffer, valid until z is put back.
+// Writing to a bytes.Buffer cannot fail.
+func (z *compressor) compress(bufs [][]byte) [][]byte {
+	z.out.Reset()
+	z.zw.Reset(&z.out)
+	for _, b := range bufs {
+		z.zw.Write(b)
+	}
+	z.zw.Close()
+	z.iov[0] = z.out.Bytes()
+	return z.iov[:]
+}
+
+// create creates a partial file, making the partial directory again if it
+// was removed (the data directory deleted under a running daemon). It
+// returns a plain descriptor: an os.File would cost four fcntl and an
+// epoll_ctl per file for a poller that regular files do not use.
+func (s *Saver) create(path string) (int, error) {
+	open := func() (int, error) {
+		for {
+			// O_EXCL: a partial file is never shared, even with what a
+			// crash left.
+			fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, uint32(s.perm))
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return -1, &os.PathError{Op: "open", Path: path, Err: err}
+			}
+			return fd, nil
+		}
+	}
+	fd, err := open()
+	if errors.Is(err, os.ErrNotExist) {
+		// The partial directory was removed: made again, and checked
+		// again, as at start.
+		if merr := s.ownDir(s.partial); merr != nil {
+			return -1, merr
+		}
+		fd, err = open()
+	}
+	return fd, err
+}
+
+// checkSpace returns ErrLowSpace while the filesystem has less free space
+// than the options keep. One statfs per flow.
+func (s *Saver) checkSpace() error {
+	if s.minFree <= 0 && s.minFreePct <= 0 {
+		return nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(s.dir, &st); err != nil {
+		return nil // the write will tell what is wrong
+	}
+	free := int64(st.Bavail) * st.Bsize
+	total := int64(st.Blocks) * st.Bsize
+	if free < s.minFree || total > 0 && float64(free)*100 < s.minFreePct*float64(total) {
+		return fmt.Errorf("%w: %d of %d bytes free in %s", ErrLowSpace, free, total, s.dir)
+	}
+	return nil
+}
+
+// iovMax is the most buffers one writev takes (IOV_MAX on Linux).
+const iovMax = 1024
+
+// writeAll writes all of bufs to the file fd with writev(2), IOV_MAX
+// buffers at a time and again after a short write, and returns the number
+// of bytes written. It goes through Go's system-call bookkeeping, which
+// lets the runtime hand the processor on while the kernel waits: a write
+// that bypassed it (a raw system call, once used here to spare the
+// monitor thread's wake-ups) held the only processor of -maxprocs 1 for as
+// long as a frozen or stuck filesystem blocked it, and stopped the capture,
+// the timers and the signal handling with it (TestStuckDisk in e2e).
+func writeAll(fd int, bufs [][]byte) (int, error) {
+	total := 0
+	for len(bufs) > 0 {
+		n, err := unix.Writev(fd, bufs[:min(len(bufs), iovMax)])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return total, err
+		}
+		if n == 0 {
+			return total, io.ErrShortWrite
+		}
+		total += n
+		for n > 0 && len(bufs) > 0 { // skip what was written
+			if n >= len(bufs[0]) {
+				n -= len(bufs[0])
+				bufs = bufs[1:]
+			} else {
+				bufs[0] = bufs[0][n:]
+				n = 0
+			}
+		}
+	}
+	return total, nil
+}
+
+// renameNoReplace renames without replacing an existing file, so that a
+// UUID named twice can never overwrite a finished file.
+func renameNoReplace(from, to string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+		// A filesystem without RENAME_NOREPLACE: check, then rename.
+		if _, serr := os.Lstat(to); serr == nil {
+			return fmt.Errorf("rename %s: %w", to, os.ErrExist)
+		}
+		return os.Rename(from, to)
+	}
+	if err != nil {
+		return fmt.Errorf("rename %s: %w", to, err)
+	}
+	return nil
+}
+
+func fileHeader(snaplen int, lt packet.LinkType) []byte {
+	h := make([]byte, FileHeaderLen)
+	binary.LittleEndian.PutUint32(h[0:], 0xa1b23c4d) // nanosecond timestamps
+	binary.LittleEndian.PutUint16(h[4:], 2)
+	binary.LittleEndian.PutUint16(h[6:], 4)
+	binary.LittleEndian.PutUint32(h[16:], uint32(snaplen))
+	binary.LittleEndian.PutUint32(h[20:], uint32(lt))
+	return h
+}
