@@ -127,8 +127,8 @@ func withCapture(r *index.Record, start, end captureCounts) *index.Record {
 // endRecord writes the index record of a flow that is forgotten with a
 // file, ended at time at for the reason why.
 func (d *Demuxer) endRecord(f *flow, why index.End, at int64) {
-	r := index.Record{Source: f.source, First: f.firstWall(), Last: time.Unix(0, f.last-d.corr),
-		WireBytes: f.wire, AfterDuration: uint64(f.afterDur), FlowLimit: uint64(f.refused[0]), MemoryLimit: uint64(f.refused[1]),
+	r := index.Record{Source: string(f.source), First: f.firstWall(), Last: time.Unix(0, f.last-d.corr),
+		WireBytes: f.wire, AfterDuration: uint64(f.afterDur), FlowLimit: uint64(f.refused[RefusedFlowLimit]), MemoryLimit: uint64(f.refused[RefusedMemoryLimit]),
 		SYN: f.sawSYN, SYNACK: f.sawSYNACK, End: why, FlowEnd: why, Ended: time.Unix(0, max(at, f.last)-d.corr), Interface: d.o.Interface}
 	if f.afterDur > 0 {
 		r.End = index.EndCaptureDuration
@@ -168,7 +168,7 @@ const refusedSlots = 4096
 
 type refusedSlot struct {
 	key packet.Key
-	n   [2]uint32 // by flow limit, memory limit
+	n   [NumRefusals]uint32 // by limit
 }
 
 type refusedTable [refusedSlots]refusedSlot
@@ -181,8 +181,8 @@ func (t *refusedTable) slot(k *packet.Key) *refusedSlot {
 	return &t[h>>(64-12)]
 }
 
-// refuse counts a packet of k refused by limit 0 (flows) or 1 (memory).
-func (d *Demuxer) refuse(k *packet.Key, limit int) {
+// refuse counts a packet of k refused by limit.
+func (d *Demuxer) refuse(k *packet.Key, limit Refusal) {
 	if d.refusals == nil {
 		d.refusals = new(refusedTable)
 	}
@@ -194,13 +194,13 @@ func (d *Demuxer) refuse(k *packet.Key, limit int) {
 }
 
 // refusedBefore returns, and forgets, the packets of k that limits refused.
-func (d *Demuxer) refusedBefore(k *packet.Key) [2]uint32 {
+func (d *Demuxer) refusedBefore(k *packet.Key) [NumRefusals]uint32 {
 	if d.refusals == nil {
-		return [2]uint32{}
+		return [NumRefusals]uint32{}
 	}
 	s := d.refusals.slot(k)
 	if s.key != *k {
-		return [2]uint32{}
+		return [NumRefusals]uint32{}
 	}
 	n := s.n
 	*s = refusedSlot{}

@@ -120,9 +120,9 @@ type Demuxer struct {
 	last  *flow
 	c     counters
 	stats Stats
-	spill int                // a named flow's records are handed to the saver once it holds this many bytes
-	heap  []rtmetrics.Sample // for Limits.MaxHeap
-	named map[string]uint64  // flows named, by source
+	spill int                     // a named flow's records are handed to the saver once it holds this many bytes
+	heap  []rtmetrics.Sample      // for Limits.MaxHeap
+	named map[names.Source]uint64 // flows named, by source
 	// The capture's counters read at recent ticks (Options.Capture), and
 	// the records of ended flows waiting for a reading after their last
 	// packet.
@@ -156,7 +156,7 @@ func New(o Options) *Demuxer {
 	if o.MaxHeaderSize <= 0 {
 		o.MaxHeaderSize = 256
 	}
-	d := &Demuxer{o: o, flows: map[packet.Key]*flow{}, spill: SpillBytes, named: map[string]uint64{},
+	d := &Demuxer{o: o, flows: map[packet.Key]*flow{}, spill: SpillBytes, named: map[names.Source]uint64{},
 		heap: []rtmetrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}}
 	if o.Stream {
 		d.spill = 0 // every full chunk
@@ -172,6 +172,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	kind := d.p.Decode(d.o.LinkType, data)
 	if kind != packet.TCP {
 		d.c.undecodable[kind]++
+		d.c.packets[Undecodable]++
 		return
 	}
 	p := &d.p
@@ -189,7 +190,7 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	if f == nil {
 		k, firstIsA := p.Key()
 		if d.o.Exclude != nil && d.o.Exclude(&k) {
-			d.c.excluded++
+			d.c.packets[Excluded]++
 			return
 		}
 		if f = d.start(k, tsn, pureSYN, p.Seq); f == nil {
@@ -216,15 +217,15 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	switch f.st {
 	case finished:
-		d.c.afterDur++
+		d.c.packets[AfterCaptureDuration]++
 		f.afterDur++
 		return
 	case discarded:
-		d.c.noUUID++
+		d.c.packets[NoUUID]++
 		return
 	}
 	if tsn-f.first > int64(d.o.CaptureDuration) {
-		d.c.afterDur++
+		d.c.packets[AfterCaptureDuration]++
 		f.afterDur++
 		if f.st == named {
 			d.finish(f)

@@ -45,15 +45,15 @@ type flow struct {
 	firstFromA  bool           // the first packet's source is the key's A
 	end         index.End      // why endAt was set
 	synSeq      uint32
-	afterDur    uint32        // packets after -captureduration
-	refused     [2]uint32     // packets refused by the limits before the flow was tracked (refusedTable)
-	wire        uint64        // the original lengths of the packets kept
-	start       captureCounts // the capture's counters before the first packet
-	source      string        // the UUID source of the file's name, at its final Push
-	ends        [2]end        // A and B
-	first, last int64         // unix nanoseconds, plus Demuxer.corr
-	corr        int64         // Demuxer.corr at the first packet: first-corr is its wall time
-	endAt       int64         // when non-zero, the flow ends at this time
+	afterDur    uint32              // packets after -captureduration
+	refused     [NumRefusals]uint32 // packets refused by the limits before the flow was tracked (refusedTable)
+	wire        uint64              // the original lengths of the packets kept
+	start       captureCounts       // the capture's counters before the first packet
+	source      names.Source        // the UUID source of the file's name, at its final Push
+	ends        [2]end              // A and B
+	first, last int64               // unix nanoseconds, plus Demuxer.corr
+	corr        int64               // Demuxer.corr at the first packet: first-corr is its wall time
+	endAt       int64               // when non-zero, the flow ends at this time
 	entry       *names.Entry
 	out         FlowWriter // once named in stream mode, or once spilled
 	outName     string     // the name out was started or renamed with

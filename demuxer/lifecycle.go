@@ -73,8 +73,10 @@ func (d *Demuxer) finish(f *flow) {
 // its headers.
 func (d *Demuxer) nameOrDiscard(f *flow, shutdown bool) {
 	if d.o.Fallback != nil {
-		d.name(f, d.o.Fallback(f.key, f.firstWall()))
-		return
+		if e := d.o.Fallback(f.key, f.firstWall()); e != nil {
+			d.name(f, e)
+			return
+		}
 	}
 	d.discard(f, shutdown)
 }
@@ -82,11 +84,11 @@ func (d *Demuxer) nameOrDiscard(f *flow, shutdown bool) {
 // discard drops the headers of a flow that got no UUID.
 func (d *Demuxer) discard(f *flow, shutdown bool) {
 	if shutdown {
-		d.c.shutdown += uint64(f.buf.Packets())
-		d.c.endedShutdown++
+		d.c.packets[ShutdownNoUUID] += uint64(f.buf.Packets())
+		d.c.ended[EndedShutdown]++
 	} else {
-		d.c.noUUID += uint64(f.buf.Packets())
-		d.c.uuidTimeout++
+		d.c.packets[NoUUID] += uint64(f.buf.Packets())
+		d.c.ended[EndedUUIDTimeout]++
 	}
 	f.buf.Reset()
 	f.buf = record.Buffer{}

@@ -8,6 +8,7 @@ import (
 	"github.com/google/gopacket/layers"
 
 	"github.com/m-lab/packet-headers/names"
+	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
 )
 
@@ -44,7 +45,7 @@ func TestNoUUIDIsDiscarded(t *testing.T) {
 	t.Parallel() // its counts are its demuxer's own
 	h := newHarness(t, nil)
 	c := newConn(1000, 1)
-	before := float64(h.d.Stats().Packets.Get("no_uuid"))
+	before := float64(h.d.Stats().Packets[NoUUID].Load())
 	h.packet(0, c.syn(t))
 	h.packet(1*ms, c.synack(t))
 	h.packet(2*ms, c.data(t, true, 0)) // the handshake's ACK: not half-open
@@ -60,7 +61,7 @@ func TestNoUUIDIsDiscarded(t *testing.T) {
 	if h.files() != 0 {
 		t.Error("a file was written for a flow named after -uuidwaitduration")
 	}
-	if got := float64(h.d.Stats().Packets.Get("no_uuid")) - before; got != 4 {
+	if got := float64(h.d.Stats().Packets[NoUUID].Load()) - before; got != 4 {
 		t.Errorf("%v packets counted as no_uuid, want 4", got)
 	}
 }
@@ -98,7 +99,7 @@ func TestCaptureDuration(t *testing.T) {
 	h.packet(0, c.syn(t))
 	h.packet(500*ms, c.data(t, true, 10))
 	h.packet(1000*ms, c.data(t, true, 10)) // exactly at the limit: kept
-	before := float64(h.d.Stats().Packets.Get("after_captureduration"))
+	before := float64(h.d.Stats().Packets[AfterCaptureDuration].Load())
 	h.packet(1001*ms, c.data(t, true, 10))
 	if got := len(h.file("u")); got != 3 {
 		t.Errorf("%d packets saved, want the 3 within -captureduration (the file finished at once)", got)
@@ -106,7 +107,7 @@ func TestCaptureDuration(t *testing.T) {
 	h.packet(1500*ms, c.data(t, false, 10))
 	h.tick(2 * time.Second)
 	h.d.Close()
-	if got := float64(h.d.Stats().Packets.Get("after_captureduration")) - before; got != 2 {
+	if got := float64(h.d.Stats().Packets[AfterCaptureDuration].Load()) - before; got != 2 {
 		t.Errorf("%v packets counted after captureduration, want 2", got)
 	}
 }
@@ -199,10 +200,10 @@ func TestShutdown(t *testing.T) {
 func TestUndecodableCounted(t *testing.T) {
 	t.Parallel() // its counts are its demuxer's own
 	h := newHarness(t, nil)
-	before := float64(h.d.Stats().Undecodable.Get("truncated"))
+	before := float64(h.d.Stats().Undecodable[packet.Truncated].Load())
 	h.packet(0, []byte{1, 2, 3})
 	h.tick(time.Second)
-	if got := float64(h.d.Stats().Undecodable.Get("truncated")) - before; got != 1 {
+	if got := float64(h.d.Stats().Undecodable[packet.Truncated].Load()) - before; got != 1 {
 		t.Errorf("%v truncated frames counted, want 1", got)
 	}
 }
@@ -263,8 +264,8 @@ func TestEndedFlowForgotten(t *testing.T) {
 		t.Fatalf("%d flows after the timeout", h.d.Flows())
 	}
 	h.packet(32*time.Second, c.data(t, true, 10))
-	if h.d.Flows() != 1 || h.d.Counts().Flows != 2 {
-		t.Errorf("%d flows tracked, %d started; want the late packet to start a second flow", h.d.Flows(), h.d.Counts().Flows)
+	if h.d.Flows() != 1 || h.d.Counts().Started != 2 {
+		t.Errorf("%d flows tracked, %d started; want the late packet to start a second flow", h.d.Flows(), h.d.Counts().Started)
 	}
 	if got := len(h.file("first")); got != 2 {
 		t.Errorf("the first flow's file has %d packets, want its 2", got)

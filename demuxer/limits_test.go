@@ -12,13 +12,13 @@ func TestMaxFlows(t *testing.T) {
 	a, b := newConn(1000, 1), newConn(2000, 2)
 	h.open(0, "a", a)
 	h.open(0, "b", b)
-	refused := float64(h.d.Stats().Refused.Get("flow_limit"))
+	refused := float64(h.d.Stats().Refused[RefusedFlowLimit].Load())
 	h.packet(1*ms, a.syn(t))
 	h.packet(2*ms, b.syn(t))
 	h.packet(3*ms, a.synack(t))
 	h.packet(4*ms, b.synack(t))
 	h.tick(100 * ms)
-	if got := float64(h.d.Stats().Refused.Get("flow_limit")) - refused; got != 1 {
+	if got := float64(h.d.Stats().Refused[RefusedFlowLimit].Load()) - refused; got != 1 {
 		t.Errorf("%v flows refused, want 1", got)
 	}
 	h.d.Close()
@@ -53,8 +53,8 @@ func TestMaxHeapAtTick(t *testing.T) {
 	h.lim.MaxHeap = 1 // any heap is over it
 	h.tick(100 * ms)
 	h.packet(101*ms, b.syn(t))
-	if h.d.Flows() != 1 || h.d.Counts().MemoryLimit != 1 {
-		t.Errorf("%d flows, %d packets refused for memory; want the first flow alone", h.d.Flows(), h.d.Counts().MemoryLimit)
+	if h.d.Flows() != 1 || h.d.Counts().Packets[MemoryLimit] != 1 {
+		t.Errorf("%d flows, %d packets refused for memory; want the first flow alone", h.d.Flows(), h.d.Counts().Packets[MemoryLimit])
 	}
 	h.lim.MaxHeap = 1 << 50
 	h.tick(200 * ms)
@@ -130,10 +130,10 @@ func TestHalfOpenEvicted(t *testing.T) {
 	if f := h.d.flows[legit.key()]; f == nil || f.st != named {
 		t.Fatal("the connection was kept out by the flood")
 	}
-	if got := h.d.Stats().Ended.Get("evicted"); got != 31 {
+	if got := h.d.Stats().Ended[EndedEvicted].Load(); got != 31 {
 		t.Errorf("%d flows evicted, want 31 (one for the connection, 30 for the flood)", got)
 	}
-	if got := h.d.Stats().Refused.Get("flow_limit"); got != 0 {
+	if got := h.d.Stats().Refused[RefusedFlowLimit].Load(); got != 0 {
 		t.Errorf("%d flows refused, want none while half-open flows can be evicted", got)
 	}
 	// Established flows are not evicted: with the table full of them, a
@@ -147,9 +147,9 @@ func TestHalfOpenEvicted(t *testing.T) {
 	}
 	h2.packet(4*ms, spoofed(99).syn(t))
 	h2.tick(5 * ms)
-	if h2.d.Flows() != 3 || h2.d.Stats().Refused.Get("flow_limit") != 1 || h2.d.Stats().Ended.Get("evicted") != 0 {
+	if h2.d.Flows() != 3 || h2.d.Stats().Refused[RefusedFlowLimit].Load() != 1 || h2.d.Stats().Ended[EndedEvicted].Load() != 0 {
 		t.Errorf("%d flows, %d refused, %d evicted: want the 3 established kept and the SYN refused",
-			h2.d.Flows(), h2.d.Stats().Refused.Get("flow_limit"), h2.d.Stats().Ended.Get("evicted"))
+			h2.d.Flows(), h2.d.Stats().Refused[RefusedFlowLimit].Load(), h2.d.Stats().Ended[EndedEvicted].Load())
 	}
 	// Past the UUID deadline the flood's flows are forgotten.
 	h.tick(at + 5*time.Second + 2*ms)

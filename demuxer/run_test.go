@@ -178,7 +178,7 @@ func TestClockSteps(t *testing.T) {
 		capt.steps = steps
 		stepsBefore := h.d.Stats().ClockSteps.Load()
 		h.d.Run(capt, func() time.Time { return time.Unix(0, capt.wall) }, func(err error) { t.Error(err) })
-		if got := h.d.Stats().Ended.Get("uuid_timeout"); got != 1 {
+		if got := h.d.Stats().Ended[EndedUUIDTimeout].Load(); got != 1 {
 			t.Errorf("step %v: %d flows ended at their UUID deadline, want the unnamed one", jump, got)
 		}
 		if got := h.d.Stats().ClockSteps.Load() - stepsBefore; got != 1 {

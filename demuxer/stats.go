@@ -5,41 +5,86 @@ import (
 	"sync/atomic"
 
 	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 )
 
-// counters are counted per packet in plain fields and published by Tick.
+// PacketOutcome is why the demuxer saved no copy of a frame: a value of
+// pcap_packets_total's outcome label (the saver counts the others:
+// saved, write_error, low_space).
+type PacketOutcome uint8
+
+// The demuxer's packet outcomes.
+const (
+	Excluded             PacketOutcome = iota // tcp-info's exclusion rules (package exclude)
+	NoUUID                                    // its flow got no UUID within -uuidwaitduration
+	AfterCaptureDuration                      // later than -captureduration after its flow's first packet
+	FlowLimit                                 // its flow was refused, or evicted, at -maxflows
+	MemoryLimit                               // its flow was refused at -maxheap
+	Undecodable                               // not decodable TCP/IP (by kind: packet.Kind)
+	ShutdownNoUUID                            // its flow was still unnamed at shutdown
+	NumPacketOutcomes
+)
+
+var packetOutcomes = [NumPacketOutcomes]string{"excluded", "no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid"}
+
+func (o PacketOutcome) String() string { return packetOutcomes[o] }
+
+// Refusal is the limit that kept a new flow out: a value of
+// pcap_flows_refused_total's limit label, counted on the flow's SYN.
+type Refusal uint8
+
+// The limits.
+const (
+	RefusedFlowLimit   Refusal = iota // -maxflows
+	RefusedMemoryLimit                // -maxheap
+	NumRefusals
+)
+
+var refusals = [NumRefusals]string{"flow_limit", "memory_limit"}
+
+func (r Refusal) String() string { return refusals[r] }
+
+// EndOutcome is how a tracked flow ended without a file: a value of
+// pcap_flows_ended_total's outcome label (the saver counts those with one).
+type EndOutcome uint8
+
+// The ends of flows without a file.
+const (
+	EndedUUIDTimeout EndOutcome = iota // no UUID within -uuidwaitduration
+	EndedShutdown                      // none at shutdown
+	EndedEvicted                       // half-open and unnamed, its place taken at -maxflows
+	NumEndOutcomes
+)
+
+var endOutcomes = [NumEndOutcomes]string{"uuid_timeout", "shutdown", "evicted"}
+
+func (o EndOutcome) String() string { return endOutcomes[o] }
+
+// counters are a demuxer's counts, kept in plain fields by its goroutine
+// (no atomic, no lock per packet) and published to Stats by Tick.
 type counters struct {
-	captured, afterDur, noUUID, flowLimit, memLimit, shutdown uint64
-	excluded, evicted, steps                                  uint64
-	undecodable                                               [packet.NumKinds]uint64
-	started, refusedFlows, refusedMem, uuidTimeout            uint64
-	endedShutdown                                             uint64 // flows unnamed at Close
+	captured, started, steps uint64
+	packets                  [NumPacketOutcomes]uint64 // frames not saved
+	undecodable              [packet.NumKinds]uint64   // by kind; their sum is packets[Undecodable]
+	refused                  [NumRefusals]uint64       // new flows
+	ended                    [NumEndOutcomes]uint64    // flows without a file
 }
 
-// Counts are a demuxer's totals since it started.
+// Counts are a demuxer's totals since it started, as counted.
 type Counts struct {
-	Packets        uint64            // frames given to Packet
-	Undecodable    uint64            // frames that were not decodable TCP/IP
-	Flows          uint64            // flows started
-	Named          map[string]uint64 // flows named, by the source that named them
-	NoUUID         uint64            // packets of flows never named
-	AfterDuration  uint64            // packets after -captureduration
-	FlowLimit      uint64            // packets of flows refused by -maxflows
-	MemoryLimit    uint64            // packets of flows refused by -maxheap
-	ShutdownNoUUID uint64            // packets of flows still unnamed at Close
+	Captured uint64                    // frames given to Packet
+	Started  uint64                    // flows started
+	Packets  [NumPacketOutcomes]uint64 // frames not saved, by outcome
+	Named    map[names.Source]uint64   // flows named, by the source that named them
 }
 
 // Counts returns the demuxer's totals. Like Packet, it must be called from
 // the demuxer's goroutine.
 func (d *Demuxer) Counts() Counts {
-	c := Counts{Packets: d.c.captured, Flows: d.c.started, NoUUID: d.c.noUUID, AfterDuration: d.c.afterDur,
-		FlowLimit: d.c.flowLimit, MemoryLimit: d.c.memLimit, ShutdownNoUUID: d.c.shutdown, Named: map[string]uint64{}}
+	c := Counts{Captured: d.c.captured, Started: d.c.started, Packets: d.c.packets, Named: map[names.Source]uint64{}}
 	for src, n := range d.named {
 		c.Named[src] = n
-	}
-	for _, n := range d.c.undecodable {
-		c.Undecodable += n
 	}
 	return c
 }
@@ -47,38 +92,28 @@ func (d *Demuxer) Counts() Counts {
 // Stats are a demuxer's counts as published at its last tick, for readers
 // on other goroutines (the daemon's metrics). Safe for concurrent use.
 type Stats struct {
-	Captured    atomic.Uint64     // frames given to Packet
-	Started     atomic.Uint64     // flows started
-	ClockSteps  atomic.Uint64     // steps of the wall clock seen by Run
-	Packets     *metrics.Counters // frames not saved, by PacketOutcomes
-	Undecodable *metrics.Counters // frames not decodable, by packet.Kind
-	Refused     *metrics.Counters // new flows refused, by RefusalLimits
-	Ended       *metrics.Counters // flows ended without a file, by EndOutcomes
+	Captured    atomic.Uint64                    // frames given to Packet
+	Started     atomic.Uint64                    // flows started
+	ClockSteps  atomic.Uint64                    // steps of the wall clock seen by Run
+	Packets     [NumPacketOutcomes]atomic.Uint64 // frames not saved
+	Undecodable [packet.NumKinds]atomic.Uint64   // frames not decodable, by kind
+	Refused     [NumRefusals]atomic.Uint64       // new flows refused
+	Ended       [NumEndOutcomes]atomic.Uint64    // flows ended without a file
 	UUIDWait    *metrics.Histogram
 	mu          sync.Mutex
-	named       map[string]uint64
+	named       map[names.Source]uint64
 }
 
 // Named returns the flows named, by the source that named them.
-func (s *Stats) Named() map[string]uint64 {
+func (s *Stats) Named() map[names.Source]uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make(map[string]uint64, len(s.named))
+	out := make(map[names.Source]uint64, len(s.named))
 	for k, v := range s.named {
 		out[k] = v
 	}
 	return out
 }
-
-// PacketOutcomes are the reasons the demuxer does not save a frame.
-var PacketOutcomes = []string{"excluded", "no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid"}
-
-// RefusalLimits are the limits that refuse new flows: -maxflows, -maxheap.
-var RefusalLimits = []string{"flow_limit", "memory_limit"}
-
-// EndOutcomes are the ends of flows that get no file: no UUID in time,
-// none at shutdown, or evicted at -maxflows (half-open and unnamed).
-var EndOutcomes = []string{"uuid_timeout", "shutdown", "evicted"}
 
 // UUIDWaitBuckets are the bounds, in seconds, of Stats.UUIDWait.
 var UUIDWaitBuckets = []float64{0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10}
@@ -95,13 +130,7 @@ func NewStats() *Stats {
 }
 
 func (s *Stats) init() {
-	kinds := make([]string, 0, packet.NumKinds-1)
-	for k := packet.Kind(1); k < packet.NumKinds; k++ {
-		kinds = append(kinds, k.String())
-	}
-	s.Packets, s.Undecodable = metrics.NewCounters(PacketOutcomes...), metrics.NewCounters(kinds...)
-	s.Refused, s.Ended = metrics.NewCounters(RefusalLimits...), metrics.NewCounters(EndOutcomes...)
-	s.UUIDWait, s.named = metrics.NewHistogram(UUIDWaitBuckets...), map[string]uint64{}
+	s.UUIDWait, s.named = metrics.NewHistogram(UUIDWaitBuckets...), map[names.Source]uint64{}
 }
 
 // AddTo adds s's counts to dst's.
@@ -109,11 +138,10 @@ func (s *Stats) AddTo(dst *Stats) {
 	dst.Captured.Add(s.Captured.Load())
 	dst.Started.Add(s.Started.Load())
 	dst.ClockSteps.Add(s.ClockSteps.Load())
-	for _, c := range [][2]*metrics.Counters{{s.Packets, dst.Packets}, {s.Undecodable, dst.Undecodable}, {s.Refused, dst.Refused}, {s.Ended, dst.Ended}} {
-		for _, v := range c[0].Values() {
-			c[1].Add(v, c[0].Get(v))
-		}
-	}
+	addAll(dst.Packets[:], s.Packets[:])
+	addAll(dst.Undecodable[:], s.Undecodable[:])
+	addAll(dst.Refused[:], s.Refused[:])
+	addAll(dst.Ended[:], s.Ended[:])
 	dst.UUIDWait.Merge(s.UUIDWait)
 	named := s.Named()
 	dst.mu.Lock()
@@ -123,28 +151,28 @@ func (s *Stats) AddTo(dst *Stats) {
 	dst.mu.Unlock()
 }
 
+func addAll(dst, src []atomic.Uint64) {
+	for i := range src {
+		dst[i].Add(src[i].Load())
+	}
+}
+
+func storeAll(dst []atomic.Uint64, src []uint64) {
+	for i := range src {
+		dst[i].Store(src[i])
+	}
+}
+
+// publish stores the counters into Stats, at each tick and at Close.
 func (d *Demuxer) publish() {
 	st, c := &d.stats, &d.c
 	st.Captured.Store(c.captured)
 	st.Started.Store(c.started)
-	st.Packets.Store("after_captureduration", c.afterDur)
-	st.Packets.Store("no_uuid", c.noUUID)
-	st.Packets.Store("excluded", c.excluded)
-	st.Packets.Store("flow_limit", c.flowLimit)
-	st.Packets.Store("memory_limit", c.memLimit)
-	st.Packets.Store("shutdown_no_uuid", c.shutdown)
-	st.Refused.Store("flow_limit", c.refusedFlows)
-	st.Refused.Store("memory_limit", c.refusedMem)
-	st.Ended.Store("uuid_timeout", c.uuidTimeout)
-	st.Ended.Store("shutdown", c.endedShutdown)
-	st.Ended.Store("evicted", c.evicted)
 	st.ClockSteps.Store(c.steps)
-	var undecodable uint64
-	for k := packet.Kind(1); k < packet.NumKinds; k++ {
-		undecodable += c.undecodable[k]
-		st.Undecodable.Store(k.String(), c.undecodable[k])
-	}
-	st.Packets.Store("undecodable", undecodable)
+	storeAll(st.Packets[:], c.packets[:])
+	storeAll(st.Undecodable[:], c.undecodable[:])
+	storeAll(st.Refused[:], c.refused[:])
+	storeAll(st.Ended[:], c.ended[:])
 	st.mu.Lock()
 	for src, n := range d.named {
 		st.named[src] = n

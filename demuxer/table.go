@@ -31,19 +31,19 @@ func (d *Demuxer) lookup(p *packet.Parsed) (*flow, bool) {
 func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow {
 	l := d.o.Limits
 	if l.overMemory.Load() {
-		d.c.memLimit++
+		d.c.packets[MemoryLimit]++
 		if pureSYN {
-			d.c.refusedMem++
+			d.c.refused[RefusedMemoryLimit]++
 		}
-		d.refuse(&k, 1)
+		d.refuse(&k, RefusedMemoryLimit)
 		return nil
 	}
 	if !l.take() && !(d.evict(tsn) && l.take()) {
-		d.c.flowLimit++
+		d.c.packets[FlowLimit]++
 		if pureSYN {
-			d.c.refusedFlows++
+			d.c.refused[RefusedFlowLimit]++
 		}
-		d.refuse(&k, 0)
+		d.refuse(&k, RefusedFlowLimit)
 		return nil
 	}
 	d.c.started++
@@ -82,8 +82,8 @@ func (d *Demuxer) evict(tsn int64) bool {
 			continue
 		}
 		// Its packets count as the limit's, not as a missing UUID.
-		d.c.evicted++
-		d.c.flowLimit += uint64(f.buf.Packets())
+		d.c.ended[EndedEvicted]++
+		d.c.packets[FlowLimit] += uint64(f.buf.Packets())
 		f.buf.Reset()
 		f.buf = record.Buffer{}
 		f.st = discarded

@@ -342,7 +342,7 @@ func openKernel(c *Config, p *pipeline.Pipeline, local []netip.Addr, prefix *nam
 			o.Ready = func() bool { return prefix.Learnt() || !events.Connected() }
 		}
 	}
-	k.src = sockdiag.NewSource(p.Names, o)
+	k.src = sockdiag.NewSource(p.Gate(), o)
 	return k, nil
 }
 

@@ -10,6 +10,8 @@ import (
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/metrics/exporter"
+	"github.com/m-lab/packet-headers/names"
+	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/pipeline"
 	"github.com/m-lab/packet-headers/sockdiag"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
@@ -92,14 +94,14 @@ func families(x *parts) *exporter.Collector {
 		byLabel("pcap_packets_total", "Captured frames by outcome: saved, excluded (tcp-info's exclusion rules), no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, low_space, shutdown_no_uuid.", "outcome",
 			func(emit func(float64, ...string)) {
 				emitAll(emit, sv.Packets)
-				for _, o := range demuxer.PacketOutcomes {
-					emit(sum(func(s *demuxer.Stats) uint64 { return s.Packets.Get(o) }), o)
+				for o := range demuxer.NumPacketOutcomes {
+					emit(sum(func(s *demuxer.Stats) uint64 { return s.Packets[o].Load() }), o.String())
 				}
 			}),
 		byLabel("pcap_undecodable_packets_total", "Frames that were not decodable TCP/IP, by kind (truncated, bad_ip, bad_tcp, fragment, not_tcp, unknown_link, too_many_headers).", "kind",
 			func(emit func(float64, ...string)) {
-				for _, k := range x.captures.retired.Undecodable.Values() {
-					emit(sum(func(s *demuxer.Stats) uint64 { return s.Undecodable.Get(k) }), k)
+				for k := packet.Kind(1); k < packet.NumKinds; k++ {
+					emit(sum(func(s *demuxer.Stats) uint64 { return s.Undecodable[k].Load() }), k.String())
 				}
 			}),
 		counter("pcap_clock_steps_total", "Steps of the wall clock (against the monotonic clock) seen by the captures' demuxers; deadlines follow the monotonic clock, so a step changes no flow's fate.",
@@ -109,26 +111,26 @@ func families(x *parts) *exporter.Collector {
 		byLabel("pcap_flows_ended_total", "Tracked flows that ended, by outcome: saved, uuid_timeout, write_error, low_space, shutdown, evicted (half-open and unnamed, its place taken at -maxflows).", "outcome",
 			func(emit func(float64, ...string)) {
 				emitAll(emit, sv.Flows)
-				for _, o := range demuxer.EndOutcomes {
-					emit(sum(func(s *demuxer.Stats) uint64 { return s.Ended.Get(o) }), o)
+				for o := range demuxer.NumEndOutcomes {
+					emit(sum(func(s *demuxer.Stats) uint64 { return s.Ended[o].Load() }), o.String())
 				}
 			}),
 		byLabel("pcap_flows_refused_total", "New flows not tracked because a limit was reached, by limit (flow_limit for -maxflows, memory_limit for -maxheap); counted on their SYN.", "limit",
 			func(emit func(float64, ...string)) {
-				for _, l := range demuxer.RefusalLimits {
-					emit(sum(func(s *demuxer.Stats) uint64 { return s.Refused.Get(l) }), l)
+				for l := range demuxer.NumRefusals {
+					emit(sum(func(s *demuxer.Stats) uint64 { return s.Refused[l].Load() }), l.String())
 				}
 			}),
 		byLabel("pcap_uuids_total", "Flows named, by the source of the UUID (eventsocket: tcp-info; kernel: sock_diag socket cookies).", "source",
 			func(emit func(float64, ...string)) {
-				named := map[string]uint64{"eventsocket": 0, "kernel": 0}
+				named := map[names.Source]uint64{names.EventSocket: 0, names.Kernel: 0}
 				for _, s := range x.captures.stats() {
 					for src, n := range s.Named() {
 						named[src] += n
 					}
 				}
 				for src, n := range named {
-					emit(float64(n), src)
+					emit(float64(n), string(src))
 				}
 			}),
 		counter("pcap_files_written_total", "Per-flow pcap files completed and renamed into place.",

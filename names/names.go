@@ -32,13 +32,27 @@ import (
 	"github.com/m-lab/packet-headers/packet"
 )
 
+// Source is who named a connection: a closed set, the values of the
+// source label of pcap_uuids_total and of the flow index's "source".
+type Source string
+
+// The sources of names.
+const (
+	EventSocket Source = "eventsocket" // tcp-info's eventsocket
+	Kernel      Source = "kernel"      // the kernel's socket cookie (package sockdiag)
+	Fallback    Source = "fallback"    // offline mode's name from the time and the 4-tuple
+)
+
+// Sources are every Source.
+var Sources = []Source{EventSocket, Kernel, Fallback}
+
 // Entry is one announced connection.
 type Entry struct {
 	// UUID is the name the entry was claimed with; Name returns the name
 	// it has now.
 	UUID     string
 	Key      packet.Key
-	Source   string    // who announced it
+	Source   Source    // who announced it
 	Cookie   uint64    // the kernel's socket cookie, 0 if unknown
 	OpenedAt time.Time // the announcement's timestamp
 
@@ -64,7 +78,7 @@ func (e *Entry) Name() string {
 
 // NameSource returns the entry's name as it is now and the source that
 // gave it. It is safe to call without the table's lock.
-func (e *Entry) NameSource() (name, source string) {
+func (e *Entry) NameSource() (name string, source Source) {
 	if n := e.renamed.Load(); n != nil {
 		return n.name, n.source
 	}
@@ -72,7 +86,10 @@ func (e *Entry) NameSource() (name, source string) {
 }
 
 // renaming is a name given after the claim, and its source.
-type renaming struct{ name, source string }
+type renaming struct {
+	name   string
+	source Source
+}
 
 // Closed returns when the connection was announced closed, or false while it
 // is open. It is safe to call without the table's lock.
@@ -94,13 +111,13 @@ type Options struct {
 	Now func() time.Time
 	// Authority is the source whose name for a socket (same cookie) replaces
 	// another source's, as long as no flow claimed that one.
-	Authority string
+	Authority Source
 }
 
 // Table maps connections to their announced UUIDs.
 type Table struct {
 	ttl       time.Duration
-	authority string
+	authority Source
 	max       int
 	now       func() time.Time
 	mu        sync.Mutex
@@ -133,7 +150,7 @@ func New(opts *Options) *Table {
 // A connection already announced with the same UUID, or with the same
 // non-zero socket cookie (the same socket named by another source), is not
 // announced again. It reports whether the announcement was new.
-func (t *Table) Open(ts time.Time, uuid string, k packet.Key, source string, cookie uint64) bool {
+func (t *Table) Open(ts time.Time, uuid string, k packet.Key, source Source, cookie uint64) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if _, ok := t.byUUID[uuid]; ok {

@@ -160,6 +160,7 @@ func FallbackName(k packet.Key, first time.Time, a *anonymize.Anonymizer) string
 // so the same input always gives the same names.
 type fallbacks struct {
 	anon *anonymize.Anonymizer
+	gate pipeline.Gate
 	// The names given, in two generations of at most fallbackGeneration
 	// each: two flows can have one base name only if their first packets
 	// have the same time to the nanosecond, so they are named close
@@ -189,11 +190,8 @@ func (f *fallbacks) name(k packet.Key, first time.Time, ifc int) *names.Entry {
 	if name != base {
 		f.cur[name]++
 	}
-	return &names.Entry{UUID: name, Key: k, Source: FallbackSource, OpenedAt: first}
+	return f.gate.Fallback(name, k, first)
 }
-
-// FallbackSource is the source of fallback names.
-const FallbackSource = "fallback"
 
 // fallbackNamer names every flow that the table cannot name, at its first
 // packet (without events there is nothing to wait for).
@@ -211,7 +209,7 @@ func (f fallbackNamer) Claim(k packet.Key, first time.Time) *names.Entry {
 }
 
 func (f fallbackNamer) Release(e *names.Entry) {
-	if e.Source != FallbackSource {
+	if e.Source != names.Fallback {
 		f.t.Release(e)
 	}
 }
@@ -328,7 +326,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		return sum, err
 	}
 	sv, table := p.Saver, p.Names
-	fb := &fallbacks{anon: p.Anon, cur: map[string]int{}}
+	fb := &fallbacks{anon: p.Anon, gate: p.Gate(), cur: map[string]int{}}
 	demuxers := map[int]*demuxer.Demuxer{} // by interface (pcapng) or 0
 	unsupported := map[int]bool{}
 	get := func(ifc int) *demuxer.Demuxer {
@@ -469,16 +467,16 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	}
 	for ifc, d := range demuxers {
 		c := d.Counts()
-		sum.Packets += c.Packets
-		sum.Undecodable += c.Undecodable
+		sum.Packets += c.Captured
+		sum.Undecodable += c.Packets[demuxer.Undecodable]
 		if unsupported[ifc] {
-			sum.UnsupportedPackets += c.Packets
+			sum.UnsupportedPackets += c.Captured
 		}
-		sum.NamedByEvents += c.Named["eventsocket"]
-		sum.NamedByFallback += c.Named[FallbackSource]
-		sum.Flows += c.Flows
-		sum.NoUUID += c.NoUUID + c.ShutdownNoUUID
-		sum.AfterDuration += c.AfterDuration
+		sum.NamedByEvents += c.Named[names.EventSocket]
+		sum.NamedByFallback += c.Named[names.Fallback]
+		sum.Flows += c.Started
+		sum.NoUUID += c.Packets[demuxer.NoUUID] + c.Packets[demuxer.ShutdownNoUUID]
+		sum.AfterDuration += c.Packets[demuxer.AfterCaptureDuration]
 	}
 	sum.Files, sum.Bytes, sum.WriteErrors = sv.Written()
 	if readErr == nil && ctx.Err() != nil {

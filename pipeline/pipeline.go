@@ -23,9 +23,6 @@ import (
 	"github.com/m-lab/packet-headers/saver"
 )
 
-// EventSource is the names source of tcp-info's announcements.
-const EventSource = "eventsocket"
-
 // Config is what the pipeline is built from.
 type Config struct {
 	Saver           saver.Options
@@ -104,7 +101,7 @@ func New(c Config) (*Pipeline, error) {
 	// An announcement that no flow claimed within this long never will be.
 	o := &names.Options{TTL: max(c.CaptureDuration, c.FlowTimeout) + c.UUIDWait, Now: c.Now}
 	if c.Authoritative {
-		o.Authority = EventSource
+		o.Authority = names.EventSocket
 	}
 	return &Pipeline{
 		Saver:  sv,
@@ -147,7 +144,7 @@ func (p *Pipeline) Open(ts time.Time, uuid string, local, remote netip.AddrPort,
 	if err := saver.CheckUUID(uuid); err != nil {
 		return fmt.Errorf("Open of %v-%v: %w", local, remote, err)
 	}
-	p.Names.Open(ts, uuid, packet.KeyFromAddrPorts(local, remote), EventSource, cookie)
+	p.Gate().Open(ts, uuid, packet.KeyFromAddrPorts(local, remote), names.EventSocket, cookie)
 	return nil
 }
 
@@ -157,8 +154,46 @@ func (p *Pipeline) Close(ts time.Time, uuid string) error {
 	if err := saver.CheckUUID(uuid); err != nil {
 		return fmt.Errorf("Close: %w", err)
 	}
-	p.Names.Close(ts, uuid)
+	p.Gate().Close(ts, uuid)
 	return nil
+}
+
+// Gate is the one path of every name to the names table, whatever its
+// source: tcp-info's announcements (Pipeline.Open and Close), the
+// kernel's (package sockdiag takes a Gate as its Sink) and offline mode's
+// fallback names (Fallback). Each name is checked once here (saver.CheckUUID:
+// it must be able to name a file); one that cannot changes nothing
+// (TestGate).
+type Gate struct{ p *Pipeline }
+
+// Gate returns the pipeline's gate.
+func (p *Pipeline) Gate() Gate { return Gate{p} }
+
+// Open announces connection k, opened at ts, named uuid by source, and
+// reports whether the table took it.
+func (g Gate) Open(ts time.Time, uuid string, k packet.Key, source names.Source, cookie uint64) bool {
+	return saver.CheckUUID(uuid) == nil && g.p.Names.Open(ts, uuid, k, source, cookie)
+}
+
+// Close announces that the connection named uuid closed at ts, and
+// reports whether the table knew it.
+func (g Gate) Close(ts time.Time, uuid string) bool {
+	return saver.CheckUUID(uuid) == nil && g.p.Names.Close(ts, uuid)
+}
+
+// NamedSince reports whether connection k has an announcement a flow may
+// still claim, or one made since t (names.Table.NamedSince).
+func (g Gate) NamedSince(k packet.Key, t time.Time) bool { return g.p.Names.NamedSince(k, t) }
+
+// Fallback returns the entry of a name that offline mode made up for
+// connection k, whose first packet came at first (names.Fallback), or nil
+// if the name cannot name a file. Fallback names are the demuxer's own and
+// never enter the table.
+func (g Gate) Fallback(name string, k packet.Key, first time.Time) *names.Entry {
+	if saver.CheckUUID(name) != nil {
+		return nil
+	}
+	return &names.Entry{UUID: name, Key: k, Source: names.Fallback, OpenedAt: first}
 }
 
 // Wait waits until every flow handed to the saver is written, with its

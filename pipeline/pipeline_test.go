@@ -13,6 +13,7 @@ import (
 	"github.com/google/gopacket/layers"
 
 	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/saver"
 )
@@ -72,4 +73,37 @@ func segment(t *testing.T, src, dst netip.AddrPort, syn bool) []byte {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
+}
+
+// TestGate: the kernel's names and offline fallback names pass the same
+// check as tcp-info's; one that cannot name a file changes nothing.
+func TestGate(t *testing.T) {
+	p, err := New(Config{Saver: saver.Options{Dir: filepath.Join(t.TempDir(), "data")}, MaxHeaderSize: 128,
+		CaptureDuration: time.Minute, FlowTimeout: time.Minute, UUIDWait: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := p.Gate()
+	ts := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	k := packet.KeyFromAddrPorts(netip.MustParseAddrPort("192.0.2.1:443"), netip.MustParseAddrPort("198.51.100.7:50000"))
+	for _, bad := range []string{"", "../x", "a/b", "\u202ename", "nl\n"} {
+		if g.Open(ts, bad, k, names.Kernel, 7) || g.Close(ts, bad) {
+			t.Errorf("the gate took %q", bad)
+		}
+		if e := g.Fallback(bad, k, ts); e != nil {
+			t.Errorf("Fallback(%q) = %v, want nil", bad, e)
+		}
+	}
+	if n := p.Names.Len(); n != 0 || g.NamedSince(k, ts) {
+		t.Fatalf("%d entries after bad names, want 0", n)
+	}
+	if !g.Open(ts, "host_1_0000000000000007", k, names.Kernel, 7) || !g.NamedSince(k, ts) {
+		t.Fatal("a good kernel name was refused")
+	}
+	if e := p.Names.Claim(k, ts); e == nil || e.Source != names.Kernel {
+		t.Fatalf("claimed %v, want the kernel's name", e)
+	}
+	if e := g.Fallback("192.0.2.1_443_x", k, ts); e == nil || e.Source != names.Fallback || e.UUID != "192.0.2.1_443_x" {
+		t.Errorf("Fallback = %+v", e)
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 )
 
@@ -155,7 +156,7 @@ func (s *Source) name(ts time.Time, cookie uint64, k packet.Key, closed bool) {
 		return
 	}
 	u := s.o.UUID(cookie)
-	s.sink.Open(ts, u, k, SourceName, cookie)
+	s.sink.Open(ts, u, k, names.Kernel, cookie)
 	if closed {
 		s.sink.Close(ts, u)
 	}

@@ -87,7 +87,7 @@ func BenchmarkNameFlows(b *testing.B) {
 // swapSink lets the benchmark start each round with an empty table.
 type swapSink struct{ atomic.Pointer[names.Table] }
 
-func (s *swapSink) Open(ts time.Time, u string, k packet.Key, source string, cookie uint64) bool {
+func (s *swapSink) Open(ts time.Time, u string, k packet.Key, source names.Source, cookie uint64) bool {
 	return s.Load().Open(ts, u, k, source, cookie)
 }
 func (s *swapSink) Close(ts time.Time, u string) bool { return s.Load().Close(ts, u) }

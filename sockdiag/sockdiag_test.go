@@ -368,7 +368,7 @@ func TestSourceNamesEstablished(t *testing.T) {
 		src.Request(keyOf(s))
 	}
 	for _, s := range socks {
-		if e := waitClaim(t, tbl, keyOf(s)); e.UUID != uuid.FromCookie(s.Cookie) || e.Source != SourceName {
+		if e := waitClaim(t, tbl, keyOf(s)); e.UUID != uuid.FromCookie(s.Cookie) || e.Source != names.Kernel {
 			t.Errorf("named %s by %s, want %s", e.UUID, e.Source, uuid.FromCookie(s.Cookie))
 		}
 	}

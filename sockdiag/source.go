@@ -9,15 +9,13 @@ import (
 	"time"
 
 	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 )
 
-// SourceName is the source recorded for the names this package finds.
-const SourceName = "kernel"
-
 // Sink takes the names found. *names.Table implements it.
 type Sink interface {
-	Open(ts time.Time, uuid string, k packet.Key, source string, cookie uint64) bool
+	Open(ts time.Time, uuid string, k packet.Key, source names.Source, cookie uint64) bool
 	Close(ts time.Time, uuid string) bool
 	// NamedSince reports whether connection k has an announcement that a
 	// flow may still claim, or one made since t.
