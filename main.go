@@ -35,6 +35,7 @@ import (
 	"github.com/m-lab/packet-headers/offline"
 	"github.com/m-lab/packet-headers/pipeline"
 	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/selection"
 )
 
 // config holds every flag: most are bound to the configuration of the
@@ -47,6 +48,7 @@ type config struct {
 	anonymize                flagx.Enum
 	keyFile                  string
 	excludePorts, excludeIPs flagx.StringArray
+	localPorts               flagx.StringArray
 	minFree                  saver.FreeSpace
 	read, events             string
 	quiet, version           bool
@@ -86,6 +88,8 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.BoolVar(&c.p.Saver.Compress, "compress", true, "Write <uuid>.pcap.gz, compressed from the buffered records with pooled compressors (one gzip member per batch written: the whole file for most flows), the files M-Lab's ETL parses; -compress=false writes <uuid>.pcap")
 	fs.Var(&c.excludePorts, "exclude-srcport", "Never save connections with these local ports (comma-separated, repeatable), as tcp-info's flag of the same name")
 	fs.Var(&c.excludeIPs, "exclude-dstip", "Never save connections with these remote addresses (comma-separated, repeatable), as tcp-info's flag of the same name; loopback, link-local, multicast and unspecified addresses are always excluded, as by tcp-info")
+	fs.BoolVar(&c.p.Outgoing, "outgoing", false, "Also save the connections this host opened (by default only those it accepted are: their SYN came for a local listener)")
+	fs.Var(&c.localPorts, "localport", "Save only connections whose local port is one of these (comma-separated ports and ranges such as 443,3001-3010; repeatable); unset: every port")
 	fs.BoolVar(&c.version, "version", false, "Print the version and exit")
 	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
@@ -162,6 +166,14 @@ func parse(args []string, c *config, stderr io.Writer) error {
 	for _, l := range c.excludeIPs {
 		if err := c.p.Exclude.AddDstIPs(l); err != nil {
 			return err
+		}
+	}
+	if len(c.localPorts) > 0 {
+		c.p.Ports = &selection.Ports{}
+		for _, l := range c.localPorts {
+			if err := c.p.Ports.Add(l); err != nil {
+				return fmt.Errorf("-localport: %w", err)
+			}
 		}
 	}
 	var err error

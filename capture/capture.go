@@ -19,7 +19,6 @@ import (
 	"net/netip"
 	"os"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -59,6 +58,10 @@ type Options struct {
 	// value). Zero delivers every frame as it comes, one wake-up each.
 	BatchDelay time.Duration
 	Filter     string // BPF filter expression; empty captures everything
+	// HostOnly drops, in the kernel, the frames addressed to other hosts
+	// that an interface in promiscuous mode (another capture's) shows: the
+	// native reader runs a check of the frame's packet type before Filter.
+	HostOnly bool
 
 	libpcap bool // read through libpcap even where the native reader works (tests of the fallback)
 }
@@ -80,7 +83,7 @@ func (o *Options) withDefaults() Options {
 	if o.BatchDelay > 0 {
 		r.BatchDelay = max(o.BatchDelay.Round(time.Millisecond), time.Millisecond)
 	}
-	r.Filter, r.libpcap = o.Filter, o.libpcap
+	r.Filter, r.HostOnly, r.libpcap = o.Filter, o.HostOnly, o.libpcap
 	return r
 }
 
@@ -329,31 +332,14 @@ func LocalAddrs() ([]netip.Addr, error) {
 	return out, nil
 }
 
-// Filter returns the BPF filter that keeps only TCP segments to or from one
-// of the local addresses. IPv6 packets whose TCP header follows extension
-// headers are kept too (the classic BPF "tcp" primitive misses them); the
-// decoder sorts them out. With no local address the filter matches nothing.
-func Filter(local []netip.Addr) string {
-	var v4, v6 []string
-	for _, a := range local {
-		if a.Is4() {
-			v4 = append(v4, "host "+a.String())
-		} else {
-			v6 = append(v6, "host "+a.String())
-		}
-	}
-	var parts []string
-	if len(v4) > 0 {
-		parts = append(parts, "(ip and tcp and ("+strings.Join(v4, " or ")+"))")
-	}
-	if len(v6) > 0 {
-		parts = append(parts, "(ip6 and (ip6 proto 6 or ip6 proto 0 or ip6 proto 43 or ip6 proto 44 or ip6 proto 60 or ip6 proto 51) and ("+strings.Join(v6, " or ")+"))")
-	}
-	if len(parts) == 0 {
-		return "less 0" // matches no frame
-	}
-	return strings.Join(parts, " or ")
-}
+// Filter keeps TCP segments. IPv6 packets whose TCP header follows
+// extension headers are kept too (the classic BPF "tcp" primitive misses
+// them); the decoder sorts them out. It names no address, so it is the
+// same program however many addresses the host has, and an address added
+// later is captured at once; with Options.HostOnly, frames of other hosts
+// are dropped in the kernel too, and the daemon tells its connections from
+// forwarded ones at their first packet (package selection).
+const Filter = "(ip and tcp) or (ip6 and (ip6 proto 6 or ip6 proto 0 or ip6 proto 43 or ip6 proto 44 or ip6 proto 60 or ip6 proto 51))"
 
 // BusyTimeout is how long a read may wait while frames are coming (or the
 // read timeout, if longer), before a read times out and the capture is idle

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/netip"
 	"os"
 	"strings"
 	"testing"
@@ -14,25 +13,15 @@ import (
 	"github.com/google/gopacket/pcap"
 )
 
+// TestFilter: libpcap compiles the filter, to the same program whatever
+// the host's addresses (it names none), within the kernel's limit.
 func TestFilter(t *testing.T) {
-	tests := []struct {
-		local []netip.Addr
-		want  string
-	}{
-		{nil, "less 0"},
-		{[]netip.Addr{netip.MustParseAddr("192.0.2.1")}, "(ip and tcp and (host 192.0.2.1))"},
-		{[]netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")},
-			"(ip and tcp and (host 192.0.2.1)) or (ip6 and (ip6 proto 6 or ip6 proto 0 or ip6 proto 43 or ip6 proto 44 or ip6 proto 60 or ip6 proto 51) and (host 2001:db8::1))"},
+	insns, err := pcap.CompileBPFFilter(layers.LinkTypeEthernet, 256, Filter)
+	if err != nil {
+		t.Fatalf("libpcap rejects %q: %v", Filter, err)
 	}
-	for _, tt := range tests {
-		got := Filter(tt.local)
-		if got != tt.want {
-			t.Errorf("Filter(%v) = %q, want %q", tt.local, got, tt.want)
-		}
-		// libpcap must compile it.
-		if _, err := pcap.CompileBPFFilter(layers.LinkTypeEthernet, 256, got); err != nil {
-			t.Errorf("libpcap rejects %q: %v", got, err)
-		}
+	if len(insns)+len(hostOnly) > 4096 {
+		t.Errorf("%d instructions", len(insns))
 	}
 }
 

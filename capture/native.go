@@ -95,6 +95,16 @@ func frameSizeV2(snaplen int) int {
 	return size
 }
 
+// hostOnly is the classic BPF prologue of Options.HostOnly: it loads the
+// frame's packet type (the kernel's ancillary data, SKF_AD_OFF +
+// SKF_AD_PKTTYPE) and drops PACKET_OTHERHOST frames; the program that
+// follows starts afresh, its jumps relative to itself (TestHostOnly).
+var hostOnly = [3]unix.SockFilter{
+	{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 0xfffff000 + 4},
+	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, Jt: 0, Jf: 1, K: unix.PACKET_OTHERHOST},
+	{Code: unix.BPF_RET | unix.BPF_K, K: 0},
+}
+
 // openNative opens a native capture on iface, or says why it cannot.
 func openNative(iface string, o Options) (*nativeReader, error) {
 	ifc, err := net.InterfaceByName(iface)
@@ -118,9 +128,12 @@ func openNative(iface string, o Options) (*nativeReader, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	prog := make([]unix.SockFilter, len(insns))
-	for i, in := range insns {
-		prog[i] = unix.SockFilter{Code: in.Code, Jt: in.Jt, Jf: in.Jf, K: in.K}
+	var prog []unix.SockFilter
+	if o.HostOnly {
+		prog = append(prog, hostOnly[:]...)
+	}
+	for _, in := range insns {
+		prog = append(prog, unix.SockFilter{Code: in.Code, Jt: in.Jt, Jf: in.Jf, K: in.K})
 	}
 	if len(prog) == 0 {
 		return fail("filter", errors.New("empty program"))

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"testing"
 	"time"
 	"unsafe"
@@ -327,5 +328,79 @@ func TestNativeInterfaceGone(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestHostOnly sends two TCP frames into a veth in promiscuous mode, one
+// to its own MAC address and one to another host's: with HostOnly the
+// kernel drops the other host's, without it both are read.
+func TestHostOnly(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: a veth and a raw socket")
+	}
+	name := fmt.Sprintf("phho%d", os.Getpid()%100000)
+	ip := func(args ...string) {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	ip("link", "add", name, "type", "veth", "peer", "name", name+"p")
+	t.Cleanup(func() { exec.Command("ip", "link", "del", name).Run() })
+	ip("link", "set", name, "up", "promisc", "on")
+	ip("link", "set", name+"p", "up")
+	ifc, err := net.InterfaceByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := net.InterfaceByName(name + "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A TCP SYN from 192.0.2.7:1234 to 192.0.2.1:80, to dst.
+	frame := func(dst net.HardwareAddr) []byte {
+		b := make([]byte, 14+20+20)
+		copy(b[0:], dst)
+		copy(b[6:], peer.HardwareAddr)
+		b[12], b[13] = 0x08, 0x00
+		ipv4 := b[14:]
+		ipv4[0], ipv4[3], ipv4[8], ipv4[9] = 0x45, 40, 64, 6
+		copy(ipv4[12:], []byte{192, 0, 2, 7})
+		copy(ipv4[16:], []byte{192, 0, 2, 1})
+		tcp := ipv4[20:]
+		tcp[0], tcp[1], tcp[2], tcp[3], tcp[12], tcp[13] = 0x04, 0xd2, 0, 80, 0x50, 0x02
+		return b
+	}
+	send, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(send)
+	other := net.HardwareAddr{0x02, 0, 0, 0, 0, 0x99}
+	for _, hostOnly := range []bool{true, false} {
+		h, err := Open(name, &Options{Filter: Filter, HostOnly: hostOnly, ReadTimeout: 50 * time.Millisecond, BatchDelay: 0})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, dst := range []net.HardwareAddr{other, ifc.HardwareAddr} {
+			if err := unix.Sendto(send, frame(dst), 0, &unix.SockaddrLinklayer{Ifindex: peer.Index, Halen: 6}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var got []string
+		deadline := time.Now().Add(time.Second)
+		for time.Now().Before(deadline) && len(got) < 2 {
+			data, _, _, err := h.Read()
+			if err == nil && len(data) >= 30 && data[12] == 0x08 && data[13] == 0 && data[29] == 7 { // ours (IPv6 multicast listener reports come too)
+				got = append(got, net.HardwareAddr(data[:6]).String())
+			}
+		}
+		h.Close()
+		want := []string{other.String(), ifc.HardwareAddr.String()}
+		if hostOnly {
+			want = want[1:]
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("HostOnly=%v: read frames to %v, want %v", hostOnly, got, want)
+		}
 	}
 }

@@ -174,11 +174,14 @@ type refusedSlot struct {
 type refusedTable [refusedSlots]refusedSlot
 
 // slot returns k's slot.
-func (t *refusedTable) slot(k *packet.Key) *refusedSlot {
+func (t *refusedTable) slot(k *packet.Key) *refusedSlot { return &t[keyHash(k)>>(64-12)] }
+
+// keyHash mixes a flow key into 64 bits for the demuxer's direct-mapped
+// tables, whose index is its top bits.
+func keyHash(k *packet.Key) uint64 {
 	h := binary.LittleEndian.Uint64(k.A[8:]) ^ binary.LittleEndian.Uint64(k.B[8:])<<1 ^
 		binary.LittleEndian.Uint64(k.A[:8])>>1 ^ binary.LittleEndian.Uint64(k.B[:8]) ^ uint64(k.APort)<<16 ^ uint64(k.BPort)<<40
-	h *= 0x9e3779b97f4a7c15
-	return &t[h>>(64-12)]
+	return h * 0x9e3779b97f4a7c15
 }
 
 // refuse counts a packet of k refused by limit.

@@ -9,6 +9,7 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
+	"github.com/m-lab/packet-headers/selection"
 )
 
 // TickInterval is how often, in packet or wall-clock time, Run calls Tick.
@@ -88,11 +89,12 @@ type Options struct {
 	// asks nothing), to find the flow's UUID elsewhere (the kernel). It must
 	// not block.
 	Lookup func(packet.Key)
-	// Exclude, when set, says which connections are never tracked (see
-	// package exclude): asked at each packet that has no flow, so a
-	// connection it excludes costs a map miss and this call per packet,
-	// and holds no memory.
-	Exclude func(*packet.Key) bool
+	// Select, when set, decides at a flow's first packet whether its
+	// connection is saved (package selection). A connection it rejects
+	// holds no memory; its verdict is remembered for a second in a small
+	// table, so each of its packets costs a map miss and a hash
+	// (BenchmarkUnselected).
+	Select func(k packet.Key, p *packet.Parsed, srcIsA bool) selection.Verdict
 	// Interface names the capture in index records ("" offline).
 	Interface string
 	// Capture, when set, returns the capture's cumulative drops and
@@ -128,7 +130,8 @@ type Demuxer struct {
 	// packet.
 	readings readings
 	waitRead []pendingRecord
-	refusals *refusedTable // allocated at the first refusal
+	refusals *refusedTable            // allocated at the first refusal
+	rejects  *[rejectSlots]rejectSlot // connections not saved, allocated at the first
 	// starts holds the flows in the order they started, from startsHead
 	// on, for eviction: a flow that is no longer an unnamed half-open one
 	// is skipped, and dropped from the front at each tick.
@@ -189,8 +192,8 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	if f == nil {
 		k, firstIsA := p.Key()
-		if d.o.Exclude != nil && d.o.Exclude(&k) {
-			d.c.packets[Excluded]++
+		if v := d.selectFlow(&k, p, firstIsA, tsn); v != selection.Save {
+			d.c.packets[verdictOutcome[v]]++
 			return
 		}
 		if f = d.start(k, tsn, pureSYN, p.Seq); f == nil {

@@ -9,6 +9,7 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/selection"
 )
 
 func TestAnonymizedInBuffer(t *testing.T) {
@@ -135,5 +136,57 @@ func benchmarkPacket(b *testing.B, run int, anon *anonymize.Anonymizer) {
 				}
 			}
 		}
+	}
+}
+
+// BenchmarkUnselected measures the cost per packet when 90% of the traffic
+// belongs to connections the selection rejects (their local port is not
+// one of -localport's), against the same traffic all selected: a rejected
+// connection's packets cost a map miss and a hash (the table of recent
+// verdicts), and hold no memory.
+func BenchmarkUnselected(b *testing.B) {
+	for _, tt := range []struct {
+		name  string
+		ports string
+	}{{"all selected", ""}, {"90% not selected", "443"}} {
+		b.Run(tt.name, func(b *testing.B) {
+			sel := &selection.Policy{Strict: true}
+			sel.SetLocal([]netip.Addr{netip.MustParseAddr("192.0.2.1")})
+			sel.SetListening(map[uint16]bool{443: true, 8080: true})
+			if tt.ports != "" {
+				sel.Ports = &selection.Ports{}
+				sel.Ports.Add(tt.ports)
+			}
+			sv, _ := saver.New(saver.Options{Dir: b.TempDir()})
+			tbl := names.New(nil)
+			d := New(Options{LinkType: packet.LinkTypeEthernet, MaxHeaderSize: 256,
+				CaptureDuration: time.Hour, FlowTimeout: time.Hour, UUIDWait: time.Hour, Names: tbl, Writer: WriterFunc(func(u string, lt packet.LinkType, first time.Time) FlowWriter { return sv.Start(u, lt, first) }),
+				Select: sel.Decide})
+			var frames [][]byte
+			for i := 0; i < 1000; i++ {
+				c := newConn(uint16(10000+i), uint32(i))
+				if i%10 != 0 {
+					c.srv = netip.AddrPortFrom(c.srv.Addr(), 8080)
+				}
+				tbl.Open(t0, "u"+c.cli.String(), c.key(), "bench", 0)
+				frames = append(frames, c.data(b, i%2 == 0, 1400))
+			}
+			at := t0
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				at = at.Add(time.Microsecond)
+				d.Packet(frames[i%1000], at, 1454)
+				i++
+				if i%1000 == 0 {
+					for _, f := range d.flows {
+						if f.buf.Full() {
+							f.buf.Reset()
+						}
+					}
+				}
+			}
+			b.ReportMetric(float64(d.Flows()), "flows")
+		})
 	}
 }

@@ -23,10 +23,13 @@ const (
 	MemoryLimit                               // its flow was refused at -maxheap
 	Undecodable                               // not decodable TCP/IP (by kind: packet.Kind)
 	ShutdownNoUUID                            // its flow was still unnamed at shutdown
+	NotLocal                                  // neither end of its connection is this host's
+	Outgoing                                  // its connection is one this host opened (saved with -outgoing)
+	OtherPort                                 // its connection's local port is not one of -localport's
 	NumPacketOutcomes
 )
 
-var packetOutcomes = [NumPacketOutcomes]string{"excluded", "no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid"}
+var packetOutcomes = [NumPacketOutcomes]string{"excluded", "no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid", "not_local", "outgoing", "other_port"}
 
 func (o PacketOutcome) String() string { return packetOutcomes[o] }
 

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log"
 	"net"
-	"net/netip"
 	"os"
 	"sort"
 	"sync"
@@ -39,7 +38,6 @@ type captureSet struct {
 	p       *pipeline.Pipeline
 	k       *kernelNames
 	checker *health.Checker
-	local   []netip.Addr
 	follow  bool
 	wg      sync.WaitGroup
 
@@ -58,8 +56,8 @@ type liveCapture struct {
 	goneFrom time.Time     // when its interface was first seen gone (follow), else zero
 }
 
-func newCaptureSet(c *Config, p *pipeline.Pipeline, k *kernelNames, checker *health.Checker, local []netip.Addr) *captureSet {
-	return &captureSet{c: c, p: p, k: k, checker: checker, local: local, follow: len(c.Interfaces) == 0,
+func newCaptureSet(c *Config, p *pipeline.Pipeline, k *kernelNames, checker *health.Checker) *captureSet {
+	return &captureSet{c: c, p: p, k: k, checker: checker, follow: len(c.Interfaces) == 0,
 		active: map[string]*liveCapture{}, retired: demuxer.NewStats()}
 }
 
@@ -74,18 +72,10 @@ func (s *captureSet) open(ifaces []capture.Interface) error {
 	return nil
 }
 
-// filter is the capture filter, made at each (re)open: the interface may
-// come back with new addresses.
-func (s *captureSet) filter() string {
-	if now, err := capture.LocalAddrs(); err == nil {
-		return capture.Filter(now)
-	}
-	return capture.Filter(s.local)
-}
-
 // add starts a capture of the interface name and its demuxer.
 func (s *captureSet) add(name string) error {
-	h, err := capture.OpenLive(name, &capture.Options{Snaplen: s.c.Pipeline.MaxHeaderSize, BufferSize: int(s.c.BufferSize), BatchDelay: s.c.BatchDelay}, s.filter)
+	o := &capture.Options{Snaplen: s.c.Pipeline.MaxHeaderSize, BufferSize: int(s.c.BufferSize), BatchDelay: s.c.BatchDelay, HostOnly: true}
+	h, err := capture.OpenLive(name, o, func() string { return capture.Filter })
 	if err != nil {
 		return err
 	}
@@ -161,9 +151,17 @@ func (s *captureSet) closeAll() {
 	}
 }
 
-// sync captures the interfaces that appeared, and retires the captures of
+// sync takes this host's addresses as they are now (the connections to an
+// address added are saved from its first packet), and, following the
+// interfaces, captures those that appeared and retires the captures of
 // interfaces gone for RetireAfter.
 func (s *captureSet) sync(now time.Time) {
+	if local, err := capture.LocalAddrs(); err == nil {
+		s.p.Select.SetLocal(local)
+	}
+	if !s.follow {
+		return
+	}
 	ifaces, err := capture.Interfaces(nil)
 	if err != nil {
 		log.Printf("packet-headers: %v", err)
@@ -220,7 +218,7 @@ func (s *captureSet) retire(lc *liveCapture) {
 }
 
 // followInterfaces runs sync at each of the kernel's link and address
-// notifications (within a second of them), and every 10 seconds in any
+// notifications (within 200 ms of them), and every 10 seconds in any
 // case, until ctx is done.
 func (s *captureSet) followInterfaces(ctx context.Context) {
 	events := make(chan struct{}, 1)

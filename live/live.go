@@ -36,6 +36,7 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/pipeline"
 	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/selection"
 	"github.com/m-lab/packet-headers/sockdiag"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
@@ -180,14 +181,16 @@ func Run(ctx context.Context, c *Config) error {
 	}
 	defer k.close()
 	h.kernel = k.src
-	set := newCaptureSet(c, p, k, checker, local)
+	listeners := openListeners(p)
+	defer listeners.Close()
+	set := newCaptureSet(c, p, k, checker)
 	if err := set.open(ifaces); err != nil {
 		return err
 	}
 	defer set.closeAll()
 	logStart(c, p, set, local, k)
 
-	x := &parts{p: p, kernel: k, events: events, captures: set, memoryReleases: new(atomic.Uint64), build: c.Build}
+	x := &parts{p: p, kernel: k, events: events, captures: set, listeners: listeners, memoryReleases: new(atomic.Uint64), build: c.Build}
 	bg, cancelBG := context.WithCancel(context.Background())
 	defer cancelBG()
 	var bgWG sync.WaitGroup // owns the background goroutines
@@ -226,7 +229,7 @@ func interfaces(c *Config) ([]capture.Interface, []netip.Addr, error) {
 // tomorrow's directories.
 func newPipeline(c *Config, local []netip.Addr) (*pipeline.Pipeline, error) {
 	cfg := c.Pipeline
-	cfg.Local, cfg.Authoritative = local, c.EventSocket != ""
+	cfg.Local, cfg.Authoritative, cfg.Strict = local, c.EventSocket != "", true
 	cfg.MaxFlows, cfg.MaxHeap = c.MaxFlows, uint64(c.MaxHeap)
 	p, err := pipeline.New(cfg)
 	if err != nil {
@@ -264,10 +267,8 @@ func startBackground(ctx context.Context, wg *sync.WaitGroup, c *Config, x *part
 		goRun(func() { client.Run(ctx) })
 	}
 	x.kernel.start(ctx, goRun)
-	if x.captures.follow {
-		goRun(func() { x.captures.followInterfaces(ctx) })
-	}
-	goRun(func() { housekeeping(ctx, c, x.p.Names, checker, x.p.Saver, x.memoryReleases) })
+	goRun(func() { x.captures.followInterfaces(ctx) })
+	goRun(func() { housekeeping(ctx, c, x, checker) })
 	// The flow index's records are written, and its closed hours
 	// published, on a goroutine of their own, which a stuck disk may hold
 	// (never the housekeeping's health checks).
@@ -453,10 +454,12 @@ func everySecond(ctx context.Context, f func(now time.Time)) {
 }
 
 // housekeeping enforces -maxidleram, samples the health checks, sweeps
-// the names table and makes the day directories ahead, every second, until
+// the names table, reads the listening ports and makes the day directories
+// ahead, every second, until
 // ctx is done. (-maxheap is enforced by the demuxers' ticks: a wake-up of
 // its own ten times a second cost the capture several percent of its CPU.)
-func housekeeping(ctx context.Context, c *Config, table *names.Table, checker *health.Checker, sv *saver.Saver, releases *atomic.Uint64) {
+func housekeeping(ctx context.Context, c *Config, x *parts, checker *health.Checker) {
+	table, sv, releases := x.p.Names, x.p.Saver, x.memoryReleases
 	samples := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
 	var lastRelease time.Time
 	everySecond(ctx, func(now time.Time) {
@@ -468,8 +471,61 @@ func housekeeping(ctx context.Context, c *Config, table *names.Table, checker *h
 			lastRelease = now
 		}
 		table.Sweep()
+		x.listeners.refresh()
 		if err := sv.PrepareDays(now); err != nil {
 			log.Printf("packet-headers: %v", err)
 		}
 	})
+}
+
+// listeners keeps the selection's listening ports (package selection: a
+// connection whose SYN the capture missed is incoming when its local port
+// is one) up to date, from the kernel's sockets. Without a sock_diag
+// socket they stay unknown, and such connections are saved.
+type listeners struct {
+	conn sockdiag.Conn // nil if none could be opened
+	sel  *selection.Policy
+	warn bool // an error was logged
+}
+
+// openListeners opens the listener dumps' socket and reads the ports once,
+// before any capture starts.
+func openListeners(p *pipeline.Pipeline) *listeners {
+	l := &listeners{sel: p.Select}
+	conn, err := sockdiag.Dial()
+	if err != nil {
+		log.Printf("packet-headers: %v: connections whose SYN is not captured are saved whichever end opened them", err)
+		return l
+	}
+	l.conn = conn
+	l.refresh()
+	return l
+}
+
+func (l *listeners) refresh() {
+	if l.conn == nil {
+		return
+	}
+	ports, err := sockdiag.ListeningPorts(l.conn, 500*time.Millisecond)
+	if err != nil {
+		if !l.warn {
+			l.warn = true
+			log.Printf("packet-headers: listening ports: %v", err)
+		}
+		// A fresh socket, so that no late answer is taken for the next.
+		l.conn.Close()
+		l.conn = nil
+		if conn, err := sockdiag.Dial(); err == nil {
+			l.conn = conn
+		}
+		return
+	}
+	l.sel.SetListening(ports)
+}
+
+// Close closes the socket. The housekeeping, which refreshes, has ended.
+func (l *listeners) Close() {
+	if l.conn != nil {
+		l.conn.Close()
+	}
 }

@@ -23,6 +23,7 @@ type parts struct {
 	kernel         *kernelNames
 	events         *tcpeventsocket.Client // nil without -tcpinfo.eventsocket
 	captures       *captureSet
+	listeners      *listeners
 	memoryReleases *atomic.Uint64
 	build          Build
 }

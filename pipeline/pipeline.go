@@ -21,6 +21,7 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/selection"
 )
 
 // Config is what the pipeline is built from.
@@ -41,6 +42,12 @@ type Config struct {
 	// Exclude are the connections never saved, tcp-info's rules (nil: the
 	// local addresses only, which tcp-info always excludes).
 	Exclude *exclude.Rules
+	// Ports, Outgoing and Strict select the connections saved (package
+	// selection): the local ports (nil: all), the connections this host
+	// opened too, and only those with a local end (live).
+	Ports    *selection.Ports
+	Outgoing bool
+	Strict   bool
 	// Authoritative makes tcp-info's announcements win over the kernel's
 	// names for the same socket (live mode with an eventsocket).
 	Authoritative bool
@@ -76,6 +83,9 @@ type Pipeline struct {
 	Names  *names.Table
 	Anon   *anonymize.Anonymizer
 	Limits *demuxer.Limits
+	// Select decides which connections are saved; live mode keeps its
+	// local addresses and listening ports up to date.
+	Select *selection.Policy
 	c      Config
 	writer demuxer.Writer
 }
@@ -94,6 +104,8 @@ func New(c Config) (*Pipeline, error) {
 		c.Exclude = &exclude.Rules{}
 	}
 	c.Exclude.SetLocal(c.Local)
+	sel := &selection.Policy{Exclude: c.Exclude, Ports: c.Ports, Outgoing: c.Outgoing, Strict: c.Strict}
+	sel.SetLocal(c.Local)
 	sv, err := saver.New(c.Saver)
 	if err != nil {
 		return nil, err
@@ -108,6 +120,7 @@ func New(c Config) (*Pipeline, error) {
 		Names:  names.New(o),
 		Anon:   anon,
 		Limits: &demuxer.Limits{MaxFlows: c.MaxFlows, MaxHeap: c.MaxHeap},
+		Select: sel,
 		c:      c,
 		writer: demuxer.WriterFunc(func(u string, lt packet.LinkType, first time.Time) demuxer.FlowWriter {
 			return sv.Start(u, lt, first)
@@ -123,7 +136,7 @@ func (p *Pipeline) Demuxer(lt packet.LinkType, with func(*demuxer.Options)) *dem
 		LinkType: lt, MaxHeaderSize: p.c.MaxHeaderSize,
 		CaptureDuration: p.c.CaptureDuration, FlowTimeout: p.c.FlowTimeout, UUIDWait: p.c.UUIDWait,
 		Stream: p.c.Stream, Names: p.Names, Writer: p.writer, Anonymizer: p.Anon, Limits: p.Limits,
-		Exclude: p.c.Exclude.ExcludedKey,
+		Select: p.Select.Decide,
 	}
 	if with != nil {
 		with(&o)
@@ -134,7 +147,7 @@ func (p *Pipeline) Demuxer(lt packet.LinkType, with func(*demuxer.Options)) *dem
 // Excluded reports whether the connection between local and remote is
 // never saved (Config.Exclude): the kernel source asks before naming one.
 func (p *Pipeline) Excluded(local, remote netip.AddrPort) bool {
-	return p.c.Exclude.Excluded(local, remote)
+	return p.c.Exclude.Excluded(local, remote) || p.c.Ports != nil && !p.c.Ports.Has(local.Port())
 }
 
 // Open announces a connection tcp-info opened. A UUID that cannot name a

@@ -450,3 +450,40 @@ func TestNotLocalIsNotLookedUp(t *testing.T) {
 		t.Error("a flow with no local end was looked up")
 	}
 }
+
+// TestListeningPorts dumps the kernel's listeners: a port listened on
+// (IPv4 and IPv6) is among them, one connected from is not.
+func TestListeningPorts(t *testing.T) {
+	ln4, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln4.Close()
+	ln6, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	defer ln6.Close()
+	client, err := net.Dial("tcp4", ln4.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	c, err := Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ports, err := ListeningPorts(c, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ln := range []net.Listener{ln4, ln6} {
+		if p := uint16(ln.Addr().(*net.TCPAddr).Port); !ports[p] {
+			t.Errorf("port %d listened on is not in %v", p, ports)
+		}
+	}
+	if p := uint16(client.LocalAddr().(*net.TCPAddr).Port); ports[p] {
+		t.Errorf("the client's port %d is taken for a listener", p)
+	}
+}

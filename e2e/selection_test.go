@@ -1,0 +1,163 @@
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestSelection runs three daemons on one interface that carries 1,500
+// server addresses: the default (incoming connections only), -outgoing,
+// and -localport for one of two services. Five connections come in to
+// one service, three to the other, five go out from the server, and one
+// comes in to an address added after the daemons started. Each daemon
+// must save exactly the connections it selects, and a UDP flood must not
+// reach any of them (the kernel's filter no longer lists the addresses).
+// Offline, the reference capture split with -localaddr gives the live
+// default's connections, and with -outgoing all of them.
+func TestSelection(t *testing.T) {
+	l := newLab(t, 30)
+	// 1,500 addresses more on the server's interface: a filter listing
+	// them would pass the kernel's 4096 instructions.
+	var batch strings.Builder
+	for i := 0; i < 1500; i++ {
+		fmt.Fprintf(&batch, "address add 10.197.%d.%d/32 dev %s\n", i/250, i%250+1, l.nsIf)
+	}
+	batchFile := filepath.Join(l.dir, "addresses")
+	os.WriteFile(batchFile, []byte(batch.String()), 0o644)
+	l.exec("ip", "-batch", batchFile)
+
+	l.server(8081)
+	l.server(8082)
+	// Outgoing connections: the server dials a listener on the client's side.
+	out, err := net.Listen("tcp", netip.AddrPortFrom(l.cli4, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	go func() {
+		for {
+			c, err := out.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(io.Discard, c); c.Close() }()
+		}
+	}()
+	outPort := uint16(out.Addr().(*net.TCPAddr).Port)
+
+	refFile, tcpdump := l.startReference()
+	prefix := filepath.Join(l.dir, "prefix")
+	os.WriteFile(prefix, []byte("selection_1764000000"), 0o644)
+	common := []string{"-interface", l.nsIf, "-uuid-prefix-file", prefix, "-flowtimeout", "5s"}
+	def, both, port := &daemon{name: "default"}, &daemon{name: "outgoing"}, &daemon{name: "localport"}
+	cmds := []*exec.Cmd{
+		l.startDaemon(def, 9990, common...),
+		l.startDaemon(both, 9991, append([]string{"-outgoing"}, common...)...),
+		l.startDaemon(port, 9992, append([]string{"-localport", "8082"}, common...)...),
+	}
+
+	in1 := flows(t, l.srv4, 8081, 5)
+	in2 := flows(t, l.srv4, 8082, 3)
+	outgoing := map[netip.AddrPort]bool{}
+	l.inNamespace(func() {
+		for i := 0; i < 5; i++ {
+			c, err := net.DialTimeout("tcp", netip.AddrPortFrom(l.cli4, outPort).String(), 2*time.Second)
+			if err != nil {
+				t.Errorf("outgoing dial: %v", err)
+				return
+			}
+			outgoing[clientEnd(c)] = true
+			c.Write([]byte("hello\n"))
+			time.Sleep(30 * time.Millisecond)
+			c.Close()
+		}
+	})
+	// An address added now: its connections are saved from their SYN
+	// once the daemons have heard of it (the kernel's notification).
+	added := netip.MustParseAddr(fmt.Sprintf("10.199.%d.50", 30))
+	l.exec("ip", "addr", "add", added.String()+"/24", "dev", l.nsIf)
+	time.Sleep(time.Second)
+	for c := range flows(t, added, 8081, 1) {
+		in1[c] = true
+	}
+	// UDP, which the kernel's filter keeps out of every capture. (A few
+	// IPv6 frames that are not TCP do pass it: those with extension
+	// headers, such as multicast listener reports, which the decoder
+	// sorts out.)
+	notTCP := func(d *daemon) float64 {
+		v, _ := metricValue(scrape(d.metrics), `pcap_undecodable_packets_total{kind="not_tcp"}`)
+		return v
+	}
+	before := map[*daemon]float64{def: notTCP(def), both: notTCP(both), port: notTCP(port)}
+	const datagrams = 500
+	udp, err := net.Dial("udp", netip.AddrPortFrom(l.srv4, 9).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < datagrams; i++ {
+		udp.Write([]byte("not tcp"))
+	}
+	udp.Close()
+	time.Sleep(1500 * time.Millisecond) // FIN linger and a tick
+	for i, d := range []*daemon{def, both, port} {
+		m := scrape(d.metrics)
+		if v := notTCP(d) - before[d]; v >= datagrams/10 {
+			t.Errorf("%s: %v frames that are not TCP reached the daemon during a flood of %d UDP datagrams: the kernel did not filter them", d.name, v, datagrams)
+		}
+		if d == def {
+			if v, _ := metricValue(m, `pcap_packets_total{outcome="outgoing"}`); v == 0 {
+				t.Errorf("%s: no packet counted as outgoing", d.name)
+			}
+		}
+		if _, err := stop(t, cmds[i], syscall.SIGTERM, 10*time.Second); err != nil {
+			t.Errorf("%s: %v", d.name, err)
+		}
+	}
+	stop(t, tcpdump, syscall.SIGTERM, 5*time.Second)
+
+	check := func(what string, dir string, want map[uint16]map[netip.AddrPort]bool, none map[uint16]map[netip.AddrPort]bool) {
+		t.Helper()
+		for p, conns := range want {
+			expectFiles(t, fmt.Sprintf("%s, port %d", what, p), conns, filePorts(t, dir, p))
+		}
+		for p, conns := range none {
+			files := filePorts(t, dir, p)
+			for c := range conns {
+				if files[c] != 0 {
+					t.Errorf("%s: the connection of %v on port %d was saved, and should not be", what, c, p)
+				}
+			}
+		}
+	}
+	// Outgoing connections are counted by the remote listener's port.
+	check("default", def.dataDir, map[uint16]map[netip.AddrPort]bool{8081: in1, 8082: in2}, map[uint16]map[netip.AddrPort]bool{outPort: outgoing})
+	check("-outgoing", both.dataDir, map[uint16]map[netip.AddrPort]bool{8081: in1, 8082: in2, outPort: outgoing}, nil)
+	check("-localport 8082", port.dataDir, map[uint16]map[netip.AddrPort]bool{8082: in2}, map[uint16]map[netip.AddrPort]bool{8081: in1, outPort: outgoing})
+
+	// Offline, the same selection from the reference capture.
+	for _, o := range []struct {
+		name string
+		args []string
+		want map[uint16]map[netip.AddrPort]bool
+		none map[uint16]map[netip.AddrPort]bool
+	}{
+		{"offline", nil, map[uint16]map[netip.AddrPort]bool{8081: in1, 8082: in2}, map[uint16]map[netip.AddrPort]bool{outPort: outgoing}},
+		{"offline -outgoing", []string{"-outgoing"}, map[uint16]map[netip.AddrPort]bool{8081: in1, 8082: in2, outPort: outgoing}, nil},
+	} {
+		dir := filepath.Join(l.dir, "split-"+strings.ReplaceAll(o.name, " ", ""))
+		args := append([]string{"-read", refFile, "-datadir", dir, "-quiet", "-localaddr", l.srv4.String(), "-localaddr", added.String()}, o.args...)
+		if b, err := exec.Command(filepath.Join(l.bin, "packet-headers"), args...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", o.name, err, b)
+		}
+		check(o.name, dir, o.want, o.none)
+	}
+}

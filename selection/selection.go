@@ -1,0 +1,169 @@
+// Package selection decides, at a flow's first packet, whether the daemon
+// saves the connection: the connections the study asked for, and nothing
+// else. By default that is every connection this host accepted (its SYN
+// arrived for a local listener), on any local port, that tcp-info's
+// exclusion rules (package exclude) do not leave out; -outgoing adds the
+// connections this host opened, -localport keeps only some local ports.
+//
+// A connection is incoming when its SYN came from the remote end, or its
+// SYN-ACK from the local one. When the capture saw neither (the daemon
+// started mid-connection, or the capture dropped them), it is incoming
+// when its local port is one on which a socket listens (live: the kernel's
+// listeners, SetListening); offline, without that knowledge, it is taken
+// as incoming, so that nothing is lost by a guess.
+//
+// The local end is the one with one of this host's addresses (SetLocal,
+// followed as addresses come and go). Live (Strict), a connection with no
+// local end is another host's (forwarded, or captured in promiscuous mode)
+// and is not saved; offline, where the addresses may be unknown, the
+// server end is inferred: the SYN's receiver, the SYN-ACK's sender, the
+// listening port, or else the lower port.
+//
+// A decision costs two map look-ups and is made once per flow, or once per
+// packet of a connection that is not saved (the demuxer caches them).
+package selection
+
+import (
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync/atomic"
+
+	"github.com/m-lab/packet-headers/exclude"
+	"github.com/m-lab/packet-headers/packet"
+)
+
+// Verdict is the decision for one connection.
+type Verdict uint8
+
+// The verdicts.
+const (
+	Save      Verdict = iota
+	Excluded          // tcp-info's exclusion rules (package exclude)
+	NotLocal          // neither end is this host's (Strict only)
+	Outgoing          // this host opened it, and Policy.Outgoing is false
+	OtherPort         // its local port is not one of Policy.Ports
+)
+
+// Policy is what the study asked for. Its exported fields are set before
+// use; SetLocal and SetListening may be called at any time, concurrently
+// with Decide.
+type Policy struct {
+	Exclude  *exclude.Rules // nil: the always-on local rule only
+	Ports    *Ports         // nil: every local port
+	Outgoing bool           // save the connections this host opened too
+	Strict   bool           // a connection without a local end is not saved (live)
+
+	local     atomic.Pointer[map[netip.Addr]bool]
+	listening atomic.Pointer[map[uint16]bool]
+}
+
+// SetLocal sets this host's addresses.
+func (p *Policy) SetLocal(addrs []netip.Addr) {
+	m := make(map[netip.Addr]bool, len(addrs))
+	for _, a := range addrs {
+		m[a.Unmap()] = true
+	}
+	p.local.Store(&m)
+}
+
+// IsLocal reports whether a is one of this host's addresses.
+func (p *Policy) IsLocal(a netip.Addr) bool {
+	m := p.local.Load()
+	return m != nil && (*m)[a.Unmap()]
+}
+
+// SetListening sets the local ports on which sockets listen (nil: unknown).
+func (p *Policy) SetListening(ports map[uint16]bool) { p.listening.Store(&ports) }
+
+// Decide returns the verdict for the connection of flow key k, whose first
+// packet seen is pp, sent by k's A end if srcIsA.
+func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
+	a := netip.AddrPortFrom(netip.AddrFrom16(k.A).Unmap(), k.APort)
+	b := netip.AddrPortFrom(netip.AddrFrom16(k.B).Unmap(), k.BPort)
+	if exclude.Local(a.Addr()) || exclude.Local(b.Addr()) {
+		return Excluded
+	}
+	aLocal, bLocal := p.IsLocal(a.Addr()), p.IsLocal(b.Addr())
+	if p.Strict && !aLocal && !bLocal {
+		return NotLocal
+	}
+	syn := pp.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
+	synack := pp.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN|packet.FlagACK
+	var listening map[uint16]bool
+	if l := p.listening.Load(); l != nil {
+		listening = *l
+	}
+	known := aLocal != bLocal
+	localIsA := aLocal
+	if !known {
+		// The server's end: the SYN's receiver, the SYN-ACK's sender, a
+		// listening port, else the lower port.
+		switch {
+		case syn:
+			localIsA = !srcIsA
+		case synack:
+			localIsA = srcIsA
+		case listening != nil && listening[a.Port()] != listening[b.Port()]:
+			localIsA = listening[a.Port()]
+		default:
+			localIsA = a.Port() < b.Port()
+		}
+	}
+	local, remote := a, b
+	if !localIsA {
+		local, remote = b, a
+	}
+	if known && p.Exclude.Excluded(local, remote) || !known && (p.Exclude.Excluded(a, b) || p.Exclude.Excluded(b, a)) {
+		return Excluded
+	}
+	if p.Ports != nil && !p.Ports.Has(local.Port()) {
+		return OtherPort
+	}
+	if !p.Outgoing {
+		var incoming bool
+		switch {
+		case syn:
+			incoming = srcIsA != localIsA // from the remote end
+		case synack:
+			incoming = srcIsA == localIsA // from the local end
+		case listening != nil:
+			incoming = listening[local.Port()]
+		default:
+			incoming = true // unknown: saved rather than lost
+		}
+		if !incoming {
+			return Outgoing
+		}
+	}
+	return Save
+}
+
+// Ports is a set of TCP ports.
+type Ports struct{ bits [1024]uint64 }
+
+// Add adds a comma-separated list of ports and ranges (443,3001-3010).
+func (s *Ports) Add(list string) error {
+	for _, item := range strings.Split(list, ",") {
+		if item = strings.TrimSpace(item); item == "" {
+			continue
+		}
+		lo, hi, isRange := strings.Cut(item, "-")
+		first, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+		last, err2 := first, error(nil)
+		if isRange {
+			last, err2 = strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+		}
+		if err1 != nil || err2 != nil || first == 0 || last < first {
+			return fmt.Errorf("%q is not a port from 1 to 65535 or a range of them (such as 3001-3010)", item)
+		}
+		for p := first; p <= last; p++ {
+			s.bits[p/64] |= 1 << (p % 64)
+		}
+	}
+	return nil
+}
+
+// Has reports whether p is in the set.
+func (s *Ports) Has(p uint16) bool { return s.bits[p/64]&(1<<(p%64)) != 0 }

@@ -1,0 +1,106 @@
+package selection
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/m-lab/packet-headers/exclude"
+	"github.com/m-lab/packet-headers/packet"
+)
+
+var (
+	server  = netip.MustParseAddrPort("192.0.2.1:443")
+	server2 = netip.MustParseAddrPort("192.0.2.1:50123") // an outgoing connection's local end
+	remote  = netip.MustParseAddrPort("198.51.100.7:40000")
+	remoteS = netip.MustParseAddrPort("198.51.100.7:443") // a remote server
+	other   = netip.MustParseAddrPort("203.0.113.9:40000")
+)
+
+const (
+	syn    = packet.FlagSYN
+	synack = packet.FlagSYN | packet.FlagACK
+	ack    = packet.FlagACK
+)
+
+func decide(p *Policy, src, dst netip.AddrPort, flags uint8) Verdict {
+	k := packet.KeyFromAddrPorts(src, dst)
+	srcIsA := netip.AddrFrom16(k.A).Unmap() == src.Addr() && k.APort == src.Port()
+	return p.Decide(k, &packet.Parsed{Flags: flags}, srcIsA)
+}
+
+// TestDecide: incoming by default, whichever packet comes first; outgoing
+// with Outgoing; ports; tcp-info's rules; another host's connections.
+func TestDecide(t *testing.T) {
+	rules := &exclude.Rules{}
+	if err := rules.AddSrcPorts("9100"); err != nil {
+		t.Fatal(err)
+	}
+	var ports Ports
+	if err := ports.Add("80, 440-450"); err != nil {
+		t.Fatal(err)
+	}
+	live := &Policy{Strict: true, Exclude: rules}
+	live.SetLocal([]netip.Addr{server.Addr()})
+	live.SetListening(map[uint16]bool{443: true, 9100: true})
+	both := &Policy{Strict: true, Outgoing: true}
+	both.SetLocal([]netip.Addr{server.Addr()})
+	onPorts := &Policy{Strict: true, Ports: &ports}
+	onPorts.SetLocal([]netip.Addr{server.Addr()})
+	offline := &Policy{} // no addresses, no listeners
+	for _, tt := range []struct {
+		name     string
+		p        *Policy
+		src, dst netip.AddrPort
+		flags    uint8
+		want     Verdict
+	}{
+		{"incoming SYN", live, remote, server, syn, Save},
+		{"incoming SYN-ACK", live, server, remote, synack, Save},
+		{"incoming, mid-connection, to a listener", live, remote, server, ack, Save},
+		{"incoming, mid-connection, from a listener", live, server, remote, ack, Save},
+		{"outgoing SYN", live, server2, remoteS, syn, Outgoing},
+		{"outgoing SYN-ACK", live, remoteS, server2, synack, Outgoing},
+		{"outgoing, mid-connection", live, remoteS, server2, ack, Outgoing},
+		{"outgoing with -outgoing", both, server2, remoteS, syn, Save},
+		{"incoming with -outgoing", both, remote, server, syn, Save},
+		{"excluded port", live, remote, netip.AddrPortFrom(server.Addr(), 9100), syn, Excluded},
+		{"loopback", live, netip.MustParseAddrPort("127.0.0.1:1"), netip.MustParseAddrPort("127.0.0.1:2"), syn, Excluded},
+		{"another host's", live, remote, other, syn, NotLocal},
+		{"selected port", onPorts, remote, server, syn, Save},
+		{"selected port, mid-connection", onPorts, server, remote, ack, Save},
+		{"another port", onPorts, remote, netip.AddrPortFrom(server.Addr(), 8080), syn, OtherPort},
+		{"offline SYN", offline, remote, other, syn, Save},
+		{"offline outgoing?", offline, other, remote, synack, Save}, // the SYN-ACK's sender is the server
+		{"offline mid-connection", offline, remote, server, ack, Save},
+		{"offline exclusion either way", &Policy{Exclude: rules}, netip.AddrPortFrom(other.Addr(), 9100), remote, ack, Excluded},
+	} {
+		if got := decide(tt.p, tt.src, tt.dst, tt.flags); got != tt.want {
+			t.Errorf("%s: %v, want %v", tt.name, got, tt.want)
+		}
+	}
+	// Addresses added later count at once.
+	if v := decide(live, remote, netip.MustParseAddrPort("192.0.2.99:443"), syn); v != NotLocal {
+		t.Fatalf("before SetLocal: %v", v)
+	}
+	live.SetLocal([]netip.Addr{server.Addr(), netip.MustParseAddr("192.0.2.99")})
+	if v := decide(live, remote, netip.MustParseAddrPort("192.0.2.99:443"), syn); v != Save {
+		t.Errorf("after SetLocal: %v", v)
+	}
+}
+
+func TestPorts(t *testing.T) {
+	var p Ports
+	if err := p.Add("443,3001-3003, 65535"); err != nil {
+		t.Fatal(err)
+	}
+	for port, want := range map[uint16]bool{443: true, 3001: true, 3002: true, 3003: true, 3004: false, 65535: true, 1: false} {
+		if p.Has(port) != want {
+			t.Errorf("Has(%d) = %v", port, !want)
+		}
+	}
+	for _, bad := range []string{"0", "http", "10-5", "1-70000", "-3"} {
+		if err := p.Add(bad); err == nil {
+			t.Errorf("Add(%q) took it", bad)
+		}
+	}
+}
