@@ -36,7 +36,10 @@ Per packet, the path from the kernel's ring to the flow's buffer allocates
 nothing, takes no lock shared across goroutines and makes no system call:
 \`BenchmarkNativeRead\` (a frame from the ring), \`BenchmarkDecode\`,
 \`BenchmarkPacket\` (the demuxer's step, interleaved flows and runs of one
-flow), \`BenchmarkApply\` (netblock masking). \`BenchmarkNameFlows\` is the
+flow), \`BenchmarkApply\` (netblock masking). \`BenchmarkUnselected\` is the
+demuxer's step when 90% of the packets belong to connections the selection
+rejects (a local port not in \`-localport\`), against the same traffic all
+selected: the rejected ones cost a map miss and a hash each, and no memory. \`BenchmarkNameFlows\` is the
 kernel naming's cost per flow, \`BenchmarkSaveFlow\` a flow's file,
 \`BenchmarkAppendJSON\` a flow's index record, \`BenchmarkRead\` an
 offline record. The lab's memory rows include what a flow keeps for its
