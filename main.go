@@ -49,6 +49,8 @@ type config struct {
 	keyFile                  string
 	excludePorts, excludeIPs flagx.StringArray
 	localPorts               flagx.StringArray
+	sample                   int
+	sampleKeyFile            string
 	minFree                  saver.FreeSpace
 	read, events             string
 	quiet, version           bool
@@ -90,6 +92,8 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.Var(&c.excludeIPs, "exclude-dstip", "Never save connections with these remote addresses (comma-separated, repeatable), as tcp-info's flag of the same name; loopback, link-local, multicast and unspecified addresses are always excluded, as by tcp-info")
 	fs.BoolVar(&c.p.Outgoing, "outgoing", false, "Also save the connections this host opened (by default only those it accepted are: their SYN came for a local listener)")
 	fs.Var(&c.localPorts, "localport", "Save only connections whose local port is one of these (comma-separated ports and ranges such as 443,3001-3010; repeatable); unset: every port")
+	fs.IntVar(&c.sample, "sample", 1, "Save one connection in this many, chosen by a keyed hash of its UUID (HMAC-SHA256 with -sample.keyfile's key), so that every server and an offline re-split choose the same ones; 1: every connection")
+	fs.StringVar(&c.sampleKeyFile, "sample.keyfile", "", "With -sample: the file holding the sample's key (its bytes as they are; not readable by others); unset: an empty key, so that anyone can tell which UUIDs have traces")
 	fs.BoolVar(&c.version, "version", false, "Print the version and exit")
 	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
@@ -177,6 +181,9 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		}
 	}
 	var err error
+	if c.p.Sample, err = selection.LoadSample(c.sample, c.sampleKeyFile); err != nil {
+		return err
+	}
 	if c.p.Anonymize, err = anonymize.ParseMode(c.anonymize.Value); err != nil {
 		return err
 	}

@@ -127,7 +127,7 @@ func withCapture(r *index.Record, start, end captureCounts) *index.Record {
 // endRecord writes the index record of a flow that is forgotten with a
 // file, ended at time at for the reason why.
 func (d *Demuxer) endRecord(f *flow, why index.End, at int64) {
-	r := index.Record{Source: string(f.source), First: f.firstWall(), Last: time.Unix(0, f.last-d.corr),
+	r := index.Record{Source: string(f.source), Sample: d.o.SampleRate, First: f.firstWall(), Last: time.Unix(0, f.last-d.corr),
 		WireBytes: f.wire, AfterDuration: uint64(f.afterDur), FlowLimit: uint64(f.refused[RefusedFlowLimit]), MemoryLimit: uint64(f.refused[RefusedMemoryLimit]),
 		SYN: f.sawSYN, SYNACK: f.sawSYNACK, End: why, FlowEnd: why, Ended: time.Unix(0, max(at, f.last)-d.corr), Interface: d.o.Interface}
 	if f.afterDur > 0 {

@@ -95,6 +95,11 @@ type Options struct {
 	// table, so each of its packets costs a map miss and a hash
 	// (BenchmarkUnselected).
 	Select func(k packet.Key, p *packet.Parsed, srcIsA bool) selection.Verdict
+	// Sample, when set, chooses the connections saved among those named,
+	// by their UUID (selection.Sample.Chosen), once per flow.
+	Sample func(uuid string) bool
+	// SampleRate is the sample's N, for the index records (0: none).
+	SampleRate int
 	// Interface names the capture in index records ("" offline).
 	Interface string
 	// Capture, when set, returns the capture's cumulative drops and
@@ -225,6 +230,9 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 		return
 	case discarded:
 		d.c.packets[NoUUID]++
+		return
+	case unsampled:
+		d.c.packets[NotSampled]++
 		return
 	}
 	if tsn-f.first > int64(d.o.CaptureDuration) {

@@ -14,6 +14,7 @@ import (
 // transitions are made in lifecycle.go only:
 //
 //	waiting --claim (a UUID came), or the fallback--> named
+//	waiting --named, not in the sample (-sample)--> unsampled
 //	waiting --UUID deadline, eviction, shutdown--> discarded
 //	named --end, -captureduration, shutdown (finish)--> finished
 //
@@ -28,6 +29,7 @@ const (
 	named                  // collecting headers, UUID known
 	finished               // file handed to the saver; later packets are dropped
 	discarded              // no UUID in time; later packets are dropped
+	unsampled              // named, not in the sample; later packets are dropped
 )
 
 // flow is one tracked connection, owned by its demuxer.

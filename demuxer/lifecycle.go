@@ -46,12 +46,21 @@ func (d *Demuxer) lastClaim(f *flow, shutdown bool) {
 	}
 }
 
-// name gives f its UUID's entry: waiting -> named.
+// name gives f its UUID's entry: waiting -> named, or unsampled.
 func (d *Demuxer) name(f *flow, e *names.Entry) {
 	f.entry = e
-	f.st = named
 	d.stats.UUIDWait.Observe(max(0, e.OpenedAt.Sub(f.firstWall()).Seconds()))
 	d.named[e.Source]++
+	if d.o.Sample != nil && !d.o.Sample(e.Name()) {
+		// waiting -> unsampled: its entry is released when it ends.
+		d.c.packets[NotSampled] += uint64(f.buf.Packets())
+		d.c.ended[EndedNotSampled]++
+		f.buf.Reset()
+		f.buf = record.Buffer{}
+		f.st = unsampled
+		return
+	}
+	f.st = named
 	if d.o.Stream {
 		d.writer(f)
 	}

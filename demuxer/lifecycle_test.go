@@ -326,3 +326,39 @@ func TestSplitClaimsLastChance(t *testing.T) {
 		t.Errorf("the timed-out flow: %d packets, want its SYN", got)
 	}
 }
+
+// TestSample: a named flow outside the sample writes no file, its packets
+// (before and after its naming) are counted as not_sampled; one inside it
+// is saved whole.
+func TestSample(t *testing.T) {
+	for _, stream := range []bool{false, true} {
+		h := newHarness(t, func(o *Options) {
+			o.Stream = stream
+			o.Sample = func(u string) bool { return u == "in" }
+		})
+		in, out := newConn(1000, 1), newConn(2000, 2)
+		h.packet(1*ms, in.syn(t))
+		h.packet(2*ms, out.syn(t))
+		h.open(3*ms, "in", in)
+		h.open(3*ms, "out", out)
+		h.tick(100 * ms)
+		h.packet(200*ms, in.data(t, true, 100))
+		h.packet(201*ms, out.data(t, true, 100))
+		h.packet(202*ms, out.data(t, true, 100))
+		h.tick(300 * ms)
+		h.d.Close()
+		if n := len(h.file("in")); n != 2 {
+			t.Errorf("stream=%v: the sampled flow has %d packets, want 2", stream, n)
+		}
+		if h.files() != 1 {
+			t.Errorf("stream=%v: %d files, want the sampled flow's alone", stream, h.files())
+		}
+		s := h.d.Stats()
+		if got := s.Packets[NotSampled].Load(); got != 3 {
+			t.Errorf("stream=%v: %d packets not sampled, want 3", stream, got)
+		}
+		if got := s.Ended[EndedNotSampled].Load(); got != 1 {
+			t.Errorf("stream=%v: %d flows not sampled, want 1", stream, got)
+		}
+	}
+}

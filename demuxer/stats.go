@@ -26,10 +26,11 @@ const (
 	NotLocal                                  // neither end of its connection is this host's
 	Outgoing                                  // its connection is one this host opened (saved with -outgoing)
 	OtherPort                                 // its connection's local port is not one of -localport's
+	NotSampled                                // its connection is not in the sample (-sample)
 	NumPacketOutcomes
 )
 
-var packetOutcomes = [NumPacketOutcomes]string{"excluded", "no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid", "not_local", "outgoing", "other_port"}
+var packetOutcomes = [NumPacketOutcomes]string{"excluded", "no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid", "not_local", "outgoing", "other_port", "not_sampled"}
 
 func (o PacketOutcome) String() string { return packetOutcomes[o] }
 
@@ -57,10 +58,11 @@ const (
 	EndedUUIDTimeout EndOutcome = iota // no UUID within -uuidwaitduration
 	EndedShutdown                      // none at shutdown
 	EndedEvicted                       // half-open and unnamed, its place taken at -maxflows
+	EndedNotSampled                    // named, and not in the sample (-sample)
 	NumEndOutcomes
 )
 
-var endOutcomes = [NumEndOutcomes]string{"uuid_timeout", "shutdown", "evicted"}
+var endOutcomes = [NumEndOutcomes]string{"uuid_timeout", "shutdown", "evicted", "not_sampled"}
 
 func (o EndOutcome) String() string { return endOutcomes[o] }
 

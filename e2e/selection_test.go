@@ -1,6 +1,10 @@
 package e2e
 
 import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
@@ -159,5 +163,95 @@ func TestSelection(t *testing.T) {
 			t.Fatalf("%s: %v\n%s", o.name, err, b)
 		}
 		check(o.name, dir, o.want, o.none)
+	}
+}
+
+// TestSample runs a daemon beside tcp-info with -sample 3 and a key, then
+// splits the reference capture offline with tcp-info's recorded events and
+// the same flags. Every file's UUID must be one the documented hash
+// chooses (computed here, as another tool would), every connection tcp-info
+// announced and the hash chooses must have its file, and live and offline
+// must have chosen the same UUIDs.
+func TestSample(t *testing.T) {
+	l := newLab(t, 31)
+	l.server(8083)
+	prefix := filepath.Join(l.dir, "prefix")
+	os.WriteFile(prefix, []byte("sample_1764000000"), 0o644)
+	key := filepath.Join(l.dir, "sample.key")
+	os.WriteFile(key, []byte("the study's key"), 0o600)
+	chosen := func(uuid string) bool {
+		m := hmac.New(sha256.New, []byte("the study's key"))
+		m.Write([]byte(uuid))
+		return binary.BigEndian.Uint64(m.Sum(nil))%3 == 0
+	}
+	ti := l.startTCPInfo("tcp-info.log", prefix)
+	defer ti.Process.Kill()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events := l.recordEvents(ctx)
+	refFile, tcpdump := l.startReference()
+	d := &daemon{name: "sample"}
+	cmd := l.startDaemon(d, 9990, "-interface", l.nsIf, "-tcpinfo.eventsocket", l.tcpinfoSock, "-uuid-prefix-file", prefix,
+		"-sample", "3", "-sample.keyfile", key)
+	clients := flows(t, l.srv4, 8083, 60)
+	time.Sleep(1500 * time.Millisecond) // FIN linger and a tick
+	if v, _ := metricValue(scrape(d.metrics), "pcap_sample_rate"); v != 3 {
+		t.Errorf("pcap_sample_rate %v, want 3", v)
+	}
+	if _, err := stop(t, cmd, syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Errorf("daemon: %v", err)
+	}
+	stop(t, tcpdump, syscall.SIGTERM, 5*time.Second)
+	cancel()
+	<-events.done
+
+	// The UUIDs tcp-info gave the lab's connections.
+	announced := map[string]bool{}
+	events.mu.Lock()
+	for u, e := range events.opens {
+		if e.ID != nil && e.ID.DstIP != "" && clients[netip.AddrPortFrom(netip.MustParseAddr(e.ID.DstIP).Unmap(), e.ID.DPort)] {
+			announced[u] = true
+		}
+	}
+	events.mu.Unlock()
+	uuids := func(dir string) map[string]bool {
+		out := map[string]bool{}
+		for k, paths := range filesByKey(t, dir) {
+			if k.a.Port() != 8083 && k.b.Port() != 8083 {
+				continue // a scrape of the metrics
+			}
+			for _, p := range paths {
+				out[strings.TrimSuffix(filepath.Base(p), ".pcap.gz")] = true
+			}
+		}
+		return out
+	}
+	live := uuids(d.dataDir)
+	split := filepath.Join(l.dir, "split")
+	if b, err := exec.Command(filepath.Join(l.bin, "packet-headers"), "-read", refFile, "-events", filepath.Join(l.dir, "events.jsonl"),
+		"-datadir", split, "-quiet", "-localaddr", l.srv4.String(), "-sample", "3", "-sample.keyfile", key).CombinedOutput(); err != nil {
+		t.Fatalf("offline: %v\n%s", err, b)
+	}
+	offline := uuids(split)
+	for name, set := range map[string]map[string]bool{"live": live, "offline": offline} {
+		for u := range set {
+			if !chosen(u) {
+				t.Errorf("%s: %s has a file, and the hash does not choose it", name, u)
+			}
+		}
+	}
+	want := 0
+	for u := range announced {
+		if !chosen(u) {
+			continue
+		}
+		want++
+		if !live[u] || !offline[u] {
+			t.Errorf("%s, announced and chosen: live file %v, offline file %v", u, live[u], offline[u])
+		}
+	}
+	t.Logf("%d connections, %d announced by tcp-info, %d of them chosen; %d live files, %d offline", len(clients), len(announced), want, len(live), len(offline))
+	if want == 0 {
+		t.Error("the hash chose none of the announced connections: the test says nothing")
 	}
 }

@@ -56,6 +56,7 @@ func (e End) String() string {
 type Record struct {
 	UUID   string // the file's name, without its extension
 	Source string // the UUID source that named the flow
+	Sample int    // the sampling rate N (-sample: one connection in N), 0 or 1 without
 	File   string // the file's path relative to the data directory
 	// Src and Dst are the source and destination of the flow's first
 	// packet (the client and the server when the SYN was captured), as
@@ -92,6 +93,9 @@ func (r *Record) AppendJSON(b []byte) []byte {
 	b = strconv.AppendQuote(b, r.UUID)
 	b = append(b, `,"source":`...)
 	b = strconv.AppendQuote(b, r.Source)
+	if r.Sample > 1 {
+		b = strconv.AppendInt(append(b, `,"sample":`...), int64(r.Sample), 10)
+	}
 	b = append(b, `,"file":`...)
 	b = strconv.AppendQuote(b, r.File)
 	b = appendEndpoint(append(b, `,"src":`...), r.Src)

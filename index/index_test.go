@@ -54,7 +54,9 @@ func TestSchema(t *testing.T) {
 	offline.Src, offline.Dst = netip.MustParseAddrPort("[fd00::1]:1"), netip.MustParseAddrPort("[2001:db8::]:65535")
 	offline.UUID, offline.Source, offline.File = `odd"name\`, "fallback", `2026/12/02/odd"name\.pcap.gz`
 	offline.End, offline.FlowEnd = EndShutdown, EndShutdown
-	for name, r := range map[string]Record{"live": live, "offline": offline} {
+	sampled := liveRecord()
+	sampled.Sample = 10
+	for name, r := range map[string]Record{"live": live, "offline": offline, "sampled": sampled} {
 		line := r.AppendJSON(nil)
 		if !bytes.HasSuffix(line, []byte("}\n")) || bytes.Count(line, []byte("\n")) != 1 {
 			t.Errorf("%s: not one line: %q", name, line)
@@ -79,6 +81,11 @@ func TestSchema(t *testing.T) {
 			"capture":    {hasCapture, r.Interface != ""},
 			"wire_bytes": {got["wire_bytes"], float64(r.WireBytes)},
 		}
+		if r.Sample > 1 {
+			checks["sample"] = [2]any{got["sample"], float64(r.Sample)}
+		} else if _, ok := got["sample"]; ok {
+			checks["no sample"] = [2]any{got["sample"], nil}
+		}
 		if hasCapture {
 			checks["drops_max"] = [2]any{capture["drops_max"], float64(r.DropsMax)}
 			checks["down"] = [2]any{capture["down"], r.Down}
@@ -100,6 +107,7 @@ func TestSchema(t *testing.T) {
 		"a bad address":                     strings.Replace(line, `"10.1.2.3"`, `"10.1.2"`, 1),
 		"a file outside a day":              strings.Replace(line, `"file":"2026/12/02/`, `"file":"../`, 1),
 		"an unknown source":                 strings.Replace(line, `"source":"eventsocket"`, `"source":"guess"`, 1),
+		"a sample of one":                   strings.Replace(line, `"source":"eventsocket"`, `"source":"eventsocket","sample":1`, 1),
 	} {
 		if bad == line {
 			t.Fatalf("%s: the test's replacement did not apply", name)

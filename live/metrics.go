@@ -92,7 +92,7 @@ func families(x *parts) *exporter.Collector {
 			func(lc *liveCapture) (float64, bool) { s, ok := stats(lc); return float64(s.Dropped), ok }),
 		perCapture("pcap_interface_dropped_total", "Frames dropped by the interface or driver, per interface (libpcap's ps_ifdrop; 0 for the ring).",
 			func(lc *liveCapture) (float64, bool) { s, ok := stats(lc); return float64(s.IfaceDropped), ok }),
-		byLabel("pcap_packets_total", "Captured frames by outcome: saved, excluded (tcp-info's exclusion rules), no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, low_space, shutdown_no_uuid; not selected: not_local, outgoing (without -outgoing), other_port (-localport).", "outcome",
+		byLabel("pcap_packets_total", "Captured frames by outcome: saved, excluded (tcp-info's exclusion rules), no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, low_space, shutdown_no_uuid; not selected: not_local, outgoing (without -outgoing), other_port (-localport), not_sampled (-sample).", "outcome",
 			func(emit func(float64, ...string)) {
 				emitAll(emit, sv.Packets)
 				for o := range demuxer.NumPacketOutcomes {
@@ -109,7 +109,7 @@ func families(x *parts) *exporter.Collector {
 			func() float64 { return sum(func(s *demuxer.Stats) uint64 { return s.ClockSteps.Load() }) }),
 		counter("pcap_flows_started_total", "Flows that began to be tracked.",
 			func() float64 { return sum(func(s *demuxer.Stats) uint64 { return s.Started.Load() }) }),
-		byLabel("pcap_flows_ended_total", "Tracked flows that ended, by outcome: saved, uuid_timeout, write_error, low_space, shutdown, evicted (half-open and unnamed, its place taken at -maxflows).", "outcome",
+		byLabel("pcap_flows_ended_total", "Tracked flows that ended, by outcome: saved, uuid_timeout, write_error, low_space, shutdown, evicted (half-open and unnamed, its place taken at -maxflows), not_sampled (named, not in the -sample).", "outcome",
 			func(emit func(float64, ...string)) {
 				emitAll(emit, sv.Flows)
 				for o := range demuxer.NumEndOutcomes {
@@ -189,6 +189,7 @@ func families(x *parts) *exporter.Collector {
 					emit(v, lc.h.Name())
 				}
 			}},
+		gauge("pcap_sample_rate", "N: one named connection in N is saved (-sample; 1: every connection).", func() float64 { return float64(x.p.SampleRate()) }),
 		gauge("pcap_flows_active", "Flows being tracked.", func() float64 { return float64(x.p.Limits.Active()) }),
 		counter("pcap_uuid_renames_total", "Flows the authoritative source (tcp-info) named after the kernel source had named them otherwise: their files take tcp-info's UUID.",
 			func() float64 { return float64(x.p.Names.Renames()) }),

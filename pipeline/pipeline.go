@@ -48,6 +48,8 @@ type Config struct {
 	Ports    *selection.Ports
 	Outgoing bool
 	Strict   bool
+	// Sample chooses one named connection in N (nil: all).
+	Sample *selection.Sample
 	// Authoritative makes tcp-info's announcements win over the kernel's
 	// names for the same socket (live mode with an eventsocket).
 	Authoritative bool
@@ -138,11 +140,17 @@ func (p *Pipeline) Demuxer(lt packet.LinkType, with func(*demuxer.Options)) *dem
 		Stream: p.c.Stream, Names: p.Names, Writer: p.writer, Anonymizer: p.Anon, Limits: p.Limits,
 		Select: p.Select.Decide,
 	}
+	if p.c.Sample != nil {
+		o.Sample, o.SampleRate = p.c.Sample.Chosen, p.c.Sample.Rate()
+	}
 	if with != nil {
 		with(&o)
 	}
 	return demuxer.New(o)
 }
+
+// SampleRate is the sample's N: one named connection in N is saved.
+func (p *Pipeline) SampleRate() int { return p.c.Sample.Rate() }
 
 // Excluded reports whether the connection between local and remote is
 // never saved (Config.Exclude): the kernel source asks before naming one.

@@ -24,8 +24,13 @@
 package selection
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -167,3 +172,70 @@ func (s *Ports) Add(list string) error {
 
 // Has reports whether p is in the set.
 func (s *Ports) Has(p uint16) bool { return s.bits[p/64]&(1<<(p%64)) != 0 }
+
+// Sample chooses one connection in N by a keyed hash of its UUID: the
+// first 8 bytes of HMAC-SHA256(key, UUID), big-endian, are a multiple of
+// N. Every server and an offline re-split of the same capture with the
+// same events choose the same connections, and a tool that knows the key
+// (none by default: an empty key) can tell which UUIDs have traces
+// (TestSampleChosen holds a vector to check one against). A nil Sample
+// chooses every connection.
+type Sample struct {
+	n   uint64
+	key []byte
+}
+
+// NewSample returns a sample of one connection in n, keyed by key; nil
+// for n <= 1 (every connection).
+func NewSample(n int, key []byte) *Sample {
+	if n <= 1 {
+		return nil
+	}
+	return &Sample{n: uint64(n), key: key}
+}
+
+// LoadSample returns the sample that -sample (n) and -sample.keyfile ask
+// for, or a one-line reason naming them. The key file's bytes are the key
+// as they are; a file others can read is refused, since whoever reads it
+// can tell which connections have traces.
+func LoadSample(n int, keyFile string) (*Sample, error) {
+	switch {
+	case n < 1:
+		return nil, fmt.Errorf("-sample must be at least 1, not %d", n)
+	case keyFile != "" && n == 1:
+		return nil, errors.New("-sample.keyfile goes with -sample above 1")
+	}
+	var key []byte
+	if keyFile != "" {
+		st, err := os.Stat(keyFile)
+		if err == nil && st.Mode().Perm()&0o004 != 0 {
+			err = fmt.Errorf("readable by others (mode %#o): chmod o-r", st.Mode().Perm())
+		}
+		if err == nil {
+			key, err = os.ReadFile(keyFile)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("-sample.keyfile: %w", err)
+		}
+	}
+	return NewSample(n, key), nil
+}
+
+// Rate returns N (1 for a nil Sample).
+func (s *Sample) Rate() int {
+	if s == nil {
+		return 1
+	}
+	return int(s.n)
+}
+
+// Chosen reports whether the connection named uuid is in the sample. It
+// is asked once per flow, when the flow is named.
+func (s *Sample) Chosen(uuid string) bool {
+	if s == nil {
+		return true
+	}
+	m := hmac.New(sha256.New, s.key)
+	m.Write([]byte(uuid))
+	return binary.BigEndian.Uint64(m.Sum(nil))%s.n == 0
+}

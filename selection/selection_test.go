@@ -1,6 +1,7 @@
 package selection
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -102,5 +103,53 @@ func TestPorts(t *testing.T) {
 		if err := p.Add(bad); err == nil {
 			t.Errorf("Add(%q) took it", bad)
 		}
+	}
+}
+
+// TestSampleChosen: the choice is HMAC-SHA256(key, UUID) as documented
+// (a vector computed with Python's hmac module), stable, and about one in
+// N over many UUIDs.
+func TestSampleChosen(t *testing.T) {
+	// Computed apart, with Python's hmac module:
+	//   int.from_bytes(hmac.new(key, uuid, hashlib.sha256).digest()[:8], "big") % 3 == 0
+	vectors := []struct {
+		key  string
+		uuid string
+		want bool
+	}{
+		{"", "host_1764000000_0000000000000001", false},
+		{"", "host_1764000000_0000000000000006", true},
+		{"secret", "host_1764000000_0000000000000001", true},
+		{"secret", "host_1764000000_0000000000000006", false},
+	}
+	for _, v := range vectors {
+		if got := NewSample(3, []byte(v.key)).Chosen(v.uuid); got != v.want {
+			t.Errorf("key %q, %s: chosen %v, want %v (the documented hash)", v.key, v.uuid, got, v.want)
+		}
+	}
+	var nilSample *Sample
+	if !nilSample.Chosen("x") || nilSample.Rate() != 1 || NewSample(1, nil) != nil {
+		t.Error("no sample must choose every connection")
+	}
+	s := NewSample(3, nil)
+	n := 0
+	for i := 0; i < 30000; i++ {
+		if s.Chosen(fmt.Sprintf("host_1764000000_%016X", i)) {
+			n++
+		}
+	}
+	if n < 9000 || n > 11000 {
+		t.Errorf("%d of 30000 chosen for one in 3", n)
+	}
+	keyed := NewSample(3, []byte("secret"))
+	same := 0
+	for i := 0; i < 3000; i++ {
+		u := fmt.Sprintf("host_1764000000_%016X", i)
+		if keyed.Chosen(u) == s.Chosen(u) {
+			same++
+		}
+	}
+	if same == 3000 {
+		t.Error("the key changes nothing")
 	}
 }
