@@ -255,3 +255,79 @@ func TestSample(t *testing.T) {
 		t.Error("the hash chose none of the announced connections: the test says nothing")
 	}
 }
+
+// TestUnseenFlood: the kernel source names only the sockets of connections
+// the daemon may save. Beside tcp-info, while 50 connections come in on the
+// captured interface, 1,000 come in on another interface of the server and
+// 1,000 run over its loopback: none of those is named (their destroy
+// broadcasts are counted as not_selected or excluded), and every
+// connection tcp-info announced on the captured interface is saved.
+func TestUnseenFlood(t *testing.T) {
+	l := newLab(t, 32)
+	_, srv2, _ := l.addLink("uf32", 32)
+	l.server(8084)
+	prefix := filepath.Join(l.dir, "prefix")
+	os.WriteFile(prefix, []byte("unseen_1764000000"), 0o644)
+	ti := l.startTCPInfo("tcp-info.log", prefix)
+	defer ti.Process.Kill()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events := l.recordEvents(ctx)
+	d := &daemon{name: "unseen"}
+	cmd := l.startDaemon(d, 9990, "-interface", l.nsIf, "-tcpinfo.eventsocket", l.tcpinfoSock, "-uuid-prefix-file", prefix)
+	const flood = 1000
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < flood/100; i++ {
+			flows(t, srv2, 8084, 100)
+		}
+		l.inNamespace(func() { // on this thread alone: new goroutines would leave the namespace
+			for i := 0; i < flood; i++ {
+				c, err := net.DialTimeout("tcp", "127.0.0.1:8084", 2*time.Second)
+				if err != nil {
+					t.Errorf("loopback dial: %v", err)
+					return
+				}
+				c.Write([]byte("e hi\n"))
+				c.Close()
+			}
+		})
+	}()
+	seen := flows(t, l.srv4, 8084, 50)
+	<-done
+	time.Sleep(1500 * time.Millisecond)
+	m := scrape(d.metrics)
+	named, _ := metricValue(m, `pcap_kernel_destroy_events_total{result="named"}`)
+	notSelected, _ := metricValue(m, `pcap_kernel_destroy_events_total{result="not_selected"}`)
+	excluded, _ := metricValue(m, `pcap_kernel_destroy_events_total{result="excluded"}`)
+	t.Logf("destroy broadcasts: %v named, %v not_selected, %v excluded", named, notSelected, excluded)
+	if named >= flood/2 {
+		t.Errorf("%v destroyed sockets named: the flood's sockets, which no capture sees, were named", named)
+	}
+	if notSelected == 0 {
+		t.Error("no destroyed socket counted as not_selected")
+	}
+	if _, err := stop(t, cmd, syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Errorf("daemon: %v", err)
+	}
+	cancel()
+	<-events.done
+	announced := map[netip.AddrPort]bool{}
+	events.mu.Lock()
+	for _, e := range events.opens {
+		if e.ID != nil && e.ID.DstIP != "" {
+			if c := netip.AddrPortFrom(netip.MustParseAddr(e.ID.DstIP).Unmap(), e.ID.DPort); seen[c] {
+				announced[c] = true
+			}
+		}
+	}
+	events.mu.Unlock()
+	files := filePorts(t, d.dataDir, 8084)
+	expectFiles(t, "announced on the captured interface", announced, files)
+	for c, n := range files {
+		if !seen[c] && n > 0 {
+			t.Errorf("a file for %v, a connection the capture does not see", c)
+		}
+	}
+}

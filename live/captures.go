@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log"
 	"net"
+	"net/netip"
 	"os"
 	"sort"
 	"sync"
@@ -69,6 +70,7 @@ func (s *captureSet) open(ifaces []capture.Interface) error {
 			return err
 		}
 	}
+	s.updateAddrs()
 	return nil
 }
 
@@ -156,9 +158,7 @@ func (s *captureSet) closeAll() {
 // interfaces, captures those that appeared and retires the captures of
 // interfaces gone for RetireAfter.
 func (s *captureSet) sync(now time.Time) {
-	if local, err := capture.LocalAddrs(); err == nil {
-		s.p.Select.SetLocal(local)
-	}
+	defer s.updateAddrs()
 	if !s.follow {
 		return
 	}
@@ -198,6 +198,25 @@ func (s *captureSet) sync(now time.Time) {
 		if now.Sub(lc.goneFrom) >= RetireAfter {
 			s.retire(lc)
 		}
+	}
+}
+
+// updateAddrs gives the selection this host's addresses, and those of the
+// captured interfaces (the kernel source names only their sockets).
+func (s *captureSet) updateAddrs() {
+	if local, err := capture.LocalAddrs(); err == nil {
+		s.p.Select.SetLocal(local)
+	}
+	var names []string
+	for _, lc := range s.list() {
+		names = append(names, lc.h.Name())
+	}
+	if ifaces, err := capture.Interfaces(names); err == nil && len(names) > 0 {
+		var addrs []netip.Addr
+		for _, ifc := range ifaces {
+			addrs = append(addrs, ifc.Addrs...)
+		}
+		s.p.Select.SetCaptured(addrs)
 	}
 }
 

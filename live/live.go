@@ -334,7 +334,8 @@ func openKernel(c *Config, p *pipeline.Pipeline, local []netip.Addr, prefix *nam
 		k.lookup.Close()
 		return nil, err
 	}
-	o := sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.Pipeline.UUIDWait, NoDestroy: k.destroy == nil, Exclude: p.Excluded}
+	o := sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.Pipeline.UUIDWait, NoDestroy: k.destroy == nil, Exclude: p.Excluded,
+		Selected: p.Select.Nameable}
 	if events != nil {
 		o.Authority = events.ConnectedSince
 		if c.PrefixFile == "" {

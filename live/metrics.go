@@ -171,7 +171,7 @@ func families(x *parts) *exporter.Collector {
 				emit(float64(sends.Load()), "send")
 				emit(float64(recvs.Load()), "recv")
 			}),
-		byLabel("pcap_kernel_destroy_events_total", "TCP socket destroy broadcasts from sock_diag, by result (named; disconnected: closed with SO_LINGER 0, no remote port; ignored: listeners; lost; malformed; excluded; silenced: left unnamed by tcp-info).", "result",
+		byLabel("pcap_kernel_destroy_events_total", "TCP socket destroy broadcasts from sock_diag, by result (named; disconnected: closed with SO_LINGER 0, no remote port; ignored: listeners; lost; malformed; excluded; not_selected: a socket no capture sees or the selection leaves out; silenced: left unnamed by tcp-info).", "result",
 			func(emit func(float64, ...string)) { emitAll(emit, destroys) }),
 		gauge("pcap_kernel_destroy_broadcasts", "1 while the kernel's socket destroy broadcasts are read (they need CAP_NET_ADMIN), 0 without them.", func() float64 {
 			if x.kernel.destroy != nil {

@@ -61,7 +61,47 @@ type Policy struct {
 	Strict   bool           // a connection without a local end is not saved (live)
 
 	local     atomic.Pointer[map[netip.Addr]bool]
+	captured  atomic.Pointer[map[netip.Addr]bool]
 	listening atomic.Pointer[map[uint16]bool]
+}
+
+// SetCaptured sets the addresses of the interfaces captured (live: those of
+// the captured interfaces, a subset of SetLocal's with -interface); none:
+// unknown, every local address counts (an interface without address, such
+// as a bridge port, carries its master's).
+func (p *Policy) SetCaptured(addrs []netip.Addr) {
+	if len(addrs) == 0 {
+		p.captured.Store(nil)
+		return
+	}
+	m := make(map[netip.Addr]bool, len(addrs))
+	for _, a := range addrs {
+		m[a.Unmap()] = true
+	}
+	p.captured.Store(&m)
+}
+
+// Nameable reports whether a socket of this host between local and remote
+// may be a connection the daemon saves: its local address is one of the
+// captured interfaces' (when SetCaptured was called), tcp-info's rules
+// and Ports keep it, and, without Outgoing, its local port is one on
+// which a socket listens (when the listeners are known; an accepted
+// connection has its listener's port). The kernel source asks it before
+// naming a destroyed socket, so that the names table holds only the
+// connections a flow may claim, however many others the host has
+// (loopback ones, another interface's, outgoing ones).
+func (p *Policy) Nameable(local, remote netip.AddrPort) bool {
+	local, remote = netip.AddrPortFrom(local.Addr().Unmap(), local.Port()), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	if c := p.captured.Load(); c != nil && !(*c)[local.Addr()] {
+		return false
+	}
+	if p.Exclude.Excluded(local, remote) || p.Ports != nil && !p.Ports.Has(local.Port()) {
+		return false
+	}
+	if l := p.listening.Load(); !p.Outgoing && l != nil && *l != nil && !(*l)[local.Port()] {
+		return false
+	}
+	return true
 }
 
 // SetLocal sets this host's addresses.

@@ -153,3 +153,38 @@ func TestSampleChosen(t *testing.T) {
 		t.Error("the key changes nothing")
 	}
 }
+
+// TestNameable: the kernel source names only sockets the daemon may save.
+func TestNameable(t *testing.T) {
+	p := &Policy{Strict: true}
+	p.SetLocal([]netip.Addr{server.Addr(), netip.MustParseAddr("10.0.0.1")})
+	if !p.Nameable(server2, remoteS) {
+		t.Error("without listeners or captured addresses known, a socket is nameable")
+	}
+	p.SetCaptured([]netip.Addr{server.Addr()})
+	p.SetListening(map[uint16]bool{443: true})
+	for _, tt := range []struct {
+		local, remote netip.AddrPort
+		want          bool
+	}{
+		{server, remote, true},
+		{server2, remoteS, false},                                         // outgoing: not a listener's port
+		{netip.MustParseAddrPort("10.0.0.1:443"), remote, false},          // an interface not captured
+		{netip.MustParseAddrPort("127.0.0.1:443"), remote, false},         // loopback
+		{netip.MustParseAddrPort("[::ffff:192.0.2.1]:443"), remote, true}, // mapped
+	} {
+		if got := p.Nameable(tt.local, tt.remote); got != tt.want {
+			t.Errorf("Nameable(%v, %v) = %v", tt.local, tt.remote, got)
+		}
+	}
+	p.Outgoing = true
+	if !p.Nameable(server2, remoteS) {
+		t.Error("with Outgoing, an outgoing socket is nameable")
+	}
+	var ports Ports
+	ports.Add("8080")
+	p.Ports = &ports
+	if p.Nameable(server, remote) {
+		t.Error("a port outside -localport is nameable")
+	}
+}

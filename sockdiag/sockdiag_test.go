@@ -487,3 +487,20 @@ func TestListeningPorts(t *testing.T) {
 		t.Errorf("the client's port %d is taken for a listener", p)
 	}
 }
+
+// TestDestroySelected: a destroyed socket that Options.Selected refuses is
+// not named (not_selected), so the table holds only what flows may claim.
+func TestDestroySelected(t *testing.T) {
+	tbl := names.New(nil)
+	s := NewSource(tbl, Options{UUID: uuid.FromCookie, Selected: func(l, r netip.AddrPort) bool { return l.Port() == 443 }})
+	remote := netip.MustParseAddrPort("198.51.100.7:40000")
+	for cookie, port := range map[uint64]uint16{1: 443, 2: 80} {
+		s.destroyed(Socket{Local: netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), port), Remote: remote, Cookie: cookie, State: StateClose})
+	}
+	if s.Destroys.Get("named") != 1 || s.Destroys.Get("not_selected") != 1 || tbl.Len() != 1 {
+		t.Errorf("named %d, not_selected %d, %d entries; want 1, 1, 1", s.Destroys.Get("named"), s.Destroys.Get("not_selected"), tbl.Len())
+	}
+	if e := tbl.Claim(packet.KeyFromAddrPorts(netip.MustParseAddrPort("192.0.2.1:80"), remote), time.Now()); e != nil {
+		t.Errorf("the refused socket was named %s", e.UUID)
+	}
+}

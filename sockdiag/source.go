@@ -56,6 +56,11 @@ type Options struct {
 	// Silence is how long a connection must have lived for the
 	// authority's silence about it to count; default DefaultSilence.
 	Silence time.Duration
+	// Selected, when set, reports whether a destroyed socket between local
+	// and remote may be a connection the daemon saves (package selection's
+	// Policy.Nameable): others are not named (not_selected), so that the
+	// names table holds only what a flow may claim.
+	Selected func(local, remote netip.AddrPort) bool
 	// Ready, when set, reports whether UUID names cookies as the authority
 	// does (its prefix is known). Names found before are held, and
 	// announced once it does, or dropped after GiveUp (no_prefix), so that
@@ -93,9 +98,9 @@ var LookupResults = []string{"found", "not_found", "not_established", "already_n
 // DestroyResults are the results of a destroy broadcast: named,
 // disconnected (closed with SO_LINGER 0: no remote port), ignored
 // (listeners), lost (the socket's buffer overflowed), malformed, excluded
-// (Options.Exclude), silenced (a connection the authority left unnamed, or
-// on a port it silences).
-var DestroyResults = []string{"named", "disconnected", "ignored", "lost", "malformed", "excluded", "silenced"}
+// (Options.Exclude), not_selected (Options.Selected), silenced (a connection
+// the authority left unnamed, or on a port it silences).
+var DestroyResults = []string{"named", "disconnected", "ignored", "lost", "malformed", "excluded", "not_selected", "silenced"}
 
 const (
 	batchMax        = 64
@@ -421,6 +426,10 @@ func (s *Source) destroyed(sk Socket) {
 	}
 	if s.o.Exclude != nil && s.o.Exclude(sk.Local, sk.Remote) {
 		s.Destroys.Inc("excluded")
+		return
+	}
+	if s.o.Selected != nil && !s.o.Selected(sk.Local, sk.Remote) {
+		s.Destroys.Inc("not_selected")
 		return
 	}
 	k := packet.KeyFromAddrPorts(sk.Local, sk.Remote)
