@@ -92,6 +92,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.Var(&c.excludeIPs, "exclude-dstip", "Never save connections with these remote addresses (comma-separated, repeatable), as tcp-info's flag of the same name; loopback, link-local, multicast and unspecified addresses are always excluded, as by tcp-info")
 	fs.BoolVar(&c.p.Outgoing, "outgoing", false, "Also save the connections this host opened (by default only those it accepted are: their SYN came for a local listener)")
 	fs.Var(&c.localPorts, "localport", "Save only connections whose local port is one of these (comma-separated ports and ranges such as 443,3001-3010; repeatable); unset: every port")
+	fs.Var((*flagx.StringArray)(&c.l.Cgroups), "cgroup", "Save only connections to services of this cgroup v2 (a path under the cgroup v2 mount, or relative to it: system.slice/ndt.service, a container's; repeatable): those to a port on which a socket of the cgroup, or of one below it, listens")
 	fs.IntVar(&c.sample, "sample", 1, "Save one connection in this many, chosen by a keyed hash of its UUID (HMAC-SHA256 with -sample.keyfile's key), so that every server and an offline re-split choose the same ones; 1: every connection")
 	fs.StringVar(&c.sampleKeyFile, "sample.keyfile", "", "With -sample: the file holding the sample's key (its bytes as they are; not readable by others); unset: an empty key, so that anyone can tell which UUIDs have traces")
 	fs.BoolVar(&c.version, "version", false, "Print the version and exit")
@@ -218,7 +219,7 @@ func checkOffline(c *config, set map[string]bool) error {
 // liveOnly are the flags that offline mode refuses rather than ignores
 // (-interface and -tcpinfo.eventsocket have reasons of their own).
 var liveOnly = []string{"capture.batchdelay", "capture.buffersize", "maxflows", "maxheap", "maxidleram", "maxprocs",
-	"health.grace", "sigtermwait", "shutdown.timeout", "prometheusx.listen-address", "pprof", "uuid.kernel", "uuid-prefix-file"}
+	"health.grace", "sigtermwait", "shutdown.timeout", "prometheusx.listen-address", "pprof", "uuid.kernel", "uuid-prefix-file", "cgroup"}
 
 // dedupe returns the interfaces named, each once, in their first order: a
 // repeated -interface would open two captures on one interface, track

@@ -92,6 +92,7 @@ func TestParse(t *testing.T) {
 		{"sample key without a sample", append([]string{"-sample.keyfile", writeFile(t, "k")}, ok...), nil, "goes with -sample"},
 		{"sample key readable by others", append([]string{"-sample=3", "-sample.keyfile", file}, ok...), nil, "readable by others"},
 		{"offline sample", []string{"-read", "x.pcap", "-sample=3"}, nil, ""},
+		{"offline cgroup", []string{"-read", "x.pcap", "-cgroup=system.slice"}, nil, "-cgroup is for live capture"},
 		{"pprof on loopback", append([]string{"-pprof", "-prometheusx.listen-address=127.0.0.1:9990"}, ok...), nil, ""},
 		{"pprof on [::1]", append([]string{"-pprof", "-prometheusx.listen-address=[::1]:9990"}, ok...), nil, ""},
 		{"pprof on every address", append([]string{"-pprof"}, ok...), nil, "-pprof needs a loopback"},

@@ -152,7 +152,7 @@ func BenchmarkUnselected(b *testing.B) {
 		b.Run(tt.name, func(b *testing.B) {
 			sel := &selection.Policy{Strict: true}
 			sel.SetLocal([]netip.Addr{netip.MustParseAddr("192.0.2.1")})
-			sel.SetListening(map[uint16]bool{443: true, 8080: true})
+			sel.SetListening(map[uint16]uint64{443: 1, 8080: 1})
 			if tt.ports != "" {
 				sel.Ports = &selection.Ports{}
 				sel.Ports.Add(tt.ports)

@@ -9,10 +9,11 @@ import (
 
 // verdictOutcome is the packet outcome of each verdict but Save.
 var verdictOutcome = [...]PacketOutcome{
-	selection.Excluded:  Excluded,
-	selection.NotLocal:  NotLocal,
-	selection.Outgoing:  Outgoing,
-	selection.OtherPort: OtherPort,
+	selection.Excluded:    Excluded,
+	selection.NotLocal:    NotLocal,
+	selection.Outgoing:    Outgoing,
+	selection.OtherPort:   OtherPort,
+	selection.OtherCgroup: OtherCgroup,
 }
 
 // rejectSlots is the size of the table of connections not saved, and

@@ -27,10 +27,11 @@ const (
 	Outgoing                                  // its connection is one this host opened (saved with -outgoing)
 	OtherPort                                 // its connection's local port is not one of -localport's
 	NotSampled                                // its connection is not in the sample (-sample)
+	OtherCgroup                               // its connection's local port is not a listener's of -cgroup's cgroups
 	NumPacketOutcomes
 )
 
-var packetOutcomes = [NumPacketOutcomes]string{"excluded", "no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid", "not_local", "outgoing", "other_port", "not_sampled"}
+var packetOutcomes = [NumPacketOutcomes]string{"excluded", "no_uuid", "after_captureduration", "flow_limit", "memory_limit", "undecodable", "shutdown_no_uuid", "not_local", "outgoing", "other_port", "not_sampled", "other_cgroup"}
 
 func (o PacketOutcome) String() string { return packetOutcomes[o] }
 

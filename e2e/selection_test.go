@@ -331,3 +331,94 @@ func TestUnseenFlood(t *testing.T) {
 		}
 	}
 }
+
+// cgroup2Mount returns where cgroup v2 is mounted, mounting it in the lab's
+// directory if it is not (a host with cgroup v1 controllers still has the
+// v2 hierarchy, which the kernel records sockets in).
+func cgroup2Mount(t *testing.T, l *lab) string {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		left, right, ok := strings.Cut(line, " - ")
+		if f := strings.Fields(left); ok && len(f) >= 5 && strings.HasPrefix(right, "cgroup2 ") {
+			return f[4]
+		}
+	}
+	dir := filepath.Join(l.dir, "cgroup2")
+	os.Mkdir(dir, 0o755)
+	if out, err := exec.Command("mount", "-t", "cgroup2", "none", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount cgroup v2: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", dir).Run() })
+	return dir
+}
+
+// TestCgroupSelection runs two services in the server's namespace, each in
+// a cgroup v2 of its own, as two systemd units or containers would be, and
+// a daemon told -cgroup with the first one's: it must save exactly the
+// first service's connections.
+func TestCgroupSelection(t *testing.T) {
+	l := newLab(t, 33)
+	mnt := cgroup2Mount(t, l)
+	var cgroups []string
+	var servers []*exec.Cmd
+	t.Cleanup(func() { // before the lab's own cleanup: the cgroups must be empty to go
+		for _, s := range servers {
+			s.Process.Kill()
+			s.Wait()
+		}
+		for _, c := range cgroups {
+			os.Remove(c)
+		}
+	})
+	for i, port := range []int{8095, 8096} {
+		name := fmt.Sprintf("phe2e%d-svc%d", os.Getpid(), i)
+		dir := filepath.Join(mnt, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		cgroups = append(cgroups, dir)
+		server := fmt.Sprintf(`import socket
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", %d))
+s.listen(128)
+while True:
+    c, _ = s.accept()
+    c.recv(100)
+    c.sendall(b"ok\n")
+    c.close()
+`, port)
+		servers = append(servers, l.start(name+".log", "sh", "-c", `echo $$ > "$0/cgroup.procs" && exec python3 -c "$1"`, dir, server))
+		waitFor(t, 10*time.Second, name+" to listen", func() bool {
+			c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, uint16(port)).String())
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		})
+	}
+	prefix := filepath.Join(l.dir, "prefix")
+	os.WriteFile(prefix, []byte("cgroup_1764000000"), 0o644)
+	d := &daemon{name: "cgroup"}
+	cmd := l.startDaemon(d, 9990, "-interface", l.nsIf, "-uuid-prefix-file", prefix, "-cgroup", filepath.Base(cgroups[0]))
+	time.Sleep(1500 * time.Millisecond) // a reading of the listeners and their cgroups
+	selected := flows(t, l.srv4, 8095, 5)
+	other := flows(t, l.srv4, 8096, 5)
+	time.Sleep(1500 * time.Millisecond)
+	if v, _ := metricValue(scrape(d.metrics), `pcap_packets_total{outcome="other_cgroup"}`); v == 0 {
+		t.Error("no packet counted as other_cgroup")
+	}
+	if _, err := stop(t, cmd, syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Errorf("daemon: %v", err)
+	}
+	expectFiles(t, "the selected cgroup's service", selected, filePorts(t, d.dataDir, 8095))
+	files := filePorts(t, d.dataDir, 8096)
+	for c := range other {
+		if files[c] != 0 {
+			t.Errorf("the other cgroup's connection %v was saved", c)
+		}
+	}
+}

@@ -61,6 +61,7 @@ type Config struct {
 	ShutdownTimeout time.Duration // -shutdown.timeout
 	BatchDelay      time.Duration // -capture.batchdelay
 	BufferSize      int64         // -capture.buffersize
+	Cgroups         []string      // -cgroup: cgroup v2 paths of the services saved; none: every service
 	Build           Build
 }
 
@@ -181,7 +182,11 @@ func Run(ctx context.Context, c *Config) error {
 	}
 	defer k.close()
 	h.kernel = k.src
-	listeners := openListeners(p)
+	cgroups, err := cgroupDirs(c.Cgroups)
+	if err != nil {
+		return usage(err)
+	}
+	listeners := openListeners(p, cgroups)
 	defer listeners.Close()
 	set := newCaptureSet(c, p, k, checker)
 	if err := set.open(ifaces); err != nil {
@@ -484,15 +489,16 @@ func housekeeping(ctx context.Context, c *Config, x *parts, checker *health.Chec
 // is one) up to date, from the kernel's sockets. Without a sock_diag
 // socket they stay unknown, and such connections are saved.
 type listeners struct {
-	conn sockdiag.Conn // nil if none could be opened
-	sel  *selection.Policy
-	warn bool // an error was logged
+	conn    sockdiag.Conn // nil if none could be opened
+	sel     *selection.Policy
+	cgroups []string // -cgroup's directories, whose ids are read again each time
+	warn    bool     // an error was logged
 }
 
 // openListeners opens the listener dumps' socket and reads the ports once,
 // before any capture starts.
-func openListeners(p *pipeline.Pipeline) *listeners {
-	l := &listeners{sel: p.Select}
+func openListeners(p *pipeline.Pipeline, cgroups []string) *listeners {
+	l := &listeners{sel: p.Select, cgroups: cgroups}
 	conn, err := sockdiag.Dial()
 	if err != nil {
 		log.Printf("packet-headers: %v: connections whose SYN is not captured are saved whichever end opened them", err)
@@ -504,6 +510,11 @@ func openListeners(p *pipeline.Pipeline) *listeners {
 }
 
 func (l *listeners) refresh() {
+	if len(l.cgroups) > 0 {
+		// A service's processes may move to new cgroups below the one
+		// named (a container restarted): their ids are read again.
+		l.sel.SetCgroups(cgroupIDs(l.cgroups))
+	}
 	if l.conn == nil {
 		return
 	}

@@ -92,7 +92,7 @@ func families(x *parts) *exporter.Collector {
 			func(lc *liveCapture) (float64, bool) { s, ok := stats(lc); return float64(s.Dropped), ok }),
 		perCapture("pcap_interface_dropped_total", "Frames dropped by the interface or driver, per interface (libpcap's ps_ifdrop; 0 for the ring).",
 			func(lc *liveCapture) (float64, bool) { s, ok := stats(lc); return float64(s.IfaceDropped), ok }),
-		byLabel("pcap_packets_total", "Captured frames by outcome: saved, excluded (tcp-info's exclusion rules), no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, low_space, shutdown_no_uuid; not selected: not_local, outgoing (without -outgoing), other_port (-localport), not_sampled (-sample).", "outcome",
+		byLabel("pcap_packets_total", "Captured frames by outcome: saved, excluded (tcp-info's exclusion rules), no_uuid, after_captureduration, flow_limit, memory_limit, undecodable, write_error, low_space, shutdown_no_uuid; not selected: not_local, outgoing (without -outgoing), other_port (-localport), not_sampled (-sample), other_cgroup (-cgroup).", "outcome",
 			func(emit func(float64, ...string)) {
 				emitAll(emit, sv.Packets)
 				for o := range demuxer.NumPacketOutcomes {

@@ -44,11 +44,12 @@ type Verdict uint8
 
 // The verdicts.
 const (
-	Save      Verdict = iota
-	Excluded          // tcp-info's exclusion rules (package exclude)
-	NotLocal          // neither end is this host's (Strict only)
-	Outgoing          // this host opened it, and Policy.Outgoing is false
-	OtherPort         // its local port is not one of Policy.Ports
+	Save        Verdict = iota
+	Excluded            // tcp-info's exclusion rules (package exclude)
+	NotLocal            // neither end is this host's (Strict only)
+	Outgoing            // this host opened it, and Policy.Outgoing is false
+	OtherPort           // its local port is not one of Policy.Ports
+	OtherCgroup         // its local port is not a listener's of the selected cgroups
 )
 
 // Policy is what the study asked for. Its exported fields are set before
@@ -62,7 +63,25 @@ type Policy struct {
 
 	local     atomic.Pointer[map[netip.Addr]bool]
 	captured  atomic.Pointer[map[netip.Addr]bool]
-	listening atomic.Pointer[map[uint16]bool]
+	listening atomic.Pointer[map[uint16]uint64]
+	cgroups   atomic.Pointer[map[uint64]bool]
+}
+
+// SetCgroups selects the services whose listening sockets belong to these
+// cgroup v2 ids (their directories' inode numbers: a systemd unit's or a
+// container's cgroup and those below it); nil: every service. Only
+// connections to a port on which such a socket listens are saved.
+func (p *Policy) SetCgroups(ids map[uint64]bool) { p.cgroups.Store(&ids) }
+
+// inCgroups reports whether port is a listener's of the selected cgroups,
+// or no cgroup is selected.
+func (p *Policy) inCgroups(port uint16, listening map[uint16]uint64) bool {
+	c := p.cgroups.Load()
+	if c == nil || *c == nil {
+		return true
+	}
+	id, ok := listening[port]
+	return ok && (*c)[id]
 }
 
 // SetCaptured sets the addresses of the interfaces captured (live: those of
@@ -98,10 +117,14 @@ func (p *Policy) Nameable(local, remote netip.AddrPort) bool {
 	if p.Exclude.Excluded(local, remote) || p.Ports != nil && !p.Ports.Has(local.Port()) {
 		return false
 	}
-	if l := p.listening.Load(); !p.Outgoing && l != nil && *l != nil && !(*l)[local.Port()] {
+	var listening map[uint16]uint64
+	if l := p.listening.Load(); l != nil {
+		listening = *l
+	}
+	if _, ok := listening[local.Port()]; !p.Outgoing && listening != nil && !ok {
 		return false
 	}
-	return true
+	return p.inCgroups(local.Port(), listening)
 }
 
 // SetLocal sets this host's addresses.
@@ -119,8 +142,9 @@ func (p *Policy) IsLocal(a netip.Addr) bool {
 	return m != nil && (*m)[a.Unmap()]
 }
 
-// SetListening sets the local ports on which sockets listen (nil: unknown).
-func (p *Policy) SetListening(ports map[uint16]bool) { p.listening.Store(&ports) }
+// SetListening sets the local ports on which sockets listen, each with
+// its socket's cgroup v2 id (nil: unknown).
+func (p *Policy) SetListening(ports map[uint16]uint64) { p.listening.Store(&ports) }
 
 // Decide returns the verdict for the connection of flow key k, whose first
 // packet seen is pp, sent by k's A end if srcIsA.
@@ -136,10 +160,11 @@ func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 	}
 	syn := pp.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
 	synack := pp.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN|packet.FlagACK
-	var listening map[uint16]bool
+	var listening map[uint16]uint64
 	if l := p.listening.Load(); l != nil {
 		listening = *l
 	}
+	isListening := func(port uint16) bool { _, ok := listening[port]; return ok }
 	known := aLocal != bLocal
 	localIsA := aLocal
 	if !known {
@@ -150,8 +175,8 @@ func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 			localIsA = !srcIsA
 		case synack:
 			localIsA = srcIsA
-		case listening != nil && listening[a.Port()] != listening[b.Port()]:
-			localIsA = listening[a.Port()]
+		case listening != nil && isListening(a.Port()) != isListening(b.Port()):
+			localIsA = isListening(a.Port())
 		default:
 			localIsA = a.Port() < b.Port()
 		}
@@ -166,6 +191,9 @@ func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 	if p.Ports != nil && !p.Ports.Has(local.Port()) {
 		return OtherPort
 	}
+	if !p.inCgroups(local.Port(), listening) {
+		return OtherCgroup
+	}
 	if !p.Outgoing {
 		var incoming bool
 		switch {
@@ -174,7 +202,7 @@ func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 		case synack:
 			incoming = srcIsA == localIsA // from the local end
 		case listening != nil:
-			incoming = listening[local.Port()]
+			incoming = isListening(local.Port())
 		default:
 			incoming = true // unknown: saved rather than lost
 		}

@@ -42,7 +42,7 @@ func TestDecide(t *testing.T) {
 	}
 	live := &Policy{Strict: true, Exclude: rules}
 	live.SetLocal([]netip.Addr{server.Addr()})
-	live.SetListening(map[uint16]bool{443: true, 9100: true})
+	live.SetListening(map[uint16]uint64{443: 1, 9100: 1})
 	both := &Policy{Strict: true, Outgoing: true}
 	both.SetLocal([]netip.Addr{server.Addr()})
 	onPorts := &Policy{Strict: true, Ports: &ports}
@@ -162,7 +162,7 @@ func TestNameable(t *testing.T) {
 		t.Error("without listeners or captured addresses known, a socket is nameable")
 	}
 	p.SetCaptured([]netip.Addr{server.Addr()})
-	p.SetListening(map[uint16]bool{443: true})
+	p.SetListening(map[uint16]uint64{443: 1})
 	for _, tt := range []struct {
 		local, remote netip.AddrPort
 		want          bool
@@ -186,5 +186,36 @@ func TestNameable(t *testing.T) {
 	p.Ports = &ports
 	if p.Nameable(server, remote) {
 		t.Error("a port outside -localport is nameable")
+	}
+}
+
+// TestCgroups: with cgroups selected, only connections to a port on which
+// a socket of those cgroups listens are saved, or named by the kernel.
+func TestCgroups(t *testing.T) {
+	p := &Policy{Strict: true, Outgoing: true}
+	p.SetLocal([]netip.Addr{server.Addr()})
+	p.SetListening(map[uint16]uint64{443: 7, 8080: 9})
+	p.SetCgroups(map[uint64]bool{7: true})
+	other := netip.AddrPortFrom(server.Addr(), 8080)
+	for _, tt := range []struct {
+		src, dst netip.AddrPort
+		flags    uint8
+		want     Verdict
+	}{
+		{remote, server, syn, Save},
+		{server, remote, ack, Save},
+		{remote, other, syn, OtherCgroup},
+		{server2, remoteS, syn, OtherCgroup}, // outgoing: no listener of the service
+	} {
+		if got := decide(p, tt.src, tt.dst, tt.flags); got != tt.want {
+			t.Errorf("%v -> %v: %v, want %v", tt.src, tt.dst, got, tt.want)
+		}
+	}
+	if !p.Nameable(server, remote) || p.Nameable(other, remote) {
+		t.Error("Nameable does not follow the cgroups")
+	}
+	p.SetCgroups(nil)
+	if decide(p, remote, other, syn) != Save {
+		t.Error("without cgroups, every service is selected")
 	}
 }

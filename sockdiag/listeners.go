@@ -44,12 +44,14 @@ func dumpDone(b []byte) bool {
 }
 
 // ListeningPorts returns the local ports on which TCP sockets of this
-// network namespace listen, IPv4 and IPv6, dumped through c (a socket of
-// Dial, which it uses alone meanwhile), waiting at most timeout for the
-// kernel's answers. A connection whose local port is one of them is one
-// this host accepted (package selection), when the capture missed its SYN.
-func ListeningPorts(c Conn, timeout time.Duration) (map[uint16]bool, error) {
-	ports := map[uint16]bool{}
+// network namespace listen, IPv4 and IPv6, each with the cgroup v2 id of
+// (one of) its listening sockets (0 if the kernel does not say), dumped
+// through c (a socket of Dial, which it uses alone meanwhile), waiting at
+// most timeout for the kernel's answers. A connection whose local port is
+// one of them is one this host accepted (package selection), when the
+// capture missed its SYN; the cgroup tells which service accepted it.
+func ListeningPorts(c Conn, timeout time.Duration) (map[uint16]uint64, error) {
+	ports := map[uint16]uint64{}
 	buf := make([]byte, 64<<10)
 	if d, ok := c.(interface{ SetReadDeadline(time.Time) error }); ok {
 		d.SetReadDeadline(time.Now().Add(timeout))
@@ -76,7 +78,7 @@ func ListeningPorts(c Conn, timeout time.Duration) (map[uint16]bool, error) {
 				case m.Err != nil && !errors.Is(m.Err, ErrNotFound):
 					return nil, m.Err
 				case m.Err == nil && m.Socket.State == StateListen:
-					ports[m.Socket.Local.Port()] = true
+					ports[m.Socket.Local.Port()] = m.Socket.Cgroup
 				}
 			}
 		}

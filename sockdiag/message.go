@@ -47,6 +47,7 @@ const (
 	reqV2Len         = 56
 	diagMsgLen       = 72
 	noCookie         = ^uint32(0)
+	inetDiagCgroupID = 21 // INET_DIAG_CGROUP_ID
 
 	// Multicast groups of the destroy broadcasts.
 	GroupTCPDestroy  = 1 // SKNLGRP_INET_TCP_DESTROY
@@ -74,6 +75,10 @@ type Socket struct {
 	Local, Remote netip.AddrPort
 	Cookie        uint64
 	State         uint8
+	// Cgroup is the cgroup v2 id (its directory's inode number) of the
+	// process that made the socket, as the kernel reports it
+	// (INET_DIAG_CGROUP_ID, Linux 5.7 and later); 0 when it does not.
+	Cgroup uint64
 }
 
 // AppendRequest appends to b a netlink request for the socket whose local
@@ -186,10 +191,23 @@ func parseDiagMsg(b []byte) (Socket, error) {
 		return Socket{}, fmt.Errorf("sockdiag: address family %d", family)
 	}
 	cookie := uint64(binary.NativeEndian.Uint32(id[40:])) | uint64(binary.NativeEndian.Uint32(id[44:]))<<32
-	return Socket{
+	s := Socket{
 		Local:  netip.AddrPortFrom(src, binary.BigEndian.Uint16(id[0:])),
 		Remote: netip.AddrPortFrom(dst, binary.BigEndian.Uint16(id[2:])),
 		Cookie: cookie,
 		State:  state,
-	}, nil
+	}
+	// The attributes (struct rtattr: length, type, value, each aligned to
+	// 4 bytes); a malformed one ends the list.
+	for a := b[diagMsgLen:]; len(a) >= 4; {
+		l, typ := int(binary.NativeEndian.Uint16(a[0:])), binary.NativeEndian.Uint16(a[2:])
+		if l < 4 || l > len(a) {
+			break
+		}
+		if typ == inetDiagCgroupID && l >= 4+8 {
+			s.Cgroup = binary.NativeEndian.Uint64(a[4:])
+		}
+		a = a[min(len(a), (l+3)&^3):]
+	}
+	return s, nil
 }
