@@ -167,8 +167,11 @@ func (s *captureSet) sync(now time.Time) {
 		log.Printf("packet-headers: %v", err)
 		return
 	}
+	if ifaces, err = usable(ifaces, false); err != nil {
+		ifaces = nil // none left: those captured may be retiring
+	}
 	present := map[string]bool{}
-	for _, ifc := range ifaces { // as at start: up, with an address, not loopback
+	for _, ifc := range ifaces { // as at start: up, with an address neither loopback nor link-local
 		present[ifc.Name] = true
 		s.mu.Lock()
 		lc, ok := s.active[ifc.Name]

@@ -214,19 +214,36 @@ func Run(ctx context.Context, c *Config) error {
 // interfaces returns the interfaces to capture on and the local addresses.
 func interfaces(c *Config) ([]capture.Interface, []netip.Addr, error) {
 	ifaces, err := capture.Interfaces(c.Interfaces)
-	if err == nil && len(ifaces) == 0 {
-		err = errors.New("no interface to capture on: none is up with an address (name one with -interface)")
+	if err == nil {
+		ifaces, err = usable(ifaces, len(c.Interfaces) > 0)
 	}
 	if err != nil {
 		return nil, nil, usage(err)
 	}
-	for _, ifc := range ifaces {
-		if ifc.Loopback || len(ifc.Addrs) > 0 && !slices.ContainsFunc(ifc.Addrs, func(a netip.Addr) bool { return !exclude.Local(a) }) {
-			return nil, nil, usage(fmt.Errorf("interface %s has only loopback or link-local addresses: connections between them are excluded, as tcp-info excludes them, so nothing would be saved", ifc.Name))
-		}
-	}
 	local, err := capture.LocalAddrs()
 	return ifaces, local, err
+}
+
+// usable returns the interfaces worth capturing: those with an address
+// that is neither loopback nor link-local (connections between such
+// addresses are excluded, as tcp-info excludes them). An interface named
+// with -interface that has none is an error (nothing would be saved);
+// found by looking (the default), it is skipped: an interface with only an
+// IPv6 link-local address (a veth just made, a bridge port) must not stop
+// the daemon (TestUsableInterfaces).
+func usable(ifaces []capture.Interface, named bool) ([]capture.Interface, error) {
+	var out []capture.Interface
+	for _, ifc := range ifaces {
+		if !ifc.Loopback && (len(ifc.Addrs) == 0 && named || slices.ContainsFunc(ifc.Addrs, func(a netip.Addr) bool { return !exclude.Local(a) })) {
+			out = append(out, ifc)
+		} else if named {
+			return nil, fmt.Errorf("interface %s has only loopback or link-local addresses: connections between them are excluded, as tcp-info excludes them, so nothing would be saved", ifc.Name)
+		}
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no interface to capture on: none is up with an address that is neither loopback nor link-local (name one with -interface)")
+	}
+	return out, nil
 }
 
 // newPipeline builds the pipeline the flags describe, with live mode's
