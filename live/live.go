@@ -516,6 +516,13 @@ type listeners struct {
 // before any capture starts.
 func openListeners(p *pipeline.Pipeline, cgroups []string) *listeners {
 	l := &listeners{sel: p.Select, cgroups: cgroups}
+	// Before any capture starts: the demuxers read it unsynchronized.
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		var lo, hi uint16
+		if n, _ := fmt.Sscan(string(b), &lo, &hi); n == 2 && lo > 0 && lo <= hi {
+			p.Select.Ephemeral = [2]uint16{lo, hi}
+		}
+	}
 	conn, err := sockdiag.Dial()
 	if err != nil {
 		log.Printf("packet-headers: %v: connections whose SYN is not captured are saved whichever end opened them", err)

@@ -60,6 +60,13 @@ type Policy struct {
 	Ports    *Ports         // nil: every local port
 	Outgoing bool           // save the connections this host opened too
 	Strict   bool           // a connection without a local end is not saved (live)
+	// Ephemeral is the range of local ports the kernel gives connections
+	// this host opens (net.ipv4.ip_local_port_range; default 32768-60999).
+	// A connection whose SYN was not seen, on a port that no listener had
+	// at the last reading, is taken as opened here only from one of them:
+	// any other is a listener's made since (the listeners are read once a
+	// second; a service starting must not lose its first connections).
+	Ephemeral [2]uint16
 
 	local     atomic.Pointer[map[netip.Addr]bool]
 	captured  atomic.Pointer[map[netip.Addr]bool]
@@ -74,14 +81,21 @@ type Policy struct {
 func (p *Policy) SetCgroups(ids map[uint64]bool) { p.cgroups.Store(&ids) }
 
 // inCgroups reports whether port is a listener's of the selected cgroups,
-// or no cgroup is selected.
-func (p *Policy) inCgroups(port uint16, listening map[uint16]uint64) bool {
+// or no cgroup is selected. An incoming connection to a port that no
+// listener of the last reading has (read once a second) is taken as the
+// service's: a listener made since (a service restarted) must not lose
+// its first connections; an outgoing one (with Outgoing) cannot be told
+// a service's by its port, and is not (TestCgroups).
+func (p *Policy) inCgroups(port uint16, listening map[uint16]uint64, incoming bool) bool {
 	c := p.cgroups.Load()
 	if c == nil || *c == nil {
 		return true
 	}
 	id, ok := listening[port]
-	return ok && (*c)[id]
+	if !ok {
+		return incoming
+	}
+	return (*c)[id]
 }
 
 // SetCaptured sets the addresses of the interfaces captured (live: those of
@@ -102,13 +116,14 @@ func (p *Policy) SetCaptured(addrs []netip.Addr) {
 
 // Nameable reports whether a socket of this host between local and remote
 // may be a connection the daemon saves: its local address is one of the
-// captured interfaces' (when SetCaptured was called), tcp-info's rules
-// and Ports keep it, and, without Outgoing, its local port is one on
-// which a socket listens (when the listeners are known; an accepted
-// connection has its listener's port). The kernel source asks it before
-// naming a destroyed socket, so that the names table holds only the
-// connections a flow may claim, however many others the host has
-// (loopback ones, another interface's, outgoing ones).
+// captured interfaces' (when SetCaptured was called), tcp-info's rules,
+// Ports and the cgroups keep it. The kernel source asks it before naming a
+// destroyed socket, so that the names table holds only the connections a
+// flow may claim, however many others the host has (loopback ones,
+// another interface's). Which end opened the socket is not asked: the
+// listeners are read once a second, and a connection to a listener made
+// since (a service started) must be named (TestKernelUUIDs starts its
+// server after the daemons).
 func (p *Policy) Nameable(local, remote netip.AddrPort) bool {
 	local, remote = netip.AddrPortFrom(local.Addr().Unmap(), local.Port()), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
 	if c := p.captured.Load(); c != nil && !(*c)[local.Addr()] {
@@ -121,10 +136,7 @@ func (p *Policy) Nameable(local, remote netip.AddrPort) bool {
 	if l := p.listening.Load(); l != nil {
 		listening = *l
 	}
-	if _, ok := listening[local.Port()]; !p.Outgoing && listening != nil && !ok {
-		return false
-	}
-	return p.inCgroups(local.Port(), listening)
+	return p.inCgroups(local.Port(), listening, true)
 }
 
 // SetLocal sets this host's addresses.
@@ -191,24 +203,26 @@ func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 	if p.Ports != nil && !p.Ports.Has(local.Port()) {
 		return OtherPort
 	}
-	if !p.inCgroups(local.Port(), listening) {
-		return OtherCgroup
+	var incoming bool
+	switch {
+	case syn:
+		incoming = srcIsA != localIsA // from the remote end
+	case synack:
+		incoming = srcIsA == localIsA // from the local end
+	case listening != nil:
+		lo, hi := p.Ephemeral[0], p.Ephemeral[1]
+		if lo == 0 {
+			lo, hi = 32768, 60999
+		}
+		incoming = isListening(local.Port()) || local.Port() < lo || local.Port() > hi
+	default:
+		incoming = true // unknown: saved rather than lost
 	}
-	if !p.Outgoing {
-		var incoming bool
-		switch {
-		case syn:
-			incoming = srcIsA != localIsA // from the remote end
-		case synack:
-			incoming = srcIsA == localIsA // from the local end
-		case listening != nil:
-			incoming = isListening(local.Port())
-		default:
-			incoming = true // unknown: saved rather than lost
-		}
-		if !incoming {
-			return Outgoing
-		}
+	if !p.Outgoing && !incoming {
+		return Outgoing
+	}
+	if !p.inCgroups(local.Port(), listening, incoming) {
+		return OtherCgroup
 	}
 	return Save
 }

@@ -62,6 +62,7 @@ func TestDecide(t *testing.T) {
 		{"outgoing SYN", live, server2, remoteS, syn, Outgoing},
 		{"outgoing SYN-ACK", live, remoteS, server2, synack, Outgoing},
 		{"outgoing, mid-connection", live, remoteS, server2, ack, Outgoing},
+		{"incoming, mid-connection, to a listener made since", live, remote, netip.AddrPortFrom(server.Addr(), 8443), ack, Save},
 		{"outgoing with -outgoing", both, server2, remoteS, syn, Save},
 		{"incoming with -outgoing", both, remote, server, syn, Save},
 		{"excluded port", live, remote, netip.AddrPortFrom(server.Addr(), 9100), syn, Excluded},
@@ -168,7 +169,7 @@ func TestNameable(t *testing.T) {
 		want          bool
 	}{
 		{server, remote, true},
-		{server2, remoteS, false},                                         // outgoing: not a listener's port
+		{server2, remoteS, true},                                          // outgoing: named too (the listeners are read once a second)
 		{netip.MustParseAddrPort("10.0.0.1:443"), remote, false},          // an interface not captured
 		{netip.MustParseAddrPort("127.0.0.1:443"), remote, false},         // loopback
 		{netip.MustParseAddrPort("[::ffff:192.0.2.1]:443"), remote, true}, // mapped
@@ -205,7 +206,8 @@ func TestCgroups(t *testing.T) {
 		{remote, server, syn, Save},
 		{server, remote, ack, Save},
 		{remote, other, syn, OtherCgroup},
-		{server2, remoteS, syn, OtherCgroup}, // outgoing: no listener of the service
+		{server2, remoteS, syn, OtherCgroup},                         // outgoing: no listener of the service
+		{remote, netip.AddrPortFrom(server.Addr(), 9999), syn, Save}, // a listener made since the last reading
 	} {
 		if got := decide(p, tt.src, tt.dst, tt.flags); got != tt.want {
 			t.Errorf("%v -> %v: %v, want %v", tt.src, tt.dst, got, tt.want)

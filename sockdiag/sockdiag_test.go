@@ -335,7 +335,11 @@ func sock(port uint16, cookie uint64, state uint8) Socket {
 func keyOf(s Socket) packet.Key { return packet.KeyFromAddrPorts(s.Local, s.Remote) }
 
 func startSource(t *testing.T, tbl *names.Table, lookups, destroys Conn) *Source {
-	s := NewSource(tbl, Options{Local: local, UUID: uuid.FromCookie, Delay: time.Millisecond, GiveUp: 2 * time.Second})
+	return runSource(t, NewSource(tbl, Options{Local: local, UUID: uuid.FromCookie, Delay: time.Millisecond, GiveUp: 2 * time.Second}), lookups, destroys)
+}
+
+// runSource runs a source's loops until the test ends.
+func runSource(t *testing.T, s *Source, lookups, destroys Conn) *Source {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(2)
@@ -359,7 +363,9 @@ func waitClaim(t *testing.T, tbl *names.Table, k packet.Key) *names.Entry {
 func TestSourceNamesEstablished(t *testing.T) {
 	tbl := names.New(nil)
 	lk, ds := newFake(), newFake()
-	src := startSource(t, tbl, lk, ds)
+	// The requests are queued before the loop runs, so that how they are
+	// batched does not depend on when the loop's goroutine gets a CPU.
+	src := NewSource(tbl, Options{Local: local, UUID: uuid.FromCookie, Delay: time.Millisecond, GiveUp: 2 * time.Second})
 	var socks []Socket
 	for i := 0; i < 100; i++ {
 		s := sock(uint16(1000+i), uint64(5000+i), StateEstablished)
@@ -367,6 +373,7 @@ func TestSourceNamesEstablished(t *testing.T) {
 		socks = append(socks, s)
 		src.Request(keyOf(s))
 	}
+	runSource(t, src, lk, ds)
 	for _, s := range socks {
 		if e := waitClaim(t, tbl, keyOf(s)); e.UUID != uuid.FromCookie(s.Cookie) || e.Source != names.Kernel {
 			t.Errorf("named %s by %s, want %s", e.UUID, e.Source, uuid.FromCookie(s.Cookie))
