@@ -41,6 +41,12 @@ type daemon struct {
 	hostname  string                // when set, the daemon runs with this host name
 	wrap      []string              // when set, the command that runs the daemon's command line
 	cmd       *exec.Cmd             // set by lab.startDaemon
+	// drops are the frames its capture's kernel ring dropped, as its
+	// metrics said when it was stopped: with both cores busy a daemon may
+	// be starved long enough to overflow its ring. No more flows than
+	// frames dropped may have lost packets, and no index record may report
+	// more drops than that.
+	drops uint64
 }
 
 // stopAll scrapes every daemon's metrics, stops each with SIGTERM (failing
@@ -103,7 +109,7 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 	daemons := []*daemon{
 		{name: "buffer", args: nil, capDur: 30 * time.Second},
 		{name: "stream", args: []string{"-stream", "-capture.batchdelay=0"}, capDur: 30 * time.Second},
-		{name: "netblock", args: []string{"-anonymize.ip=netblock", "-captureduration=2s", "-uuidwaitduration=1s"}, capDur: 2 * time.Second, netblock: true},
+		{name: "netblock", args: []string{"-anonymize.ip=netblock", "-captureduration=2s", "-uuidwaitduration=2s"}, capDur: 2 * time.Second, netblock: true},
 		cryptopanTwin(t, l),
 	}
 	for i, d := range daemons {
@@ -128,6 +134,10 @@ func endToEnd(t *testing.T, subnet int, sharedPrefix bool) {
 	talk()                              // the held connections, past the netblock daemon's -captureduration
 
 	metricsText := stopAll(t, l, daemons, tcpdump)
+	for _, d := range daemons {
+		v, _ := metricValue(metricsText[d.name], fmt.Sprintf(`pcap_kernel_dropped_total{interface=%q}`, l.nsIf))
+		d.drops = uint64(v)
+	}
 	closeHeld()
 	cancel()
 
@@ -476,7 +486,7 @@ func checkFile(t *testing.T, l *lab, d *daemon, path string, c *refConn, tm *tim
 func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.FlowEvent, ref map[flowKey][]*refConn, captureStart time.Time, kinds *labKinds) {
 	files := daemonFiles(t, d)
 	want := map[string]indexWant{}
-	checked, packets, eligible := 0, 0, 0
+	checked, packets, eligible, lost := 0, 0, 0, 0
 	var tm timing
 	var uuids []string
 	for u := range opens {
@@ -497,10 +507,19 @@ func checkDaemon(t *testing.T, l *lab, d *daemon, opens map[string]eventsocket.F
 		eligible++
 		path, ok := files[u]
 		if !ok {
-			t.Errorf("%s: no file for announced flow %s (%v -> %v, %d reference packets)", d.name, u, local, remote, len(c.pkts))
+			if lost++; lost > int(d.drops) {
+				t.Errorf("%s: no file for announced flow %s (%v -> %v, %d reference packets)", d.name, u, local, remote, len(c.pkts))
+			}
 			continue
 		}
 		got, msg := checkFile(t, l, d, path, c, &tm)
+		if msg != "" && strings.Contains(msg, "reference packets missing") && d.drops > 0 {
+			lost++
+			if lost <= int(d.drops) {
+				t.Logf("%s: %s (%v -> %v): %s, with %d frames dropped by the kernel", d.name, u, local, remote, msg, d.drops)
+				continue
+			}
+		}
 		if msg != "" {
 			t.Errorf("%s: %s (%v -> %v): %s", d.name, u, local, remote, msg)
 			continue
