@@ -22,7 +22,8 @@ import (
 // server addresses: the default (incoming connections only), -outgoing,
 // and -localport for one of two services. Five connections come in to
 // one service, three to the other, five go out from the server, and one
-// comes in to an address added after the daemons started. Each daemon
+// comes in to an address added after the daemons started, and one that
+// lives past -uuidwaitduration (named by its look-up, not its end). Each daemon
 // must save exactly the connections it selects, and a UDP flood must not
 // reach any of them (the kernel's filter no longer lists the addresses).
 // Offline, the reference capture split with -localaddr gives the live
@@ -61,7 +62,7 @@ func TestSelection(t *testing.T) {
 	refFile, tcpdump := l.startReference()
 	prefix := filepath.Join(l.dir, "prefix")
 	os.WriteFile(prefix, []byte("selection_1764000000"), 0o644)
-	common := []string{"-interface", l.nsIf, "-uuid-prefix-file", prefix, "-flowtimeout", "5s"}
+	common := []string{"-interface", l.nsIf, "-uuid-prefix-file", prefix, "-flowtimeout", "5s", "-uuidwaitduration", "2s"}
 	def, both, port := &daemon{name: "default"}, &daemon{name: "outgoing"}, &daemon{name: "localport"}
 	cmds := []*exec.Cmd{
 		l.startDaemon(def, 9990, common...),
@@ -93,6 +94,14 @@ func TestSelection(t *testing.T) {
 	for c := range flows(t, added, 8081, 1) {
 		in1[c] = true
 	}
+	long, err := net.DialTimeout("tcp", netip.AddrPortFrom(added, 8081).String(), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	longStart := time.Now()
+	long.Write([]byte("e hello\n"))
+	io.ReadFull(long, make([]byte, 7))
+	in1[clientEnd(long)] = true
 	// UDP, which the kernel's filter keeps out of every capture. (A few
 	// IPv6 frames that are not TCP do pass it: those with extension
 	// headers, such as multicast listener reports, which the decoder
@@ -111,6 +120,10 @@ func TestSelection(t *testing.T) {
 		udp.Write([]byte("not tcp"))
 	}
 	udp.Close()
+	time.Sleep(time.Until(longStart.Add(3 * time.Second))) // past -uuidwaitduration
+	long.Write([]byte("e bye\n"))
+	io.ReadFull(long, make([]byte, 5))
+	long.Close()
 	time.Sleep(1500 * time.Millisecond) // FIN linger and a tick
 	for i, d := range []*daemon{def, both, port} {
 		m := scrape(d.metrics)
@@ -145,6 +158,11 @@ func TestSelection(t *testing.T) {
 	// Outgoing connections are counted by the remote listener's port.
 	check("default", def.dataDir, map[uint16]map[netip.AddrPort]bool{8081: in1, 8082: in2}, map[uint16]map[netip.AddrPort]bool{outPort: outgoing})
 	check("-outgoing", both.dataDir, map[uint16]map[netip.AddrPort]bool{8081: in1, 8082: in2, outPort: outgoing}, nil)
+	for _, r := range readIndex(t, def.name, def.dataDir) {
+		if netip.AddrPortFrom(netip.MustParseAddr(r.Src.IP), r.Src.Port) == clientEnd(long) && !r.SYN {
+			t.Errorf("the long connection to the added address was saved from %v, without its SYN: it was not named by its look-up", r.First)
+		}
+	}
 	check("-localport 8082", port.dataDir, map[uint16]map[netip.AddrPort]bool{8082: in2}, map[uint16]map[netip.AddrPort]bool{8081: in1, outPort: outgoing})
 
 	// Offline, the same selection from the reference capture.

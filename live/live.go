@@ -176,7 +176,7 @@ func Run(ctx context.Context, c *Config) error {
 	if c.EventSocket != "" {
 		events = tcpeventsocket.New(c.EventSocket, h, nil)
 	}
-	k, err := openKernel(c, p, local, prefix, events)
+	k, err := openKernel(c, p, prefix, events)
 	if err != nil {
 		return err
 	}
@@ -336,7 +336,7 @@ type kernelNames struct {
 // have seen it is one tcp-info's rules excluded, and the kernel names only
 // those it could not have seen (sockdiag.Options.Authority); without a
 // prefix file, its names wait for the prefix learnt from tcp-info's events.
-func openKernel(c *Config, p *pipeline.Pipeline, local []netip.Addr, prefix *names.Prefix, events *tcpeventsocket.Client) (*kernelNames, error) {
+func openKernel(c *Config, p *pipeline.Pipeline, prefix *names.Prefix, events *tcpeventsocket.Client) (*kernelNames, error) {
 	k := &kernelNames{}
 	if !c.KernelUUIDs {
 		return k, nil
@@ -356,7 +356,7 @@ func openKernel(c *Config, p *pipeline.Pipeline, local []netip.Addr, prefix *nam
 		k.lookup.Close()
 		return nil, err
 	}
-	o := sockdiag.Options{Local: local, UUID: prefix.FromCookie, GiveUp: c.Pipeline.UUIDWait, NoDestroy: k.destroy == nil, Exclude: p.Excluded,
+	o := sockdiag.Options{IsLocal: p.Select.IsLocal, UUID: prefix.FromCookie, GiveUp: c.Pipeline.UUIDWait, NoDestroy: k.destroy == nil, Exclude: p.Excluded,
 		Selected: p.Select.Nameable}
 	if events != nil {
 		o.Authority = events.ConnectedSince

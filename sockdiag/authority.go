@@ -34,9 +34,17 @@ type authority struct {
 	silentPorts map[uint16]uint32
 	announced   map[uint16]bool
 	held        []heldName // names waiting for Options.Ready
-	// latest is the time of the newest announcement (the authority's own
-	// clock: the poll that saw the socket), unix nanoseconds.
-	latest atomic.Int64
+	// opened holds the time of the newest announcement of each family
+	// (the authority's own clock: the poll that saw the socket), unix
+	// nanoseconds, [0] IPv4 and [1] IPv6. tcp-info dumps IPv6 sockets
+	// first, then IPv4, and announces the IPv4 ones first with the later
+	// time: an IPv4 announcement says nothing of the IPv6 sockets of its
+	// poll (TestAuthorityFamilies).
+	opened [2]atomic.Int64
+	// closed is the time of the newest Close: the moment tcp-info
+	// processed a poll, not the poll's own, which may be older by as long
+	// as its saver lags its collector.
+	closed atomic.Int64
 }
 
 // maxSilenced bounds the silenced connections remembered for their
@@ -69,33 +77,49 @@ func (s *Source) authoritySince() (time.Time, bool) {
 
 // Announced tells the source that the authority named a connection with
 // this local end, at ts by its clock: the port is not one the authority
-// excludes, and the authority has looked at the sockets as they were at ts.
-// It is safe for concurrent use.
+// excludes, and the authority has looked at the sockets of local's family
+// as they were at ts. It is safe for concurrent use.
 func (s *Source) Announced(ts time.Time, local netip.AddrPort) {
-	s.Heard(ts)
+	raise(&s.auth.opened[family(local.Addr())], ts)
 	a := s.auth
 	a.mu.Lock()
 	a.announced[local.Port()] = true
 	a.mu.Unlock()
 }
 
-// Heard tells the source that the authority said something (an Open or a
-// Close) at ts by its clock: it has looked at the sockets as they were
-// then. It is safe for concurrent use.
+// Heard tells the source that the authority ended a connection at ts by
+// its clock. It is safe for concurrent use.
 func (s *Source) Heard(ts time.Time) {
+	raise(&s.auth.closed, ts)
+}
+
+func raise(v *atomic.Int64, ts time.Time) {
 	for ns := ts.UnixNano(); ; {
-		old := s.auth.latest.Load()
-		if ns <= old || s.auth.latest.CompareAndSwap(old, ns) {
+		old := v.Load()
+		if ns <= old || v.CompareAndSwap(old, ns) {
 			return
 		}
 	}
 }
 
-// caughtUp reports whether the authority has announced a connection it saw
-// Silence or more after t: its polls have passed t, so a connection open
-// since t that it did not announce is one it chose not to.
-func (s *Source) caughtUp(t time.Time) bool {
-	return s.auth.latest.Load() >= t.Add(s.o.Silence).UnixNano()
+func family(a netip.Addr) int {
+	if a.Unmap().Is4() {
+		return 0
+	}
+	return 1
+}
+
+// caughtUp reports whether the authority has looked at the sockets of a
+// connection with local end local since Silence after t: its polls have
+// passed t, so a connection open since t that it did not announce is one
+// it chose not to. The evidence is an announcement of the same family made
+// Silence or more after t, or a Close made twice that after t (a Close is
+// stamped when tcp-info processed its poll: this allows its saver a lag
+// of up to Silence).
+func (s *Source) caughtUp(t time.Time, local netip.AddrPort) bool {
+	a := s.auth
+	return a.opened[family(local.Addr())].Load() >= t.Add(s.o.Silence).UnixNano() ||
+		a.closed.Load() >= t.Add(2*s.o.Silence).UnixNano()
 }
 
 // portSilent reports whether the authority excludes the local port, as

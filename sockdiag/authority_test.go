@@ -29,7 +29,10 @@ func sockOn(localPort, remotePort uint16, cookie uint64, state uint8) Socket {
 }
 
 func startAuthoritySource(t *testing.T, tbl *names.Table, lk, ds Conn, o Options) *Source {
-	o.Local, o.UUID, o.GiveUp, o.Delay = local, uuid.FromCookie, 2*time.Second, time.Millisecond
+	if o.Local == nil {
+		o.Local = local
+	}
+	o.UUID, o.GiveUp, o.Delay = uuid.FromCookie, 2*time.Second, time.Millisecond
 	s := NewSource(tbl, o)
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
@@ -216,5 +219,54 @@ func TestAuthorityBehind(t *testing.T) {
 	}
 	if d := time.Since(asked); d < time.Second-50*time.Millisecond {
 		t.Errorf("named after %v, before half the give-up time (1 s) for tcp-info to catch up", d)
+	}
+}
+
+// TestAuthorityFamilies: tcp-info dumps IPv6 sockets, then IPv4 ones, and
+// announces the IPv4 ones first, stamped later; it stamps a Close when it
+// processes a poll. Neither proves it has looked at an IPv6 socket: an
+// unannounced IPv6 connection is silenced only once tcp-info announced an
+// IPv6 connection it saw Silence after it, or closed one twice that after.
+func TestAuthorityFamilies(t *testing.T) {
+	server6 := netip.MustParseAddr("2001:db8::1")
+	for _, tc := range []struct {
+		name     string
+		evidence func(src *Source, asked time.Time)
+	}{
+		{"ipv6 announcement", func(src *Source, asked time.Time) {
+			src.Announced(asked.Add(time.Hour), netip.AddrPortFrom(server6, 8443))
+		}},
+		{"close", func(src *Source, asked time.Time) {
+			src.Heard(asked.Add(time.Hour))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tbl := names.New(&names.Options{Authority: "eventsocket"})
+			lk, ds := newFake(), newFake()
+			var auth authorityFake
+			auth.since.Store(time.Now().Add(-time.Minute).UnixNano())
+			const silence = 50 * time.Millisecond
+			src := startAuthoritySource(t, tbl, lk, ds, Options{Authority: auth.get, Silence: silence,
+				Local: []netip.Addr{server, server6}})
+			s := Socket{Local: netip.AddrPortFrom(server6, 443), Remote: netip.AddrPortFrom(netip.MustParseAddr("2001:db8::9"), 6000),
+				Cookie: 61, State: StateEstablished}
+			lk.set(s)
+			asked := time.Now()
+			src.Request(keyOf(s))
+			// Later IPv4 announcements, and a Close stamped less than
+			// twice Silence after the request, are no evidence.
+			src.Announced(asked.Add(time.Hour), netip.AddrPortFrom(server, 443))
+			src.Heard(asked.Add(silence + silence/2))
+			waitCount(t, "found", func() uint64 { return src.Lookups.Get("found") }, 1)
+			time.Sleep(4 * silence)
+			if n := src.Lookups.Get("silenced"); n != 0 {
+				t.Fatalf("silenced on another family's announcement or an early Close")
+			}
+			tc.evidence(src, asked)
+			waitCount(t, "silenced", func() uint64 { return src.Lookups.Get("silenced") }, 1)
+			if tbl.NamedSince(keyOf(s), time.Time{}) {
+				t.Error("a silenced connection was named")
+			}
+		})
 	}
 }

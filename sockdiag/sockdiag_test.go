@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -515,4 +516,31 @@ func TestDestroySelected(t *testing.T) {
 func hasKey[K comparable, V any](m map[K]V, k K) bool {
 	_, ok := m[k]
 	return ok
+}
+
+// TestLocalFollowed: with Options.IsLocal, a connection to an address the
+// host gained after the source started is looked up and named, and one to
+// an address it lost is not.
+func TestLocalFollowed(t *testing.T) {
+	tbl := names.New(nil)
+	lk, ds := newFake(), newFake()
+	added := netip.MustParseAddr("198.51.100.7")
+	var have atomic.Pointer[netip.Addr]
+	have.Store(&server)
+	isLocal := func(a netip.Addr) bool { return a == *have.Load() }
+	src := runSource(t, NewSource(tbl, Options{IsLocal: isLocal, UUID: uuid.FromCookie, Delay: time.Millisecond, GiveUp: 2 * time.Second}), lk, ds)
+
+	s := Socket{Local: netip.AddrPortFrom(added, 443), Remote: netip.AddrPortFrom(netip.MustParseAddr("203.0.113.9"), 7000), Cookie: 71, State: StateEstablished}
+	lk.set(s)
+	src.Request(keyOf(s))
+	waitCount(t, "not_local", func() uint64 { return src.Lookups.Get("not_local") }, 1)
+	have.Store(&added)
+	src.Request(keyOf(s))
+	if e := waitClaim(t, tbl, keyOf(s)); e.UUID != uuid.FromCookie(71) {
+		t.Errorf("named %s", e.UUID)
+	}
+	gone := sock(7001, 72, StateEstablished)
+	lk.set(gone)
+	src.Request(keyOf(gone))
+	waitCount(t, "not_local", func() uint64 { return src.Lookups.Get("not_local") }, 2)
 }

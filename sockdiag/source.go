@@ -26,6 +26,10 @@ type Sink interface {
 type Options struct {
 	// Local are the addresses a connection's local end may have.
 	Local []netip.Addr
+	// IsLocal, when set, says instead whether an address is this host's,
+	// as it is at the time of the look-up: a connection to an address
+	// added after the start is looked up too (TestLocalFollowed).
+	IsLocal func(netip.Addr) bool
 	// UUID names a cookie; uuid.FromCookie in the daemon.
 	UUID func(cookie uint64) string
 	// Delay is how long after a request the first look-up is made; default
@@ -159,6 +163,15 @@ type pending struct {
 func (s *Source) localEnds(k packet.Key) (local, remote netip.AddrPort, ok bool) {
 	a := netip.AddrPortFrom(netip.AddrFrom16(k.A).Unmap(), k.APort)
 	b := netip.AddrPortFrom(netip.AddrFrom16(k.B).Unmap(), k.BPort)
+	if s.o.IsLocal != nil {
+		switch {
+		case s.o.IsLocal(a.Addr()):
+			return a, b, true
+		case s.o.IsLocal(b.Addr()):
+			return b, a, true
+		}
+		return a, b, false
+	}
 	for _, l := range s.o.Local {
 		if l == a.Addr() {
 			return a, b, true
@@ -366,7 +379,7 @@ func (s *Source) decide(p *pending, m Message) (again bool) {
 		// The authority was not there throughout: its silence says
 		// nothing, as without it.
 		s.name(s.o.Now(), p.cookie, p.key, !open)
-	case open && s.caughtUp(p.asked):
+	case open && s.caughtUp(p.asked, p.local):
 		s.Lookups.Inc("silenced")
 		s.silence(p)
 	case open && s.o.Now().Sub(p.asked) < s.o.GiveUp/2:
