@@ -136,13 +136,15 @@ func TestKubernetesDropIn(t *testing.T) {
 	// Connections of the excluded port that tcp-info would have seen
 	// (longer than the silence rule's 200 ms) while the service is used
 	// (tcp-info's announcements of its connections show that it looked at
-	// the sockets after the excluded ones were made), then short ones.
+	// the sockets of each family after the excluded ones were made), then
+	// short ones.
 	done := make(chan error, 4)
 	for _, a := range []string{l.srv4.String(), l.srv6.String(), l.srv4.String(), l.srv6.String()} {
 		go func() { done <- longFlow(netip.MustParseAddr(a), 9100, 1000, 8) }()
 	}
 	for range 4 {
-		flows(t, l.srv4, 8097, 5)
+		flows(t, l.srv4, 8097, 3)
+		flows(t, l.srv6, 8097, 3)
 		time.Sleep(200 * time.Millisecond)
 	}
 	for range 4 {

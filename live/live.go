@@ -437,13 +437,7 @@ func (h *eventHandler) Open(ts time.Time, id string, local, remote netip.AddrPor
 }
 
 func (h *eventHandler) Close(ts time.Time, id string) error {
-	if err := h.p.Close(ts, id); err != nil {
-		return err
-	}
-	if h.kernel != nil {
-		h.kernel.Heard(ts)
-	}
-	return nil
+	return h.p.Close(ts, id)
 }
 
 // notWritten says which files were still being written.

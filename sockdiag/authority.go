@@ -39,12 +39,10 @@ type authority struct {
 	// nanoseconds, [0] IPv4 and [1] IPv6. tcp-info dumps IPv6 sockets
 	// first, then IPv4, and announces the IPv4 ones first with the later
 	// time: an IPv4 announcement says nothing of the IPv6 sockets of its
-	// poll (TestAuthorityFamilies).
+	// poll. Its Closes are no evidence at all: they are stamped when its
+	// saver processed a poll, which may lag the poll by seconds on a
+	// loaded machine (TestAuthorityFamilies).
 	opened [2]atomic.Int64
-	// closed is the time of the newest Close: the moment tcp-info
-	// processed a poll, not the poll's own, which may be older by as long
-	// as its saver lags its collector.
-	closed atomic.Int64
 }
 
 // maxSilenced bounds the silenced connections remembered for their
@@ -87,12 +85,6 @@ func (s *Source) Announced(ts time.Time, local netip.AddrPort) {
 	a.mu.Unlock()
 }
 
-// Heard tells the source that the authority ended a connection at ts by
-// its clock. It is safe for concurrent use.
-func (s *Source) Heard(ts time.Time) {
-	raise(&s.auth.closed, ts)
-}
-
 func raise(v *atomic.Int64, ts time.Time) {
 	for ns := ts.UnixNano(); ; {
 		old := v.Load()
@@ -110,16 +102,12 @@ func family(a netip.Addr) int {
 }
 
 // caughtUp reports whether the authority has looked at the sockets of a
-// connection with local end local since Silence after t: its polls have
-// passed t, so a connection open since t that it did not announce is one
-// it chose not to. The evidence is an announcement of the same family made
-// Silence or more after t, or a Close made twice that after t (a Close is
-// stamped when tcp-info processed its poll: this allows its saver a lag
-// of up to Silence).
+// connection with local end local since Silence after t: it announced a
+// connection of the same family that it saw Silence or more after t, so
+// a connection open since t that it did not announce is one it chose not
+// to.
 func (s *Source) caughtUp(t time.Time, local netip.AddrPort) bool {
-	a := s.auth
-	return a.opened[family(local.Addr())].Load() >= t.Add(s.o.Silence).UnixNano() ||
-		a.closed.Load() >= t.Add(2*s.o.Silence).UnixNano()
+	return s.auth.opened[family(local.Addr())].Load() >= t.Add(s.o.Silence).UnixNano()
 }
 
 // portSilent reports whether the authority excludes the local port, as
