@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/m-lab/packet-headers/index"
+	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 )
 
@@ -84,44 +85,79 @@ func (rs *readings) after(t int64) (reading, bool) {
 }
 
 // pendingRecord is the record of an ended flow that waits for a reading of
-// the capture's counters after its last packet.
+// the capture's counters after its last packet, and, when the kernel
+// reports sockets' final counters (Options.KernelCounters), for those of
+// its socket, until FinalWait after its end.
 type pendingRecord struct {
 	out   FlowWriter
 	rec   *index.Record
 	start captureCounts
+	end   captureCounts
+	read  bool // end is a reading after the last packet
+	v     verdict
+	entry *names.Entry // whose final counters are awaited; nil: none are
+	until int64
 }
+
+// FinalWait is how long after a flow's end its record waits for its
+// socket's final counters: the kernel broadcasts them when the socket is
+// destroyed, which may come after the capture's last packet of it (an
+// active close's TIME_WAIT) or be read later than it.
+const FinalWait = 2 * time.Second
 
 // read takes a reading of the capture's counters at now, and hands over the
-// records that waited for one.
+// records that waited for one (and for their sockets' counters).
 func (d *Demuxer) read(now int64) {
-	if d.o.Capture == nil {
-		return
+	if d.o.Capture != nil {
+		dropped, failures := d.o.Capture()
+		x := reading{t: now, captureCounts: captureCounts{dropped, failures}}
+		if n := len(d.readings.r); n > 0 && d.readings.at(n-1).t > now {
+			x.t = d.readings.at(n - 1).t // the clock went back: keep them in order
+		}
+		d.readings.add(x)
+		for i := range d.waitRead {
+			if p := &d.waitRead[i]; !p.read {
+				p.end, p.read = x.captureCounts, true
+			}
+		}
 	}
-	dropped, failures := d.o.Capture()
-	x := reading{t: now, captureCounts: captureCounts{dropped, failures}}
-	if n := len(d.readings.r); n > 0 && d.readings.at(n-1).t > now {
-		x.t = d.readings.at(n - 1).t // the clock went back: keep them in order
-	}
-	d.readings.add(x)
-	d.handOver(x.captureCounts)
+	d.handOver(now, false)
 }
 
-// handOver ends the records that waited for a reading with end.
-func (d *Demuxer) handOver(end captureCounts) {
-	for i := range d.waitRead {
-		p := &d.waitRead[i]
-		p.out.End(withCapture(p.rec, p.start, end))
-		*p = pendingRecord{}
+// handOver ends the records that are ready at now, or all of them (at
+// shutdown).
+func (d *Demuxer) handOver(now int64, all bool) {
+	kept := d.waitRead[:0]
+	for _, p := range d.waitRead {
+		if all || p.ready(now) {
+			d.emit(&p)
+		} else {
+			kept = append(kept, p)
+		}
 	}
-	d.waitRead = d.waitRead[:0]
+	clear(d.waitRead[len(kept):])
+	d.waitRead = kept
 }
 
-// withCapture sets the record's capture fields from the readings around
-// the flow.
-func withCapture(r *index.Record, start, end captureCounts) *index.Record {
-	r.DropsMax = end.dropped - min(start.dropped, end.dropped)
-	r.Down = end.failures != start.failures
-	return r
+// ready reports whether p's record has all it waits for at now.
+func (p *pendingRecord) ready(now int64) bool {
+	return p.read && (p.entry == nil || p.entry.Final() != nil || now >= p.until)
+}
+
+// emit completes p's record and hands it to its writer.
+func (d *Demuxer) emit(p *pendingRecord) {
+	r := p.rec
+	if d.o.Capture != nil {
+		r.DropsMax = p.end.dropped - min(p.start.dropped, p.end.dropped)
+		r.Down = p.end.failures != p.start.failures
+	}
+	var k *index.Kernel
+	if p.entry != nil {
+		k = p.entry.Final()
+	}
+	p.v.apply(r, k)
+	d.c.verified[r.Verified][r.VerifiedBy]++
+	p.out.End(r)
 }
 
 // endRecord writes the index record of a flow that is forgotten with a
@@ -138,17 +174,22 @@ func (d *Demuxer) endRecord(f *flow, why index.End, at int64) {
 	if r.Src, r.Dst = a, b; !f.firstFromA {
 		r.Src, r.Dst = b, a
 	}
-	if d.o.Capture == nil {
-		f.out.End(&r)
+	p := pendingRecord{out: f.out, rec: &r, start: f.start, v: verdictOf(f), read: d.o.Capture == nil}
+	if d.o.KernelCounters && f.entry != nil && f.entry.Cookie != 0 {
+		p.entry, p.until = f.entry, max(at, f.last)+int64(FinalWait)
+	}
+	if !p.read {
+		if end, ok := d.readings.after(f.last); ok {
+			p.end, p.read = end.captureCounts, true
+		}
+	}
+	if p.ready(d.now) {
+		d.emit(&p)
 		return
 	}
-	if end, ok := d.readings.after(f.last); ok {
-		f.out.End(withCapture(&r, f.start, end.captureCounts))
-		return
-	}
-	// No reading after the last packet yet (the flow ended at a packet,
-	// or at Close): the next one is.
-	d.waitRead = append(d.waitRead, pendingRecord{out: f.out, rec: &r, start: f.start})
+	// Not yet: the next reading after the last packet (the flow ended at
+	// a packet, or at Close), or the socket's counters.
+	d.waitRead = append(d.waitRead, p)
 }
 
 // savedAddr returns the address of end i (0: A, 1: B) as the file saves it.

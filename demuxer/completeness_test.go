@@ -30,7 +30,22 @@ type indexRecord struct {
 	SYNACK             bool           `json:"syn_ack"`
 	End                string
 	FlowEnd            string `json:"flow_end"`
-	Capture            *struct {
+	Verified           string
+	VerifiedBy         string `json:"verified_by"`
+	Missing            struct {
+		Segments int
+		S2D      struct {
+			Segments int
+			Bytes    *int
+		} `json:"src_to_dst"`
+		D2S struct {
+			Segments int
+			Bytes    *int
+		} `json:"dst_to_src"`
+		Handshake, Ending bool
+	}
+	Kernel  map[string]int
+	Capture *struct {
 		Interface string
 		DropsMax  int `json:"drops_max"`
 		Down      bool

@@ -106,6 +106,11 @@ type Options struct {
 	// failures; Tick reads it once, and the index records of the flows
 	// give the difference between the readings around each flow.
 	Capture func() (dropped, failures uint64)
+	// KernelCounters says that the names' entries get their sockets'
+	// final counters (names.Entry.Final, from the kernel's destroy
+	// broadcasts): an ended flow's record waits up to FinalWait for them,
+	// to say whether its trace is complete by comparison.
+	KernelCounters bool
 	// Monotonic, for Run, returns the time elapsed on a clock that no
 	// step of the wall clock moves; default: Go's monotonic clock.
 	Monotonic func() time.Duration
@@ -208,6 +213,11 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 	}
 	d.last = f
 	f.last = tsn
+	if srcIsA {
+		f.ends[0].count(p, data, p.PayloadLen, &f.ends[1])
+	} else {
+		f.ends[1].count(p, data, p.PayloadLen, &f.ends[0])
+	}
 	if e := f.track(p, data, srcIsA); e != index.EndNone {
 		// The packets tell how it ended, even when tcp-info's Close was
 		// applied first (its event may come before the capture's block

@@ -20,6 +20,7 @@ type end struct {
 	finSeen bool   // finPos is set
 	wsOK    bool   // its SYN had a window scale option
 	wscale  uint8
+	tally   // what the capture saw it send (verify.go)
 }
 
 // maxWindow is the window assumed when an end's is not known (a flow seen

@@ -113,9 +113,15 @@ func (d *Demuxer) Close() {
 		d.lastClaim(f, true)
 		d.remove(f, f.endedOr(index.EndShutdown), now)
 	}
-	if n := len(d.readings.r); n > 0 {
-		d.handOver(d.readings.at(n - 1).captureCounts) // flows whose last packet came after the clock's now
+	// Records still waiting: for a reading (their last packet came after
+	// the clock's now: the last one will do) or for their sockets'
+	// counters (none will come now).
+	for i := range d.waitRead {
+		if p := &d.waitRead[i]; !p.read && len(d.readings.r) > 0 {
+			p.end, p.read = d.readings.at(len(d.readings.r)-1).captureCounts, true
+		}
 	}
+	d.handOver(now, true)
 	d.publish()
 }
 

@@ -4,6 +4,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/m-lab/packet-headers/index"
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
@@ -75,6 +76,7 @@ type counters struct {
 	undecodable              [packet.NumKinds]uint64   // by kind; their sum is packets[Undecodable]
 	refused                  [NumRefusals]uint64       // new flows
 	ended                    [NumEndOutcomes]uint64    // flows without a file
+	verified                 [index.NumVerdicts][index.NumMethods]uint64
 }
 
 // Counts are a demuxer's totals since it started, as counted.
@@ -105,9 +107,12 @@ type Stats struct {
 	Undecodable [packet.NumKinds]atomic.Uint64   // frames not decodable, by kind
 	Refused     [NumRefusals]atomic.Uint64       // new flows refused
 	Ended       [NumEndOutcomes]atomic.Uint64    // flows ended without a file
-	UUIDWait    *metrics.Histogram
-	mu          sync.Mutex
-	named       map[names.Source]uint64
+	// Verified counts the index records written, by verdict and method
+	// (index.Verdict, index.Method), at Verified[verdict*NumMethods+method].
+	Verified [int(index.NumVerdicts) * int(index.NumMethods)]atomic.Uint64
+	UUIDWait *metrics.Histogram
+	mu       sync.Mutex
+	named    map[names.Source]uint64
 }
 
 // Named returns the flows named, by the source that named them.
@@ -148,6 +153,7 @@ func (s *Stats) AddTo(dst *Stats) {
 	addAll(dst.Undecodable[:], s.Undecodable[:])
 	addAll(dst.Refused[:], s.Refused[:])
 	addAll(dst.Ended[:], s.Ended[:])
+	addAll(dst.Verified[:], s.Verified[:])
 	dst.UUIDWait.Merge(s.UUIDWait)
 	named := s.Named()
 	dst.mu.Lock()
@@ -179,6 +185,9 @@ func (d *Demuxer) publish() {
 	storeAll(st.Undecodable[:], c.undecodable[:])
 	storeAll(st.Refused[:], c.refused[:])
 	storeAll(st.Ended[:], c.ended[:])
+	for v := range c.verified {
+		storeAll(st.Verified[v*int(index.NumMethods):(v+1)*int(index.NumMethods)], c.verified[v][:])
+	}
 	st.mu.Lock()
 	for src, n := range d.named {
 		st.named[src] = n

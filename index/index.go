@@ -84,6 +84,96 @@ type Record struct {
 	Interface string
 	DropsMax  uint64
 	Down      bool
+	// Verified says whether the trace holds every segment of the
+	// connection that the capture could have seen, and VerifiedBy how
+	// that was decided; Missing is what it lacks; Kernel, the local
+	// socket's own counters, when the kernel reported them.
+	Verified   Verdict
+	VerifiedBy Method
+	Missing    Missing
+	Kernel     *Kernel
+}
+
+// Verdict is what a record says of its trace's completeness.
+type Verdict uint8
+
+// The verdicts.
+const (
+	Unknown     Verdict = iota // no evidence either way
+	Complete                   // nothing is missing
+	Incomplete                 // Missing says what is
+	NumVerdicts                // how many there are
+)
+
+var verdictNames = [NumVerdicts]string{"unknown", "complete", "incomplete"}
+
+// Verdicts lists the verdicts' names, in the order of the constants.
+func Verdicts() []string { return append([]string(nil), verdictNames[:]...) }
+
+// String returns the verdict's name as records write it.
+func (v Verdict) String() string {
+	if v < NumVerdicts {
+		return verdictNames[v]
+	}
+	return "verdict(" + strconv.Itoa(int(v)) + ")"
+}
+
+// Method is how a verdict was reached.
+type Method uint8
+
+// The methods: the kernel's counters of the local socket, compared with
+// what the trace holds; or inference from the trace alone.
+const (
+	ByInference Method = iota
+	ByKernel
+	NumMethods // how many there are
+)
+
+var methodNames = [NumMethods]string{"inference", "kernel"}
+
+// Methods lists the methods' names, in the order of the constants.
+func Methods() []string { return append([]string(nil), methodNames[:]...) }
+
+// String returns the method's name as records write it.
+func (m Method) String() string {
+	if m < NumMethods {
+		return methodNames[m]
+	}
+	return "method(" + strconv.Itoa(int(m)) + ")"
+}
+
+// Missing is what a trace lacks: Segments in both directions together,
+// and each direction's detail (from the record's Src to its Dst, and
+// back). Handshake and Ending say that the trace has no handshake (it
+// began mid-connection) or no ending (no FIN or RST from each end, or an
+// accepted RST), which inference cannot see past.
+type Missing struct {
+	Segments           uint64
+	SrcToDst, DstToSrc Direction
+	Handshake, Ending  bool
+}
+
+// Direction is what a trace lacks of one direction: segments, and payload
+// bytes. BytesUnknown says that the bytes could not be counted (more
+// sequence holes at once than a flow keeps track of).
+type Direction struct {
+	Segments, Bytes uint64
+	BytesUnknown    bool
+}
+
+// Kernel is the local socket's tcp_info counters at its destruction, as
+// the kernel's sock_diag broadcast reported them (the fields of
+// m-lab/tcp-info's tcp.LinuxTCPInfo of the same names). Local says which
+// end of the connection the socket is; it is not written (it may be an
+// address the record anonymizes).
+type Kernel struct {
+	Local                    netip.AddrPort
+	SegsIn, SegsOut          uint64
+	DataSegsIn, DataSegsOut  uint64
+	BytesReceived, BytesSent uint64
+	BytesAcked, BytesRetrans uint64
+	TotalRetrans             uint64
+	SndMSS, RcvMSS           uint32
 }
 
 // AppendJSON appends the record as one line of JSON, with its newline.
@@ -121,7 +211,37 @@ func (r *Record) AppendJSON(b []byte) []byte {
 		b = strconv.AppendBool(append(b, `,"down":`...), r.Down)
 		b = append(b, '}')
 	}
+	b = append(append(append(b, `,"verified":"`...), r.Verified.String()...), '"')
+	b = append(append(append(b, `,"verified_by":"`...), r.VerifiedBy.String()...), '"')
+	b = appendUint(b, `,"missing":{"segments":`, r.Missing.Segments)
+	b = appendDirection(append(b, `,"src_to_dst":`...), r.Missing.SrcToDst)
+	b = appendDirection(append(b, `,"dst_to_src":`...), r.Missing.DstToSrc)
+	b = strconv.AppendBool(append(b, `,"handshake":`...), r.Missing.Handshake)
+	b = strconv.AppendBool(append(b, `,"ending":`...), r.Missing.Ending)
+	b = append(b, '}')
+	if k := r.Kernel; k != nil {
+		b = appendUint(b, `,"kernel":{"segs_in":`, k.SegsIn)
+		b = appendUint(b, `,"segs_out":`, k.SegsOut)
+		b = appendUint(b, `,"data_segs_in":`, k.DataSegsIn)
+		b = appendUint(b, `,"data_segs_out":`, k.DataSegsOut)
+		b = appendUint(b, `,"bytes_received":`, k.BytesReceived)
+		b = appendUint(b, `,"bytes_sent":`, k.BytesSent)
+		b = appendUint(b, `,"bytes_acked":`, k.BytesAcked)
+		b = appendUint(b, `,"bytes_retrans":`, k.BytesRetrans)
+		b = appendUint(b, `,"total_retrans":`, k.TotalRetrans)
+		b = appendUint(b, `,"snd_mss":`, uint64(k.SndMSS))
+		b = appendUint(b, `,"rcv_mss":`, uint64(k.RcvMSS))
+		b = append(b, '}')
+	}
 	return append(b, "}\n"...)
+}
+
+func appendDirection(b []byte, d Direction) []byte {
+	b = appendUint(b, `{"segments":`, d.Segments)
+	if d.BytesUnknown {
+		return append(b, `,"bytes":null}`...)
+	}
+	return append(appendUint(b, `,"bytes":`, d.Bytes), '}')
 }
 
 func appendUint(b []byte, key string, v uint64) []byte {

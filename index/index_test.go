@@ -56,7 +56,11 @@ func TestSchema(t *testing.T) {
 	offline.End, offline.FlowEnd = EndShutdown, EndShutdown
 	sampled := liveRecord()
 	sampled.Sample = 10
-	for name, r := range map[string]Record{"live": live, "offline": offline, "sampled": sampled} {
+	verified := liveRecord()
+	verified.Verified, verified.VerifiedBy = Incomplete, ByKernel
+	verified.Missing = Missing{Segments: 3, SrcToDst: Direction{Segments: 3, Bytes: 4344}, DstToSrc: Direction{BytesUnknown: true}}
+	verified.Kernel = &Kernel{Local: verified.Dst, SegsIn: 120, SegsOut: 80, DataSegsIn: 100, BytesReceived: 144801, SndMSS: 1448, RcvMSS: 1448}
+	for name, r := range map[string]Record{"live": live, "offline": offline, "sampled": sampled, "verified": verified} {
 		line := r.AppendJSON(nil)
 		if !bytes.HasSuffix(line, []byte("}\n")) || bytes.Count(line, []byte("\n")) != 1 {
 			t.Errorf("%s: not one line: %q", name, line)
@@ -86,6 +90,22 @@ func TestSchema(t *testing.T) {
 		} else if _, ok := got["sample"]; ok {
 			checks["no sample"] = [2]any{got["sample"], nil}
 		}
+		missing := got["missing"].(map[string]any)
+		checks["verified"] = [2]any{got["verified"], r.Verified.String()}
+		checks["verified_by"] = [2]any{got["verified_by"], r.VerifiedBy.String()}
+		checks["missing segments"] = [2]any{missing["segments"], float64(r.Missing.Segments)}
+		if r.Missing.DstToSrc.BytesUnknown {
+			checks["unknown bytes"] = [2]any{missing["dst_to_src"].(map[string]any)["bytes"], nil}
+		}
+		if kernel, ok := got["kernel"].(map[string]any); ok != (r.Kernel != nil) {
+			t.Errorf("%s: kernel %v, want %v", name, got["kernel"], r.Kernel)
+		} else if ok {
+			checks["segs_in"] = [2]any{kernel["segs_in"], float64(r.Kernel.SegsIn)}
+			checks["bytes_received"] = [2]any{kernel["bytes_received"], float64(r.Kernel.BytesReceived)}
+			if _, leak := kernel["local"]; leak {
+				t.Errorf("%s: the kernel's local address is written (it may be one the record anonymizes)", name)
+			}
+		}
 		if hasCapture {
 			checks["drops_max"] = [2]any{capture["drops_max"], float64(r.DropsMax)}
 			checks["down"] = [2]any{capture["down"], r.Down}
@@ -108,6 +128,9 @@ func TestSchema(t *testing.T) {
 		"a file outside a day":              strings.Replace(line, `"file":"2026/12/02/`, `"file":"../`, 1),
 		"an unknown source":                 strings.Replace(line, `"source":"eventsocket"`, `"source":"guess"`, 1),
 		"a sample of one":                   strings.Replace(line, `"source":"eventsocket"`, `"source":"eventsocket","sample":1`, 1),
+		"an unknown verdict":                strings.Replace(line, `"verified":"unknown"`, `"verified":"maybe"`, 1),
+		"no missing":                        strings.Replace(line, `,"missing":{`, `,"lacking":{`, 1),
+		"a kernel without its counters":     strings.Replace(line, `}}`+"\n", `},"kernel":{}}`+"\n", 1),
 	} {
 		if bad == line {
 			t.Fatalf("%s: the test's replacement did not apply", name)

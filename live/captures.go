@@ -84,6 +84,7 @@ func (s *captureSet) add(name string) error {
 	lc := &liveCapture{h: h, d: s.p.Demuxer(h.LinkType(), func(o *demuxer.Options) {
 		if s.k.src != nil {
 			o.Lookup = s.k.src.Request
+			o.KernelCounters = s.k.destroy != nil
 		}
 		o.Interface, o.Capture = h.Name(), h.Totals
 	}), done: make(chan struct{})}

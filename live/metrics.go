@@ -8,6 +8,7 @@ import (
 
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/index"
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/metrics/exporter"
 	"github.com/m-lab/packet-headers/names"
@@ -116,6 +117,15 @@ func families(x *parts) *exporter.Collector {
 					emit(sum(func(s *demuxer.Stats) uint64 { return s.Ended[o].Load() }), o.String())
 				}
 			}),
+		exporter.Family{Name: "pcap_traces_verified_total", Help: "Traces (flow files' index records) by verified (complete, incomplete, unknown) and how it was decided (by: kernel, from the socket's counters; inference, from the trace alone).",
+			Labels: []string{"verified", "by"}, Read: func(emit func(float64, ...string)) {
+				for v := range index.NumVerdicts {
+					for m := range index.NumMethods {
+						i := int(v)*int(index.NumMethods) + int(m)
+						emit(sum(func(s *demuxer.Stats) uint64 { return s.Verified[i].Load() }), v.String(), m.String())
+					}
+				}
+			}},
 		byLabel("pcap_flows_refused_total", "New flows not tracked because a limit was reached, by limit (flow_limit for -maxflows, memory_limit for -maxheap); counted on their SYN.", "limit",
 			func(emit func(float64, ...string)) {
 				for l := range demuxer.NumRefusals {

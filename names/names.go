@@ -29,6 +29,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/m-lab/packet-headers/index"
 	"github.com/m-lab/packet-headers/packet"
 )
 
@@ -56,8 +57,9 @@ type Entry struct {
 	Cookie   uint64    // the kernel's socket cookie, 0 if unknown
 	OpenedAt time.Time // the announcement's timestamp
 
-	closedAt atomic.Int64             // unix nanoseconds of the Close, 0 while open
-	renamed  atomic.Pointer[renaming] // the authority's name, given after the claim
+	closedAt atomic.Int64                 // unix nanoseconds of the Close, 0 while open
+	renamed  atomic.Pointer[renaming]     // the authority's name, given after the claim
+	final    atomic.Pointer[index.Kernel] // the socket's counters at its destruction
 
 	// Guarded by Table.mu.
 	alias   string // another name of the entry in byUUID (the other source's)
@@ -100,6 +102,11 @@ func (e *Entry) Closed() (time.Time, bool) {
 	}
 	return time.Unix(0, ns), true
 }
+
+// Final returns the socket's counters at its destruction, nil until the
+// kernel reported them (Table.Final). It is safe to call without the
+// table's lock.
+func (e *Entry) Final() *index.Kernel { return e.final.Load() }
 
 // Options configures a Table. The zero value asks for the defaults.
 type Options struct {
@@ -202,6 +209,22 @@ func (t *Table) Close(ts time.Time, uuid string) bool {
 	}
 	e.closedAt.Store(ns)
 	e.seen = t.now()
+	return true
+}
+
+// Final gives the counters c of the destroyed socket with this cookie, of
+// connection k, to its entry: the one named uuid, or the newest for k if
+// it has the cookie. It reports whether there was one.
+func (t *Table) Final(uuid string, k packet.Key, cookie uint64, c *index.Kernel) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e, ok := t.byUUID[uuid]
+	if !ok || e.Cookie != cookie && e.Cookie != 0 {
+		if e, ok = t.byKey[k]; !ok || e.Cookie != cookie {
+			return false
+		}
+	}
+	e.final.Store(c)
 	return true
 }
 

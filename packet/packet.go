@@ -405,6 +405,17 @@ func (p *Parsed) WindowScale(b []byte) (uint8, bool) {
 	return min(b[off+2], 14), true
 }
 
+// MSS returns the value of the maximum segment size option (RFC 9293
+// 3.7.1) of the TCP header decoded from frame b, if it has one within the
+// captured bytes. It is meant for SYN segments, the only ones that carry it.
+func (p *Parsed) MSS(b []byte) (uint16, bool) {
+	off, ok := p.option(b, 2, 4)
+	if !ok {
+		return 0, false
+	}
+	return binary.BigEndian.Uint16(b[off+2:]), true
+}
+
 // Timestamps returns the offset in b of the TCP timestamps option (kind 8,
 // length 10: TSval at off+2, TSecr at off+6), when the segment has one and
 // all of it is in b.

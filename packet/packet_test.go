@@ -267,3 +267,25 @@ func TestLess(t *testing.T) {
 		}
 	}
 }
+
+// TestMSS: the MSS option of a SYN is read; a header without it, or cut
+// inside it, has none.
+func TestMSS(t *testing.T) {
+	v4 := ip4()
+	b := build(t, v4, tcp(v4, true))
+	var p Parsed
+	if p.Decode(LinkTypeRaw, b) != TCP {
+		t.Fatal("not decoded")
+	}
+	if mss, ok := p.MSS(b); !ok || mss != 1460 {
+		t.Errorf("MSS = %d, %v; want 1460", mss, ok)
+	}
+	if _, ok := p.MSS(b[:p.TCPOffset+22]); ok {
+		t.Error("an MSS option cut by the capture was read")
+	}
+	b = build(t, v4, tcp(v4, false))
+	p.Decode(LinkTypeRaw, b)
+	if _, ok := p.MSS(b); ok {
+		t.Error("an MSS read from a header without the option")
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/exclude"
+	"github.com/m-lab/packet-headers/index"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/saver"
@@ -200,6 +201,12 @@ func (g Gate) Open(ts time.Time, uuid string, k packet.Key, source names.Source,
 // reports whether the table knew it.
 func (g Gate) Close(ts time.Time, uuid string) bool {
 	return saver.CheckUUID(uuid) == nil && g.p.Names.Close(ts, uuid)
+}
+
+// Final gives a destroyed socket's counters to its connection's entry
+// (names.Table.Final).
+func (g Gate) Final(uuid string, k packet.Key, cookie uint64, c *index.Kernel) bool {
+	return g.p.Names.Final(uuid, k, cookie, c)
 }
 
 // NamedSince reports whether connection k has an announcement a flow may

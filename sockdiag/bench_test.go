@@ -11,6 +11,7 @@ import (
 
 	"github.com/m-lab/uuid"
 
+	"github.com/m-lab/packet-headers/index"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 )
@@ -91,6 +92,9 @@ func (s *swapSink) Open(ts time.Time, u string, k packet.Key, source names.Sourc
 	return s.Load().Open(ts, u, k, source, cookie)
 }
 func (s *swapSink) Close(ts time.Time, u string) bool { return s.Load().Close(ts, u) }
+func (s *swapSink) Final(u string, k packet.Key, cookie uint64, c *index.Kernel) bool {
+	return s.Load().Final(u, k, cookie, c)
+}
 func (s *swapSink) NamedSince(k packet.Key, t time.Time) bool {
 	return s.Load().NamedSince(k, t)
 }

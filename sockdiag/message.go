@@ -35,7 +35,9 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"unsafe"
 
+	"github.com/m-lab/tcp-info/tcp"
 	"golang.org/x/sys/unix"
 )
 
@@ -47,6 +49,7 @@ const (
 	reqV2Len         = 56
 	diagMsgLen       = 72
 	noCookie         = ^uint32(0)
+	inetDiagInfo     = 2  // INET_DIAG_INFO: struct tcp_info
 	inetDiagCgroupID = 21 // INET_DIAG_CGROUP_ID
 
 	// Multicast groups of the destroy broadcasts.
@@ -79,6 +82,10 @@ type Socket struct {
 	// process that made the socket, as the kernel reports it
 	// (INET_DIAG_CGROUP_ID, Linux 5.7 and later); 0 when it does not.
 	Cgroup uint64
+	// Info is the socket's tcp_info (INET_DIAG_INFO), which the destroy
+	// broadcasts carry: its final counters. nil when absent. A shorter
+	// tcp_info (an older kernel) leaves the later fields zero.
+	Info *tcp.LinuxTCPInfo
 }
 
 // AppendRequest appends to b a netlink request for the socket whose local
@@ -204,8 +211,15 @@ func parseDiagMsg(b []byte) (Socket, error) {
 		if l < 4 || l > len(a) {
 			break
 		}
-		if typ == inetDiagCgroupID && l >= 4+8 {
+		switch {
+		case typ == inetDiagCgroupID && l >= 4+8:
 			s.Cgroup = binary.NativeEndian.Uint64(a[4:])
+		case typ == inetDiagInfo && l > 4:
+			// Copied, field for field in the kernel's layout, which is
+			// tcp.LinuxTCPInfo's (as m-lab/tcp-info reads it).
+			info := new(tcp.LinuxTCPInfo)
+			copy(unsafe.Slice((*byte)(unsafe.Pointer(info)), unsafe.Sizeof(*info)), a[4:l])
+			s.Info = info
 		}
 		a = a[min(len(a), (l+3)&^3):]
 	}

@@ -12,7 +12,9 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
+	"github.com/m-lab/tcp-info/tcp"
 	"github.com/m-lab/uuid"
 	"golang.org/x/sys/unix"
 
@@ -184,6 +186,15 @@ func TestParseRecorded(t *testing.T) {
 			if m.Socket.Cookie == 0 || !m.Socket.Local.Addr().IsLoopback() || m.Socket.Local.Addr().Is4() != tt.family4 || m.Socket.Remote.Port() == 0 {
 				t.Errorf("socket %+v", m.Socket)
 			}
+			// The destroy broadcast carries the socket's final tcp_info: the
+			// server's socket of a connection the client reset right after
+			// the handshake took in its SYN (counted once), the handshake's
+			// ACK and the RST, and sent nothing after its SYN-ACK.
+			if tt.file == "destroy.bin" {
+				if i := m.Socket.Info; i == nil || i.State != StateClose || i.SegsIn != 3 || i.SegsOut != 0 || i.BytesReceived != 0 {
+					t.Errorf("tcp_info %+v, want state CLOSE, segs_in 3, segs_out 0", i)
+				}
+			}
 		})
 	}
 	if _, err := ParseMessages([]byte{1, 2, 3}); err == nil {
@@ -311,6 +322,13 @@ func diagReply(seq uint32, s Socket) []byte {
 	putSockID(m[4:], la, s.Local.Port(), ra, s.Remote.Port())
 	putU32(nlmsgHdrLen+4+40, uint32(s.Cookie))
 	putU32(nlmsgHdrLen+4+44, uint32(s.Cookie>>32))
+	if s.Info != nil { // INET_DIAG_INFO, as the kernel lays tcp_info out
+		raw := unsafe.Slice((*byte)(unsafe.Pointer(s.Info)), unsafe.Sizeof(*s.Info))
+		attr := make([]byte, 4, 4+len(raw))
+		attr[0], attr[1], attr[2] = byte(4+len(raw)), byte((4+len(raw))>>8), inetDiagInfo
+		b = append(b, append(attr, raw...)...)
+		putU32(0, uint32(len(b)))
+	}
 	return b
 }
 
@@ -543,4 +561,49 @@ func TestLocalFollowed(t *testing.T) {
 	lk.set(gone)
 	src.Request(keyOf(gone))
 	waitCount(t, "not_local", func() uint64 { return src.Lookups.Get("not_local") }, 2)
+}
+
+// TestFinalCounters: a destroy broadcast's tcp_info reaches the entry of
+// its connection, whether the kernel source named it or tcp-info did (the
+// same cookie), and that of a socket its application disconnected (no
+// remote port) reaches the entry of its name.
+func TestFinalCounters(t *testing.T) {
+	tbl := names.New(nil)
+	lk, ds := newFake(), newFake()
+	src := startSource(t, tbl, lk, ds)
+	info := func(segsIn int32) *tcp.LinuxTCPInfo {
+		return &tcp.LinuxTCPInfo{SegsIn: segsIn, BytesReceived: 101, DataSegsIn: 1}
+	}
+
+	disconnected := sock(8002, 83, StateEstablished)
+	lk.set(disconnected)
+	src.Request(keyOf(disconnected))
+	looked := waitClaim(t, tbl, keyOf(disconnected))
+	byTCPInfo := sock(8001, 82, StateClose)
+	tbl.Open(time.Now(), "tcpinfo_prefix_0000000000000052", keyOf(byTCPInfo), "eventsocket", 82)
+	told := tbl.Claim(keyOf(byTCPInfo), time.Unix(0, 1))
+
+	byKernel := sock(8000, 81, StateClose)
+	byKernel.Info, byTCPInfo.Info = info(6), info(7)
+	gone := disconnected
+	gone.Remote, gone.Info, gone.State = netip.AddrPortFrom(netip.IPv4Unspecified(), 0), info(8), StateClose
+	ds.push(diagReply(0, byKernel))
+	ds.push(diagReply(0, byTCPInfo))
+	ds.push(diagReply(0, gone))
+	waitFinal(t, waitClaim(t, tbl, keyOf(byKernel)), 6)
+	waitFinal(t, told, 7)
+	waitFinal(t, looked, 8)
+}
+
+func waitFinal(t *testing.T, e *names.Entry, segsIn uint64) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if k := e.Final(); k != nil {
+			if k.SegsIn != segsIn || k.BytesReceived != 101 || k.DataSegsIn != 1 {
+				t.Errorf("%s: counters %+v, want segs_in %d", e.UUID, k, segsIn)
+			}
+			return
+		}
+	}
+	t.Errorf("%s: no final counters", e.UUID)
 }

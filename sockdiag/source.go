@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/m-lab/packet-headers/index"
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
@@ -17,6 +18,9 @@ import (
 type Sink interface {
 	Open(ts time.Time, uuid string, k packet.Key, source names.Source, cookie uint64) bool
 	Close(ts time.Time, uuid string) bool
+	// Final gives a destroyed socket's counters to the entry of its
+	// connection (names.Table.Final).
+	Final(uuid string, k packet.Key, cookie uint64, c *index.Kernel) bool
 	// NamedSince reports whether connection k has an announcement that a
 	// flow may still claim, or one made since t.
 	NamedSince(k packet.Key, t time.Time) bool
@@ -433,9 +437,18 @@ func (s *Source) destroyed(sk Socket) {
 		// A socket its application closed with SO_LINGER 0 is disconnected
 		// before it is destroyed: the broadcast lost the remote port. Its
 		// connection can only have been named by a look-up; close that.
-		s.sink.Close(s.o.Now(), s.o.UUID(sk.Cookie))
+		u := s.o.UUID(sk.Cookie)
+		if sk.Info != nil {
+			s.sink.Final(u, packet.Key{}, sk.Cookie, kernelCounters(sk))
+		}
+		s.sink.Close(s.o.Now(), u)
 		s.Destroys.Inc("disconnected")
 		return
+	}
+	if sk.Info != nil {
+		// Whoever names the connection (or named it: tcp-info), its flow
+		// gets the socket's final counters (TestFinalCounters).
+		defer s.sink.Final(s.o.UUID(sk.Cookie), packet.KeyFromAddrPorts(sk.Local, sk.Remote), sk.Cookie, kernelCounters(sk))
 	}
 	if s.o.Exclude != nil && s.o.Exclude(sk.Local, sk.Remote) {
 		s.Destroys.Inc("excluded")
@@ -452,4 +465,16 @@ func (s *Source) destroyed(sk Socket) {
 	}
 	s.Destroys.Inc("named")
 	s.name(s.o.Now(), sk.Cookie, k, true)
+}
+
+// kernelCounters returns what the flow index keeps of a destroyed socket's
+// tcp_info.
+func kernelCounters(sk Socket) *index.Kernel {
+	i := sk.Info
+	return &index.Kernel{Local: sk.Local,
+		SegsIn: uint64(uint32(i.SegsIn)), SegsOut: uint64(uint32(i.SegsOut)),
+		DataSegsIn: uint64(i.DataSegsIn), DataSegsOut: uint64(i.DataSegsOut),
+		BytesReceived: uint64(i.BytesReceived), BytesSent: uint64(i.BytesSent),
+		BytesAcked: uint64(i.BytesAcked), BytesRetrans: uint64(i.BytesRetrans),
+		TotalRetrans: uint64(i.TotalRetrans), SndMSS: i.SndMSS, RcvMSS: i.RcvMSS}
 }
