@@ -327,7 +327,7 @@ func longFlow(a netip.Addr, port, size, n int) error {
 // into reference.pcap in the lab directory, and waits until it listens.
 func (l *lab) startReference() (path string, cmd *exec.Cmd) {
 	path = filepath.Join(l.dir, "reference.pcap")
-	cmd = l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-U", "-n", "--immediate-mode",
+	cmd = l.start("tcpdump.log", "tcpdump", "-i", l.nsIf, "-s", "256", "-B", "65536", "-U", "-n", "--immediate-mode",
 		"--time-stamp-precision=nano", "-w", path, "tcp")
 	waitFor(l.t, 10*time.Second, "tcpdump to start", func() bool { return strings.Contains(l.log("tcpdump.log"), "listening") })
 	return path, cmd
