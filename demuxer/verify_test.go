@@ -204,3 +204,25 @@ func TestCoverage(t *testing.T) {
 		t.Errorf("across the wrap: %d bytes, %d holes", w.bytes, w.n)
 	}
 }
+
+// BenchmarkVerdict measures what a flow's end costs for its completeness:
+// taking its ends' tallies and comparing them with the socket's counters
+// (the per-packet part is in BenchmarkPacket).
+func BenchmarkVerdict(b *testing.B) {
+	var f flow
+	c := newConn(40000, 1000)
+	f.key, f.firstFromA, f.sawSYN, f.sawSYNACK, f.ended = c.key(), false, true, true, true
+	f.ends[0].tally = tally{segs: 5, dataSegs: 3, bytes: 4000, mss: 1460, syns: 1}
+	f.ends[1].tally = tally{segs: 5, dataSegs: 1, bytes: 100, mss: 1460, syns: 1, pureSYNs: 1}
+	f.ends[1].cov.add(1001, 1102)
+	k := serverCounters(c)
+	var r index.Record
+	b.ReportAllocs()
+	for b.Loop() {
+		v := verdictOf(&f)
+		v.apply(&r, k)
+	}
+	if r.Verified != index.Complete {
+		b.Fatalf("verified %v, missing %+v", r.Verified, r.Missing)
+	}
+}

@@ -12,6 +12,15 @@ machine="$(nproc) cores of $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 |
 echo "== $machine"
 bench=$(go test -run '^$' -bench "$pattern" -benchmem -count 1 ./capture/ ./packet/ ./anonymize/ ./saver/ ./demuxer/ ./sockdiag/ ./offline/ ./index/ | grep -E '^(Benchmark|ok|FAIL)')
 echo "$bench"
+# field NAME UNIT: the value before UNIT on benchmark NAME's line.
+field() { echo "$bench" | awk -v n="$1" -v u="$2" '$1 ~ "^"n"(-[0-9]+)?$" { for (i = 2; i < NF; i++) if ($(i+1) == u) { print $i; exit } }'; }
+completeness="| per flow | cost |
+|---|---|
+| the comparison at the flow's end (\`BenchmarkVerdict\`) | $(field BenchmarkVerdict ns/op) ns, $(field BenchmarkVerdict allocs/op) allocations |
+| the destroy broadcast's parse, with its \`tcp_info\` (\`BenchmarkParseDestroy\`) | $(field BenchmarkParseDestroy ns/op) ns, $(field BenchmarkParseDestroy B/op) bytes in $(field BenchmarkParseDestroy allocs/op) allocations |
+| the index record with the kernel's counters (\`BenchmarkAppendJSON/kernel\`) | $(field BenchmarkAppendJSON/kernel ns/op) ns, $(field BenchmarkAppendJSON/kernel bytes/record) bytes |
+| the index record verified by inference (\`BenchmarkAppendJSON/inference\`) | $(field BenchmarkAppendJSON/inference ns/op) ns, $(field BenchmarkAppendJSON/inference bytes/record) bytes |"
+echo "$completeness"
 echo "== lab measurements beside tcpdump (root, iperf3, tcpdump)"
 lab=$(go test -run '^$' -bench Lab -benchtime 1x ./e2e/ | grep -E '^\|')
 echo "$lab"
@@ -29,6 +38,16 @@ network work, a single run's CPU ratio moves by tens of percent: compare
 medians, and runs of one hour.
 
 $lab
+
+## Completeness, per flow
+
+What a trace's verdict (\`verified\` in the [flow index](flow-index.md))
+costs beyond what the daemon did before: per packet, a few counters in
+each end's tally, within \`BenchmarkPacket\`; per flow, the parse of the
+kernel's destroy broadcast with its \`tcp_info\`, the comparison, and a
+longer index record:
+
+$completeness
 
 ## Go benchmarks
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -97,4 +98,22 @@ func (s *swapSink) Final(u string, k packet.Key, cookie uint64, c *index.Kernel)
 }
 func (s *swapSink) NamedSince(k packet.Key, t time.Time) bool {
 	return s.Load().NamedSince(k, t)
+}
+
+// BenchmarkParseDestroy measures the parse of one destroy broadcast, with
+// the socket's tcp_info, as recorded from a real kernel: what each
+// connection's end costs the destroy loop, with kernelCounters.
+func BenchmarkParseDestroy(b *testing.B) {
+	raw, err := os.ReadFile("testdata/destroy.bin")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		msgs, err := ParseMessages(raw)
+		if err != nil || len(msgs) != 1 || msgs[0].Socket.Info == nil {
+			b.Fatal(msgs, err)
+		}
+		kernelCounters(msgs[0].Socket)
+	}
 }
