@@ -132,8 +132,19 @@ func (c *coverage) hole(lo, hi uint32) {
 	c.lost = true
 }
 
-// ack notes the peer's acknowledgment a.
-func (c *coverage) ack(a uint32) {
+// ack notes the peer's acknowledgment a, sent with its receive window
+// wnd before this segment. The sender cannot have sent past the last
+// acknowledgment (or its highest segment seen) plus that window: an
+// acknowledgment beyond is one its TCP ignores (a spoofed segment), and
+// changes nothing (TestVerifyInference's spoofed ACK).
+func (c *coverage) ack(a, wnd uint32) {
+	from := c.hi
+	if c.ackSet && int32(c.acked-c.hi) > 0 {
+		from = c.acked
+	}
+	if c.set && int32(a-from) > int32(wnd) {
+		return
+	}
 	if !c.ackSet || int32(a-c.acked) > 0 {
 		c.acked, c.ackSet = a, true
 	}
@@ -200,7 +211,7 @@ func (src *end) count(p *packet.Parsed, data []byte, payload int, dst *end) {
 		}
 	}
 	if p.Flags&packet.FlagACK != 0 {
-		dst.tally.cov.ack(p.Ack)
+		dst.tally.cov.ack(p.Ack, src.window())
 	}
 }
 

@@ -136,16 +136,25 @@ func deref(p *int) int {
 // when it has its handshake and ending and every byte acknowledged was
 // captured; a flow seen from its middle lacks its handshake; one that
 // ends unseen (a timeout) is unknown; data acknowledged but not captured
-// is missing, at least a segment per hole.
+// is missing, at least a segment per hole; a spoofed acknowledgment beyond
+// what the sender could have sent changes nothing.
 func TestVerifyInference(t *testing.T) {
 	h := newHarness(t, nil)
-	whole, middle, quiet, holed := newConn(40001, 1000), newConn(40002, 2000), newConn(40003, 3000), newConn(40004, 4000)
-	for i, c := range []*conn{whole, middle, quiet, holed} {
-		h.names.Open(t0, []string{"whole", "middle", "quiet", "holed"}[i], c.key(), "test", 0)
+	whole, middle, quiet, holed, spoofed := newConn(40001, 1000), newConn(40002, 2000), newConn(40003, 3000), newConn(40004, 4000), newConn(40005, 5000)
+	for i, c := range []*conn{whole, middle, quiet, holed, spoofed} {
+		h.names.Open(t0, []string{"whole", "middle", "quiet", "holed", "spoofed"}[i], c.key(), "test", 0)
 	}
 	verifyFlow(t, h, whole, true, nil)
 	verifyFlow(t, h, middle, false, nil)
 	verifyFlow(t, h, holed, true, map[string]bool{"response": true})
+	// A spoofed ACK far past what the server sent, which the server's TCP
+	// ignores, before the connection goes on as usual.
+	h.packet(0, spoofed.frame(t, true, func(p *layers.TCP) { p.SYN, p.Seq, p.Options = true, spoofed.isn, mssOption }, 0))
+	h.packet(0, spoofed.frame(t, false, func(p *layers.TCP) { p.SYN, p.ACK, p.Seq, p.Options = true, true, srvISN, mssOption }, 0))
+	h.packet(0, spoofed.frame(t, true, func(p *layers.TCP) { p.ACK, p.Ack = true, srvISN+1+1<<30 }, 0))
+	spoofed.next[0]--
+	spoofed.next[1]-- // verifyFlow without a handshake moves both past the SYNs
+	verifyFlow(t, h, spoofed, false, nil)
 	for _, b := range [][]byte{quiet.syn(t), quiet.synack(t), quiet.ack(t, true), quiet.data(t, true, 10), quiet.ack(t, false)} {
 		h.packet(0, b)
 	}
@@ -153,10 +162,11 @@ func TestVerifyInference(t *testing.T) {
 	h.tick(40 * time.Second) // past -flowtimeout
 	recs := h.records()
 	for name, want := range map[string][]any{
-		"whole":  {"complete", false, false, 0, 0},
-		"middle": {"incomplete", true, false, 0, 0},
-		"quiet":  {"unknown", false, true, 0, 0},
-		"holed":  {"incomplete", false, false, 3, 4000}, // the server's 4000 bytes, at least 3 segments of 1460
+		"whole":   {"complete", false, false, 0, 0},
+		"middle":  {"incomplete", true, false, 0, 0},
+		"quiet":   {"unknown", false, true, 0, 0},
+		"holed":   {"incomplete", false, false, 3, 4000}, // the server's 4000 bytes, at least 3 segments of 1460
+		"spoofed": {"complete", false, false, 0, 0},
 	} {
 		r := recs[name]
 		m := r.Missing
@@ -187,7 +197,7 @@ func TestCoverage(t *testing.T) {
 	if c.bytes != 260 || c.n != 1 || c.holes[0] != [2]uint32{1160, 1200} {
 		t.Errorf("bytes %d, holes %v (%d); want 260, [1160 1200]", c.bytes, c.holes[:c.n], c.n)
 	}
-	c.ack(1300)
+	c.ack(1300, 1<<16)
 	if b, s := c.unseen(10); b != 40 || s != 4 {
 		t.Errorf("unseen %d bytes in %d segments, want 40 in 4", b, s)
 	}
