@@ -501,8 +501,10 @@ func TestIndexDrops(t *testing.T) {
 			// or take what the reference's own capture dropped (its buffer
 			// holds the burst: none, as a rule).
 			t.Logf("bulk flow: verified %s by %s, missing %d segments (src_to_dst %d segments, %s bytes; dst_to_src %d segments); the reference shows %d missing, and dropped %d", r.Verified, r.VerifiedBy, r.Missing.Segments, r.Missing.S2D.Segments, deref(r.Missing.S2D.Bytes), r.Missing.D2S.Segments, missing, refDrops)
-			if d := r.Missing.Segments - missing; r.Verified != "incomplete" || r.VerifiedBy != "kernel" || d < -refDrops || d > refDrops || r.Missing.S2D.Bytes == nil || *r.Missing.S2D.Bytes == 0 {
-				t.Errorf("bulk flow: verified %s by %s, missing %+v; want incomplete by the kernel, %d segments", r.Verified, r.VerifiedBy, r.Missing, missing)
+			// Its bytes are missing too, or unknown: the ring's drops may
+			// leave more holes at once than a flow keeps track of.
+			if d := r.Missing.Segments - missing; r.Verified != "incomplete" || r.VerifiedBy != "kernel" || d < -refDrops || d > refDrops || r.Missing.S2D.Bytes != nil && *r.Missing.S2D.Bytes == 0 {
+				t.Errorf("bulk flow: verified %s by %s, missing %d segments (src_to_dst bytes %s); want incomplete by the kernel, %d segments", r.Verified, r.VerifiedBy, r.Missing.Segments, deref(r.Missing.S2D.Bytes), missing)
 			}
 		case before[client] || after[client]:
 			checked["short"]++
