@@ -18,7 +18,8 @@ import (
 //   - segs_in and segs_out count every segment, a GRO or TSO super-packet
 //     as the segments it stands for;
 //   - a passive socket is made at the handshake's end: its segs_in counts
-//     the SYN once, however often it came; its segs_out no SYN-ACK. An
+//     the SYN once, however often it came; its segs_out no SYN-ACK (a SYN
+//     or SYN-ACK the capture lacks is counted missing all the same). An
 //     active socket counts each SYN it sent and each SYN-ACK it received;
 //   - bytes_received is the sequence space the socket took in order:
 //     payload, and 1 for the peer's FIN; bytes_sent is every payload byte
@@ -274,14 +275,20 @@ func (v *verdict) apply(r *index.Record, k *index.Kernel) {
 		}
 		l, rm := &v.ends[local], &v.ends[1-local]
 		in, out := k.SegsIn, k.SegsOut
-		if l.pureSYNs > 0 { // it opened the connection
+		var synMissing, synackMissing uint64 // handshake segments the socket did not count
+		// An active socket counted its SYNs and SYN-ACKs; a passive one the
+		// SYN once, no SYN-ACK.
+		if l.pureSYNs > 0 {
 			out -= min(out, uint64(l.pureSYNs))
-			in -= min(in, uint64(max(rm.syns, 1)))
+			in -= min(in, uint64(rm.syns))
 		} else {
 			in -= min(in, 1)
+			synMissing, synackMissing = uint64(1-min(rm.pureSYNs, 1)), uint64(1-min(l.syns, 1))
 		}
 		dir[1-local] = compare(in, k.DataSegsIn, k.BytesReceived, rm, rm.cov.bytes, rm.cov.lost)
 		dir[local] = compare(out, k.DataSegsOut, k.BytesSent, l, l.bytes, false)
+		dir[1-local].Segments += synMissing
+		dir[local].Segments += synackMissing
 	} else {
 		r.VerifiedBy = index.ByInference
 		r.Missing.Ending = !v.ending

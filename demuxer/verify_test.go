@@ -70,7 +70,7 @@ func TestVerifyKernel(t *testing.T) {
 		final         time.Duration // when the counters come (0: never)
 		verified, by  string
 		missing, s2d  int
-		s2dBytes      int
+		s2dBytes, d2s int
 		kernelInIndex bool
 		counters      func(*index.Kernel) // how the socket's counters differ from serverCounters'
 	}{
@@ -83,6 +83,10 @@ func TestVerifyKernel(t *testing.T) {
 		// bytes are all there: nothing is missing.
 		{name: "segments under the MSS", final: 20 * ms, verified: "complete", by: "kernel", kernelInIndex: true,
 			counters: func(k *index.Kernel) { k.SegsOut, k.DataSegsOut = 6, 4 }},
+		// The handshake missed: the socket counted the SYN, and sent the
+		// SYN-ACK without counting it; both are missing.
+		{name: "handshake missed", skip: map[string]bool{"syn": true, "synack": true}, final: 20 * ms, verified: "incomplete", by: "kernel", kernelInIndex: true,
+			missing: 2, s2d: 1, d2s: 1},
 		// A pure ACK the capture missed is a segment without bytes.
 		{name: "an ACK missed", skip: map[string]bool{"response ack": true}, final: 20 * ms, verified: "incomplete", by: "kernel", kernelInIndex: true,
 			missing: 1, s2d: 1},
@@ -114,7 +118,7 @@ func TestVerifyKernel(t *testing.T) {
 			}
 			m := r.Missing
 			got := []any{r.Verified, r.VerifiedBy, m.Segments, m.S2D.Segments, deref(m.S2D.Bytes), m.D2S.Segments, deref(m.D2S.Bytes), r.Kernel != nil}
-			want := []any{tc.verified, tc.by, tc.missing, tc.s2d, tc.s2dBytes, 0, 0, tc.kernelInIndex}
+			want := []any{tc.verified, tc.by, tc.missing, tc.s2d, tc.s2dBytes, tc.d2s, 0, tc.kernelInIndex}
 			for i := range got {
 				if got[i] != want[i] {
 					t.Errorf("verified, by, missing, src_to_dst segments and bytes, dst_to_src segments and bytes, kernel: %v, want %v", got, want)

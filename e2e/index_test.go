@@ -508,11 +508,19 @@ func TestIndexDrops(t *testing.T) {
 			}
 		case before[client] || after[client]:
 			checked["short"]++
-			if missing != 0 || r.Capture.DropsMax != 0 || r.Capture.Down {
-				t.Errorf("%v (before %v): %d packets missing, capture %+v; want none", client, before[client], missing, r.Capture)
+			if r.Capture.DropsMax == 0 && !r.Capture.Down {
+				if missing != 0 || r.Verified != "complete" || r.VerifiedBy != "kernel" {
+					t.Errorf("%v (before %v): %d packets missing, verified %s by %s, missing %+v; want none, complete by the kernel", client, before[client], missing, r.Verified, r.VerifiedBy, r.Missing)
+				}
+				break
 			}
-			if r.Verified != "complete" || r.VerifiedBy != "kernel" {
-				t.Errorf("%v (before %v): verified %s by %s, missing %+v; want complete by the kernel", client, before[client], r.Verified, r.VerifiedBy, r.Missing)
+			// The daemon, starved on a busy machine, had not yet caught up
+			// with its small ring when this flow came: the ring dropped
+			// frames meanwhile, and the record must say exactly how many
+			// of the flow's (handshake included).
+			t.Logf("%v (before %v): %d packets missing while the ring dropped %d frames; verified %s by %s, missing %d segments", client, before[client], missing, r.Capture.DropsMax, r.Verified, r.VerifiedBy, r.Missing.Segments)
+			if r.VerifiedBy != "kernel" || r.Missing.Segments != missing || (missing > 0) != (r.Verified == "incomplete") {
+				t.Errorf("%v (before %v): %d packets missing, verified %s by %s, missing %+v", client, before[client], missing, r.Verified, r.VerifiedBy, r.Missing)
 			}
 		}
 	}
