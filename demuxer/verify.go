@@ -221,44 +221,40 @@ func (src *end) count(p *packet.Parsed, data []byte, payload int, dst *end) {
 // options p carries (as the sender's TCP sizes them); 0 when no MSS is
 // known (a flow seen from its middle).
 func segmentSize(t, peer *tally, p *packet.Parsed) int {
-	mss := t.mss
-	if peer.mss != 0 && (mss == 0 || peer.mss < mss) {
-		mss = peer.mss
-	}
+	mss := minMSS(t.mss, peer.mss)
 	if mss == 0 {
 		return 0
 	}
 	return int(mss) - (p.HeaderEnd - p.TCPOffset - 20)
 }
 
+// minMSS returns the smaller of two MSS options, 0 when neither is known.
+func minMSS(a, b uint16) uint16 {
+	if a == 0 || b != 0 && b < a {
+		return b
+	}
+	return a
+}
+
 // verdict is what a flow's record says of its completeness, decided at
 // its end from its ends' tallies.
 type verdict struct {
-	ends       [2]tally
-	srcIsA     bool // the record's Src is the key's A
-	key        packet.Key
-	handshake  bool // a SYN and a SYN-ACK were captured
-	ending     bool // both FINs, or an accepted RST
-	segA, segB int  // segment sizes of A's and B's segments, 0 if unknown
+	ends      [2]tally
+	srcIsA    bool // the record's Src is the key's A
+	key       packet.Key
+	handshake bool // a SYN and a SYN-ACK were captured
+	ending    bool // both FINs, or an accepted RST
+	mss       int  // the smaller MSS of the SYNs, 0 if unknown
 }
 
 // verdictOf takes what f's verification needs, at its end.
 func verdictOf(f *flow) verdict {
 	v := verdict{ends: [2]tally{f.ends[0].tally, f.ends[1].tally}, srcIsA: f.firstFromA, key: f.key,
 		handshake: f.sawSYN && f.sawSYNACK, ending: f.ended}
-	if mss := min(nonzero(v.ends[0].mss), nonzero(v.ends[1].mss)); mss != 0xffff {
-		// Assuming the timestamps option, which Linux sends by default:
-		// inference only needs a lower bound of the segments.
-		v.segA, v.segB = int(mss), int(mss)
-	}
+	// The MSS without options: inference needs only a lower bound of
+	// the segments missing.
+	v.mss = int(minMSS(v.ends[0].mss, v.ends[1].mss))
 	return v
-}
-
-func nonzero(m uint16) uint16 {
-	if m == 0 {
-		return 0xffff
-	}
-	return m
 }
 
 // apply sets r's Verified, VerifiedBy, Missing and Kernel: by comparison
@@ -292,8 +288,8 @@ func (v *verdict) apply(r *index.Record, k *index.Kernel) {
 	} else {
 		r.VerifiedBy = index.ByInference
 		r.Missing.Ending = !v.ending
-		for i, seg := range [2]int{v.segA, v.segB} {
-			b, s := v.ends[i].cov.unseen(seg)
+		for i := range dir {
+			b, s := v.ends[i].cov.unseen(v.mss)
 			dir[i] = index.Direction{Segments: s, Bytes: b, BytesUnknown: v.ends[i].cov.lost}
 		}
 	}
