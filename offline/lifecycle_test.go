@@ -3,6 +3,8 @@ package offline
 import (
 	"bufio"
 	"context"
+	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -240,5 +242,52 @@ func TestRepeatedOpen(t *testing.T) {
 	}
 	if ci, _ := readRecords(t, b); len(ci) != len(frames) {
 		t.Errorf("%d packets in the file, want all %d", len(ci), len(frames))
+	}
+}
+
+// TestCloseAfterCapture: the end of the input is the capture's shutdown. A
+// connection that tcp-info announced closed before it ends "close"; one it
+// announced closed only after (the events were recorded longer than the
+// packets) ends "shutdown", as the live daemon stopped with the capture
+// records it (the end-to-end TestEndToEnd compares the two).
+func TestCloseAfterCapture(t *testing.T) {
+	var frames []frame
+	for i, port := range []uint16{1000, 1001} {
+		at := time.Duration(i) * 10 * time.Millisecond
+		frames = append(frames, frame{0, at, segment(t, port, true, 100, 0, "S", 0)},
+			frame{0, at + time.Millisecond, segment(t, port, false, 5000, 101, "SA", 0)},
+			frame{0, at + 2*time.Millisecond, segment(t, port, true, 101, 5001, "A", 10)})
+	}
+	frames = append(frames, frame{0, 3 * time.Second, segment(t, 1001, true, 111, 5001, "A", 10)})
+	in := writeCapture(t, []layers.LinkType{layers.LinkTypeEthernet}, frames)
+	ev := func(kind int, at time.Duration, port uint16) string {
+		return fmt.Sprintf(`{"Event":%d,"Timestamp":"%s","UUID":"host_1_%016X","ID":{"SPort":443,"DPort":%d,"SrcIP":"192.0.2.1","DstIP":"203.0.113.5","Cookie":%d}}`,
+			kind, t0.Add(at).Format(time.RFC3339Nano), port, port, port)
+	}
+	events := filepath.Join(t.TempDir(), "events.jsonl")
+	lines := []string{ev(0, 5*time.Millisecond, 1000), ev(0, 15*time.Millisecond, 1001),
+		ev(1, 2*time.Second, 1001), ev(1, 3001*time.Millisecond, 1000)}
+	os.WriteFile(events, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
+	o := options(t.TempDir(), in, events)
+	sum, err := Run(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.Events != 4 || sum.NamedByEvents != 2 {
+		t.Errorf("%d events, %d flows named by them; want 4 and 2 (%s)", sum.Events, sum.NamedByEvents, sum)
+	}
+	ends := map[string]string{}
+	for _, text := range indexLines(t, o.Saver.Dir) {
+		for _, line := range strings.Split(strings.TrimSpace(text), "\n") {
+			var r struct{ UUID, End string }
+			if err := json.Unmarshal([]byte(line), &r); err != nil {
+				t.Fatalf("index line %q: %v", line, err)
+			}
+			ends[r.UUID] = r.End
+		}
+	}
+	want := map[string]string{"host_1_00000000000003E8": "shutdown", "host_1_00000000000003E9": "close"}
+	if fmt.Sprint(ends) != fmt.Sprint(want) {
+		t.Errorf("flow ends %v, want %v", ends, want)
 	}
 }
