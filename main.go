@@ -254,7 +254,10 @@ func main() {
 	if c.read != "" {
 		run = runOffline
 	}
+	nudged := make(chan struct{})
+	go nudgeSignals(nudged)
 	code, err := run(ctx, &c)
+	close(nudged)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "packet-headers: %v\n", err)
 	}

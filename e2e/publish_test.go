@@ -352,9 +352,16 @@ func TestStuckDisk(t *testing.T) {
 	run(t, "fsfreeze", "-f", mnt)
 	time.Sleep(500 * time.Millisecond) // writes are stuck now
 	cmd.Process.Signal(syscall.SIGTERM)
-	waitFor(t, 10*time.Second, "the shutdown's bound", func() bool {
-		return strings.Contains(l.log("daemon-stuck.log"), "shutdown took longer than")
-	})
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(l.log("daemon-stuck.log"), "shutdown took longer than"); {
+		if time.Now().After(deadline) {
+			// Where it is stuck: Go's runtime prints every goroutine's
+			// stack on SIGQUIT.
+			cmd.Process.Signal(syscall.SIGQUIT)
+			time.Sleep(time.Second)
+			t.Fatalf("no word of the shutdown's bound 10 s after SIGTERM:\n%s", l.log("daemon-stuck.log"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	run(t, "fsfreeze", "-u", mnt)
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
