@@ -22,7 +22,7 @@ const signalNudge = 200 * time.Millisecond
 // (TestStuckDisk: 2 runs in 20 with both cores busy never saw the signal).
 // Another thread picks a pending signal up when its signal mask changes: so
 // every signalNudge one thread that is running toggles the mask of one
-// signal (SIGWINCH, which nothing here waits for) and restores it: three
+// signal (SIGWINCH, which nothing here waits for) and restores it: two
 // system calls, off the packet path.
 func nudgeSignals(done <-chan struct{}) {
 	tick := time.NewTicker(signalNudge)
@@ -38,21 +38,32 @@ func nudgeSignals(done <-chan struct{}) {
 }
 
 // toggleSignalMask changes this thread's signal mask and restores it; the
-// kernel then looks again for signals pending on the process.
+// kernel then looks again for signals pending on the process. Blocking
+// SIGWINCH reads the old mask in the same call, so the usual case is two
+// system calls; the kernel ignores a mask that does not change, so where
+// SIGWINCH was already blocked it is unblocked instead.
 func toggleSignalMask() {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	var old, one unix.Sigset_t
-	if unix.PthreadSigmask(unix.SIG_BLOCK, nil, &old) != nil {
+	var old unix.Sigset_t
+	winch := sigwinchSet()
+	if unix.PthreadSigmask(unix.SIG_BLOCK, &winch, &old) != nil {
 		return
 	}
-	bit := uint(unix.SIGWINCH - 1)
-	one.Val[bit/64] = 1 << (bit % 64)
-	how := unix.SIG_BLOCK
-	if old.Val[bit/64]&one.Val[bit/64] != 0 {
-		how = unix.SIG_UNBLOCK
+	if old.Val[winchBit/64]&winch.Val[winchBit/64] != 0 {
+		if unix.PthreadSigmask(unix.SIG_UNBLOCK, &winch, nil) != nil {
+			return
+		}
 	}
-	if unix.PthreadSigmask(how, &one, nil) == nil {
-		unix.PthreadSigmask(unix.SIG_SETMASK, &old, nil)
-	}
+	unix.PthreadSigmask(unix.SIG_SETMASK, &old, nil)
+}
+
+// winchBit is SIGWINCH's bit in a unix.Sigset_t.
+const winchBit = uint(unix.SIGWINCH - 1)
+
+// sigwinchSet is the signal set holding SIGWINCH alone.
+func sigwinchSet() unix.Sigset_t {
+	var s unix.Sigset_t
+	s.Val[winchBit/64] = 1 << (winchBit % 64)
+	return s
 }

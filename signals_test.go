@@ -21,9 +21,7 @@ func TestToggleSignalMask(t *testing.T) {
 		}
 		return s
 	}
-	var winch unix.Sigset_t
-	bit := uint(unix.SIGWINCH - 1)
-	winch.Val[bit/64] = 1 << (bit % 64)
+	winch := sigwinchSet()
 	for _, blocked := range []bool{false, true} {
 		if blocked {
 			if err := unix.PthreadSigmask(unix.SIG_BLOCK, &winch, nil); err != nil {
