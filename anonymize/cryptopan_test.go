@@ -246,12 +246,17 @@ func BenchmarkApplyMapped(b *testing.B) {
 }
 
 // FuzzCryptoPAn checks, for any key and pair of addresses, that the
-// mapping preserves exactly their common prefix, is one to one, and that
-// a frame rewritten with it is the frame gopacket encodes with the mapped
-// address, truncated frames included (no write out of bounds).
+// mapping is one to one, maps an IPv4-mapped address as the IPv4 address
+// it holds, preserves exactly their common prefix where both are
+// IPv4-mapped or neither is, and that a frame rewritten with it is the
+// frame gopacket encodes with the mapped address, truncated frames
+// included (no write out of bounds).
 func FuzzCryptoPAn(f *testing.F) {
 	f.Add(referenceKey, []byte{128, 11, 68, 132}, []byte{128, 11, 68, 133}, uint8(0))
 	f.Add(referenceKey, bytes.Repeat([]byte{0x20}, 16), bytes.Repeat([]byte{0x21}, 16), uint8(5))
+	// An IPv6 address and an IPv4-mapped one: their 2-bit common prefix
+	// is not kept, the mapped one being mapped as IPv4.
+	f.Add(referenceKey, bytes.Repeat([]byte{0x30}, 16), []byte{10: 0xff, 0xff, 48, 48, 48, 48}, uint8(0))
 	f.Fuzz(func(t *testing.T, key, x, y []byte, cut uint8) {
 		if len(key) != KeySize {
 			return
@@ -266,8 +271,19 @@ func FuzzCryptoPAn(f *testing.F) {
 			t.Fatal(err)
 		}
 		mx, my := cp.Map(ax), cp.Map(ay)
-		if (ax == ay) != (mx == my) || commonPrefix(mx.AsSlice(), my.AsSlice()) != commonPrefix(ax.AsSlice(), ay.AsSlice()) {
-			t.Fatalf("%v, %v -> %v, %v: prefix or one-to-one broken", ax, ay, mx, my)
+		if (ax == ay) != (mx == my) {
+			t.Fatalf("%v, %v -> %v, %v: one-to-one broken", ax, ay, mx, my)
+		}
+		// An IPv4-mapped address is mapped as the IPv4 address it holds, so
+		// a host has one name over both families; the prefix is preserved
+		// within each of the two trees, IPv4(-mapped) and the rest of IPv6.
+		for _, a := range []netip.Addr{ax, ay} {
+			if m := cp.Map(a); m.Is4In6() != a.Is4In6() || a.Is4In6() && m.Unmap() != cp.Map(a.Unmap()) {
+				t.Fatalf("%v -> %v: not the mapping of %v (%v)", a, m, a.Unmap(), cp.Map(a.Unmap()))
+			}
+		}
+		if ax.Is4In6() == ay.Is4In6() && commonPrefix(mx.AsSlice(), my.AsSlice()) != commonPrefix(ax.AsSlice(), ay.AsSlice()) {
+			t.Fatalf("%v, %v -> %v, %v: prefix broken", ax, ay, mx, my)
 		}
 		server := netip.MustParseAddr("192.0.2.1")
 		if !ax.Is4() {
