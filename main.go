@@ -86,7 +86,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	c.minFree.Set("1%")
 	fs.Var(&c.minFree, "minfreespace", "Keep this much free space in the datadir's filesystem, as bytes (500MB) or a percentage (5%): below it, new flows are not written (counted); 0 disables")
 	fs.DurationVar(&c.l.HealthGrace, "health.grace", time.Minute, "/healthz fails once a capture or the eventsocket has been down this long (/readyz fails at once)")
-	fs.IntVar(&c.l.MaxProcs, "maxprocs", 1, "Processors that run the daemon's Go code (GOMAXPROCS) in live mode; 0: Go's default (one per CPU, as with -compress unless set). One keeps the capture path free of wake-ups between Go's threads")
+	fs.IntVar(&c.l.MaxProcs, "maxprocs", 1, "Processors that run the daemon's Go code (GOMAXPROCS) in live mode; 0: Go's default (one per CPU, as with an explicit GOMAXPROCS unless set). One keeps the capture path free of wake-ups between Go's threads")
 	fs.BoolVar(&c.p.Saver.Compress, "compress", true, "Write <uuid>.pcap.gz, compressed from the buffered records with pooled compressors (one gzip member per batch written: the whole file for most flows), the files M-Lab's ETL parses; -compress=false writes <uuid>.pcap")
 	fs.Var(&c.excludePorts, "exclude-srcport", "Never save connections with these local ports (comma-separated, repeatable), as tcp-info's flag of the same name")
 	fs.Var(&c.excludeIPs, "exclude-dstip", "Never save connections with these remote addresses (comma-separated, repeatable), as tcp-info's flag of the same name; loopback, link-local, multicast and unspecified addresses are always excluded, as by tcp-info")
@@ -147,8 +147,8 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		if !set["maxheap"] {
 			c.l.MaxHeap = int64(live.DefaultMaxHeap("/"))
 		}
-		if !set["maxprocs"] && (c.p.Saver.Compress || os.Getenv("GOMAXPROCS") != "") {
-			c.l.MaxProcs = 0 // compression wants every CPU; an explicit GOMAXPROCS wins
+		if !set["maxprocs"] && os.Getenv("GOMAXPROCS") != "" {
+			c.l.MaxProcs = 0 // an explicit GOMAXPROCS wins
 		}
 		switch {
 		case c.events != "":

@@ -124,14 +124,15 @@ func TestParse(t *testing.T) {
 			}
 		})
 	}
-	// -maxprocs: Go's default with -compress (the default) or an explicit
-	// GOMAXPROCS, one with -compress=false, unless -maxprocs is given.
+	// -maxprocs: one, with or without -compress (igzip's compression is
+	// cheap enough to share the capture's processor), Go's default with an
+	// explicit GOMAXPROCS, unless -maxprocs is given.
 	for _, tt := range []struct {
 		args []string
 		env  string
 		want int
 	}{
-		{[]string{"-compress=false"}, "", 1}, {nil, "", 0}, {[]string{"-compress=false"}, "4", 0},
+		{[]string{"-compress=false"}, "", 1}, {nil, "", 1}, {[]string{"-compress=false"}, "4", 0}, {nil, "4", 0},
 		{[]string{"-compress", "-maxprocs", "2"}, "", 2}, {[]string{"-maxprocs", "3"}, "4", 3},
 	} {
 		t.Setenv("GOMAXPROCS", tt.env)
@@ -151,7 +152,8 @@ func TestParse(t *testing.T) {
 	}{
 		{map[string]string{"MAXPROCS": "1", "COMPRESS": "true"}, 1},
 		{map[string]string{"MAXPROCS": "2"}, 2},
-		{map[string]string{"COMPRESS": "true"}, 0},
+		{map[string]string{"COMPRESS": "true"}, 1},
+		{map[string]string{"MAXPROCS": "0", "COMPRESS": "true"}, 0},
 		{map[string]string{"COMPRESS": "false"}, 1},
 	} {
 		os.Unsetenv("GOMAXPROCS")

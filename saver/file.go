@@ -1,8 +1,6 @@
 package saver
 
 import (
-	"bytes"
-	"compress/gzip"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -12,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/m-lab/packet-headers/gz"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/record"
 )
@@ -80,7 +79,12 @@ func (w *flowFile) write(cs []*record.Chunk) {
 	var z *compressor
 	if w.err == nil && s.compress && len(bufs) > 0 {
 		z = s.getCompressor()
-		bufs = z.compress(bufs) // the compressor's, until it is put back
+		member, err := z.Compress(bufs) // the compressor's, until it is put back
+		if err != nil {
+			w.fail("compress", err)
+		}
+		z.iov[0] = member
+		bufs = z.iov[:]
 	}
 	if w.err == nil && len(bufs) > 0 {
 		if m, err := writeAll(w.file, bufs); err != nil {
@@ -155,10 +159,10 @@ func (w *flowFile) account() {
 	}
 }
 
-// compressor is a pooled gzip writer and the buffer it compresses into.
+// compressor is a pooled gz.Compressor, with the one-buffer list its
+// member is written from.
 type compressor struct {
-	zw  *gzip.Writer
-	out bytes.Buffer
+	*gz.Compressor
 	iov [1][]byte
 }
 
@@ -175,29 +179,13 @@ func (s *Saver) getCompressor() *compressor {
 		return z
 	}
 	s.compressorsCreated.Add(1)
-	zw, _ := gzip.NewWriterLevel(nil, gzip.DefaultCompression)
-	return &compressor{zw: zw}
+	return &compressor{Compressor: gz.New()}
 }
 
 func (s *Saver) putCompressor(z *compressor) {
 	z.iov[0] = nil
-	z.out.Reset()
 	s.compressors.Put(z)
 	s.compressorsInUse.Add(-1)
-}
-
-// compress compresses bufs (the file header and records of one batch) as
-// one gzip member and returns it as one buffer, valid until z is put back.
-// Writing to a bytes.Buffer cannot fail.
-func (z *compressor) compress(bufs [][]byte) [][]byte {
-	z.out.Reset()
-	z.zw.Reset(&z.out)
-	for _, b := range bufs {
-		z.zw.Write(b)
-	}
-	z.zw.Close()
-	z.iov[0] = z.out.Bytes()
-	return z.iov[:]
 }
 
 // create creates a partial file, making the partial directory again if it

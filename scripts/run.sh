@@ -6,9 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! dpkg -s libpcap-dev >/dev/null 2>&1; then
+if ! dpkg -s libpcap-dev libisal-dev >/dev/null 2>&1; then
   apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q libpcap-dev gcc
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q libpcap-dev libisal-dev gcc
 fi
 source scripts/go.sh
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libpcap-dev tcpdump tshark iproute2 iperf3 ethtool gcc inotify-tools python3-scapy util-linux jq libcap2-bin prometheus)
+packages=(libpcap-dev libisal-dev libdeflate-dev tcpdump tshark iproute2 iperf3 ethtool gcc inotify-tools python3-scapy util-linux jq libcap2-bin prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -57,7 +57,7 @@ go test -race -count=1 -timeout 30m ./e2e
 # target on this project's machine kind.
 fuzztime="${FUZZTIME:-100000x}"
 echo "== fuzzing each target for $fuzztime"
-for target in saver:FuzzCheckUUID packet:FuzzDecode anonymize:FuzzApply anonymize:FuzzCryptoPAn tcpeventsocket:FuzzParseLine sockdiag:FuzzParseMessages offline:FuzzPcapFile offline:FuzzNgFile; do
+for target in gz:FuzzCompress saver:FuzzCheckUUID packet:FuzzDecode anonymize:FuzzApply anonymize:FuzzCryptoPAn tcpeventsocket:FuzzParseLine sockdiag:FuzzParseMessages offline:FuzzPcapFile offline:FuzzNgFile; do
   go test -run '^$' -fuzz "^${target#*:}\$" -fuzztime "$fuzztime" "./${target%%:*}/"
 done
 echo "== all tests passed"
