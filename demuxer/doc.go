@@ -49,16 +49,22 @@
 //
 // # Fairness under a flood
 //
-// A flow is half-open while neither end has sent an ACK without SYN: a
-// SYN, perhaps its SYN-ACK, nothing more, as every flow of a spoofed-SYN
-// scan or flood stays. At -maxflows, a new flow evicts the oldest unnamed
-// half-open flow of its demuxer instead of being refused, so a flood
-// cannot keep a connection out: its SYN gets in, and once its handshake
-// completes (its ACK) it is no longer evictable; if it was evicted before
-// (a round trip longer than the flood's turnover), its ACK gets in. An
-// unnamed half-open flow is forgotten at its UUID deadline, not kept until
-// its timeout. Evicted flows are counted (pcap_flows_ended_total
-// {outcome="evicted"}); TestHalfOpenEvicted, and e2e's TestSYNScanAtFlowLimit.
+// A flow is established once the capture saw its handshake: a SYN, the
+// other end's SYN-ACK acknowledging it, the SYN sender's ACK of that. Until
+// then, or until it is named (the kernel or tcp-info vouching for a
+// connection the daemon joined mid-way), it is no more than a SYN-only
+// flow, as every flow of a spoofed-SYN scan or flood, and of a spoofed-ACK
+// one, stays: any packet can carry an ACK flag, only a real peer the right
+// number. At -maxflows, a new flow evicts the oldest unnamed flow not
+// established of its demuxer instead of being refused, so a flood cannot
+// keep a connection out: its SYN gets in, and once its handshake
+// completes it is no longer evictable; if it was evicted before (a round
+// trip longer than the flood's turnover), its next packets get in, and
+// its name from the kernel keeps them. An unnamed flow not established is
+// forgotten at its UUID deadline, not kept until its timeout. Evicted
+// flows are counted (pcap_flows_ended_total
+// {outcome="evicted"}); TestHalfOpenEvicted, TestSpoofedACKsEvictable, and
+// e2e's TestSYNScanAtFlowLimit.
 //
 // # Packets the receiver ignores
 //

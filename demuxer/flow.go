@@ -45,6 +45,7 @@ type flow struct {
 	sawSYN      bool           // a pure SYN was captured
 	sawSYNACK   bool           // a SYN-ACK was captured
 	firstFromA  bool           // the first packet's source is the key's A
+	hs          handshake      // the capture's view of the three segments that open it
 	end         index.End      // why endAt was set
 	synSeq      uint32
 	afterDur    uint32              // packets after -captureduration
@@ -67,8 +68,50 @@ type flow struct {
 // and the UUID sources' times.
 func (f *flow) firstWall() time.Time { return time.Unix(0, f.first-f.corr) }
 
-// halfOpen reports whether neither end of f sent an ACK without SYN.
-func (f *flow) halfOpen() bool { return !f.ends[0].acked && !f.ends[1].acked }
+// established reports whether the capture saw f's handshake complete: a
+// SYN, a SYN-ACK from the other end acknowledging it, and an ACK of that
+// from the SYN's sender. Any packet can carry the ACK flag, so a spoofed
+// bare ACK (which a blind attacker sends at no cost) is no evidence of a
+// connection; a flow the daemon joined mid-way proves itself by its name
+// instead (the kernel or tcp-info), and until then is evictable as a
+// SYN-only flow is (TestSpoofedACKsEvictable).
+func (f *flow) established() bool { return f.hs.stage == hsDone }
+
+// handshake follows the opening of a connection, segment by segment,
+// checking each acknowledgment number against the sequence number it
+// answers.
+type handshake struct {
+	stage       uint8  // hsNone to hsDone
+	fromA       bool   // the SYN's sender is the key's A end
+	syn, synack uint32 // the sequence numbers of the SYN and the SYN-ACK
+}
+
+// The handshake's stages: what it saw last.
+const (
+	hsNone   = iota
+	hsSYN    // a SYN (the latest one counts)
+	hsSYNACK // a SYN-ACK acknowledging it
+	hsDone   // the ACK of the SYN-ACK
+)
+
+// step advances the handshake by one segment, from the key's A end when
+// srcIsA.
+func (h *handshake) step(flags uint8, seq, ack uint32, srcIsA bool) {
+	const syn, ackf, rst = packet.FlagSYN, packet.FlagACK, packet.FlagRST
+	switch {
+	case h.stage == hsDone || flags&rst != 0:
+	case flags&(syn|ackf) == syn:
+		h.stage, h.fromA, h.syn = hsSYN, srcIsA, seq
+	case flags&(syn|ackf) == syn|ackf:
+		if h.stage >= hsSYN && srcIsA != h.fromA && ack == h.syn+1 {
+			h.stage, h.synack = hsSYNACK, seq
+		}
+	case flags&ackf != 0:
+		if h.stage == hsSYNACK && srcIsA == h.fromA && ack == h.synack+1 {
+			h.stage = hsDone
+		}
+	}
+}
 
 // endedOr returns how the flow ended if its FINs, RST or Close came (its
 // linger may be over, or cut short by a timeout, a new connection or the

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/google/gopacket/layers"
 )
 
 func TestMaxFlows(t *testing.T) {
@@ -152,6 +154,74 @@ func TestHalfOpenEvicted(t *testing.T) {
 			h2.d.Flows(), h2.d.Stats().Refused[RefusedFlowLimit].Load(), h2.d.Stats().Ended[EndedEvicted].Load())
 	}
 	// Past the UUID deadline the flood's flows are forgotten.
+	h.tick(at + 5*time.Second + 2*ms)
+	h.tick(at + 5*time.Second + 2*ms + time.Second)
+	if n := h.d.Flows(); n != 1 {
+		t.Errorf("%d flows after the flood's UUID deadline, want the connection alone", n)
+	}
+	h.d.Close()
+	if got := h.file("legit"); len(got) != 3 {
+		t.Errorf("the connection's file has %d packets, want its whole handshake", len(got))
+	}
+}
+
+// TestSpoofedACKsEvictable: a bare ACK (or a handshake whose ACK numbers do
+// not answer each other) is no evidence of a connection. At -maxflows, a
+// flood of spoofed ACKs to a service port takes no place a connection
+// needs: each such flow is evictable as a SYN-only one, and forgotten at
+// its UUID deadline rather than held until its timeout; a handshake seen
+// whole makes its flow established, one with a wrong acknowledgment does
+// not.
+func TestSpoofedACKsEvictable(t *testing.T) {
+	t.Parallel() // its counts are its demuxer's own
+	h := newHarness(t, func(o *Options) { o.Limits = &Limits{MaxFlows: 10} })
+	spoofed := func(i int) *conn {
+		c := newConn(uint16(20000+i), uint32(7919*i))
+		c.cli = netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), c.cli.Port())
+		return c
+	}
+	at := time.Duration(0)
+	for i := 0; i < 10; i++ {
+		at += ms
+		h.packet(at, spoofed(i).ack(t, true))
+	}
+	legit := newConn(1000, 1)
+	for _, b := range [][]byte{legit.syn(t), legit.synack(t), legit.ack(t, true)} {
+		at += ms
+		h.packet(at, b)
+	}
+	// A SYN and the server's SYN-ACK, then an ACK that does not
+	// acknowledge the SYN-ACK (a blind attacker cannot know its number).
+	blind := spoofed(500)
+	at += ms
+	h.packet(at, blind.syn(t))
+	at += ms
+	h.packet(at, blind.synack(t))
+	at += ms
+	h.packet(at, blind.frame(t, true, func(p *layers.TCP) { p.ACK, p.Ack = true, srvISN+7 }, 0))
+	if f := h.d.flows[blind.key()]; f == nil || f.established() {
+		t.Fatal("a handshake whose ACK does not answer the SYN-ACK made its flow established")
+	}
+	for i := 10; i < 40; i++ {
+		at += ms
+		h.packet(at, spoofed(i).ack(t, true))
+	}
+	if f := h.d.flows[legit.key()]; f == nil || !f.established() {
+		t.Fatal("the connection was evicted by spoofed ACKs")
+	}
+	h.open(at, "legit", legit)
+	h.tick(at + ms) // publishes the counts
+	if got := h.d.Stats().Refused[RefusedFlowLimit].Load(); got != 0 {
+		t.Errorf("%d flows refused, want none while the spoofed ACKs' flows can be evicted", got)
+	}
+	if got := h.d.Stats().Ended[EndedEvicted].Load(); got != 32 {
+		t.Errorf("%d flows evicted, want 32 (one each for the connection and the blind handshake, 30 for the flood)", got)
+	}
+	if f := h.d.flows[legit.key()]; f == nil || f.st != named {
+		t.Fatal("the connection was not named")
+	}
+	// At the UUID deadline the spoofed ACKs' flows are forgotten, as a
+	// SYN flood's are, not held until their timeout.
 	h.tick(at + 5*time.Second + 2*ms)
 	h.tick(at + 5*time.Second + 2*ms + time.Second)
 	if n := h.d.Flows(); n != 1 {

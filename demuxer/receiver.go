@@ -42,6 +42,7 @@ func (f *flow) track(p *packet.Parsed, data []byte, srcIsA bool) index.End {
 		src, dst = dst, src
 	}
 	flags := p.Flags
+	f.hs.step(flags, p.Seq, p.Ack, srcIsA)
 	syn := flags&packet.FlagSYN != 0
 	if syn {
 		src.wscale, src.wsOK = p.WindowScale(data)

@@ -25,7 +25,7 @@ func (d *Demuxer) Tick(now time.Time) {
 			switch {
 			case nowN-f.first < int64(d.o.UUIDWait):
 				return false // an unnamed flow waits for its UUID deadline
-			case f.halfOpen() && d.o.Fallback == nil:
+			case !f.established() && d.o.Fallback == nil:
 				d.remove(f, index.EndTimeout, nowN) // nothing more will come of it
 				return true
 			}

@@ -19,7 +19,8 @@ func TestSweep(t *testing.T) {
 		c := newConn(uint16(1000+i), 1)
 		c.cli = netip.AddrPortFrom(netip.AddrFrom4([4]byte{203, 0, byte(i >> 8), byte(i)}), c.cli.Port())
 		h.packet(time.Duration(i)*time.Microsecond, c.syn(t))
-		h.packet(time.Duration(i)*time.Microsecond, c.data(t, true, 0)) // not half-open: kept until its timeout
+		h.packet(time.Duration(i)*time.Microsecond, c.synack(t))
+		h.packet(time.Duration(i)*time.Microsecond, c.ack(t, true)) // established: kept until its timeout
 	}
 	if len(h.d.waiting) != n {
 		t.Fatalf("%d flows waiting for a UUID, want %d", len(h.d.waiting), n)

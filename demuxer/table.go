@@ -63,10 +63,10 @@ func (d *Demuxer) start(k packet.Key, tsn int64, pureSYN bool, seq uint32) *flow
 
 // evictable reports whether f may give its place to a new flow.
 func (d *Demuxer) evictable(f *flow) bool {
-	return f.st == waiting && f.halfOpen() && d.flows[f.key] == f
+	return f.st == waiting && !f.established() && d.flows[f.key] == f
 }
 
-// evict forgets the oldest unnamed half-open flow, if there is one, and
+// evict forgets the oldest unnamed flow not established, if there is one, and
 // reports whether it did.
 func (d *Demuxer) evict(tsn int64) bool {
 	for d.startsHead < len(d.starts) {

@@ -567,8 +567,8 @@ func synFlood(b *testing.B, l *lab, n, port int, name, label string, anon *anony
 			kept, len(saved), started, timeouts, before>>20, peak>>20, after>>20, float64(peak-before)/float64(n), cpu.Round(time.Millisecond), float64(cpu.Microseconds())/float64(n)), "", ""}
 }
 
-// synSender injects spoofed SYNs into the lab, on the client's side of
-// its link, to the server's port.
+// synSender injects spoofed SYNs (or bare ACKs) into the lab, on the
+// client's side of its link, to the server's port.
 type synSender struct {
 	h       *pcap.Handle
 	l       *lab
@@ -577,6 +577,7 @@ type synSender struct {
 	dst     net.HardwareAddr
 	buf     gopacket.SerializeBuffer
 	options []layers.TCPOption
+	ack     bool // send bare ACKs instead of SYNs
 }
 
 func (l *lab) synSender(t testing.TB, port int) *synSender {
@@ -590,11 +591,15 @@ func (l *lab) synSender(t testing.TB, port int) *synSender {
 		options: []layers.TCPOption{{OptionType: layers.TCPOptionKindMSS, OptionLength: 4, OptionData: []byte{5, 0xb4}}}}
 }
 
-// send sends SYN number i, from 198.18.0.0/15 (131,072 addresses).
+// send sends SYN number i (a bare ACK with s.ack), from 198.18.0.0/15
+// (131,072 addresses).
 func (s *synSender) send(i int) error {
 	ip := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP,
 		SrcIP: net.IP{198, 18 + byte(i>>16&1), byte(i >> 8), byte(i)}, DstIP: s.l.srv4.AsSlice()}
 	tcp := &layers.TCP{SrcPort: layers.TCPPort(1024 + i%60000), DstPort: layers.TCPPort(s.port), SYN: true, Seq: uint32(i * 7919), Window: 64240, Options: s.options}
+	if s.ack {
+		tcp.SYN, tcp.ACK, tcp.Ack, tcp.Options = false, true, uint32(i*104729), nil
+	}
 	tcp.SetNetworkLayerForChecksum(ip)
 	gopacket.SerializeLayers(s.buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
 		&layers.Ethernet{SrcMAC: s.src, DstMAC: s.dst, EthernetType: layers.EthernetTypeIPv4}, ip, tcp)

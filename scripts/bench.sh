@@ -37,7 +37,7 @@ for c in gz isal-0 isal-2 isal-3 stdlib-1 stdlib-6 klauspost-1 klauspost-4 klaus
 done
 echo "$compressors"
 echo "== lab measurements beside tcpdump (root, iperf3, tcpdump)"
-lab=$(go test -run '^$' -bench Lab -benchtime 1x ./e2e/ | grep -E '^\|')
+lab=$(go test -run '^$' -bench Lab -benchtime 1x -timeout 60m ./e2e/ | grep -E '^\|')
 echo "$lab"
 cat > docs/performance.md <<DOC
 # Performance
