@@ -110,7 +110,7 @@ func families(x *parts) *exporter.Collector {
 			func() float64 { return sum(func(s *demuxer.Stats) uint64 { return s.ClockSteps.Load() }) }),
 		counter("pcap_flows_started_total", "Flows that began to be tracked.",
 			func() float64 { return sum(func(s *demuxer.Stats) uint64 { return s.Started.Load() }) }),
-		byLabel("pcap_flows_ended_total", "Tracked flows that ended, by outcome: saved, uuid_timeout, write_error, low_space, shutdown, evicted (half-open and unnamed, its place taken at -maxflows), not_sampled (named, not in the -sample).", "outcome",
+		byLabel("pcap_flows_ended_total", "Tracked flows that ended, by outcome: saved, uuid_timeout, write_error, low_space, shutdown, evicted (unnamed, its handshake not seen complete, its place taken at -maxflows), not_sampled (named, not in the -sample).", "outcome",
 			func(emit func(float64, ...string)) {
 				emitAll(emit, sv.Flows)
 				for o := range demuxer.NumEndOutcomes {
