@@ -1,8 +1,5 @@
 //go:build cgo
 
-// Package libdeflate is libdeflate's one-shot gzip compressor, a candidate
-// that gz's BenchmarkCompress measures beside the one gz uses; nothing else
-// imports it.
 package libdeflate
 
 /*
