@@ -152,7 +152,7 @@ func BenchmarkUnselected(b *testing.B) {
 		b.Run(tt.name, func(b *testing.B) {
 			sel := &selection.Policy{Strict: true}
 			sel.SetLocal([]netip.Addr{netip.MustParseAddr("192.0.2.1")})
-			sel.SetListening(map[uint16]uint64{443: 1, 8080: 1})
+			sel.SetListening(selection.Listeners{netip.MustParseAddrPort("0.0.0.0:443"): {1}, netip.MustParseAddrPort("[::]:8080"): {1}})
 			if tt.ports != "" {
 				sel.Ports = &selection.Ports{}
 				sel.Ports.Add(tt.ports)

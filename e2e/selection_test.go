@@ -368,7 +368,10 @@ func cgroup2Mount(t *testing.T, l *lab) string {
 // TestCgroupSelection runs two services in the server's namespace, each in
 // a cgroup v2 of its own, as two systemd units or containers would be, and
 // a daemon told -cgroup with the first one's: it must save exactly the
-// first service's connections.
+// first service's connections. The first listens on 0.0.0.0 only, and the
+// second also listens on [::1] at the first one's port, as any local user
+// may: a listener on another address (dumped after the service's) must
+// not make the service's connections another cgroup's.
 func TestCgroupSelection(t *testing.T) {
 	l := newLab(t, 33)
 	mnt := cgroup2Mount(t, l)
@@ -383,27 +386,37 @@ func TestCgroupSelection(t *testing.T) {
 			os.Remove(c)
 		}
 	})
-	for i, port := range []int{8095, 8096} {
-		name := fmt.Sprintf("phe2e%d-svc%d", os.Getpid(), i)
+	for i, listen := range [][]string{{"AF_INET", "0.0.0.0", "8095"}, {"AF_INET6", "::", "8096"}, {"AF_INET6", "::1", "8095"}} {
+		name := fmt.Sprintf("phe2e%d-svc%d", os.Getpid(), min(i, 1))
 		dir := filepath.Join(mnt, name)
-		if err := os.Mkdir(dir, 0o755); err != nil {
-			t.Fatal(err)
+		if i < 2 {
+			if err := os.Mkdir(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			cgroups = append(cgroups, dir)
 		}
-		cgroups = append(cgroups, dir)
 		server := fmt.Sprintf(`import socket
-s = socket.socket(socket.AF_INET6)
+s = socket.socket(socket.%s)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", %d))
+if s.family == socket.AF_INET6 and "%s" != "::":
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind(("%s", %s))
 s.listen(128)
 while True:
     c, _ = s.accept()
     c.recv(100)
     c.sendall(b"ok\n")
     c.close()
-`, port)
-		servers = append(servers, l.start(name+".log", "sh", "-c", `echo $$ > "$0/cgroup.procs" && exec python3 -c "$1"`, dir, server))
-		waitFor(t, 10*time.Second, name+" to listen", func() bool {
-			c, err := net.Dial("tcp", netip.AddrPortFrom(l.srv4, uint16(port)).String())
+`, listen[0], listen[1], listen[1], listen[2])
+		servers = append(servers, l.start(fmt.Sprintf("%s-%d.log", name, i), "sh", "-c", `echo $$ > "$0/cgroup.procs" && exec python3 -c "$1"`, dir, server))
+		waitFor(t, 10*time.Second, name+" to listen on "+listen[1], func() bool {
+			var c net.Conn
+			var err error
+			if listen[1] == "::1" { // the namespace's own loopback
+				l.inNamespace(func() { c, err = net.Dial("tcp", "[::1]:"+listen[2]) })
+			} else {
+				c, err = net.Dial("tcp", net.JoinHostPort(l.srv4.String(), listen[2]))
+			}
 			if err == nil {
 				c.Close()
 			}

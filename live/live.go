@@ -471,7 +471,7 @@ func everySecond(ctx context.Context, f func(now time.Time)) {
 }
 
 // housekeeping enforces -maxidleram, samples the health checks, sweeps
-// the names table, reads the listening ports and makes the day directories
+// the names table, reads the listeners and makes the day directories
 // ahead, every second, until
 // ctx is done. (-maxheap is enforced by the demuxers' ticks: a wake-up of
 // its own ten times a second cost the capture several percent of its CPU.)
@@ -495,9 +495,9 @@ func housekeeping(ctx context.Context, c *Config, x *parts, checker *health.Chec
 	})
 }
 
-// listeners keeps the selection's listening ports (package selection: a
-// connection whose SYN the capture missed is incoming when its local port
-// is one) up to date, from the kernel's sockets. Without a sock_diag
+// listeners keeps the selection's listeners (package selection: a
+// connection whose SYN the capture missed is incoming when a socket
+// listens on its local address and port) up to date, from the kernel's sockets. Without a sock_diag
 // socket they stay unknown, and such connections are saved.
 type listeners struct {
 	conn    sockdiag.Conn // nil if none could be opened
@@ -536,11 +536,11 @@ func (l *listeners) refresh() {
 	if l.conn == nil {
 		return
 	}
-	ports, err := sockdiag.ListeningPorts(l.conn, 500*time.Millisecond)
+	ls, err := sockdiag.Listeners(l.conn, 500*time.Millisecond)
 	if err != nil {
 		if !l.warn {
 			l.warn = true
-			log.Printf("packet-headers: listening ports: %v", err)
+			log.Printf("packet-headers: listeners: %v", err)
 		}
 		// A fresh socket, so that no late answer is taken for the next.
 		l.conn.Close()
@@ -550,7 +550,7 @@ func (l *listeners) refresh() {
 		}
 		return
 	}
-	l.sel.SetListening(ports)
+	l.sel.SetListening(ls)
 }
 
 // Close closes the socket. The housekeeping, which refreshes, has ended.

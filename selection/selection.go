@@ -8,8 +8,8 @@
 // A connection is incoming when its SYN came from the remote end, or its
 // SYN-ACK from the local one. When the capture saw neither (the daemon
 // started mid-connection, or the capture dropped them), it is incoming
-// when its local port is one on which a socket listens (live: the kernel's
-// listeners, SetListening); offline, without that knowledge, it is taken
+// when a socket listens on its local address and port, or on the port's
+// wildcard (live: the kernel's listeners, SetListening); offline, without that knowledge, it is taken
 // as incoming, so that nothing is lost by a guess.
 //
 // The local end is the one with one of this host's addresses (SetLocal,
@@ -70,9 +70,42 @@ type Policy struct {
 
 	local     atomic.Pointer[map[netip.Addr]bool]
 	captured  atomic.Pointer[map[netip.Addr]bool]
-	listening atomic.Pointer[map[uint16]uint64]
+	listening atomic.Pointer[Listeners]
 	cgroups   atomic.Pointer[map[uint64]bool]
 }
+
+// Listeners are the listening TCP sockets of this host, by local address
+// (unspecified for a wildcard, IPv4-mapped ones unmapped) and port, each
+// with the cgroup v2 ids of the sockets bound there (several with
+// SO_REUSEPORT; 0 where the kernel does not say).
+type Listeners map[netip.AddrPort][]uint64
+
+// find returns the cgroups of the listener that accepts a connection to
+// local, as the kernel's lookup chooses it: one bound to local's address
+// before its family's wildcard, an IPv4 wildcard before IPv6's (which takes
+// IPv4 too, unless IPV6_V6ONLY). A socket listening on another address of
+// the same port (another user's, on [::1]) is not the service's
+// (TestListenerShadow).
+func (l Listeners) find(local netip.AddrPort) ([]uint64, bool) {
+	if l == nil {
+		return nil, false
+	}
+	a, port := local.Addr().Unmap(), local.Port()
+	if ids, ok := l[netip.AddrPortFrom(a, port)]; ok {
+		return ids, true
+	}
+	if a.Is4() {
+		if ids, ok := l[netip.AddrPortFrom(netip.IPv4Unspecified(), port)]; ok {
+			return ids, true
+		}
+	}
+	ids, ok := l[netip.AddrPortFrom(netip.IPv6Unspecified(), port)]
+	return ids, ok
+}
+
+// has reports whether a socket listens where a connection to local is
+// accepted.
+func (l Listeners) has(local netip.AddrPort) bool { _, ok := l.find(local); return ok }
 
 // SetCgroups selects the services whose listening sockets belong to these
 // cgroup v2 ids (their directories' inode numbers: a systemd unit's or a
@@ -80,22 +113,28 @@ type Policy struct {
 // connections to a port on which such a socket listens are saved.
 func (p *Policy) SetCgroups(ids map[uint64]bool) { p.cgroups.Store(&ids) }
 
-// inCgroups reports whether port is a listener's of the selected cgroups,
-// or no cgroup is selected. An incoming connection to a port that no
-// listener of the last reading has (read once a second) is taken as the
-// service's: a listener made since (a service restarted) must not lose
-// its first connections; an outgoing one (with Outgoing) cannot be told
-// a service's by its port, and is not (TestCgroups).
-func (p *Policy) inCgroups(port uint16, listening map[uint16]uint64, incoming bool) bool {
+// inCgroups reports whether the listener that accepts connections to
+// local belongs to the selected cgroups, or no cgroup is selected. An
+// incoming connection to an address and port that no listener of the last
+// reading has (read once a second) is taken as the service's: a listener
+// made since (a service restarted) must not lose its first connections; an
+// outgoing one (with Outgoing) cannot be told a service's by its port, and
+// is not (TestCgroups).
+func (p *Policy) inCgroups(local netip.AddrPort, listening Listeners, incoming bool) bool {
 	c := p.cgroups.Load()
 	if c == nil || *c == nil {
 		return true
 	}
-	id, ok := listening[port]
+	ids, ok := listening.find(local)
 	if !ok {
 		return incoming
 	}
-	return (*c)[id]
+	for _, id := range ids {
+		if (*c)[id] {
+			return true
+		}
+	}
+	return false
 }
 
 // SetCaptured sets the addresses of the interfaces captured (live: those of
@@ -132,11 +171,11 @@ func (p *Policy) Nameable(local, remote netip.AddrPort) bool {
 	if p.Exclude.Excluded(local, remote) || p.Ports != nil && !p.Ports.Has(local.Port()) {
 		return false
 	}
-	var listening map[uint16]uint64
+	var listening Listeners
 	if l := p.listening.Load(); l != nil {
 		listening = *l
 	}
-	return p.inCgroups(local.Port(), listening, true)
+	return p.inCgroups(local, listening, true)
 }
 
 // SetLocal sets this host's addresses.
@@ -154,9 +193,8 @@ func (p *Policy) IsLocal(a netip.Addr) bool {
 	return m != nil && (*m)[a.Unmap()]
 }
 
-// SetListening sets the local ports on which sockets listen, each with
-// its socket's cgroup v2 id (nil: unknown).
-func (p *Policy) SetListening(ports map[uint16]uint64) { p.listening.Store(&ports) }
+// SetListening sets the sockets that listen (nil: unknown).
+func (p *Policy) SetListening(l Listeners) { p.listening.Store(&l) }
 
 // Decide returns the verdict for the connection of flow key k, whose first
 // packet seen is pp, sent by k's A end if srcIsA.
@@ -172,11 +210,10 @@ func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 	}
 	syn := pp.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN
 	synack := pp.Flags&(packet.FlagSYN|packet.FlagACK) == packet.FlagSYN|packet.FlagACK
-	var listening map[uint16]uint64
+	var listening Listeners
 	if l := p.listening.Load(); l != nil {
 		listening = *l
 	}
-	isListening := func(port uint16) bool { _, ok := listening[port]; return ok }
 	known := aLocal != bLocal
 	localIsA := aLocal
 	if !known {
@@ -187,8 +224,8 @@ func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 			localIsA = !srcIsA
 		case synack:
 			localIsA = srcIsA
-		case listening != nil && isListening(a.Port()) != isListening(b.Port()):
-			localIsA = isListening(a.Port())
+		case listening != nil && listening.has(a) != listening.has(b):
+			localIsA = listening.has(a)
 		default:
 			localIsA = a.Port() < b.Port()
 		}
@@ -214,14 +251,14 @@ func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 		if lo == 0 {
 			lo, hi = 32768, 60999
 		}
-		incoming = isListening(local.Port()) || local.Port() < lo || local.Port() > hi
+		incoming = listening.has(local) || local.Port() < lo || local.Port() > hi
 	default:
 		incoming = true // unknown: saved rather than lost
 	}
 	if !p.Outgoing && !incoming {
 		return Outgoing
 	}
-	if !p.inCgroups(local.Port(), listening, incoming) {
+	if !p.inCgroups(local, listening, incoming) {
 		return OtherCgroup
 	}
 	return Save

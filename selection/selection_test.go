@@ -42,7 +42,7 @@ func TestDecide(t *testing.T) {
 	}
 	live := &Policy{Strict: true, Exclude: rules}
 	live.SetLocal([]netip.Addr{server.Addr()})
-	live.SetListening(map[uint16]uint64{443: 1, 9100: 1})
+	live.SetListening(Listeners{netip.MustParseAddrPort("0.0.0.0:443"): {1}, netip.MustParseAddrPort("[::]:9100"): {1}})
 	both := &Policy{Strict: true, Outgoing: true}
 	both.SetLocal([]netip.Addr{server.Addr()})
 	onPorts := &Policy{Strict: true, Ports: &ports}
@@ -163,7 +163,7 @@ func TestNameable(t *testing.T) {
 		t.Error("without listeners or captured addresses known, a socket is nameable")
 	}
 	p.SetCaptured([]netip.Addr{server.Addr()})
-	p.SetListening(map[uint16]uint64{443: 1})
+	p.SetListening(Listeners{netip.MustParseAddrPort("[::]:443"): {1}})
 	for _, tt := range []struct {
 		local, remote netip.AddrPort
 		want          bool
@@ -195,7 +195,7 @@ func TestNameable(t *testing.T) {
 func TestCgroups(t *testing.T) {
 	p := &Policy{Strict: true, Outgoing: true}
 	p.SetLocal([]netip.Addr{server.Addr()})
-	p.SetListening(map[uint16]uint64{443: 7, 8080: 9})
+	p.SetListening(Listeners{netip.MustParseAddrPort("0.0.0.0:443"): {7}, netip.MustParseAddrPort("192.0.2.1:8080"): {9}})
 	p.SetCgroups(map[uint64]bool{7: true})
 	other := netip.AddrPortFrom(server.Addr(), 8080)
 	for _, tt := range []struct {
@@ -219,5 +219,51 @@ func TestCgroups(t *testing.T) {
 	p.SetCgroups(nil)
 	if decide(p, remote, other, syn) != Save {
 		t.Error("without cgroups, every service is selected")
+	}
+}
+
+// TestListenerShadow: a socket of another owner listening on the service's
+// port at another address (a local user's on [::1], dumped after the
+// service's on 0.0.0.0) changes nothing for the service's connections; one
+// bound to the connection's own address is the one the kernel hands it to.
+// The same for the listening rule of the incoming decision.
+func TestListenerShadow(t *testing.T) {
+	p := &Policy{Strict: true}
+	v6 := netip.MustParseAddr("2001:db8::1")
+	p.SetLocal([]netip.Addr{server.Addr(), v6})
+	p.SetListening(Listeners{
+		netip.MustParseAddrPort("0.0.0.0:3001"):      {7},
+		netip.MustParseAddrPort("[::1]:3001"):        {9}, // another user's
+		netip.MustParseAddrPort("[::]:3002"):         {7}, // dual-stack
+		netip.MustParseAddrPort("127.0.0.1:3002"):    {9},
+		netip.MustParseAddrPort("192.0.2.1:3003"):    {9}, // bound to the address itself: the kernel prefers it
+		netip.MustParseAddrPort("0.0.0.0:3003"):      {7},
+		netip.MustParseAddrPort("[::]:3004"):         {9, 7}, // SO_REUSEPORT, two owners
+		netip.MustParseAddrPort("[::1]:40001"):       {9},    // in the ephemeral range
+		netip.MustParseAddrPort("[2001:db8::1]:443"): {7},
+	})
+	p.SetCgroups(map[uint64]bool{7: true})
+	at := func(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
+	for _, tt := range []struct {
+		name     string
+		src, dst netip.AddrPort
+		flags    uint8
+		want     Verdict
+	}{
+		{"service on 0.0.0.0, shadow on [::1]", remote, at(server.Addr(), 3001), syn, Save},
+		{"the same, mid-connection", at(server.Addr(), 3001), remote, ack, Save},
+		{"dual-stack service, shadow on 127.0.0.1", remote, at(server.Addr(), 3002), ack, Save},
+		{"IPv6 to the dual-stack service", netip.MustParseAddrPort("[2001:db8::2]:40000"), at(v6, 3002), syn, Save},
+		{"the other owner's socket on the address itself", remote, at(server.Addr(), 3003), syn, OtherCgroup},
+		{"SO_REUSEPORT shared with the service", remote, at(server.Addr(), 3004), syn, Save},
+		{"IPv4 to a port listened on by IPv6 address only", remote, at(server.Addr(), 443), syn, Save}, // a listener made since
+		{"outgoing from a port listened on elsewhere", at(server.Addr(), 40001), remoteS, ack, Outgoing},
+	} {
+		if got := decide(p, tt.src, tt.dst, tt.flags); got != tt.want {
+			t.Errorf("%s: %v, want %v", tt.name, got, tt.want)
+		}
+	}
+	if !p.Nameable(at(server.Addr(), 3001), remote) || p.Nameable(at(server.Addr(), 3003), remote) {
+		t.Error("Nameable does not follow the listener of the connection's own address")
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
+	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -43,15 +45,18 @@ func dumpDone(b []byte) bool {
 	return false
 }
 
-// ListeningPorts returns the local ports on which TCP sockets of this
-// network namespace listen, IPv4 and IPv6, each with the cgroup v2 id of
-// (one of) its listening sockets (0 if the kernel does not say), dumped
-// through c (a socket of Dial, which it uses alone meanwhile), waiting at
-// most timeout for the kernel's answers. A connection whose local port is
-// one of them is one this host accepted (package selection), when the
-// capture missed its SYN; the cgroup tells which service accepted it.
-func ListeningPorts(c Conn, timeout time.Duration) (map[uint16]uint64, error) {
-	ports := map[uint16]uint64{}
+// Listeners returns the listening TCP sockets of this network namespace,
+// IPv4 and IPv6, by local address (unspecified for a wildcard, IPv4-mapped
+// ones unmapped) and port, each with the cgroup v2 ids of the sockets bound
+// there (0 if the kernel does not say), dumped through c (a socket of Dial,
+// which it uses alone meanwhile), waiting at most timeout for the kernel's
+// answers. A connection to one of them is one this host accepted (package
+// selection), when the capture missed its SYN; the cgroup tells which
+// service accepted it. Keyed by address too, since a port may have several
+// listeners of different owners (a user's on [::1] beside a service's on
+// 0.0.0.0).
+func Listeners(c Conn, timeout time.Duration) (map[netip.AddrPort][]uint64, error) {
+	ls := map[netip.AddrPort][]uint64{}
 	buf := make([]byte, 64<<10)
 	if d, ok := c.(interface{ SetReadDeadline(time.Time) error }); ok {
 		d.SetReadDeadline(time.Now().Add(timeout))
@@ -78,10 +83,13 @@ func ListeningPorts(c Conn, timeout time.Duration) (map[uint16]uint64, error) {
 				case m.Err != nil && !errors.Is(m.Err, ErrNotFound):
 					return nil, m.Err
 				case m.Err == nil && m.Socket.State == StateListen:
-					ports[m.Socket.Local.Port()] = m.Socket.Cgroup
+					at := netip.AddrPortFrom(m.Socket.Local.Addr().Unmap(), m.Socket.Local.Port())
+					if !slices.Contains(ls[at], m.Socket.Cgroup) {
+						ls[at] = append(ls[at], m.Socket.Cgroup)
+					}
 				}
 			}
 		}
 	}
-	return ports, nil
+	return ls, nil
 }

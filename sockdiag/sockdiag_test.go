@@ -477,9 +477,9 @@ func TestNotLocalIsNotLookedUp(t *testing.T) {
 	}
 }
 
-// TestListeningPorts dumps the kernel's listeners: a port listened on
-// (IPv4 and IPv6) is among them, one connected from is not.
-func TestListeningPorts(t *testing.T) {
+// TestListeners dumps the kernel's listeners: an address and port listened
+// on (IPv4 and IPv6) is among them, one connected from is not.
+func TestListeners(t *testing.T) {
 	ln4, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -500,17 +500,17 @@ func TestListeningPorts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	ports, err := ListeningPorts(c, 5*time.Second)
+	ls, err := Listeners(c, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, ln := range []net.Listener{ln4, ln6} {
-		if p := uint16(ln.Addr().(*net.TCPAddr).Port); !hasKey(ports, p) {
-			t.Errorf("port %d listened on is not in %v", p, ports)
+		if at := ln.Addr().(*net.TCPAddr).AddrPort(); !hasKey(ls, at) {
+			t.Errorf("%v listened on is not in %v", at, ls)
 		}
 	}
-	if p := uint16(client.LocalAddr().(*net.TCPAddr).Port); hasKey(ports, p) {
-		t.Errorf("the client's port %d is taken for a listener", p)
+	if at := client.LocalAddr().(*net.TCPAddr).AddrPort(); hasKey(ls, at) {
+		t.Errorf("the client's %v is taken for a listener", at)
 	}
 }
 
