@@ -72,7 +72,8 @@ func TestMetricsPortFlood(t *testing.T) {
 // data directory's parent (a shared, sticky directory, as /tmp is) plants
 // the partial directory before a root daemon starts, as a link to a
 // directory of root's, or as a directory of theirs holding a link to a
-// file of root's and a forged index file. The daemon must refuse to start
+// file of root's and a forged index file; or the data directory itself,
+// as a link or a directory of theirs. The daemon must refuse to start
 // (exit 2, saying why) and leave root's files as they were.
 func TestPlantedPartialDir(t *testing.T) {
 	requireRoot(t)
@@ -81,9 +82,12 @@ func TestPlantedPartialDir(t *testing.T) {
 	for _, c := range []struct {
 		name  string
 		plant string // a shell script run as 65534 in the shared directory; $V is root's directory
+		says  string
 	}{
-		{"link", `ln -s "$V" .data.partial`},
-		{"directory", `mkdir .data.partial && ln -s "$V/secret" .data.partial/flows.2026-11-25.1764068400.1.jsonl && printf '{"uuid":"forged"}\n' > .data.partial/flows.2026-11-25.1764068400.2.jsonl && chmod 755 .data.partial`},
+		{"link", `ln -s "$V" .data.partial`, "partial directory"},
+		{"directory", `mkdir .data.partial && ln -s "$V/secret" .data.partial/flows.2026-11-25.1764068400.1.jsonl && printf '{"uuid":"forged"}\n' > .data.partial/flows.2026-11-25.1764068400.2.jsonl && chmod 755 .data.partial`, "partial directory"},
+		{"datadir link", `ln -s "$V" data`, "datadir"},
+		{"datadir of theirs", `mkdir data && chmod 755 data`, "datadir"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			shared, err := os.MkdirTemp("", "phe2e-shared")
@@ -103,7 +107,7 @@ func TestPlantedPartialDir(t *testing.T) {
 			}
 			cmd := exec.Command(bin, "-read", filepath.Join(wd, "../offline/testdata/lab.pcap"), "-datadir", filepath.Join(shared, "data"), "-quiet")
 			out, _ := cmd.CombinedOutput()
-			if code := cmd.ProcessState.ExitCode(); code != 2 || !strings.Contains(string(out), "partial directory") {
+			if code := cmd.ProcessState.ExitCode(); code != 2 || !strings.Contains(string(out), c.says) {
 				t.Errorf("exit %d: %s; want 2 and the reason", code, out)
 			}
 			if b, _ := os.ReadFile(filepath.Join(victim, "secret")); string(b) != "line one\nline two, cut" {
@@ -111,6 +115,9 @@ func TestPlantedPartialDir(t *testing.T) {
 			}
 			if _, err := os.Stat(filepath.Join(victim, "7.pcap")); err != nil {
 				t.Errorf("root's file was removed: %v", err)
+			}
+			if names, _ := os.ReadDir(victim); len(names) != 2 {
+				t.Errorf("root's directory holds %d names, want its 2", len(names))
 			}
 			if found, _ := filepath.Glob(filepath.Join(shared, "data", "*", "*", "*", "flows-*")); len(found) != 0 {
 				t.Errorf("index files were published: %v", found)

@@ -4,8 +4,6 @@ import (
 	"strconv"
 	"sync/atomic"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/index"
@@ -206,11 +204,11 @@ func families(x *parts) *exporter.Collector {
 		gauge("pcap_uuid_announcements", "Connections announced by the UUID source and held in the names table.", func() float64 { return float64(x.p.Names.Len()) }),
 		gauge("pcap_saver_active", "Flow files being written.", func() float64 { return float64(x.p.Saver.Active()) }),
 		gauge("pcap_datadir_free_bytes", "Free space in the data directory's filesystem (for unprivileged users).", func() float64 {
-			var st unix.Statfs_t
-			if unix.Statfs(x.p.Saver.Dir(), &st) != nil {
+			free, _, err := x.p.Saver.Space()
+			if err != nil {
 				return -1
 			}
-			return float64(st.Bavail) * float64(st.Bsize)
+			return float64(free)
 		}),
 		gauge("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(x.p.Saver.CompressorsInUse()) }),
 		counter("pcap_compressors_created_total", "gzip compressors created by the saver's pool (-compress); a steady value means they are reused.",

@@ -24,7 +24,7 @@ import (
 // unlinkat relative to a descriptor opened without following links, and
 // the files it reads are opened the same way (TestPlantedPartialDir).
 
-// ErrUnsafeDir is the reason a partial directory is refused.
+// ErrUnsafeDir is the reason a data or partial directory is refused.
 var ErrUnsafeDir = errors.New("not a directory of this user's that others cannot write")
 
 // probePrefix begins the name of New's writability probe.
@@ -45,71 +45,53 @@ func perms(p os.FileMode) (file, dir os.FileMode, err error) {
 	return p, p | (p&0o444)>>2, nil
 }
 
-// partialDir makes (or checks) the directory where files are written
-// before they are renamed into the data directory: want if given, else
-// <parent>/.<base>.partial; it must be outside the data directory, on its
-// filesystem, and the saver's own.
-func (s *Saver) partialDir(want string) (string, error) {
+// partialDir opens (making it if missing) the directory where files are
+// written before they are renamed into the data directory: want if given,
+// else <parent>/.<base>.partial; it must be outside the data directory, on
+// its filesystem, and the saver's own.
+func (s *Saver) partialDir(want string) (*heldDir, error) {
 	p := want
 	if p == "" {
 		parent, base := filepath.Split(s.dir)
 		if base == "" {
-			return "", fmt.Errorf("the data directory %s has no parent for its partial directory: give -partialdir", s.dir)
+			return nil, fmt.Errorf("the data directory %s has no parent for its partial directory: give -partialdir", s.dir)
 		}
 		p = filepath.Join(parent, "."+base+".partial")
 	}
 	p, err := filepath.Abs(p)
 	if err != nil {
-		return "", fmt.Errorf("partial directory %s: %w", want, err)
+		return nil, fmt.Errorf("partial directory %s: %w", want, err)
 	}
 	if rel, err := filepath.Rel(s.dir, p); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
-		return "", fmt.Errorf("partial directory %s is inside the data directory %s: uploaders watching it would see partial files", p, s.dir)
+		return nil, fmt.Errorf("partial directory %s is inside the data directory %s: uploaders watching it would see partial files", p, s.dir)
 	}
-	if err := s.ownDir(p); err != nil {
-		return "", err
+	d, err := openHeld(p, "partial directory", s.dirPerm)
+	if err != nil {
+		return nil, err
 	}
-	if !sameFS(s.dir, p) {
+	if !sameFS(s.data, d) {
+		d.Close()
 		hint := ""
 		if want == "" {
 			hint = ": give -partialdir, a directory outside the data directory on its filesystem (the data directory may be a mount point; mount its parent instead)"
 		}
-		return "", fmt.Errorf("partial directory %s is not on the data directory's filesystem (files are renamed from one to the other)%s", p, hint)
+		return nil, fmt.Errorf("partial directory %s is not on the data directory's filesystem (files are renamed from one to the other)%s", p, hint)
 	}
-	return p, nil
+	return d, nil
 }
 
-// ownDir creates the directory p (its parents too) if it is missing, and
-// checks that it is the saver's own (see ErrUnsafeDir).
-func (s *Saver) ownDir(p string) error {
-	if err := os.MkdirAll(filepath.Dir(p), s.dirPerm); err != nil {
-		return fmt.Errorf("partial directory: %w", err)
-	}
-	if err := unix.Mkdir(p, uint32(s.dirPerm)); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("partial directory %s: %w", p, err)
-	}
-	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
-			return fmt.Errorf("partial directory %s: a symbolic link or not a directory: %w", p, ErrUnsafeDir)
-		}
-		return fmt.Errorf("partial directory %s: %w", p, err)
-	}
-	defer unix.Close(fd)
-	return checkOwn(fd, p)
-}
-
-// checkOwn checks that the open directory fd is owned by this process's
-// user and not writable by others.
-func checkOwn(fd int, p string) error {
+// checkOwn checks that the open directory fd (what, at p) is owned by this
+// process's user and not writable by others.
+func checkOwn(fd int, what, p string) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return fmt.Errorf("partial directory %s: %w", p, err)
+		return fmt.Errorf("%s %s: %w", what, p, err)
 	}
 	if uid := uint32(os.Geteuid()); st.Uid != uid {
-		return fmt.Errorf("partial directory %s is owned by user %d, not this process's %d: %w", p, st.Uid, uid, ErrUnsafeDir)
+		return fmt.Errorf("%s %s is owned by user %d, not this process's %d: %w", what, p, st.Uid, uid, ErrUnsafeDir)
 	}
 	if st.Mode&0o002 != 0 {
-		return fmt.Errorf("partial directory %s is writable by others (mode %#o): %w", p, st.Mode&0o7777, ErrUnsafeDir)
+		return fmt.Errorf("%s %s is writable by others (mode %#o): %w", what, p, st.Mode&0o7777, ErrUnsafeDir)
 	}
 	return nil
 }
@@ -117,39 +99,51 @@ func checkOwn(fd int, p string) error {
 // cleanPartial removes what an earlier run left in the partial directory:
 // the regular files and links with the names the saver writes, nothing
 // else, without following links.
-func cleanPartial(p string) error {
-	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	d := os.NewFile(uintptr(fd), p)
-	defer d.Close()
-	if err := checkOwn(fd, p); err != nil {
-		return err
-	}
-	names, err := d.Readdirnames(-1)
-	if err != nil {
-		return err
-	}
-	for _, n := range names {
-		if ownNames.MatchString(n) {
-			unix.Unlinkat(fd, n, 0) // a link itself, never its target
+func cleanPartial(d *heldDir) error {
+	return d.control(func(dir int) error {
+		names, err := readNames(dir)
+		if err != nil {
+			return err
 		}
-	}
-	return nil
+		for _, n := range names {
+			if ownNames.MatchString(n) {
+				unix.Unlinkat(dir, n, 0) // a link itself, never its target
+			}
+		}
+		return nil
+	})
 }
 
-// readOwnFile reads a file of the partial directory without following a
-// link, and returns it open for writing, to truncate what a crash cut
-// short through the descriptor, not the name.
-func readOwnFile(path string) (*os.File, []byte, error) {
-	fd, err := unix.Open(path, unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+// readNames returns the names in the open directory dir.
+func readNames(dir int) ([]string, error) {
+	fd, err := unix.Openat(dir, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, nil, &os.PathError{Op: "open", Path: path, Err: err}
+		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), path)
+	f := os.NewFile(uintptr(fd), ".")
+	defer f.Close()
+	return f.Readdirnames(-1)
+}
+
+// readOwnFile reads the file name of the partial directory without
+// following a link, and returns it open for writing, to truncate what a
+// crash cut short through the descriptor, not the name.
+func readOwnFile(d *heldDir, name string) (*os.File, []byte, error) {
+	path := d.path + "/" + name
+	var f *os.File
+	err := d.control(func(dir int) error {
+		fd, err := unix.Openat(dir, name, unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return &os.PathError{Op: "open", Path: path, Err: err}
+		}
+		f = os.NewFile(uintptr(fd), path)
+		return nil
+	})
+	if err != nil {
+		return nil, nil, err
+	}
 	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Uid != uint32(os.Geteuid()) {
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Uid != uint32(os.Geteuid()) {
 		f.Close()
 		return nil, nil, fmt.Errorf("%s: not a regular file of this user's: %w", path, ErrUnsafeDir)
 	}
@@ -163,7 +157,9 @@ func readOwnFile(path string) (*os.File, []byte, error) {
 }
 
 // sameFS reports whether a and b are on one filesystem.
-func sameFS(a, b string) bool {
+func sameFS(a, b *heldDir) bool {
 	var sa, sb unix.Stat_t
-	return unix.Stat(a, &sa) == nil && unix.Stat(b, &sb) == nil && sa.Dev == sb.Dev
+	ea := a.control(func(fd int) error { return unix.Fstat(fd, &sa) })
+	eb := b.control(func(fd int) error { return unix.Fstat(fd, &sb) })
+	return ea == nil && eb == nil && sa.Dev == sb.Dev
 }

@@ -171,3 +171,80 @@ func TestRelativeDir(t *testing.T) {
 		t.Errorf("Dir() = %s", s.Dir())
 	}
 }
+
+// TestSwappedDataDir: the data and partial directories swapped for links
+// to another directory while the saver runs (by a user who can write their
+// parent) change nothing: day directories, files and index files go on in
+// the directories New checked, wherever they were moved, and nothing is
+// made in the links' target.
+func TestSwappedDataDir(t *testing.T) {
+	base := t.TempDir()
+	victim := filepath.Join(base, "victim")
+	os.Mkdir(victim, 0o700)
+	dir := filepath.Join(base, "data")
+	s, err := New(Options{Dir: dir, Compress: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	partial := s.PartialDir()
+	moved, movedPartial := filepath.Join(base, "moved"), filepath.Join(base, "moved.partial")
+	for from, to := range map[string]string{dir: moved, partial: movedPartial} {
+		if err := os.Rename(from, to); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(victim, from); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.PrepareDays(t0); err != nil {
+		t.Errorf("PrepareDays: %v", err)
+	}
+	saveRecorded(s, "swapped", t0)
+	s.Wait()
+	s.PublishIndex(time.Time{})
+	if names, _ := os.ReadDir(victim); len(names) != 0 {
+		t.Errorf("the link's target got %d entries, the first %s", len(names), names[0].Name())
+	}
+	rel, _ := filepath.Rel(dir, s.Path("swapped", t0))
+	if _, err := os.Stat(filepath.Join(moved, rel)); err != nil {
+		t.Errorf("the flow's file is not in the data directory New checked: %v", err)
+	}
+	if idx, _ := filepath.Glob(filepath.Join(moved, "*", "*", "*", "flows-*")); len(idx) != 1 {
+		t.Errorf("index files in the data directory New checked: %v, want one", idx)
+	}
+	if next, _ := filepath.Glob(filepath.Join(moved, "2026", "11", "26")); len(next) != 1 {
+		t.Error("the next day's directory was not made in the data directory New checked")
+	}
+}
+
+// TestPlantedDataDir: a data directory that is a link, another user's or
+// writable by others is refused at New (ErrUnsafeDir), before anything
+// is made in it. As root, the other user is 65534.
+func TestPlantedDataDir(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		plant func(dir, victim string)
+		root  bool
+	}{
+		{"link", func(dir, victim string) { os.Symlink(victim, dir) }, false},
+		{"world-writable", func(dir, victim string) { os.Mkdir(dir, 0o777); os.Chmod(dir, 0o777) }, false},
+		{"another user's", func(dir, victim string) { os.Mkdir(dir, 0o755); os.Lchown(dir, 65534, 65534) }, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if c.root && os.Geteuid() != 0 {
+				t.Skip("needs root, to give a directory to another user")
+			}
+			base := t.TempDir()
+			victim := filepath.Join(base, "victim")
+			os.Mkdir(victim, 0o700)
+			dir := filepath.Join(base, "data")
+			c.plant(dir, victim)
+			if _, err := New(Options{Dir: dir}); !errors.Is(err, ErrUnsafeDir) {
+				t.Errorf("New = %v, want ErrUnsafeDir", err)
+			}
+			if names, _ := os.ReadDir(victim); len(names) != 0 {
+				t.Errorf("something was made in the link's target: %v", names)
+			}
+		})
+	}
+}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 
 	"golang.org/x/sys/unix"
 
@@ -18,7 +17,7 @@ import (
 // flowFile is the state of a Flow's writer.
 type flowFile struct {
 	f         *Flow
-	tmp       string   // the partial file's path
+	tmp       string   // the partial file's name in the partial directory
 	file      int      // its descriptor, -1 when closed
 	err       error    // the first error; nothing is written after it
 	op        string   // what failed
@@ -27,7 +26,7 @@ type flowFile struct {
 	written   int      // bytes written
 	raw       int      // header bytes of the records written (without their record headers)
 	published string   // the UUID the file was published under
-	final     string   // and its path
+	final     string   // and its path, relative to the data directory
 	iov       [][]byte // reused: one writev per batch of chunks
 }
 
@@ -47,7 +46,7 @@ func (w *flowFile) fail(op string, err error) {
 		w.op, w.err = op, err
 		w.closeFile()
 		if w.tmp != "" {
-			os.Remove(w.tmp)
+			w.f.s.partial.remove(w.tmp)
 		}
 	}
 }
@@ -88,7 +87,7 @@ func (w *flowFile) write(cs []*record.Chunk) {
 	}
 	if w.err == nil && len(bufs) > 0 {
 		if m, err := writeAll(w.file, bufs); err != nil {
-			w.fail("write", &os.PathError{Op: "write", Path: w.tmp, Err: err})
+			w.fail("write", &os.PathError{Op: "write", Path: s.partial.path + "/" + w.tmp, Err: err})
 		} else {
 			w.written += m
 			w.packets += n
@@ -109,7 +108,7 @@ func (w *flowFile) finish() {
 	s := w.f.s
 	if w.err == nil {
 		if err := w.closeFile(); err != nil {
-			w.fail("close", &os.PathError{Op: "close", Path: w.tmp, Err: err})
+			w.fail("close", &os.PathError{Op: "close", Path: s.partial.path + "/" + w.tmp, Err: err})
 		}
 	}
 	uuid := w.f.name()
@@ -119,16 +118,8 @@ func (w *flowFile) finish() {
 		}
 	}
 	if w.err == nil {
-		final := s.Path(uuid, w.f.first)
-		err := renameNoReplace(w.tmp, final)
-		if errors.Is(err, os.ErrNotExist) { // the day's directory is new (or was removed)
-			if merr := os.MkdirAll(filepath.Dir(final), s.dirPerm); merr != nil {
-				w.fail("mkdir", merr)
-			} else {
-				err = renameNoReplace(w.tmp, final)
-			}
-		}
-		if err != nil {
+		final := s.relPath(uuid, w.f.first)
+		if err := publish(s.partial, w.tmp, s.data, final); err != nil {
 			w.fail("rename", err)
 		} else {
 			w.published, w.final = uuid, final
@@ -188,35 +179,13 @@ func (s *Saver) putCompressor(z *compressor) {
 	s.compressorsInUse.Add(-1)
 }
 
-// create creates a partial file, making the partial directory again if it
-// was removed (the data directory deleted under a running daemon). It
-// returns a plain descriptor: an os.File would cost four fcntl and an
-// epoll_ctl per file for a poller that regular files do not use.
-func (s *Saver) create(path string) (int, error) {
-	open := func() (int, error) {
-		for {
-			// O_EXCL: a partial file is never shared, even with what a
-			// crash left.
-			fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, uint32(s.perm))
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				return -1, &os.PathError{Op: "open", Path: path, Err: err}
-			}
-			return fd, nil
-		}
-	}
-	fd, err := open()
-	if errors.Is(err, os.ErrNotExist) {
-		// The partial directory was removed: made again, and checked
-		// again, as at start.
-		if merr := s.ownDir(s.partial); merr != nil {
-			return -1, merr
-		}
-		fd, err = open()
-	}
-	return fd, err
+// create creates the partial file name, making the partial directory
+// again if it was removed (the data directory deleted under a running
+// daemon). It returns a plain descriptor: an os.File would cost four fcntl
+// and an epoll_ctl per file for a poller that regular files do not use.
+func (s *Saver) create(name string) (int, error) {
+	// O_EXCL: a partial file is never shared, even with what a crash left.
+	return s.partial.createIn(name, s.perm)
 }
 
 // checkSpace returns ErrLowSpace while the filesystem has less free space
@@ -225,16 +194,22 @@ func (s *Saver) checkSpace() error {
 	if s.minFree <= 0 && s.minFreePct <= 0 {
 		return nil
 	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(s.dir, &st); err != nil {
+	free, total, err := s.Space()
+	if err != nil {
 		return nil // the write will tell what is wrong
 	}
-	free := int64(st.Bavail) * st.Bsize
-	total := int64(st.Blocks) * st.Bsize
 	if free < s.minFree || total > 0 && float64(free)*100 < s.minFreePct*float64(total) {
 		return fmt.Errorf("%w: %d of %d bytes free in %s", ErrLowSpace, free, total, s.dir)
 	}
 	return nil
+}
+
+// Space returns the bytes free (to this user) and in all of the data
+// directory's filesystem.
+func (s *Saver) Space() (free, total int64, err error) {
+	var st unix.Statfs_t
+	err = s.data.control(func(fd int) error { return unix.Fstatfs(fd, &st) })
+	return int64(st.Bavail) * st.Bsize, int64(st.Blocks) * st.Bsize, err
 }
 
 // iovMax is the most buffers one writev takes (IOV_MAX on Linux).
@@ -273,23 +248,6 @@ func writeAll(fd int, bufs [][]byte) (int, error) {
 		}
 	}
 	return total, nil
-}
-
-// renameNoReplace renames without replacing an existing file, so that a
-// UUID named twice can never overwrite a finished file.
-func renameNoReplace(from, to string) error {
-	err := unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
-	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
-		// A filesystem without RENAME_NOREPLACE: check, then rename.
-		if _, serr := os.Lstat(to); serr == nil {
-			return fmt.Errorf("rename %s: %w", to, os.ErrExist)
-		}
-		return os.Rename(from, to)
-	}
-	if err != nil {
-		return fmt.Errorf("rename %s: %w", to, err)
-	}
-	return nil
 }
 
 func fileHeader(snaplen int, lt packet.LinkType) []byte {

@@ -3,7 +3,6 @@ package saver
 import (
 	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -137,7 +136,7 @@ func (f *Flow) run() {
 	} else {
 		// Numbered, not named after the UUID, which may take all of a
 		// file name's 255 bytes (TestLongestUUID).
-		w.tmp = f.s.partial + "/" + strconv.FormatUint(f.s.seq.Add(1), 10) + ".pcap"
+		w.tmp = strconv.FormatUint(f.s.seq.Add(1), 10) + ".pcap"
 	}
 	for {
 		<-f.wake
@@ -158,7 +157,7 @@ func (f *Flow) run() {
 // settle records the writer's outcome, and writes the flow's index record
 // if End gave it already.
 func (f *Flow) settle(w *flowFile) {
-	res := fileResult{ok: w.err == nil, uuid: w.published, path: strings.TrimPrefix(w.final, f.s.dir+"/"), packets: w.packets, bytes: w.raw, written: w.written}
+	res := fileResult{ok: w.err == nil, uuid: w.published, path: w.final, packets: w.packets, bytes: w.raw, written: w.written}
 	f.mu.Lock()
 	f.settled, f.res = true, res
 	rec := f.rec

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -70,8 +69,8 @@ type indexKey struct {
 
 type indexFile struct {
 	fd       int
-	tmp      string
-	dayDir   string
+	tmp      string // its name in the partial directory
+	dayDir   string // relative to the data directory
 	hour     time.Time
 	pending  []byte // records not written yet
 	pendingN uint64
@@ -103,7 +102,7 @@ func (x *indexWriter) flush(f *indexFile) {
 		} else {
 			err = errors.Join(err, terr)
 		}
-		x.fail("write", &os.PathError{Op: "write", Path: f.tmp, Err: err}, f.pendingN)
+		x.fail("write", &os.PathError{Op: "write", Path: x.s.partial.path + "/" + f.tmp, Err: err}, f.pendingN)
 	} else {
 		f.size += int64(len(f.pending))
 	}
@@ -129,7 +128,7 @@ func (x *indexWriter) add(r *index.Record, first time.Time) {
 	if f == nil {
 		dayDir := x.s.dayDir(first)
 		f = &indexFile{fd: -1, dayDir: dayDir, hour: hour,
-			tmp: x.s.partial + "/" + partialIndexPrefix + first.UTC().Format("2006-01-02") +
+			tmp: partialIndexPrefix + first.UTC().Format("2006-01-02") +
 				"." + strconv.FormatInt(hour.Unix(), 10) + "." + strconv.FormatUint(x.s.seq.Add(1), 10) + ".jsonl"}
 		fd, err := x.s.create(f.tmp)
 		if err != nil {
@@ -189,32 +188,26 @@ func (s *Saver) PublishIndex(now time.Time) {
 		}
 		delete(x.open, k)
 		if err := unix.Close(f.fd); err != nil {
-			x.fail("close", &os.PathError{Op: "close", Path: f.tmp, Err: err}, 0)
-			os.Remove(f.tmp)
+			x.fail("close", &os.PathError{Op: "close", Path: s.partial.path + "/" + f.tmp, Err: err}, 0)
+			s.partial.remove(f.tmp)
 			continue
 		}
 		if err := s.publishIndex(f.tmp, f.dayDir, f.hour); err != nil {
 			x.fail("rename", err, 0)
-			os.Remove(f.tmp)
+			s.partial.remove(f.tmp)
 			continue
 		}
 		x.counts.Files.Add(1)
 	}
 }
 
-// publishIndex renames a closed index file into its day directory, under
-// the first free name of its hour.
+// publishIndex renames a closed index file (its name in the partial
+// directory) into its day directory, under the first free name of its
+// hour.
 func (s *Saver) publishIndex(tmp, dayDir string, hour time.Time) error {
 	var err error
 	for n := 1; n <= maxIndexNumber; n++ {
-		final := dayDir + "/" + index.Name(hour, n)
-		err = renameNoReplace(tmp, final)
-		if errors.Is(err, os.ErrNotExist) {
-			if merr := os.MkdirAll(dayDir, s.dirPerm); merr != nil {
-				return merr
-			}
-			err = renameNoReplace(tmp, final)
-		}
+		err = publish(s.partial, tmp, s.data, dayDir+"/"+index.Name(hour, n))
 		if !errors.Is(err, os.ErrExist) {
 			return err
 		}
@@ -226,17 +219,16 @@ func (s *Saver) publishIndex(tmp, dayDir string, hour time.Time) error {
 // directory, without a record cut short by the crash: the records of files
 // that were published stay findable.
 func (s *Saver) recoverIndex() {
-	entries, err := os.ReadDir(s.partial)
-	if err != nil {
+	var names []string
+	if s.partial.control(func(dir int) (err error) { names, err = readNames(dir); return err }) != nil {
 		return
 	}
-	for _, e := range entries {
-		dayDir, hour, ok := s.parsePartialIndex(e.Name())
+	for _, tmp := range names {
+		dayDir, hour, ok := s.parsePartialIndex(tmp)
 		if !ok {
 			continue
 		}
-		tmp := filepath.Join(s.partial, e.Name())
-		f, b, err := readOwnFile(tmp)
+		f, b, err := readOwnFile(s.partial, tmp)
 		if err != nil {
 			continue
 		}
@@ -273,5 +265,5 @@ func (s *Saver) parsePartialIndex(name string) (dayDir string, hour time.Time, o
 	if err != nil || sec%3600 != 0 {
 		return "", time.Time{}, false
 	}
-	return filepath.Join(s.dir, day.Format("2006/01/02")), time.Unix(sec, 0).UTC(), true
+	return day.Format("2006/01/02"), time.Unix(sec, 0).UTC(), true
 }

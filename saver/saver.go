@@ -61,9 +61,12 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/metrics"
 )
@@ -121,7 +124,8 @@ func (s *Saver) Counts() *Counts { return &s.counts }
 
 // Saver starts and owns the per-flow writer goroutines.
 type Saver struct {
-	dir, partial  string
+	dir           string   // absolute, for messages and index paths
+	data, partial *heldDir // the data and partial directories, held
 	perm, dirPerm os.FileMode
 	snaplen       int
 	minFree       int64
@@ -170,32 +174,49 @@ func New(opts Options) (*Saver, error) {
 		return nil, err
 	}
 	s.index = newIndexWriter(s)
-	if err := os.MkdirAll(dir, s.dirPerm); err != nil {
-		return nil, fmt.Errorf("datadir: %w", err)
-	}
-	if s.partial, err = s.partialDir(opts.PartialDir); err != nil {
+	if s.data, err = openHeld(dir, "datadir", s.dirPerm); err != nil {
 		return nil, err
 	}
-	s.recoverIndex()
-	if err := cleanPartial(s.partial); err != nil {
-		return nil, fmt.Errorf("partial directory: %w", err)
+	if s.partial, err = s.partialDir(opts.PartialDir); err != nil {
+		s.data.Close()
+		return nil, err
 	}
-	// The probe is made in the partial directory only: a probe closed in the
-	// data directory would be an upload.
-	probe, err := os.CreateTemp(s.partial, probePrefix+"*")
-	if err != nil {
-		return nil, fmt.Errorf("datadir %s is not writable: %w", dir, err)
-	}
-	probe.Close()
-	if err := os.Remove(probe.Name()); err != nil {
-		return nil, fmt.Errorf("partial directory: %w", err)
+	if err := s.prepare(); err != nil {
+		s.close()
+		return nil, err
 	}
 	return s, nil
 }
 
+// prepare publishes the index files and removes the other files a crash
+// left, and checks that the directories are writable.
+func (s *Saver) prepare() error {
+	s.recoverIndex()
+	if err := cleanPartial(s.partial); err != nil {
+		return fmt.Errorf("partial directory: %w", err)
+	}
+	// The probe is made in the partial directory only: a probe closed in the
+	// data directory would be an upload.
+	probe := probePrefix + strconv.Itoa(os.Getpid())
+	fd, err := s.partial.createIn(probe, s.perm)
+	if err != nil {
+		return fmt.Errorf("datadir %s is not writable: %w", s.dir, err)
+	}
+	unix.Close(fd)
+	s.partial.remove(probe)
+	return nil
+}
+
+// close closes the data and partial directories' descriptors, when New
+// fails. A Saver holds them for the life of the process.
+func (s *Saver) close() {
+	s.data.Close()
+	s.partial.Close()
+}
+
 // PartialDir returns the absolute directory where files are written before
 // they are published.
-func (s *Saver) PartialDir() string { return s.partial }
+func (s *Saver) PartialDir() string { return s.partial.path }
 
 // PrepareDays makes the directories of the UTC day of now and of the next
 // day, once per day: a recursive watcher of the data directory (pusher's)
@@ -207,8 +228,8 @@ func (s *Saver) PrepareDays(now time.Time) error {
 		return nil
 	}
 	for i := int64(0); i < 2; i++ {
-		if err := os.MkdirAll(s.dayDir(time.Unix((n+i)*86400, 0)), s.dirPerm); err != nil {
-			return fmt.Errorf("datadir: %w", err)
+		if err := s.data.mkdirs(s.dayDir(time.Unix((n+i)*86400, 0))); err != nil {
+			return err
 		}
 	}
 	s.prepared.Store(n)
@@ -221,6 +242,11 @@ func (s *Saver) Dir() string { return s.dir }
 // Path returns the final path of the file for a flow named uuid whose first
 // packet was at first.
 func (s *Saver) Path(uuid string, first time.Time) string {
+	return s.dir + "/" + s.relPath(uuid, first)
+}
+
+// relPath returns Path relative to the data directory.
+func (s *Saver) relPath(uuid string, first time.Time) string {
 	name := uuid + ".pcap"
 	if s.compress {
 		name += ".gz"
@@ -234,14 +260,15 @@ type day struct {
 	dir string
 }
 
-// dayDir returns <dir>/YYYY/MM/DD for the UTC day of t. The last day's is
-// kept: formatting a date for every flow cost more than its file's path.
+// dayDir returns YYYY/MM/DD for the UTC day of t, the directory of its
+// files relative to the data directory. The last day's is kept: formatting
+// a date for every flow cost more than its file's path.
 func (s *Saver) dayDir(t time.Time) string {
 	n := dayNumber(t)
 	if d := s.day.Load(); d != nil && d.n == n {
 		return d.dir
 	}
-	d := &day{n: n, dir: filepath.Join(s.dir, t.UTC().Format("2006/01/02"))}
+	d := &day{n: n, dir: t.UTC().Format("2006/01/02")}
 	s.day.Store(d)
 	return d.dir
 }
