@@ -168,10 +168,11 @@ func TestImpossibleRecords(t *testing.T) {
 }
 
 // TestFutureFrame: one frame dated a day ahead of the others, in the
-// middle of a connection, is dropped and counted; it does not move the
-// clock, so the connection is not ended by it and stays one file. A jump
-// that ConfirmJump frames in a row confirm (a pause in the capture) is
-// taken, and its frames saved.
+// middle of a connection, is set aside and counted; it does not move the
+// clock, so the connection is not ended by it and stays one file. Nor do
+// ConfirmJump frames in a row that are not TCP (ARP, dated 2100). A jump
+// that ConfirmJump TCP segments in a row confirm (a pause in the capture)
+// is taken, and its frames saved.
 func TestFutureFrame(t *testing.T) {
 	i := &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: net.IP{192, 0, 2, 9}, DstIP: net.IP{192, 0, 2, 1}}
 	frame := func(sport uint16, syn, ack bool) []byte {
@@ -192,6 +193,14 @@ func TestFutureFrame(t *testing.T) {
 		if s == 20 {
 			write(t0.Add(24*time.Hour), frame(40001, true, false)) // the odd frame
 		}
+		if s == 30 {
+			arp := serialize(t, &layers.Ethernet{SrcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, DstMAC: layers.EthernetBroadcast, EthernetType: layers.EthernetTypeARP},
+				&layers.ARP{AddrType: layers.LinkTypeEthernet, Protocol: layers.EthernetTypeIPv4, HwAddressSize: 6, ProtAddressSize: 4, Operation: layers.ARPRequest,
+					SourceHwAddress: []byte{2, 0, 0, 0, 0, 1}, SourceProtAddress: []byte{192, 0, 2, 9}, DstHwAddress: make([]byte, 6), DstProtAddress: []byte{192, 0, 2, 1}})
+			for j := 0; j < ConfirmJump; j++ {
+				write(time.Date(2100, 1, 1, 0, 0, j, 0, time.UTC), arp)
+			}
+		}
 		write(t0.Add(time.Duration(s)*time.Second), frame(40000, false, true))
 	}
 	// A pause of a day, then a connection of ConfirmJump frames.
@@ -204,8 +213,8 @@ func TestFutureFrame(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if sum.OddTimes != 1 || sum.Files != 2 {
-		t.Errorf("%s: want the odd frame dropped and counted, and 2 files (the connection whole, and the one after the pause)", sum)
+	if sum.OddTimes != 1+ConfirmJump || sum.Files != 2 {
+		t.Errorf("%s: want the odd frames set aside and counted, and 2 files (the connection whole, and the one after the pause)", sum)
 	}
 	for name, b := range tree(t, out) {
 		cis, _ := readRecords(t, b)

@@ -81,13 +81,14 @@ type Summary struct {
 	// Impossible counts the records refused for an impossible header (see
 	// MaxOrigLen).
 	Impossible uint64
-	// OddTimes counts the frames dated too far ahead of the others,
-	// dropped (see jumpGuard).
+	// OddTimes counts the frames dated too far ahead of the others, set
+	// aside: TCP segments that no run of ConfirmJump confirmed, and every
+	// other frame (see jumpGuard).
 	OddTimes uint64
 }
 
-// ConfirmJump is how many frames in a row, each more than -flowtimeout
-// past the offline clock, make it jump.
+// ConfirmJump is how many TCP segments in a row, each more than
+// -flowtimeout past the offline clock, make it jump.
 const ConfirmJump = 8
 
 // jumpGuard holds frames dated too far past the clock until they confirm
@@ -131,7 +132,7 @@ func (s Summary) String() string {
 		impossible = fmt.Sprintf("; %d records refused (impossible length or time)", s.Impossible)
 	}
 	if s.OddTimes > 0 {
-		impossible += fmt.Sprintf("; %d frames dated far ahead of the others dropped", s.OddTimes)
+		impossible += fmt.Sprintf("; %d frames dated far ahead of the others set aside", s.OddTimes)
 	}
 	return fmt.Sprintf("read %d packets (%d undecodable) in %d flows; wrote %d files (%d bytes); named %d flows from events and %d by fallback; dropped %d packets without UUID and %d after -captureduration; %d events (%d skipped); %d write errors",
 		s.Packets, s.Undecodable, s.Flows, s.Files, s.Bytes, s.NamedByEvents, s.NamedByFallback, s.NoUUID, s.AfterDuration, s.Events, s.BadEvents, s.WriteErrors) + impossible
@@ -419,8 +420,10 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	// would end every open flow at the next tick. A frame more than
 	// -flowtimeout past the clock is held until ConfirmJump of them in a
 	// row confirm the jump (a pause in the capture); a frame within it
-	// first drops the held ones, counted as odd (TestFutureFrame).
+	// first drops the held ones, counted as odd (TestFutureFrame). Only TCP
+	// segments, frames of the flows themselves, are held and confirm it.
 	guard := jumpGuard{max: int64(o.Config.FlowTimeout)}
+	var tcp packet.Parsed
 	for n&1023 != 0 || ctx.Err() == nil { // the context, every 1024 packets
 		data, ts, origLen, ifc, err := src.Next()
 		if errors.Is(err, io.EOF) {
@@ -439,6 +442,12 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 			break
 		}
 		if n > 0 && ts > clock+guard.max {
+			if tcp.Decode(src.LinkType(ifc), data) != packet.TCP {
+				// Not a frame of any flow: set aside, it neither confirms a
+				// jump nor breaks the run of those that do (TestFutureFrame).
+				sum.OddTimes++
+				continue
+			}
 			if guard.hold(data, ts, origLen, ifc) {
 				guard.release(process)
 			}
