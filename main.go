@@ -54,6 +54,7 @@ type config struct {
 	minFree                  saver.FreeSpace
 	read, events             string
 	quiet, version           bool
+	excludeLocal             bool
 	localAddrs               flagx.StringArray
 }
 
@@ -99,6 +100,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.StringVar(&c.read, "read", "", "Offline mode: split this pcap or pcapng file (gzip allowed; - for stdin) instead of capturing, then exit")
 	fs.StringVar(&c.events, "events", "", "Offline mode: tcp-info eventsocket JSON Lines (gzip allowed) naming the flows of -read; unset: fallback names from time and 4-tuple")
 	fs.BoolVar(&c.quiet, "quiet", false, "Offline mode: no progress line on a terminal")
+	fs.BoolVar(&c.excludeLocal, "exclude-local", false, "Offline mode: leave out connections with a loopback, link-local, multicast or unspecified address, as tcp-info and live mode always do; unset: offline keeps them (a capture taken on loopback is split whole)")
 	fs.Var(&c.localAddrs, "localaddr", "Offline mode: an address of the server (repeatable), kept by -anonymize.ip; the local ends in -events are added")
 	c.p.Saver.Perm = 0o640
 	fs.Var((*saver.Perm)(&c.p.Saver.Perm), "fileperm", "Permissions of the files written (octal; directories get search permission where read is given): 0640 lets the owner and its group (an uploader's) read; 0644 lets everyone read; no write permission beyond the owner's")
@@ -143,6 +145,7 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		if err := checkOffline(c, set); err != nil {
 			return err
 		}
+		c.p.KeepLocal = !c.excludeLocal
 	} else {
 		if !set["maxheap"] {
 			c.l.MaxHeap = int64(live.DefaultMaxHeap("/"))
@@ -155,6 +158,8 @@ func parse(args []string, c *config, stderr io.Writer) error {
 			return errors.New("-events goes with -read (offline mode)")
 		case len(c.localAddrs) > 0:
 			return errors.New("-localaddr is for offline mode (-read); live mode knows its addresses")
+		case set["exclude-local"]:
+			return errors.New("-exclude-local is for offline mode (-read); live mode always leaves out local addresses, as tcp-info does")
 		}
 		if err := c.l.Check(); err != nil {
 			return err

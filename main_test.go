@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"flag"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -93,6 +94,8 @@ func TestParse(t *testing.T) {
 		{"sample key readable by others", append([]string{"-sample=3", "-sample.keyfile", file}, ok...), nil, "readable by others"},
 		{"offline sample", []string{"-read", "x.pcap", "-sample=3"}, nil, ""},
 		{"offline cgroup", []string{"-read", "x.pcap", "-cgroup=system.slice"}, nil, "-cgroup is for live capture"},
+		{"offline exclude-local", []string{"-read", "x.pcap", "-exclude-local"}, nil, ""},
+		{"exclude-local live", append([]string{"-exclude-local"}, ok...), nil, "offline mode"},
 		{"pprof on loopback", append([]string{"-pprof", "-prometheusx.listen-address=127.0.0.1:9990"}, ok...), nil, ""},
 		{"pprof on [::1]", append([]string{"-pprof", "-prometheusx.listen-address=[::1]:9990"}, ok...), nil, ""},
 		{"pprof on every address", append([]string{"-pprof"}, ok...), nil, "-pprof needs a loopback"},
@@ -123,6 +126,17 @@ func TestParse(t *testing.T) {
 				t.Errorf("the reason quotes the key file: %q", err)
 			}
 		})
+	}
+	// Offline keeps local addresses unless -exclude-local; live never does.
+	for args, want := range map[string]bool{"": true, "-exclude-local": false, "-exclude-local=false": true} {
+		var c config
+		if err := parse(append([]string{"-read", "x.pcap"}, strings.Fields(args)...), &c, io.Discard); err != nil || c.p.KeepLocal != want {
+			t.Errorf("-read x.pcap %s: KeepLocal %v (%v), want %v", args, c.p.KeepLocal, err, want)
+		}
+	}
+	var live config
+	if parse(ok, &live, io.Discard) != nil || live.p.KeepLocal {
+		t.Error("live mode keeps local addresses")
 	}
 	// -maxprocs: one, with or without -compress (igzip's compression is
 	// cheap enough to share the capture's processor), Go's default with an

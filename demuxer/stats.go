@@ -84,13 +84,14 @@ type Counts struct {
 	Captured uint64                    // frames given to Packet
 	Started  uint64                    // flows started
 	Packets  [NumPacketOutcomes]uint64 // frames not saved, by outcome
+	Ended    [NumEndOutcomes]uint64    // flows ended without a file, by outcome
 	Named    map[names.Source]uint64   // flows named, by the source that named them
 }
 
 // Counts returns the demuxer's totals. Like Packet, it must be called from
 // the demuxer's goroutine.
 func (d *Demuxer) Counts() Counts {
-	c := Counts{Captured: d.c.captured, Started: d.c.started, Packets: d.c.packets, Named: map[names.Source]uint64{}}
+	c := Counts{Captured: d.c.captured, Started: d.c.started, Packets: d.c.packets, Ended: d.c.ended, Named: map[names.Source]uint64{}}
 	for src, n := range d.named {
 		c.Named[src] = n
 	}

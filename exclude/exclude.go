@@ -96,9 +96,14 @@ func Local(a netip.Addr) bool {
 // Excluded reports whether tcp-info excludes the connection between local
 // and remote. A nil Rules applies the local rule only.
 func (r *Rules) Excluded(local, remote netip.AddrPort) bool {
-	if Local(local.Addr()) || Local(remote.Addr()) {
-		return true
-	}
+	return Local(local.Addr()) || Local(remote.Addr()) || r.Listed(local, remote)
+}
+
+// Listed reports whether the ports and addresses of the rules exclude the
+// connection between local and remote, without the local rule (offline
+// mode keeps a loopback capture's connections unless asked). A nil Rules
+// lists nothing.
+func (r *Rules) Listed(local, remote netip.AddrPort) bool {
 	if r == nil {
 		return false
 	}

@@ -14,6 +14,8 @@ import (
 	"github.com/google/gopacket"
 	"github.com/google/gopacket/layers"
 	"github.com/google/gopacket/pcapgo"
+
+	"github.com/m-lab/packet-headers/selection"
 )
 
 func serialize(t *testing.T, ls ...gopacket.SerializableLayer) []byte {
@@ -221,5 +223,48 @@ func TestFutureFrame(t *testing.T) {
 		if strings.Contains(name, "_40000_") && len(cis) != 41 || strings.Contains(name, "_40002_") && len(cis) != ConfirmJump {
 			t.Errorf("%s: %d packets", name, len(cis))
 		}
+	}
+}
+
+// TestLoopbackCapture splits a real capture taken on loopback: by default
+// offline keeps its seven connections (tcp-info's local rule is live's),
+// and the summary says no connection was left out; with ExcludeLocal
+// (-exclude-local) none is kept, and the summary says how many the rule
+// left out, and which; -localport leaves them out as another port.
+func TestLoopbackCapture(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		keepLocal  bool
+		ports      string
+		files      int
+		summary    string
+		excluded   uint64
+		otherPorts uint64
+	}{
+		{"default", true, "", 7, "left out no connection", 0, 0},
+		{"-exclude-local", false, "", 0, "left out 7 connections (7 excluded)", 7, 0},
+		{"-localport 443", true, "443", 0, "left out 7 connections (7 other_port)", 0, 7},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			out := t.TempDir()
+			o := options(out, "testdata/loopback.pcap", "")
+			o.KeepLocal = tt.keepLocal
+			if tt.ports != "" {
+				o.Ports = &selection.Ports{}
+				o.Ports.Add(tt.ports)
+			}
+			sum, err := Run(context.Background(), o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if sum.Files != int64(tt.files) || sum.LeftOut[selection.Excluded] != tt.excluded || sum.LeftOut[selection.OtherPort] != tt.otherPorts || !strings.Contains(sum.String(), tt.summary) {
+				t.Errorf("%s: want %d files and %q", sum, tt.files, tt.summary)
+			}
+			for name, b := range tree(t, out) {
+				if cis, _ := readRecords(t, b); len(cis) != 14 {
+					t.Errorf("%s: %d packets, want 14", name, len(cis))
+				}
+			}
+		})
 	}
 }

@@ -44,6 +44,7 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/pipeline"
+	"github.com/m-lab/packet-headers/selection"
 )
 
 // Options configures a Run.
@@ -81,6 +82,14 @@ type Summary struct {
 	// Impossible counts the records refused for an impossible header (see
 	// MaxOrigLen).
 	Impossible uint64
+	// LeftOut counts the connections each rule of the selection left out,
+	// by verdict (tcp-info's exclusions, -localport, -outgoing's absence);
+	// LeftOutAtLeast says the counts are lower bounds: more than
+	// maxLeftOut connections were left out. NotSampled counts the flows
+	// -sample left out.
+	LeftOut        [selection.NumVerdicts]uint64
+	LeftOutAtLeast bool
+	NotSampled     uint64
 	// OddTimes counts the frames dated too far ahead of the others, set
 	// aside: TCP segments that no run of ConfirmJump confirmed, and every
 	// other frame (see jumpGuard).
@@ -134,8 +143,63 @@ func (s Summary) String() string {
 	if s.OddTimes > 0 {
 		impossible += fmt.Sprintf("; %d frames dated far ahead of the others set aside", s.OddTimes)
 	}
-	return fmt.Sprintf("read %d packets (%d undecodable) in %d flows; wrote %d files (%d bytes); named %d flows from events and %d by fallback; dropped %d packets without UUID and %d after -captureduration; %d events (%d skipped); %d write errors",
-		s.Packets, s.Undecodable, s.Flows, s.Files, s.Bytes, s.NamedByEvents, s.NamedByFallback, s.NoUUID, s.AfterDuration, s.Events, s.BadEvents, s.WriteErrors) + impossible
+	return fmt.Sprintf("read %d packets (%d undecodable) in %d flows; wrote %d files (%d bytes); named %d flows from events and %d by fallback; dropped %d packets without UUID and %d after -captureduration; %s; %d events (%d skipped); %d write errors",
+		s.Packets, s.Undecodable, s.Flows, s.Files, s.Bytes, s.NamedByEvents, s.NamedByFallback, s.NoUUID, s.AfterDuration, s.leftOut(), s.Events, s.BadEvents, s.WriteErrors) + impossible
+}
+
+// leftOut says how many connections the selection left out, by rule.
+func (s Summary) leftOut() string {
+	var total uint64
+	var rules []string
+	for v, n := range s.LeftOut {
+		if n > 0 {
+			total += n
+			rules = append(rules, fmt.Sprintf("%d %s", n, selection.Verdict(v)))
+		}
+	}
+	if s.NotSampled > 0 {
+		total += s.NotSampled
+		rules = append(rules, fmt.Sprintf("%d not_sampled", s.NotSampled))
+	}
+	atLeast := ""
+	if s.LeftOutAtLeast {
+		atLeast = "at least "
+	}
+	if total == 0 {
+		return "left out no connection"
+	}
+	return fmt.Sprintf("left out %s%d connections (%s)", atLeast, total, strings.Join(rules, ", "))
+}
+
+// maxLeftOut is how many connections left out by the selection a run
+// remembers, to count each once: a capture of millions of them (a scan)
+// must not hold millions of keys; beyond it, the counts are lower bounds.
+const maxLeftOut = 1 << 18
+
+// leftOut counts the distinct connections that each verdict left out.
+type leftOut struct {
+	seen map[packet.Key]struct{}
+	sum  *Summary
+}
+
+// wrap returns sel, counting what it leaves out. The demuxers asking it
+// all run on the reading goroutine.
+func (l *leftOut) wrap(sel func(packet.Key, *packet.Parsed, bool) selection.Verdict) func(packet.Key, *packet.Parsed, bool) selection.Verdict {
+	return func(k packet.Key, p *packet.Parsed, srcIsA bool) selection.Verdict {
+		v := sel(k, p, srcIsA)
+		if v == selection.Save {
+			return v
+		}
+		if _, ok := l.seen[k]; !ok {
+			if len(l.seen) < maxLeftOut {
+				l.seen[k] = struct{}{}
+				l.sum.LeftOut[v]++
+			} else {
+				l.sum.LeftOutAtLeast = true
+			}
+		}
+		return v
+	}
 }
 
 // FallbackName is the name of a flow when no events are given: the UTC time
@@ -329,6 +393,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	sv, table := p.Saver, p.Names
 	fb := &fallbacks{anon: p.Anon, gate: p.Gate(), cur: map[string]int{}}
 	demuxers := map[int]*demuxer.Demuxer{} // by interface (pcapng) or 0
+	lo := &leftOut{seen: map[packet.Key]struct{}{}, sum: &sum}
 	unsupported := map[int]bool{}
 	get := func(ifc int) *demuxer.Demuxer {
 		d, ok := demuxers[ifc]
@@ -339,6 +404,9 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 				sum.Unsupported = append(sum.Unsupported, fmt.Sprintf("interface %d: link type %v is not supported (only %s): its packets are not decoded", ifc, lt, packet.SupportedLinkTypes))
 			}
 			d = p.Demuxer(lt, func(do *demuxer.Options) {
+				if do.Select != nil {
+					do.Select = lo.wrap(do.Select)
+				}
 				if o.Events == "" {
 					do.Names = fallbackNamer{t: table, fb: fb, ifc: ifc}
 				} else {
@@ -492,6 +560,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		sum.Flows += c.Started
 		sum.NoUUID += c.Packets[demuxer.NoUUID] + c.Packets[demuxer.ShutdownNoUUID]
 		sum.AfterDuration += c.Packets[demuxer.AfterCaptureDuration]
+		sum.NotSampled += c.Ended[demuxer.EndedNotSampled]
 	}
 	sum.Files, sum.Bytes, sum.WriteErrors = sv.Written()
 	if readErr == nil && ctx.Err() != nil {

@@ -49,6 +49,9 @@ type Config struct {
 	Ports    *selection.Ports
 	Outgoing bool
 	Strict   bool
+	// KeepLocal keeps the connections that tcp-info's always-on local rule
+	// excludes (offline without -exclude-local).
+	KeepLocal bool
 	// Sample chooses one named connection in N (nil: all).
 	Sample *selection.Sample
 	// Authoritative makes tcp-info's announcements win over the kernel's
@@ -107,7 +110,7 @@ func New(c Config) (*Pipeline, error) {
 		c.Exclude = &exclude.Rules{}
 	}
 	c.Exclude.SetLocal(c.Local)
-	sel := &selection.Policy{Exclude: c.Exclude, Ports: c.Ports, Outgoing: c.Outgoing, Strict: c.Strict}
+	sel := &selection.Policy{Exclude: c.Exclude, Ports: c.Ports, Outgoing: c.Outgoing, Strict: c.Strict, KeepLocal: c.KeepLocal}
 	sel.SetLocal(c.Local)
 	sv, err := saver.New(c.Saver)
 	if err != nil {

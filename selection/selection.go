@@ -49,8 +49,19 @@ const (
 	NotLocal            // neither end is this host's (Strict only)
 	Outgoing            // this host opened it, and Policy.Outgoing is false
 	OtherPort           // its local port is not one of Policy.Ports
-	OtherCgroup         // its local port is not a listener's of the selected cgroups
+	OtherCgroup         // its listener is not one of the selected cgroups'
+	NumVerdicts         // the number of verdicts, for arrays indexed by Verdict
 )
+
+var verdictNames = [NumVerdicts]string{"save", "excluded", "not_local", "outgoing", "other_port", "other_cgroup"}
+
+// String returns the verdict's name, as the packet outcomes name it.
+func (v Verdict) String() string {
+	if v < NumVerdicts {
+		return verdictNames[v]
+	}
+	return "invalid"
+}
 
 // Policy is what the study asked for. Its exported fields are set before
 // use; SetLocal and SetListening may be called at any time, concurrently
@@ -60,6 +71,11 @@ type Policy struct {
 	Ports    *Ports         // nil: every local port
 	Outgoing bool           // save the connections this host opened too
 	Strict   bool           // a connection without a local end is not saved (live)
+	// KeepLocal keeps the connections of loopback, link-local, multicast
+	// or unspecified addresses, which tcp-info always excludes (and so
+	// live mode): offline, a capture taken on loopback is split whole
+	// unless -exclude-local asks otherwise.
+	KeepLocal bool
 	// Ephemeral is the range of local ports the kernel gives connections
 	// this host opens (net.ipv4.ip_local_port_range; default 32768-60999).
 	// A connection whose SYN was not seen, on a port that no listener had
@@ -201,7 +217,7 @@ func (p *Policy) SetListening(l Listeners) { p.listening.Store(&l) }
 func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 	a := netip.AddrPortFrom(netip.AddrFrom16(k.A).Unmap(), k.APort)
 	b := netip.AddrPortFrom(netip.AddrFrom16(k.B).Unmap(), k.BPort)
-	if exclude.Local(a.Addr()) || exclude.Local(b.Addr()) {
+	if !p.KeepLocal && (exclude.Local(a.Addr()) || exclude.Local(b.Addr())) {
 		return Excluded
 	}
 	aLocal, bLocal := p.IsLocal(a.Addr()), p.IsLocal(b.Addr())
@@ -234,7 +250,7 @@ func (p *Policy) Decide(k packet.Key, pp *packet.Parsed, srcIsA bool) Verdict {
 	if !localIsA {
 		local, remote = b, a
 	}
-	if known && p.Exclude.Excluded(local, remote) || !known && (p.Exclude.Excluded(a, b) || p.Exclude.Excluded(b, a)) {
+	if known && p.Exclude.Listed(local, remote) || !known && (p.Exclude.Listed(a, b) || p.Exclude.Listed(b, a)) {
 		return Excluded
 	}
 	if p.Ports != nil && !p.Ports.Has(local.Port()) {
