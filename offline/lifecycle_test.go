@@ -212,6 +212,36 @@ func TestLinkTypes(t *testing.T) {
 	}
 }
 
+// TestUnsupportedLinkTypes: a pcapng with thousands of interfaces of link
+// types the decoder does not know gets one summary line per link type,
+// with its interfaces and packets counted, not one line per interface.
+func TestUnsupportedLinkTypes(t *testing.T) {
+	eth := segment(t, 1000, true, 100, 0, "S", 0)
+	lts := []layers.LinkType{layers.LinkTypeEthernet}
+	frames := []frame{{0, 0, eth}}
+	for i := 1; i <= 3000; i++ {
+		lt := layers.LinkType(9) // PPP
+		if i%3 == 0 {
+			lt = 50 // PPP over serial (HDLC)
+		}
+		lts = append(lts, lt)
+		frames = append(frames, frame{i, time.Duration(i) * time.Microsecond, eth})
+	}
+	sum, err := Run(context.Background(), options(t.TempDir(), writeCapture(t, lts, frames), ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"2000 interfaces (the first 1): link type 9, PPP is not supported", "1000 interfaces (the first 3): link type 50"}
+	if sum.Files != 1 || sum.UnsupportedPackets != 3000 || len(sum.Unsupported) != 2 {
+		t.Fatalf("%d files, %d unsupported packets, %d lines; want 1, 3000, 2", sum.Files, sum.UnsupportedPackets, len(sum.Unsupported))
+	}
+	for i, w := range want {
+		if !strings.Contains(sum.Unsupported[i], w) || !strings.Contains(sum.Unsupported[i], fmt.Sprintf("%d packets not decoded", 2000-1000*i)) {
+			t.Errorf("line %d: %q, want %q and its packets", i, sum.Unsupported[i], w)
+		}
+	}
+}
+
 // TestRepeatedOpen: tcp-info repeats the Opens of open connections when it
 // restarts. A repeated Open changes nothing: the connection, 3 s long, is
 // one file under its UUID, with every packet, and its Close ends it.

@@ -74,8 +74,10 @@ type Summary struct {
 	AfterDuration        uint64 // packets after -captureduration
 	// NamedByEvents and NamedByFallback count the flows each source named.
 	NamedByEvents, NamedByFallback uint64
-	// Unsupported says, per interface whose link type the decoder does not
-	// know, which it is; their frames are counted as undecodable.
+	// Unsupported says, per link type the decoder does not know, which
+	// interfaces have it and how many of their frames (counted as
+	// undecodable) were not decoded: one line per link type, however many
+	// interfaces a pcapng declares (TestUnsupportedLinkTypes).
 	Unsupported []string
 	// UnsupportedPackets counts the frames of those interfaces.
 	UnsupportedPackets uint64
@@ -132,6 +134,44 @@ func (g *jumpGuard) drop() uint64 {
 	n := len(g.held)
 	g.held = g.held[:0]
 	return uint64(n)
+}
+
+// unsupportedLines describes the interfaces of unsupported link types, one
+// line per link type, in the order of their first interfaces.
+func unsupportedLines(unsupported map[int]packet.LinkType, demuxers map[int]*demuxer.Demuxer) []string {
+	type kind struct {
+		ifcs    []int
+		packets uint64
+	}
+	byType := map[packet.LinkType]*kind{}
+	for ifc, lt := range unsupported {
+		k := byType[lt]
+		if k == nil {
+			k = &kind{}
+			byType[lt] = k
+		}
+		k.ifcs = append(k.ifcs, ifc)
+		k.packets += demuxers[ifc].Counts().Captured
+	}
+	type line struct {
+		first int
+		text  string
+	}
+	var ls []line
+	for lt, k := range byType {
+		sort.Ints(k.ifcs)
+		which := fmt.Sprintf("interface %d", k.ifcs[0])
+		if len(k.ifcs) > 1 {
+			which = fmt.Sprintf("%d interfaces (the first %d)", len(k.ifcs), k.ifcs[0])
+		}
+		ls = append(ls, line{k.ifcs[0], fmt.Sprintf("%s: link type %v is not supported (only %s): %d packets not decoded", which, lt, packet.SupportedLinkTypes, k.packets)})
+	}
+	sort.Slice(ls, func(i, j int) bool { return ls[i].first < ls[j].first })
+	var lines []string
+	for _, l := range ls {
+		lines = append(lines, l.text)
+	}
+	return lines
 }
 
 // String is the one-line summary.
@@ -394,14 +434,13 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	fb := &fallbacks{anon: p.Anon, gate: p.Gate(), cur: map[string]int{}}
 	demuxers := map[int]*demuxer.Demuxer{} // by interface (pcapng) or 0
 	lo := &leftOut{seen: map[packet.Key]struct{}{}, sum: &sum}
-	unsupported := map[int]bool{}
+	unsupported := map[int]packet.LinkType{}
 	get := func(ifc int) *demuxer.Demuxer {
 		d, ok := demuxers[ifc]
 		if !ok {
 			lt := src.LinkType(ifc)
 			if !lt.Supported() {
-				unsupported[ifc] = true
-				sum.Unsupported = append(sum.Unsupported, fmt.Sprintf("interface %d: link type %v is not supported (only %s): its packets are not decoded", ifc, lt, packet.SupportedLinkTypes))
+				unsupported[ifc] = lt
 			}
 			d = p.Demuxer(lt, func(do *demuxer.Options) {
 				if do.Select != nil {
@@ -548,11 +587,12 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	if o.Config.Saver.PartialDir == "" {
 		os.Remove(sv.PartialDir()) // its own, empty now: the output is only the files
 	}
+	sum.Unsupported = unsupportedLines(unsupported, demuxers)
 	for ifc, d := range demuxers {
 		c := d.Counts()
 		sum.Packets += c.Captured
 		sum.Undecodable += c.Packets[demuxer.Undecodable]
-		if unsupported[ifc] {
+		if _, ok := unsupported[ifc]; ok {
 			sum.UnsupportedPackets += c.Captured
 		}
 		sum.NamedByEvents += c.Named[names.EventSocket]
