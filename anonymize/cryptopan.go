@@ -7,10 +7,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"net/netip"
-	"os"
 	"strings"
+
+	"github.com/m-lab/packet-headers/internal/keyfile"
 )
 
 // KeySize is the size of a Crypto-PAn key: an AES-128 key, then the 16
@@ -69,18 +69,10 @@ func LoadKey(mode Mode, tsOffset bool, keyFile string) ([]byte, error) {
 // (as `openssl rand -hex 32` writes them, a final newline allowed). Its
 // errors never quote the file's contents.
 func ReadKey(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
+	b, err := keyfile.Read(path, 4*KeySize)
+	if errors.Is(err, keyfile.ErrTooLong) {
+		return nil, fmt.Errorf("%s: %w (it has more than %d bytes)", path, ErrKeySize, 4*KeySize)
 	}
-	defer f.Close()
-	if st, err := f.Stat(); err != nil {
-		return nil, err
-	} else if st.Mode().Perm()&0o004 != 0 {
-		// Whoever reads the key can invert the mapping.
-		return nil, fmt.Errorf("%s: %w (mode %#o): chmod o-r", path, ErrKeyExposed, st.Mode().Perm())
-	}
-	b, err := io.ReadAll(io.LimitReader(f, 4*KeySize))
 	if err != nil {
 		return nil, err
 	}
@@ -96,8 +88,9 @@ func ReadKey(path string) ([]byte, error) {
 }
 
 // ErrKeyExposed is wrapped by ReadKey's error for a key file that users
-// other than its owner and group can read.
-var ErrKeyExposed = errors.New("the key file is readable by others")
+// other than its owner and group can read: whoever reads the key can
+// invert the mapping.
+var ErrKeyExposed = keyfile.ErrExposed
 
 // ErrKeySize is wrapped by ReadKey's error for a file that holds no key.
 var ErrKeySize = fmt.Errorf("not a Crypto-PAn key: want %d bytes, or %d hexadecimal digits", KeySize, 2*KeySize)

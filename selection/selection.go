@@ -30,12 +30,12 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"strconv"
 	"strings"
 	"sync/atomic"
 
 	"github.com/m-lab/packet-headers/exclude"
+	"github.com/m-lab/packet-headers/internal/keyfile"
 	"github.com/m-lab/packet-headers/packet"
 )
 
@@ -329,10 +329,15 @@ func NewSample(n int, key []byte) *Sample {
 	return &Sample{n: uint64(n), key: key}
 }
 
+// MaxSampleKey is the longest sample key file read (HMAC-SHA256 hashes a
+// key longer than 64 bytes anyway).
+const MaxSampleKey = 4096
+
 // LoadSample returns the sample that -sample (n) and -sample.keyfile ask
 // for, or a one-line reason naming them. The key file's bytes are the key
-// as they are; a file others can read is refused, since whoever reads it
-// can tell which connections have traces.
+// as they are; an empty one, or one that is not a regular file, is
+// refused, and so is a file others can read, since whoever reads it can
+// tell which connections have traces (TestLoadSample).
 func LoadSample(n int, keyFile string) (*Sample, error) {
 	switch {
 	case n < 1:
@@ -342,12 +347,9 @@ func LoadSample(n int, keyFile string) (*Sample, error) {
 	}
 	var key []byte
 	if keyFile != "" {
-		st, err := os.Stat(keyFile)
-		if err == nil && st.Mode().Perm()&0o004 != 0 {
-			err = fmt.Errorf("readable by others (mode %#o): chmod o-r", st.Mode().Perm())
-		}
-		if err == nil {
-			key, err = os.ReadFile(keyFile)
+		var err error
+		if key, err = keyfile.Read(keyFile, MaxSampleKey); err == nil && len(key) == 0 {
+			err = fmt.Errorf("%s is empty: a key that is no secret", keyFile)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("-sample.keyfile: %w", err)

@@ -3,7 +3,13 @@ package selection
 import (
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/exclude"
 	"github.com/m-lab/packet-headers/packet"
@@ -265,5 +271,42 @@ func TestListenerShadow(t *testing.T) {
 	}
 	if !p.Nameable(at(server.Addr(), 3001), remote) || p.Nameable(at(server.Addr(), 3003), remote) {
 		t.Error("Nameable does not follow the listener of the connection's own address")
+	}
+}
+
+// TestLoadSample: a sample key file is read whole; an empty one, a FIFO
+// (which would hold start-up), one others can read and one too long are
+// refused, each with a one-line reason naming the flag.
+func TestLoadSample(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, []byte(content), mode)
+		os.Chmod(p, mode)
+		return p
+	}
+	if s, err := LoadSample(10, write("key", "k", 0o600)); err != nil || s.Rate() != 10 || string(s.key) != "k" {
+		t.Errorf("LoadSample = %v, %v", s, err)
+	}
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for name, path := range map[string]string{
+		"empty":              write("empty", "", 0o600),
+		"fifo":               fifo,
+		"readable by others": write("open", "k", 0o644),
+		"too long":           write("long", strings.Repeat("k", MaxSampleKey+1), 0o600),
+	} {
+		done := make(chan error, 1)
+		go func() { _, err := LoadSample(10, path); done <- err }()
+		select {
+		case err := <-done:
+			if err == nil || !strings.HasPrefix(err.Error(), "-sample.keyfile: ") || strings.Contains(err.Error(), "\n") {
+				t.Errorf("%s: %v, want a one-line reason", name, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: LoadSample is still waiting after 5 s", name)
+		}
 	}
 }
