@@ -46,6 +46,7 @@ func TestParse(t *testing.T) {
 		{"tiny maxheadersize", append([]string{"-maxheadersize", "20"}, ok...), nil, "maxheadersize"},
 		{"negative maxflows", append([]string{"-maxflows", "-3"}, ok...), nil, "maxflows"},
 		{"negative maxprocs", append([]string{"-maxprocs", "-1"}, ok...), nil, "maxprocs"},
+		{"huge maxprocs", append([]string{"-maxprocs", "100000"}, ok...), nil, "-maxprocs must be from 0 to 1024"},
 		{"negative batch delay", append([]string{"-capture.batchdelay", "-5ms"}, ok...), nil, "capture.batchdelay"},
 		{"immediate capture", append([]string{"-capture.batchdelay", "0"}, ok...), nil, ""},
 		{"tiny capture buffer", append([]string{"-capture.buffersize", "1KB"}, ok...), nil, "capture.buffersize"},

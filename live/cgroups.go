@@ -48,7 +48,7 @@ func cgroupDirs(paths []string) ([]string, error) {
 		if !filepath.IsAbs(p) {
 			d = filepath.Join(mount, p)
 		}
-		if rel, err := filepath.Rel(mount, d); err != nil || strings.HasPrefix(rel, "..") {
+		if !under(mount, d) {
 			return nil, fmt.Errorf("-cgroup %s: not under the cgroup v2 mount %s", p, mount)
 		}
 		if st, err := os.Stat(d); err != nil || !st.IsDir() {
@@ -57,6 +57,13 @@ func cgroupDirs(paths []string) ([]string, error) {
 		dirs = append(dirs, d)
 	}
 	return dirs, nil
+}
+
+// under reports whether d is mount or a directory below it: a cgroup may
+// be named "..svc", and only ".." itself climbs (TestUnder).
+func under(mount, d string) bool {
+	rel, err := filepath.Rel(mount, d)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
 }
 
 // cgroupIDs returns the cgroup v2 ids (inode numbers) of dirs and of every

@@ -82,8 +82,10 @@ func (c *Config) Check() error {
 		return fmt.Errorf("-capture.buffersize must be between 64KB and 2GB, not %d bytes", c.BufferSize)
 	case c.MaxFlows < 0:
 		return fmt.Errorf("-maxflows must not be negative, not %d", c.MaxFlows)
-	case c.MaxProcs < 0:
-		return fmt.Errorf("-maxprocs must not be negative, not %d", c.MaxProcs)
+	case c.MaxProcs < 0 || c.MaxProcs > MaxProcs:
+		// Go starts a garbage-collection worker per processor: 100,000 of
+		// them ended in "thread exhaustion" and a 1.2M-line dump.
+		return fmt.Errorf("-maxprocs must be from 0 to %d (this machine has %d CPUs), not %d", MaxProcs, runtime.NumCPU(), c.MaxProcs)
 	case c.MaxHeap <= 0:
 		return errors.New("-maxheap must be positive")
 	case c.MaxIdleRAM <= 0:
@@ -137,6 +139,10 @@ func (e UsageError) Error() string { return e.Err.Error() }
 func (e UsageError) Unwrap() error { return e.Err }
 
 func usage(err error) error { return UsageError{err} }
+
+// MaxProcs is the most -maxprocs takes: beyond the CPUs, processors add
+// threads and no speed.
+const MaxProcs = 1024
 
 // Run runs the daemon until ctx is done, then shuts it down within
 // c.SigtermWait and c.ShutdownTimeout. Everything opened is closed by a

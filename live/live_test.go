@@ -31,3 +31,22 @@ func TestUsableInterfaces(t *testing.T) {
 		t.Errorf("a named interface without address: %v %v", got, err)
 	}
 }
+
+// TestUnder: a -cgroup path is refused only when it climbs out of the
+// cgroup v2 mount; a cgroup whose name begins with two dots is one like
+// any other.
+func TestUnder(t *testing.T) {
+	for d, want := range map[string]bool{
+		"/sys/fs/cgroup":                    true,
+		"/sys/fs/cgroup/..svc":              true,
+		"/sys/fs/cgroup/system.slice/..a.b": true,
+		"/sys/fs/cgroup/..":                 false,
+		"/sys/fs":                           false,
+		"/sys/fs/cgroupx":                   false,
+		"/etc":                              false,
+	} {
+		if got := under("/sys/fs/cgroup", d); got != want {
+			t.Errorf("under(%q) = %v, want %v", d, got, want)
+		}
+	}
+}
