@@ -66,7 +66,8 @@ func flagValue(args []string, name string) string {
 // environment block; pusher is at a version whose flags it is given and
 // uploads both the traces and tcp-info's output; the grace period outlasts
 // the sidecars' shutdown; the memory limit leaves room above -maxheap; the
-// prefix file is written by M-Lab's uuid init container.
+// prefix file is written by M-Lab's uuid init container; the retention is
+// off (pusher deletes what it uploaded).
 func TestKubernetesManifest(t *testing.T) {
 	cm, ds := readManifest(t)
 	pod := ds.Spec.Template
@@ -106,6 +107,9 @@ func TestKubernetesManifest(t *testing.T) {
 	}
 	if c.p.Exclude.Empty() || env["EXCLUDE_SRCPORT"] == "" {
 		t.Error("packet-headers gets no exclusions")
+	}
+	if c.l.Retention.On() {
+		t.Error("the retention must stay off at M-Lab: pusher deletes what it uploaded, and a second deleter loses traces not uploaded yet")
 	}
 	if len(ti.EnvFrom) != 1 || ti.EnvFrom[0].ConfigMapRef == nil || ti.EnvFrom[0].ConfigMapRef.Name != cm.Name ||
 		flagValue(ti.Args, "exclude-srcport") != "" || flagValue(ti.Args, "exclude-dstip") != "" {

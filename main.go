@@ -51,7 +51,7 @@ type config struct {
 	localPorts               flagx.StringArray
 	sample                   int
 	sampleKeyFile            string
-	minFree                  saver.FreeSpace
+	minFree, retainFree      saver.FreeSpace
 	read, events             string
 	quiet, version           bool
 	excludeLocal             bool
@@ -85,6 +85,9 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.Int64Var(&c.l.MaxFlows, "maxflows", 0, "Track at most this many concurrent flows; beyond it new flows are not tracked (0: unlimited)")
 	fs.Var((*bytecount.ByteCount)(&c.l.MaxHeap), "maxheap", "When the heap exceeds this, new flows are not tracked until it shrinks; also the Go runtime's soft memory limit. Default: 8GB, or two thirds of the cgroup's memory limit if lower")
 	c.minFree.Set("1%")
+	fs.Var(&c.retainFree, "retention.minfree", "Delete whole day directories of the datadir, oldest first (never today's or the one made ahead), while its filesystem has less free space than this, as bytes (2GB) or a percentage (10%); above -minfreespace. Off by default: not with an uploader that deletes what it sent (M-Lab's pusher)")
+	fs.Var((*bytecount.ByteCount)(&c.l.Retention.MaxBytes), "retention.maxsize", "Delete the oldest day directories, as -retention.minfree does, while the days take more than this (1500GB); 0: no budget")
+	fs.IntVar(&c.l.Retention.MaxDays, "retention.maxdays", 0, "Keep the day directories of today and of this many days before it, deleting older ones, as -retention.minfree does; 0: no limit")
 	fs.Var(&c.minFree, "minfreespace", "Keep this much free space in the datadir's filesystem, as bytes (500MB) or a percentage (5%): below it, new flows are not written (counted); 0 disables")
 	fs.DurationVar(&c.l.HealthGrace, "health.grace", time.Minute, "/healthz fails once a capture or the eventsocket has been down this long (/readyz fails at once)")
 	fs.IntVar(&c.l.MaxProcs, "maxprocs", 1, "Processors that run the daemon's Go code (GOMAXPROCS) in live mode; 0: Go's default (one per CPU, as with an explicit GOMAXPROCS unless set). One keeps the capture path free of wake-ups between Go's threads")
@@ -167,6 +170,10 @@ func parse(args []string, c *config, stderr io.Writer) error {
 		c.l.Interfaces = dedupe(c.l.Interfaces)
 	}
 	c.p.Saver.MinFreeBytes, c.p.Saver.MinFreePercent = c.minFree.Bytes, c.minFree.Percent
+	c.l.Retention.MinFreeBytes, c.l.Retention.MinFreePercent = c.retainFree.Bytes, c.retainFree.Percent
+	if r := c.l.Retention; r.MinFreeBytes > 0 && r.MinFreeBytes <= c.minFree.Bytes || r.MinFreePercent > 0 && r.MinFreePercent <= c.minFree.Percent {
+		return errors.New("-retention.minfree must be above -minfreespace: writing would stop before deleting began")
+	}
 	c.p.Exclude = &exclude.Rules{}
 	for _, l := range c.excludePorts {
 		if err := c.p.Exclude.AddSrcPorts(l); err != nil {
@@ -224,7 +231,8 @@ func checkOffline(c *config, set map[string]bool) error {
 // liveOnly are the flags that offline mode refuses rather than ignores
 // (-interface and -tcpinfo.eventsocket have reasons of their own).
 var liveOnly = []string{"capture.batchdelay", "capture.buffersize", "maxflows", "maxheap", "maxidleram", "maxprocs",
-	"health.grace", "sigtermwait", "shutdown.timeout", "prometheusx.listen-address", "pprof", "uuid.kernel", "uuid-prefix-file", "cgroup"}
+	"health.grace", "sigtermwait", "shutdown.timeout", "prometheusx.listen-address", "pprof", "uuid.kernel", "uuid-prefix-file", "cgroup",
+	"retention.minfree", "retention.maxsize", "retention.maxdays"}
 
 // dedupe returns the interfaces named, each once, in their first order: a
 // repeated -interface would open two captures on one interface, track

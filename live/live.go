@@ -46,22 +46,23 @@ import (
 // limits) and the live-only settings, each named by its flag.
 type Config struct {
 	Pipeline        pipeline.Config
-	Interfaces      []string      // -interface; none: follow every interface up with an address
-	EventSocket     string        // -tcpinfo.eventsocket
-	KernelUUIDs     bool          // -uuid.kernel
-	PrefixFile      string        // -uuid-prefix-file; unset: tcp-info's prefix is learnt
-	MaxFlows        int64         // -maxflows
-	MaxHeap         int64         // -maxheap
-	MaxIdleRAM      int64         // -maxidleram
-	MaxProcs        int           // -maxprocs; 0: Go's default
-	ListenAddr      string        // -prometheusx.listen-address
-	Pprof           bool          // -pprof
-	HealthGrace     time.Duration // -health.grace
-	SigtermWait     time.Duration // -sigtermwait
-	ShutdownTimeout time.Duration // -shutdown.timeout
-	BatchDelay      time.Duration // -capture.batchdelay
-	BufferSize      int64         // -capture.buffersize
-	Cgroups         []string      // -cgroup: cgroup v2 paths of the services saved; none: every service
+	Interfaces      []string        // -interface; none: follow every interface up with an address
+	EventSocket     string          // -tcpinfo.eventsocket
+	KernelUUIDs     bool            // -uuid.kernel
+	PrefixFile      string          // -uuid-prefix-file; unset: tcp-info's prefix is learnt
+	MaxFlows        int64           // -maxflows
+	MaxHeap         int64           // -maxheap
+	MaxIdleRAM      int64           // -maxidleram
+	MaxProcs        int             // -maxprocs; 0: Go's default
+	ListenAddr      string          // -prometheusx.listen-address
+	Pprof           bool            // -pprof
+	HealthGrace     time.Duration   // -health.grace
+	SigtermWait     time.Duration   // -sigtermwait
+	ShutdownTimeout time.Duration   // -shutdown.timeout
+	BatchDelay      time.Duration   // -capture.batchdelay
+	BufferSize      int64           // -capture.buffersize
+	Cgroups         []string        // -cgroup: cgroup v2 paths of the services saved; none: every service
+	Retention       saver.Retention // -retention.*: deletes old days; zero: off
 	Build           Build
 }
 
@@ -82,6 +83,10 @@ func (c *Config) Check() error {
 		return fmt.Errorf("-capture.buffersize must be between 64KB and 2GB, not %d bytes", c.BufferSize)
 	case c.MaxFlows < 0:
 		return fmt.Errorf("-maxflows must not be negative, not %d", c.MaxFlows)
+	case c.Retention.MaxBytes < 0:
+		return fmt.Errorf("-retention.maxsize must not be negative, not %d", c.Retention.MaxBytes)
+	case c.Retention.MaxDays < 0:
+		return fmt.Errorf("-retention.maxdays must not be negative, not %d", c.Retention.MaxDays)
 	case c.MaxProcs < 0 || c.MaxProcs > MaxProcs:
 		// Go starts a garbage-collection worker per processor: 100,000 of
 		// them ended in "thread exhaustion" and a 1.2M-line dump.
@@ -202,6 +207,9 @@ func Run(ctx context.Context, c *Config) error {
 	logStart(c, p, set, local, k)
 
 	x := &parts{p: p, kernel: k, events: events, captures: set, listeners: listeners, memoryReleases: new(atomic.Uint64), build: c.Build}
+	if c.Retention.On() {
+		x.retainer = p.Saver.NewRetainer(c.Retention)
+	}
 	bg, cancelBG := context.WithCancel(context.Background())
 	defer cancelBG()
 	var bgWG sync.WaitGroup // owns the background goroutines
@@ -297,10 +305,37 @@ func startBackground(ctx context.Context, wg *sync.WaitGroup, c *Config, x *part
 	x.kernel.start(ctx, goRun)
 	goRun(func() { x.captures.followInterfaces(ctx) })
 	goRun(func() { housekeeping(ctx, c, x, checker) })
+	if x.retainer != nil {
+		goRun(func() { retain(ctx, x.retainer) })
+	}
 	// The flow index's records are written, and its closed hours
 	// published, on a goroutine of their own, which a stuck disk may hold
 	// (never the housekeeping's health checks).
 	goRun(func() { everySecond(ctx, x.p.Saver.PublishIndex) })
+}
+
+// RetainEvery is how often the retention looks at the data directory: a
+// statfs, and with -retention.maxsize a stat of each file of the open days.
+const RetainEvery = 5 * time.Second
+
+// retain applies the retention every RetainEvery, on a goroutine of its
+// own (deleting a day of files takes the time it takes), until ctx is
+// done; ctx also stops a deletion between two days.
+func retain(ctx context.Context, r *saver.Retainer) {
+	tick := time.NewTicker(RetainEvery)
+	defer tick.Stop()
+	var lastLog time.Time
+	for {
+		if err := r.Run(ctx, time.Now()); err != nil && time.Since(lastLog) > time.Minute {
+			log.Printf("packet-headers: %v", err)
+			lastLog = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 // shutdown keeps capturing for -sigtermwait, then closes the captures and

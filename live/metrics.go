@@ -12,6 +12,7 @@ import (
 	"github.com/m-lab/packet-headers/names"
 	"github.com/m-lab/packet-headers/packet"
 	"github.com/m-lab/packet-headers/pipeline"
+	"github.com/m-lab/packet-headers/saver"
 	"github.com/m-lab/packet-headers/sockdiag"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
@@ -24,7 +25,18 @@ type parts struct {
 	captures       *captureSet
 	listeners      *listeners
 	memoryReleases *atomic.Uint64
+	retainer       *saver.Retainer // nil without -retention.*
 	build          Build
+}
+
+// retention reads one of the retention's counts (0 without a retainer).
+func (x *parts) retention(get func(*saver.RetentionCounts) int64) func() float64 {
+	return func() float64 {
+		if x.retainer == nil {
+			return 0
+		}
+		return float64(get(&x.retainer.Counts))
+	}
 }
 
 // families describes every pcap_* metric of the daemon, each read from
@@ -213,6 +225,11 @@ func families(x *parts) *exporter.Collector {
 		gauge("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(x.p.Saver.CompressorsInUse()) }),
 		counter("pcap_compressors_created_total", "gzip compressors created by the saver's pool (-compress); a steady value means they are reused.",
 			func() float64 { return float64(x.p.Saver.CompressorsCreated()) }),
+		counter("pcap_retention_deleted_days_total", "Day directories deleted by the retention (-retention.*), oldest first.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Days.Load() })),
+		counter("pcap_retention_deleted_files_total", "Files deleted with those day directories.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Files.Load() })),
+		counter("pcap_retention_deleted_bytes_total", "Bytes (on disk) of the files deleted with those day directories.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Bytes.Load() })),
+		counter("pcap_retention_errors_total", "Retention runs that failed to read or delete a day directory.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Errors.Load() })),
+		gauge("pcap_retention_oldest_day_timestamp_seconds", "Start (UTC midnight) of the oldest day directory kept, as the retention last saw it; 0 without -retention.* or days.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Oldest.Load() })),
 		counter("pcap_memory_releases_total", "Times idle heap above -maxidleram was returned to the OS.",
 			func() float64 { return float64(x.memoryReleases.Load()) }),
 	)
