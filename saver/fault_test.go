@@ -1,6 +1,7 @@
 package saver
 
 import (
+	"crypto/rand"
 	"fmt"
 	"os"
 	"os/exec"
@@ -192,5 +193,125 @@ func TestIndexDiskFull(t *testing.T) {
 	}
 	if len(got) != 1 || !slices.Equal(uuids, []string{"before", "after"}) {
 		t.Errorf("index %v, want one file with the records of before and after", got)
+	}
+}
+
+// ext4 mounts a small ext4 image (errors=remount-ro, as distributions
+// mount their disks) for a test; it needs root and e2fsprogs.
+func ext4(t *testing.T) (dir, img string) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount an image")
+	}
+	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+		t.Skip("needs mkfs.ext4 (e2fsprogs)")
+	}
+	dir, img = t.TempDir(), filepath.Join(t.TempDir(), "fs.img")
+	if out, err := exec.Command("sh", "-c", "truncate -s 32M "+img+" && mkfs.ext4 -q "+img+" && mount -o loop,errors=remount-ro "+img+" "+dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount an ext4 image: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	return dir, img
+}
+
+// TestEmergencyReadOnly: the filesystem turns read-only under the saver
+// (ext4's errors=remount-ro after an I/O error, made with the abort mount
+// option) while a compressed flow's file and the index file are open.
+// Every failure is counted, Wait and the index's publishing return; once
+// the daemon is stopped and the filesystem checked and mounted again, the
+// flows published before (and committed by the journal) are whole, and a
+// new saver removes the leftovers and publishes the index's whole records.
+func TestEmergencyReadOnly(t *testing.T) {
+	dir, img := ext4(t)
+	data := filepath.Join(dir, "data")
+	s, err := New(Options{Dir: data, Compress: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	saveRecorded(s, "before", t0)
+	s.Wait()
+	s.PublishIndex(time.Time{}.Add(1)) // written, not published: the hour is open
+	var b record.Buffer
+	fill(&b, 200)
+	f := s.Start("open", packet.LinkTypeEthernet, t0)
+	f.Push(&b, false)
+	deadline := time.Now().Add(10 * time.Second)
+	for partials(t, s) < 2 && time.Now().Before(deadline) { // the flow's file and the index file
+		time.Sleep(10 * time.Millisecond)
+	}
+	// What the journal committed so far survives the error (it commits
+	// every 5 s; files are not synced one by one, as tcpdump's are not).
+	unix.Sync()
+	if out, err := exec.Command("mount", "-o", "remount,abort", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot abort the filesystem: %v %s", err, out)
+	}
+	fill(&b, 200)
+	f.Push(&b, true)
+	f.End(testRecord(t0))
+	saveRecorded(s, "after", t0)
+	done := make(chan struct{})
+	go func() { s.Wait(); s.PublishIndex(time.Time{}); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the saver is stuck on the read-only filesystem")
+	}
+	failed := s.Counts().Flows.Get("write_error")
+	if failed != 2 || exists(s, "open") || exists(s, "after") || !exists(s, "before") {
+		t.Errorf("%d flows failed (open %v, after %v, before %v): want the two written on the read-only filesystem failed, the one before whole",
+			failed, exists(s, "open"), exists(s, "after"), exists(s, "before"))
+	}
+	if s.IndexCounts().Errors.Get("rename")+s.IndexCounts().Errors.Get("write")+s.IndexCounts().Errors.Get("close") == 0 {
+		t.Error("the index file's failure is not counted")
+	}
+	// The operator stops the daemon (which holds the directories open),
+	// checks the filesystem and mounts it again.
+	s.close()
+	if out, err := exec.Command("sh", "-c", "umount "+dir+" && (e2fsck -fy "+img+" >/dev/null; true) && mount -o loop "+img+" "+dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount again: %v %s", err, out)
+	}
+	s2, err := New(Options{Dir: data, Compress: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := partials(t, s2); n != 0 {
+		t.Errorf("%d partial files left after the restart", n)
+	}
+	if !exists(s2, "before") || s2.IndexCounts().Recovered.Load() != 1 {
+		t.Errorf("before %v, %d index files recovered: want the flow whole and its record published", exists(s2, "before"), s2.IndexCounts().Recovered.Load())
+	}
+}
+
+// TestDiskFullCompressed: the disk fills while a compressed flow is being
+// written batch by batch (incompressible headers, 1 MB into a 256 KiB
+// tmpfs): the flow fails, counted, its partial file removed, every
+// compressor goes back to the pool, and a flow that fits is saved once
+// the space is given back.
+func TestDiskFullCompressed(t *testing.T) {
+	dir := tmpfs(t, "256k")
+	s, err := New(Options{Dir: filepath.Join(dir, "data"), Compress: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := s.Start("too-big", packet.LinkTypeEthernet, t0)
+	hdr := make([]byte, 200)
+	for batch := 0; batch < 20; batch++ {
+		var b record.Buffer
+		for i := 0; i < 250; i++ {
+			rand.Read(hdr)
+			b.Append(t0, 1514, hdr)
+		}
+		f.Push(&b, batch == 19)
+		time.Sleep(5 * time.Millisecond) // a batch per wake, as a long flow's
+	}
+	s.Wait()
+	if exists(s, "too-big") || s.Counts().WriteErrors.Get("write") != 1 || partials(t, s) != 0 {
+		t.Errorf("too-big %v, %d write errors, %d partial files: want it failed, counted once, removed", exists(s, "too-big"), s.Counts().WriteErrors.Get("write"), partials(t, s))
+	}
+	if n := s.CompressorsInUse(); n != 0 {
+		t.Errorf("%d compressors not given back after the failure", n)
+	}
+	save(s, "after", 100)
+	if !exists(s, "after") {
+		t.Error("a flow that fits was not saved after the disk was full")
 	}
 }

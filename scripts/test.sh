@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libpcap-dev libisal-dev libdeflate-dev tcpdump tshark iproute2 iperf3 ethtool gcc inotify-tools python3-scapy util-linux jq libcap2-bin prometheus)
+packages=(libpcap-dev libisal-dev libdeflate-dev tcpdump tshark iproute2 iperf3 ethtool gcc inotify-tools python3-scapy util-linux e2fsprogs jq libcap2-bin prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
