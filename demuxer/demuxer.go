@@ -196,8 +196,13 @@ func (d *Demuxer) Packet(data []byte, ts time.Time, origLen int) {
 		d.remove(f, f.endedOr(index.EndTimeout), tsn) // its deadline came before this packet, as a tick would have seen
 		f = nil
 	}
-	if f != nil && pureSYN && (!f.syn || f.synSeq != p.Seq) && (!f.synced || f.ended) {
-		d.remove(f, f.endedOr(index.EndReused), tsn) // a new connection on the 4-tuple of an old one
+	// A new connection on the 4-tuple of an old one: after another SYN, or
+	// after both ends' packets and the old one's end. After packets of one
+	// end alone (a blind attacker's spoofed ACK just before the client's
+	// SYN), the SYN goes on in the same flow: split there, the real
+	// connection's name would go to the spoofed packet (TestSpoofedFirstPacket).
+	if f != nil && pureSYN && (f.syn && f.synSeq != p.Seq && (!f.synced || f.ended) || !f.syn && f.synced && f.ended) {
+		d.remove(f, f.endedOr(index.EndReused), tsn)
 		f = nil
 	}
 	if f == nil {

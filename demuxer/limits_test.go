@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/google/gopacket/layers"
+
+	"github.com/m-lab/packet-headers/selection"
 )
 
 func TestMaxFlows(t *testing.T) {
@@ -230,5 +232,44 @@ func TestSpoofedACKsEvictable(t *testing.T) {
 	h.d.Close()
 	if got := h.file("legit"); len(got) != 3 {
 		t.Errorf("the connection's file has %d packets, want its whole handshake", len(got))
+	}
+}
+
+// TestSpoofedFirstPacket: a blind attacker who spoofs, just before a
+// client connects, a packet of the connection that looks like one this
+// host opened (a SYN-ACK from the client's address and port, or a SYN
+// from the server's) gets that verdict, outgoing, remembered for the
+// four-tuple; the client's real SYN, which starts a connection whatever
+// came before, is decided again, and the connection is saved whole. A
+// spoofed bare ACK from the client, which looks incoming, starts the flow:
+// it is in the file, before the connection's own packets.
+func TestSpoofedFirstPacket(t *testing.T) {
+	for _, spoof := range []string{"SYN-ACK from the client", "SYN from the server", "ACK from the client"} {
+		t.Run(spoof, func(t *testing.T) {
+			sel := &selection.Policy{Strict: true}
+			sel.SetLocal([]netip.Addr{netip.MustParseAddr("192.0.2.1")})
+			sel.SetListening(selection.Listeners{netip.MustParseAddrPort("0.0.0.0:443"): {1}})
+			h := newHarness(t, func(o *Options) { o.Select = sel.Decide })
+			c := newConn(40000, 100)
+			forged := newConn(40000, 5555)
+			want := 7
+			switch spoof {
+			case "SYN-ACK from the client":
+				h.packet(0, forged.frame(t, true, func(p *layers.TCP) { p.SYN, p.ACK = true, true }, 0))
+			case "SYN from the server":
+				h.packet(0, forged.frame(t, false, func(p *layers.TCP) { p.SYN = true }, 0))
+			default:
+				h.packet(0, forged.ack(t, true))
+				want = 8
+			}
+			h.open(50*ms, "real", c)
+			for i, f := range [][]byte{c.syn(t), c.synack(t), c.ack(t, true), c.data(t, true, 10), c.fin(t, true), c.fin(t, false), c.ack(t, true)} {
+				h.packet(100*ms+time.Duration(i)*ms, f)
+			}
+			h.tick(40 * time.Second)
+			if got := len(h.file("real")); got != want {
+				t.Errorf("the real connection's file has %d packets, want %d", got, want)
+			}
+		})
 	}
 }

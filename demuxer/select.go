@@ -39,7 +39,11 @@ func (d *Demuxer) selectFlow(k *packet.Key, p *packet.Parsed, srcIsA bool, tsn i
 	var s *rejectSlot
 	if d.rejects != nil {
 		s = &d.rejects[keyHash(k)>>(64-12)]
-		if s.key == *k && tsn < s.until {
+		// A SYN or SYN-ACK is decided afresh: it tells who opened the
+		// connection, whatever came before it on the four-tuple (a blind
+		// attacker's spoofed packet must not hide the connection that
+		// follows it: TestSpoofedFirstPacket).
+		if s.key == *k && tsn < s.until && p.Flags&packet.FlagSYN == 0 {
 			return s.verdict
 		}
 	}
