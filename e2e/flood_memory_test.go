@@ -13,12 +13,37 @@ import (
 
 // TestFloodInMemoryLimit runs the daemon with its default flags in a
 // cgroup limited to 3G, as M-Lab's virtual sites limit the pod, and floods
-// it with 100,000 spoofed SYNs a second for 5 s: -maxheap's default follows
-// the cgroup's limit (2/3 of it), the runtime's memory limit with it, and
-// unnamed half-open flows are forgotten at their UUID deadline, so the
-// daemon stays inside the limit (an OOM kill fails the test) and saves the
-// connections made meanwhile.
+// it with 100,000 spoofed SYNs a second for 5 s, then as many bare ACKs:
+// -maxheap's default follows the cgroup's limit (2/3 of it), the runtime's
+// memory limit with it, and unnamed flows whose handshake the capture did
+// not see are forgotten at their UUID deadline, so the daemon stays inside
+// the limit (an OOM kill fails the test) and saves the connections made
+// meanwhile; an ACK flood holds no more flows, and takes no more memory,
+// than a SYN flood of the same rate.
 func TestFloodInMemoryLimit(t *testing.T) {
+	var synPeak, synFlows int64
+	for _, kind := range []string{"SYN", "ACK"} {
+		t.Run(kind, func(t *testing.T) {
+			peak, held := floodInMemoryLimit(t, kind == "ACK")
+			if kind == "SYN" {
+				synPeak, synFlows = peak, held
+				return
+			}
+			t.Logf("ACK flood: %d MB and %d flows at most; SYN flood: %d MB and %d flows", peak>>20, held, synPeak>>20, synFlows)
+			// Per flow, and in flows held, with margins for a run slowed
+			// by busy cores.
+			perFlow, synPerFlow := float64(peak)/float64(max(held, 1)), float64(synPeak)/float64(max(synFlows, 1))
+			if synPeak > 0 && (held > 2*synFlows || perFlow > 1.3*synPerFlow) {
+				t.Errorf("an ACK flood held %d flows in %d MB, a SYN flood of the same rate %d in %d MB", held, peak>>20, synFlows, synPeak>>20)
+			}
+		})
+	}
+}
+
+// floodInMemoryLimit floods a daemon in a 3G cgroup with 100,000 spoofed
+// SYNs (or bare ACKs) a second for 5 s, checks it, and returns its peak RSS
+// and the most flows it held.
+func floodInMemoryLimit(t *testing.T, ack bool) (peak, held int64) {
 	l := newLab(t, 24)
 	cg := "/sys/fs/cgroup/memory/phe2e-" + strconv.Itoa(os.Getpid())
 	if err := os.Mkdir(cg, 0o755); err != nil {
@@ -55,6 +80,7 @@ func TestFloodInMemoryLimit(t *testing.T) {
 		t.Errorf("the runtime's memory limit is %v, want 2e9 (2/3 of the cgroup's 3G)", v)
 	}
 	syns := l.synSender(t, port)
+	syns.ack = ack
 	made := map[string]bool{}
 	done := make(chan struct{})
 	go func() {
@@ -64,6 +90,9 @@ func TestFloodInMemoryLimit(t *testing.T) {
 				made[p.String()] = true
 			}
 			time.Sleep(200 * time.Millisecond)
+			if v, ok := metricValue(scrape(d.metrics), "pcap_flows_active"); ok {
+				held = max(held, int64(v))
+			}
 		}
 	}()
 	const rate = 100000
@@ -78,7 +107,7 @@ func TestFloodInMemoryLimit(t *testing.T) {
 	syns.close()
 	<-done
 	time.Sleep(6 * time.Second) // the flood's UUID deadline
-	peak := statusBytes(d.cmd.Process.Pid, "VmHWM:")
+	peak = statusBytes(d.cmd.Process.Pid, "VmHWM:")
 	if _, err := stop(t, d.cmd, syscall.SIGTERM, 20*time.Second); err != nil {
 		t.Fatalf("%v (an OOM kill?)\n%s", err, l.log("daemon-flood.log"))
 	}
@@ -89,11 +118,12 @@ func TestFloodInMemoryLimit(t *testing.T) {
 			saved++
 		}
 	}
-	t.Logf("%d SYNs in %v; peak RSS %d MB; %d of %d connections saved", sent, elapsed, peak>>20, saved, len(made))
+	t.Logf("%d packets in %v; peak RSS %d MB, %d flows at most; %d of %d connections saved", sent, elapsed, peak>>20, held, saved, len(made))
 	if saved != len(made) {
 		t.Errorf("%d of %d connections saved during the flood", saved, len(made))
 	}
 	if peak > 3000000000 {
 		t.Errorf("peak RSS %d above the 3G limit", peak)
 	}
+	return peak, held
 }
