@@ -24,6 +24,7 @@ type Flow struct {
 	final   bool
 	rename  string // the name the flow takes instead of uuid, if not ""
 	wake    chan struct{}
+	running bool          // the writer's goroutine was started
 	rec     *index.Record // given by End
 	settled bool          // the writer is done; res is its file if res.ok
 	res     fileResult
@@ -37,7 +38,13 @@ type fileResult struct {
 }
 
 // Start starts the writer of the flow named uuid, captured on a link of type
-// lt, whose first packet was at first. It returns at once.
+// lt, whose first packet was at first. It returns at once. No goroutine is
+// made until the first Push that hands the flow something to write: one
+// pushed whole at once (buffer mode: most flows) is written by one of a
+// few goroutines that write such flows one after another; one pushed in
+// parts (a long flow's batches, -stream) gets a goroutine of its own. So a
+// million flows held at once, or ended at once (the end of an offline
+// capture of a SYN scan), cost no goroutine each (TestManyFlowsEndAtOnce).
 func (s *Saver) Start(uuid string, lt packet.LinkType, first time.Time) *Flow {
 	f := &Flow{s: s, uuid: uuid, linkType: lt, first: first, wake: make(chan struct{}, 1)}
 	s.wg.Add(1)
@@ -45,20 +52,54 @@ func (s *Saver) Start(uuid string, lt packet.LinkType, first time.Time) *Flow {
 	s.mu.Lock()
 	s.writing[f] = struct{}{}
 	s.mu.Unlock()
-	go func() {
-		defer s.wg.Done()
-		defer s.active.Add(-1)
-		f.run()
-		s.mu.Lock()
-		delete(s.writing, f)
-		s.mu.Unlock()
-		f.mu.Lock()
-		if f.final {
-			s.draining.Add(-1)
-		}
-		f.mu.Unlock()
-	}()
 	return f
+}
+
+// write is the flow's writer goroutine, started by Push.
+func (f *Flow) write() {
+	s := f.s
+	defer s.wg.Done()
+	defer s.active.Add(-1)
+	f.run()
+	s.mu.Lock()
+	delete(s.writing, f)
+	s.mu.Unlock()
+	f.mu.Lock()
+	if f.final {
+		s.draining.Add(-1)
+	}
+	f.mu.Unlock()
+}
+
+// enqueue hands a flow pushed whole to the goroutines that write such
+// flows, making one if fewer than twice the saver's I/O slots run.
+func (s *Saver) enqueue(f *Flow) {
+	s.mu.Lock()
+	s.pending = append(s.pending, f)
+	spawn := s.writers < 2*cap(s.io)
+	if spawn {
+		s.writers++
+	}
+	s.mu.Unlock()
+	if spawn {
+		go s.writePending()
+	}
+}
+
+// writePending writes the flows pushed whole, until none waits.
+func (s *Saver) writePending() {
+	for {
+		s.mu.Lock()
+		if len(s.pending) == 0 {
+			s.writers--
+			s.mu.Unlock()
+			return
+		}
+		f := s.pending[0]
+		s.pending[0], s.pending = nil, s.pending[1:]
+		s.mu.Unlock()
+		f.write()
+	}
 }
 
 // Writing returns the UUIDs of the flows started and not finished yet,
@@ -88,7 +129,15 @@ func (f *Flow) Push(buf *record.Buffer, final bool) {
 		f.final = true
 		f.s.draining.Add(1)
 	}
+	start := !f.running
+	f.running = true
 	f.mu.Unlock()
+	switch {
+	case start && final:
+		f.s.enqueue(f)
+	case start:
+		go f.write()
+	}
 	select {
 	case f.wake <- struct{}{}:
 	default:

@@ -148,6 +148,8 @@ type Saver struct {
 	prepared atomic.Int64
 	mu       sync.Mutex
 	writing  map[*Flow]struct{} // started and not finished, for Writing
+	pending  []*Flow            // pushed whole, waiting for a writer (enqueue)
+	writers  int                // goroutines writing the pending flows
 	index    *indexWriter
 	// compressors are pooled gzip writers (-compress), shared by the
 	// saver's writers, and counted for the metrics.

@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -314,5 +316,37 @@ func TestDrainingBounded(t *testing.T) {
 	s.Wait()
 	if n := s.Draining(); n != 0 {
 		t.Errorf("%d flows draining after every one was written", n)
+	}
+}
+
+// TestManyFlowsEndAtOnce: 20,000 flows held, then ended together (the end
+// of an offline capture of a SYN scan), are all written by a few
+// goroutines, not one each.
+func TestManyFlowsEndAtOnce(t *testing.T) {
+	s := newSaver(t)
+	const n = 20000
+	flows := make([]*Flow, n)
+	bufs := make([]record.Buffer, n)
+	before := runtime.NumGoroutine()
+	for i := range flows {
+		flows[i] = s.Start("many"+strconv.Itoa(i), packet.LinkTypeEthernet, t0)
+		fill(&bufs[i], 2)
+	}
+	if g := runtime.NumGoroutine() - before; g > 0 {
+		t.Errorf("%d goroutines for %d flows held", g, n)
+	}
+	most := 0
+	for i, f := range flows {
+		f.Push(&bufs[i], true)
+		if i%100 == 0 {
+			most = max(most, runtime.NumGoroutine()-before)
+		}
+	}
+	s.Wait()
+	if files, _, failed := s.Written(); files != n || failed != 0 {
+		t.Errorf("%d files, %d failed; want %d, 0", files, failed, n)
+	}
+	if limit := 2*cap(s.io) + 2; most > limit {
+		t.Errorf("%d goroutines writing %d flows ended at once, want at most %d", most, n, limit)
 	}
 }
