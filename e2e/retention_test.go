@@ -41,7 +41,7 @@ func TestRetentionEndToEnd(t *testing.T) {
 	cmd := l.startDaemon(d, 9990, "-interface", l.nsIf, "-datadir", data, "-retention.minfree=50%", "-minfreespace=10%")
 	d.dataDir = data
 	waitFor(t, 20*time.Second, "the retention to free half the filesystem", func() bool {
-		v, _ := metricValue(scrape(d.metrics), "pcap_retention_deleted_days_total")
+		v, _ := metricValue(scrape(d.metrics), "pcap_retention_deleted_dirs_total")
 		var st syscall.Statfs_t
 		return v >= 1 && syscall.Statfs(mnt, &st) == nil && st.Bavail*2 >= st.Blocks
 	})

@@ -225,7 +225,7 @@ func families(x *parts) *exporter.Collector {
 		gauge("pcap_compressors_in_use", "gzip compressors compressing a finished flow now (-compress).", func() float64 { return float64(x.p.Saver.CompressorsInUse()) }),
 		counter("pcap_compressors_created_total", "gzip compressors created by the saver's pool (-compress); a steady value means they are reused.",
 			func() float64 { return float64(x.p.Saver.CompressorsCreated()) }),
-		counter("pcap_retention_deleted_days_total", "Day directories deleted by the retention (-retention.*), oldest first.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Days.Load() })),
+		counter("pcap_retention_deleted_dirs_total", "Day directories deleted by the retention (-retention.*), oldest first.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Days.Load() })),
 		counter("pcap_retention_deleted_files_total", "Files deleted with those day directories.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Files.Load() })),
 		counter("pcap_retention_deleted_bytes_total", "Bytes (on disk) of the files deleted with those day directories.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Bytes.Load() })),
 		counter("pcap_retention_errors_total", "Retention runs that failed to read or delete a day directory.", x.retention(func(c *saver.RetentionCounts) int64 { return c.Errors.Load() })),
