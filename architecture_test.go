@@ -85,3 +85,81 @@ func TestArchitectureImports(t *testing.T) {
 		}
 	}
 }
+
+// TestArchitectureRules checks the rules block of docs/architecture.md
+// against go list: which packages have cgo files of their own, which
+// import gopacket's libpcap binding, which import Prometheus's client (in
+// their code or their tests), and what of the module the end-to-end tests
+// import. Prose that states a rule must not drift from the code either.
+func TestArchitectureRules(t *testing.T) {
+	const mod = "github.com/m-lab/packet-headers"
+	out, err := exec.Command("go", "list", "-f", "{{.ImportPath}}|{{len .CgoFiles}}|{{join .Imports \" \"}}|{{join .TestImports \" \"}} {{join .XTestImports \" \"}}", "./...").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	short := func(p string) string {
+		if p == mod {
+			return "main"
+		}
+		return strings.TrimPrefix(p, mod+"/")
+	}
+	real := map[string][]string{}
+	add := func(rule, pkg string) {
+		if !slices.Contains(real[rule], pkg) {
+			real[rule] = append(real[rule], pkg)
+		}
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		f := strings.Split(line, "|")
+		pkg := short(f[0])
+		if f[1] != "0" {
+			add("cgo", pkg)
+		}
+		code, tests := strings.Fields(f[2]), strings.Fields(f[3])
+		for _, imp := range append(code, tests...) {
+			if strings.HasPrefix(imp, "github.com/prometheus/") {
+				add("prometheus", pkg)
+			}
+		}
+		if slices.Contains(code, "github.com/google/gopacket/pcap") {
+			add("libpcap", pkg)
+		}
+		if pkg == "e2e" {
+			for _, imp := range tests {
+				if imp == mod || strings.HasPrefix(imp, mod+"/") {
+					add("e2e tests import", short(imp))
+				}
+			}
+		}
+	}
+	b, err := os.ReadFile("docs/architecture.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, ok := strings.Cut(string(b), "```rules\n")
+	block, _, _ = strings.Cut(block, "```")
+	if !ok {
+		t.Fatal("docs/architecture.md has no rules block")
+	}
+	documented := map[string]bool{}
+	for _, line := range strings.Split(strings.TrimSpace(block), "\n") {
+		rule, list, ok := strings.Cut(line, ": ")
+		if !ok {
+			t.Errorf("docs/architecture.md: %q is not \"rule: packages\"", line)
+			continue
+		}
+		documented[rule] = true
+		want := strings.Split(list, ", ")
+		slices.Sort(want)
+		got := real[rule]
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("docs/architecture.md: %s: %v, but the code says %v", rule, want, got)
+		}
+	}
+	for rule := range real {
+		if !documented[rule] {
+			t.Errorf("docs/architecture.md's rules block does not state %q: %v", rule, real[rule])
+		}
+	}
+}
