@@ -9,23 +9,33 @@ import (
 	"testing"
 )
 
+// mod is the module's path.
+const mod = "github.com/m-lab/packet-headers"
+
+// short returns a package's path within the module ("main" for its root).
+func short(p string) string {
+	if p == mod {
+		return "main"
+	}
+	return strings.TrimPrefix(p, mod+"/")
+}
+
+// goList returns go list's lines for every package, in format.
+func goList(t *testing.T, format string) []string {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-f", format, "./...").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	return strings.Split(strings.TrimSpace(string(out)), "\n")
+}
+
 // TestArchitectureImports checks docs/architecture.md's list of imports
 // between the module's packages against go list's: the document is the
 // map a newcomer reads first, and must not drift from the code.
 func TestArchitectureImports(t *testing.T) {
-	const mod = "github.com/m-lab/packet-headers"
-	out, err := exec.Command("go", "list", "-f", "{{.ImportPath}} {{join .Imports \" \"}}", "./...").Output()
-	if err != nil {
-		t.Fatalf("go list: %v", err)
-	}
-	short := func(p string) string {
-		if p == mod {
-			return "main"
-		}
-		return strings.TrimPrefix(p, mod+"/")
-	}
 	real := map[string][]string{}
-	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+	for _, line := range goList(t, "{{.ImportPath}} {{join .Imports \" \"}}") {
 		f := strings.Fields(line)
 		deps := []string{}
 		for _, imp := range f[1:] {
@@ -92,24 +102,13 @@ func TestArchitectureImports(t *testing.T) {
 // their code or their tests), and what of the module the end-to-end tests
 // import. Prose that states a rule must not drift from the code either.
 func TestArchitectureRules(t *testing.T) {
-	const mod = "github.com/m-lab/packet-headers"
-	out, err := exec.Command("go", "list", "-f", "{{.ImportPath}}|{{len .CgoFiles}}|{{join .Imports \" \"}}|{{join .TestImports \" \"}} {{join .XTestImports \" \"}}", "./...").Output()
-	if err != nil {
-		t.Fatalf("go list: %v", err)
-	}
-	short := func(p string) string {
-		if p == mod {
-			return "main"
-		}
-		return strings.TrimPrefix(p, mod+"/")
-	}
 	real := map[string][]string{}
 	add := func(rule, pkg string) {
 		if !slices.Contains(real[rule], pkg) {
 			real[rule] = append(real[rule], pkg)
 		}
 	}
-	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+	for _, line := range goList(t, "{{.ImportPath}}|{{len .CgoFiles}}|{{join .Imports \" \"}}|{{join .TestImports \" \"}} {{join .XTestImports \" \"}}") {
 		f := strings.Split(line, "|")
 		pkg := short(f[0])
 		if f[1] != "0" {

@@ -127,16 +127,16 @@ func (d *heldDir) reopen(f *os.File) error {
 func (d *heldDir) Close() error { return d.f.Load().Close() }
 
 // walk opens the directory rel (slash-separated names, each a directory)
-// below dir, making what is missing, without following a link at any
-// step, and returns its descriptor (dir itself for "").
-func walk(dir int, rel string, perm os.FileMode) (int, error) {
+// below dir, making what is missing if create, without following a link
+// at any step, and returns its descriptor (dir itself for "").
+func walk(dir int, rel string, perm os.FileMode, create bool) (int, error) {
 	fd := dir
 	for name := range strings.SplitSeq(rel, "/") {
 		if name == "" {
 			continue
 		}
 		next, err := unix.Openat(fd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-		if errors.Is(err, unix.ENOENT) {
+		if create && errors.Is(err, unix.ENOENT) {
 			if err = unix.Mkdirat(fd, name, uint32(perm)); err == nil || errors.Is(err, unix.EEXIST) {
 				next, err = unix.Openat(fd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 			}
@@ -158,7 +158,7 @@ func walk(dir int, rel string, perm os.FileMode) (int, error) {
 // mkdirs makes the directory rel below the held directory.
 func (d *heldDir) mkdirs(rel string) error {
 	err := d.do(func(dir int) error {
-		fd, err := walk(dir, rel, d.perm)
+		fd, err := walk(dir, rel, d.perm, true)
 		if err == nil && fd != dir {
 			unix.Close(fd)
 		}
@@ -204,7 +204,7 @@ func publish(partial *heldDir, name string, data *heldDir, rel string) error {
 		parent, base = rel[:i], rel[i+1:]
 	}
 	err := data.do(func(dir int) error {
-		to, err := walk(dir, parent, data.perm)
+		to, err := walk(dir, parent, data.perm, true)
 		if err != nil {
 			return err
 		}

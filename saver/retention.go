@@ -2,7 +2,6 @@ package saver
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log"
 	"slices"
@@ -203,36 +202,9 @@ func isDir(root int, rel string) bool {
 	return err == nil
 }
 
-// walkExisting opens the existing directory rel below root without
-// following a link at any step.
-func walkExisting(root int, rel string) (int, error) {
-	how := unix.OpenHow{Flags: unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS}
-	fd, err := unix.Openat2(root, rel, &how)
-	if errors.Is(err, unix.ENOSYS) { // before Linux 5.6: one name at a time
-		return walkNames(root, rel)
-	}
-	return fd, err
-}
-
-// walkNames is walkExisting without openat2.
-func walkNames(root int, rel string) (int, error) {
-	fd := root
-	start := 0
-	for i := 0; i <= len(rel); i++ {
-		if i < len(rel) && rel[i] != '/' {
-			continue
-		}
-		next, err := unix.Openat(fd, rel[start:i], unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-		if fd != root {
-			unix.Close(fd)
-		}
-		if err != nil {
-			return -1, err
-		}
-		fd, start = next, i+1
-	}
-	return fd, nil
-}
+// walkExisting opens the existing directory rel (not "") below root
+// without following a link at any step.
+func walkExisting(root int, rel string) (int, error) { return walk(root, rel, 0, false) }
 
 // size returns the bytes the files of the day directory rel take on disk.
 func (t *Retainer) size(rel string) (int64, error) {
